@@ -1,0 +1,35 @@
+"""API keys: `Authorization: Bearer <key>` on every call that changes or lists streams, when keys are set."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from litestar import Request
+from litestar.exceptions import NotAuthorizedException
+
+from app.settings import Settings
+
+
+def key_is_valid(presented: str, keys: tuple[str, ...]) -> bool:
+    """Compare against every key in constant time, so timing tells nothing about which one nearly matched."""
+    valid = False
+    for key in keys:
+        valid |= hmac.compare_digest(presented.encode(), key.encode())
+    return valid
+
+
+def bearer(request: Request[Any, Any, Any]) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def require_key(request: Request[Any, Any, Any], settings: Settings) -> None:
+    """Raise 401 unless no keys are configured or the request carries a valid one."""
+    if not settings.api_keys:
+        return
+    if not key_is_valid(bearer(request), settings.api_keys):
+        raise NotAuthorizedException(
+            "this call needs an API key: send Authorization: Bearer <key> (one of STREAMHOLD_API_KEYS)",
+            headers={"www-authenticate": 'Bearer realm="streamhold"'},
+        )

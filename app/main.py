@@ -1,0 +1,150 @@
+"""create_app(settings) -> Litestar: wiring, lifespan (store, doorbells, sweeper, background work), errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import ops, protocol
+from app.protocol import CORS
+from app.live import LiveHub
+from app.models import StreamError
+from app.sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
+from app.settings import Settings
+from app.store import Store
+
+log = logging.getLogger("streamhold")
+
+HERE = Path(__file__).parent
+
+
+API_PREFIXES = ("/v1/stream", "/stream")
+PREFLIGHT_HEADERS = [(k.encode(), v.encode()) for k, v in CORS.items()]
+CORS_HEADERS = [
+    (k.encode(), v.encode()) for k, v in CORS.items() if k in ("access-control-allow-origin", "access-control-expose-headers")
+]
+
+
+def security_headers(app: ASGIApp) -> ASGIApp:
+    """`X-Content-Type-Options: nosniff` on every response; CORS (and preflight answers) on the stream APIs."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        api = scope["path"].startswith(API_PREFIXES)
+        if api and scope["method"] == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204, "headers": [
+                *PREFLIGHT_HEADERS, (b"x-content-type-options", b"nosniff")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if api:
+                    headers.extend(CORS_HEADERS)
+                    headers.append((b"cross-origin-resource-policy", b"cross-origin"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app(scope, receive, send_wrapper)
+
+    return middleware
+
+
+def _stream_error(request: Request[Any, Any, Any], exc: StreamError) -> Response[Any]:
+    return Response({"error": str(exc)}, status_code=exc.status)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return Response({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _sweep_forever(store: Store, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            swept = await store.sweep()
+            if swept:
+                log.info("swept %d expired or orphaned streams", swept)
+        except Exception:
+            log.exception("sweep failed; retrying at the next interval")
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """The Streamhold ASGI app; settings are read from the environment when not given."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with Store.open(settings) as store, LiveHub.open(store, settings) as hub:
+            service = LocalStreams(store, hub, settings)
+            runtime = AgentRuntime(service)
+            app.state.update(store=store, hub=hub, service=service, runtime=runtime, settings=settings)
+            sweeper = asyncio.get_running_loop().create_task(_sweep_forever(store, settings.sweep_interval))
+            try:
+                yield
+            finally:
+                hub.shutdown()
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+                await runtime.drain()
+
+    def provide_store(state: State) -> Store:
+        return state.store
+
+    def provide_hub(state: State) -> LiveHub:
+        return state.hub
+
+    def provide_settings() -> Settings:
+        return settings
+
+    def provide_stream(state: State) -> StreamService:
+        return state.service
+
+    def provide_ctx(state: State) -> AgentContext:
+        return AgentContext(state.runtime)
+
+    routes: list[Any] = [*protocol.routes, *ops.routes]
+    static = HERE / "static"
+    if static.is_dir():
+        routes.append(create_static_files_router(path="/static", directories=[static], name="static"))
+    template_config = None
+    templates = HERE / "templates"
+    if any(templates.glob("*.html")):
+        from litestar.plugins.jinja import JinjaTemplateEngine
+
+        template_config = TemplateConfig(directory=templates, engine=JinjaTemplateEngine)
+
+    return Litestar(
+        route_handlers=routes,
+        lifespan=[lifespan],
+        dependencies={
+            "store": Provide(provide_store, sync_to_thread=False),
+            "hub": Provide(provide_hub, sync_to_thread=False),
+            "settings": Provide(provide_settings, sync_to_thread=False),
+            "stream": Provide(provide_stream, sync_to_thread=False),
+            "ctx": Provide(provide_ctx, sync_to_thread=False),
+        },
+        exception_handlers={StreamError: _stream_error, HTTPException: _http_error},
+        middleware=[security_headers],
+        template_config=template_config,
+        openapi_config=None,
+        logging_config=None,
+    )

@@ -1,0 +1,298 @@
+"""The vocabulary: SQLModel tables, value types, offsets, ids and domain errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Index, LargeBinary
+from sqlmodel import Field, SQLModel
+
+DEFAULT_TTL = 30 * 86400
+MIN_TTL = 60
+MAX_TTL = 90 * 86400
+MAX_NAME_LENGTH = 512
+MAX_NAMESPACE_LENGTH = 254
+
+
+class StreamRow(SQLModel, table=True):
+    """One stream, whatever surface created it."""
+
+    __tablename__ = "streams"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=MAX_NAME_LENGTH, unique=True)
+    namespace: str = Field(max_length=MAX_NAMESPACE_LENGTH, index=True)
+    content_type: str = Field(max_length=255)
+    json_mode: bool = False
+    metadata_json: str = "{}"
+    created_at: float = Field(index=True)
+    updated_at: float
+    closed_at: float | None = None
+    tail: int = Field(default=0, sa_type=BigInteger)
+    stored_bytes: int = Field(default=0, sa_type=BigInteger, index=True)
+    appends: int = Field(default=0, sa_type=BigInteger)
+    compact_from: int = Field(default=0, sa_type=BigInteger)
+    compress: bool = False
+    compressed: bool = False
+    ttl_seconds: int | None = Field(default=None, sa_type=BigInteger)
+    sliding: bool = False
+    expires_at: float | None = Field(default=None, index=True)
+    last_seq: str | None = None
+    fork_source: str | None = Field(default=None, max_length=64, index=True)
+    fork_offset: int | None = Field(default=None, sa_type=BigInteger)
+    deleted: bool = False
+
+
+class ChunkRow(SQLModel, table=True):
+    """A run of a stream's bytes starting at byte offset `start`."""
+
+    __tablename__ = "chunks"
+
+    stream_id: str = Field(primary_key=True, max_length=64)
+    start: int = Field(primary_key=True, sa_type=BigInteger)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class GzipChunkRow(SQLModel, table=True):
+    """A piece of a compressed stream's gzip body, in order of `seq`."""
+
+    __tablename__ = "gzip_chunks"
+
+    stream_id: str = Field(primary_key=True, max_length=64)
+    seq: int = Field(primary_key=True)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class MetadataRow(SQLModel, table=True):
+    """One metadata pair of a stream, kept apart so filters use an index."""
+
+    __tablename__ = "stream_metadata"
+    __table_args__ = (Index("ix_stream_metadata_pair", "key", "value"),)
+
+    stream_id: str = Field(primary_key=True, max_length=64)
+    key: str = Field(primary_key=True, max_length=255)
+    value: str = Field(max_length=1024)
+
+
+class ProducerRow(SQLModel, table=True):
+    """The idempotent-producer state of one producer on one stream."""
+
+    __tablename__ = "producers"
+
+    stream_id: str = Field(primary_key=True, max_length=64)
+    producer_id: str = Field(primary_key=True, max_length=255)
+    epoch: int = Field(sa_type=BigInteger)
+    seq: int = Field(sa_type=BigInteger)
+
+
+# --- value types ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """A snapshot of a stream's record."""
+
+    id: str
+    name: str
+    namespace: str
+    content_type: str
+    json_mode: bool
+    metadata: dict[str, str]
+    created_at: float
+    updated_at: float
+    closed_at: float | None
+    tail: int
+    stored_bytes: int
+    appends: int
+    compress: bool
+    compressed: bool
+    ttl_seconds: int | None
+    sliding: bool
+    expires_at: float | None
+    last_seq: str | None
+    fork_source: str | None
+    fork_offset: int | None
+    deleted: bool
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_at is not None
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (time.time() if now is None else now)
+
+    @classmethod
+    def from_row(cls, row: Any) -> StreamState:
+        """Build a snapshot from a `streams` row (ORM object or SQL row mapping)."""
+        get = row._mapping.__getitem__ if hasattr(row, "_mapping") else row.__getattribute__
+        return cls(
+            id=get("id"),
+            name=get("name"),
+            namespace=get("namespace"),
+            content_type=get("content_type"),
+            json_mode=bool(get("json_mode")),
+            metadata=json.loads(get("metadata_json") or "{}"),
+            created_at=get("created_at"),
+            updated_at=get("updated_at"),
+            closed_at=get("closed_at"),
+            tail=get("tail"),
+            stored_bytes=get("stored_bytes"),
+            appends=get("appends"),
+            compress=bool(get("compress")),
+            compressed=bool(get("compressed")),
+            ttl_seconds=get("ttl_seconds"),
+            sliding=bool(get("sliding")),
+            expires_at=get("expires_at"),
+            last_seq=get("last_seq"),
+            fork_source=get("fork_source"),
+            fork_offset=get("fork_offset"),
+            deleted=bool(get("deleted")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    """Idempotent-producer headers of one append."""
+
+    id: str
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append did: the new tail, whether it was a producer duplicate, the producer's state."""
+
+    tail: int
+    closed: bool
+    duplicate: bool = False
+    producer_epoch: int | None = None
+    producer_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFilter:
+    """Which streams a listing shows."""
+
+    namespace: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    state: str | None = None  # "open", "closed" or "expiring"
+    id_prefix: str | None = None
+
+
+# --- offsets and ids -----------------------------------------------------------------------------
+
+_OFFSET = re.compile(r"^(\d{1,19})_(\d{1,19})$")
+
+
+def format_offset(position: int) -> str:
+    """The protocol's offset token for a byte position: two zero-padded 16-digit numbers."""
+    return f"{0:016d}_{position:016d}"
+
+
+def parse_offset(token: str) -> int | None:
+    """The byte position of an offset token, or None when the token is malformed."""
+    match = _OFFSET.match(token)
+    return int(match.group(2)) if match else None
+
+
+_last_ms = 0
+_last_rand = 0
+
+
+def new_stream_id() -> str:
+    """`stream_` and the 32 hex digits of a UUIDv7, so ids sort by creation time."""
+    global _last_ms, _last_rand
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_ms:
+        # Keep ids strictly increasing within a millisecond (RFC 9562 method 2).
+        ms, rand = _last_ms, _last_rand + 1
+    else:
+        rand = int.from_bytes(os.urandom(10), "big") >> 6
+    _last_ms, _last_rand = ms, rand
+    rand_a = (rand >> 62) & 0xFFF
+    rand_b = rand & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
+    return "stream_" + f"{value:032x}"
+
+
+def iso(ts: float | None) -> str | None:
+    """An ISO 8601 UTC timestamp, or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def clamp_ttl(ttl: int | float | None) -> int | None:
+    """Agentuity's TTL rule: None or 0 never expires; anything else is clamped to [60 s, 90 days]."""
+    if ttl is None or ttl == 0:
+        return None
+    return int(min(max(ttl, MIN_TTL), MAX_TTL))
+
+
+# --- domain errors -------------------------------------------------------------------------------
+
+
+class StreamError(Exception):
+    """Base of the errors a stream operation can raise; `status` is the HTTP status it maps to."""
+
+    status = 400
+
+
+class StreamNotFoundError(StreamError):
+    status = 404
+
+
+class StreamGoneError(StreamError):
+    """The stream was deleted while forks of it still exist."""
+
+    status = 410
+
+
+class StreamClosedError(StreamError):
+    status = 409
+
+    def __init__(self, message: str, tail: int = 0) -> None:
+        super().__init__(message)
+        self.tail = tail
+
+
+class StreamConflictError(StreamError):
+    status = 409
+
+
+class ContentTypeMismatchError(StreamConflictError):
+    pass
+
+
+class SeqConflictError(StreamConflictError):
+    pass
+
+
+class ProducerSeqGapError(StreamConflictError):
+    def __init__(self, expected: int, received: int) -> None:
+        super().__init__(f"producer sequence gap: expected {expected}, received {received}")
+        self.expected = expected
+        self.received = received
+
+
+class StaleEpochError(StreamError):
+    status = 403
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"producer epoch is stale; the current epoch is {current}")
+        self.current = current
+
+
+class PayloadTooLargeError(StreamError):
+    status = 413
+
+
+class InvalidRequestError(StreamError):
+    status = 400

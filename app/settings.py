@@ -1,0 +1,91 @@
+"""Streamhold's settings: one frozen dataclass, read from STREAMHOLD_* variables only when asked."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A STREAMHOLD_* variable has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server and the in-process SDK need to know about their surroundings."""
+
+    data_dir: Path = Path("data")
+    database_url: str = ""
+    channels_url: str = ""
+    public_url: str = ""
+    max_append_bytes: int = 5 * MIB
+    long_poll_timeout: float = 20.0
+    sse_keepalive: float = 15.0
+    sweep_interval: float = 30.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    llm_base_url: str = ""
+    llm_api_key: str = field(default="", repr=False)
+    llm_model: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from STREAMHOLD_* variables (os.environ unless given)."""
+        env = os.environ if environ is None else environ
+
+        def text(name: str, default: str = "") -> str:
+            return env.get(f"STREAMHOLD_{name}", default).strip()
+
+        def number(name: str, default: float, minimum: float) -> float:
+            raw = text(name)
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise SettingsError(f"STREAMHOLD_{name}={raw!r} is not a number") from None
+            if value < minimum:
+                raise SettingsError(f"STREAMHOLD_{name} must be at least {minimum}, got {raw}")
+            return value
+
+        keys = tuple(k.strip() for k in text("API_KEYS").split(",") if k.strip())
+        return cls(
+            data_dir=Path(text("DATA_DIR", "data")),
+            database_url=text("DATABASE_URL"),
+            channels_url=text("CHANNELS_URL"),
+            public_url=text("PUBLIC_URL").rstrip("/"),
+            max_append_bytes=int(number("MAX_APPEND_BYTES", 5 * MIB, 1)),
+            long_poll_timeout=number("LONG_POLL_TIMEOUT", 20.0, 0.05),
+            sse_keepalive=number("SSE_KEEPALIVE", 15.0, 0.05),
+            sweep_interval=number("SWEEP_INTERVAL", 30.0, 0.05),
+            api_keys=keys,
+            llm_base_url=text("LLM_BASE_URL").rstrip("/"),
+            llm_api_key=text("LLM_API_KEY"),
+            llm_model=text("LLM_MODEL"),
+        )
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The SQLAlchemy URL of the store: SQLite under the data dir unless a database URL is set."""
+        url = self.database_url
+        if not url:
+            return f"sqlite:///{self.data_dir / 'streamhold.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        if url.startswith(("postgresql+psycopg://", "sqlite:///")):
+            return url
+        raise SettingsError(
+            f"STREAMHOLD_DATABASE_URL must start with postgresql:// or sqlite:///, got {url.split(':')[0]}:..."
+        )
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.sqlalchemy_url.startswith("sqlite")
+
+    def origin(self) -> str:
+        """The origin used in stream URLs."""
+        return self.public_url or "http://127.0.0.1:8000"

@@ -1,0 +1,694 @@
+"""Every SQL statement of Streamhold: create, append, read, close, compress, list, delete and sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, or_, select, text, update
+from sqlmodel import SQLModel
+
+from app.models import (
+    AppendResult,
+    ChunkRow,
+    ContentTypeMismatchError,
+    GzipChunkRow,
+    InvalidRequestError,
+    MetadataRow,
+    Producer,
+    ProducerRow,
+    StreamConflictError,
+    StreamFilter,
+    StreamGoneError,
+    StreamNotFoundError,
+    StreamRow,
+    StreamState,
+    new_stream_id,
+)
+from app.settings import Settings
+from app.writer import AppendOp, Change, Writer, media_type
+
+log = logging.getLogger("streamhold.store")
+
+streams = StreamRow.__table__
+chunks = ChunkRow.__table__
+gzip_chunks = GzipChunkRow.__table__
+metadata_pairs = MetadataRow.__table__
+producers = ProducerRow.__table__
+
+READ_SLICE = 4 * 1024 * 1024
+CHUNK_TARGET = 1024 * 1024
+SMALL_CHUNK = 64 * 1024
+COMPACT_AFTER = 256
+SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
+SWEEP_LOCK = 0x53575045
+SORTS = {"created": "created_at", "size": "tail", "namespace": "namespace", "name": "name", "updated": "updated_at"}
+
+T = TypeVar("T")
+
+
+@dataclass
+class NewStream:
+    """Everything needed to create a stream."""
+
+    namespace: str
+    content_type: str = "application/octet-stream"
+    name: str | None = None
+    json_mode: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    ttl_seconds: int | None = None
+    sliding: bool = False
+    expires_at: float | None = None
+    closed: bool = False
+    initial: bytes = b""
+    fork_from: str | None = None
+    fork_offset: int | None = None
+    fork_point: Callable[[StreamState, Connection], int] | None = None
+
+
+def _make_engines(settings: Settings) -> tuple[Engine, Engine]:
+    url = settings.sqlalchemy_url
+    if not settings.is_sqlite:
+        engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        return engine, engine
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    writer = create_engine(url, connect_args={"check_same_thread": False}, pool_size=1, max_overflow=0)
+    reader = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=8)
+    for engine, begin in ((writer, "BEGIN IMMEDIATE"), (reader, "BEGIN")):
+        _sqlite_pragmas(engine, begin)
+    return writer, reader
+
+
+def _sqlite_pragmas(engine: Engine, begin: str) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control from the driver so BEGIN IMMEDIATE and read snapshots are ours.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA mmap_size=268435456")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+
+class Store:
+    """The stream store: reads run on a small thread pool, writes go through one group-committing writer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.postgres = not settings.is_sqlite
+        self._write_engine, self._read_engine = _make_engines(settings)
+        self._readers = ThreadPoolExecutor(8, thread_name_prefix="streamhold-read")
+        self._listeners: list[Callable[[list[Change]], None]] = []
+        self._small_chunks: dict[str, int] = {}
+        self._followups: set[asyncio.Task[Any]] = set()
+        self.writer = Writer(self._write_engine, self.postgres, self._changed)
+        self.writer.after_close = self._after_close
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[Store]:
+        """Open the store (creating its schema) for the life of the block."""
+        store = cls(settings)
+        await asyncio.get_running_loop().run_in_executor(store._readers, store._create_schema)
+        store.writer.start()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    async def close(self) -> None:
+        if self._followups:
+            await asyncio.gather(*self._followups, return_exceptions=True)
+        await self.writer.stop()
+        self._readers.shutdown(wait=True)
+        self._write_engine.dispose()
+        self._read_engine.dispose()
+
+    def _create_schema(self) -> None:
+        with self._write_engine.begin() as conn:
+            if self.postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
+            SQLModel.metadata.create_all(conn)
+
+    def subscribe(self, listener: Callable[[list[Change]], None]) -> None:
+        """Call `listener` with the changes of every committed write."""
+        self._listeners.append(listener)
+
+    def _changed(self, changes: list[Change]) -> None:
+        for change in changes:
+            if not change.gone and not change.closed:
+                count = self._small_chunks.get(change.stream_id, 0) + 1
+                self._small_chunks[change.stream_id] = count
+                if count >= COMPACT_AFTER:
+                    self._small_chunks[change.stream_id] = 0
+                    self._follow_up(self.compact(change.stream_id))
+        for listener in self._listeners:
+            listener(changes)
+
+    def _after_close(self, stream_id: str, compress: bool) -> None:
+        self._small_chunks.pop(stream_id, None)
+
+    def _follow_up(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._followups.add(task)
+        task.add_done_callback(self._followups.discard)
+        return task
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise if the database does not answer."""
+        await self._read(self._ping_sync)
+
+    def _ping_sync(self) -> None:
+        with self._read_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    async def get(self, stream_id: str) -> StreamState | None:
+        """The stream with this id, expired or not, or None."""
+        return await self._read(self._get_sync, streams.c.id, stream_id)
+
+    async def get_by_name(self, name: str) -> StreamState | None:
+        """The stream with this protocol name, expired or not, or None."""
+        return await self._read(self._get_sync, streams.c.name, name)
+
+    def _get_sync(self, column: Any, value: str) -> StreamState | None:
+        with self._read_engine.connect() as conn:
+            row = conn.execute(select(streams).where(column == value)).first()
+        return StreamState.from_row(row) if row is not None else None
+
+    async def read(self, stream_id: str, start: int, end: int) -> bytes:
+        """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail."""
+        if end <= start:
+            return b""
+        return await self._read(self._read_sync, stream_id, start, end)
+
+    def _read_sync(self, stream_id: str, start: int, end: int) -> bytes:
+        with self._read_engine.connect() as conn:
+            return _read_range(conn, stream_id, start, end)
+
+    async def iter_content(
+        self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
+    ) -> AsyncIterator[bytes]:
+        """The uncompressed content [start, end) in slices, whether it is stored compressed or not."""
+        end = state.tail if end is None else min(end, state.tail)
+        if state.compressed:
+            async for piece in self._iter_decompressed(state.id, start, end):
+                yield piece
+            return
+        position = start
+        while position < end:
+            piece = await self.read(state.id, position, min(end, position + slice_size))
+            if not piece:
+                return
+            position += len(piece)
+            yield piece
+
+    async def iter_gzip(self, stream_id: str) -> AsyncIterator[bytes]:
+        """The stored gzip body of a compressed stream."""
+        seq = 0
+        while True:
+            rows = await self._read(self._gzip_rows, stream_id, seq, 8)
+            if not rows:
+                return
+            for seq, data in rows:
+                yield data
+            seq += 1
+
+    def _gzip_rows(self, stream_id: str, seq: int, limit: int) -> list[tuple[int, bytes]]:
+        with self._read_engine.connect() as conn:
+            query = (
+                select(gzip_chunks.c.seq, gzip_chunks.c.data)
+                .where(gzip_chunks.c.stream_id == stream_id, gzip_chunks.c.seq >= seq)
+                .order_by(gzip_chunks.c.seq)
+                .limit(limit)
+            )
+            return [(r.seq, bytes(r.data)) for r in conn.execute(query)]
+
+    async def _iter_decompressed(self, stream_id: str, start: int, end: int) -> AsyncIterator[bytes]:
+        inflater = zlib.decompressobj(31)
+        position = 0
+        async for packed in self.iter_gzip(stream_id):
+            data = inflater.decompress(packed)
+            lo, hi = max(start - position, 0), min(end - position, len(data))
+            if lo < hi:
+                yield data[lo:hi]
+            position += len(data)
+            if position >= end:
+                return
+
+    async def list(
+        self,
+        where: StreamFilter,
+        *,
+        sort: str = "created",
+        direction: str = "desc",
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[int, list[StreamState]]:
+        """The total number of live streams matching `where`, and one page of them."""
+        if sort not in SORTS:
+            raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+        if direction not in ("asc", "desc"):
+            raise InvalidRequestError(f"direction must be asc or desc, got {direction!r}")
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}")
+        if offset < 0:
+            raise InvalidRequestError(f"offset must be 0 or more, got {offset}")
+        return await self._read(self._list_sync, where, sort, direction, limit, offset)
+
+    def _list_sync(
+        self, where: StreamFilter, sort: str, direction: str, limit: int, offset: int
+    ) -> tuple[int, list[StreamState]]:
+        conditions = _filter_conditions(where, time.time())
+        column = streams.c[SORTS[sort]]
+        order = [column.desc() if direction == "desc" else column.asc(), streams.c.id.desc()]
+        with self._read_engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(streams).where(*conditions)).scalar_one()
+            rows = conn.execute(select(streams).where(*conditions).order_by(*order).limit(limit).offset(offset))
+            return total, [StreamState.from_row(r) for r in rows]
+
+    async def summary(self, where: StreamFilter | None = None) -> dict[str, Any]:
+        """Totals (streams, open streams, bytes) and per-namespace counts for live streams."""
+        return await self._read(self._summary_sync, where or StreamFilter())
+
+    def _summary_sync(self, where: StreamFilter) -> dict[str, Any]:
+        conditions = _filter_conditions(where, time.time())
+        with self._read_engine.connect() as conn:
+            totals = conn.execute(
+                select(
+                    func.count(),
+                    func.coalesce(func.sum(streams.c.stored_bytes), 0),
+                    func.coalesce(func.sum(streams.c.tail), 0),
+                    func.count(streams.c.closed_at),
+                ).where(*conditions)
+            ).one()
+            by_namespace = conn.execute(
+                select(streams.c.namespace, func.count(), func.coalesce(func.sum(streams.c.stored_bytes), 0))
+                .where(*conditions)
+                .group_by(streams.c.namespace)
+                .order_by(streams.c.namespace)
+            ).all()
+        return {
+            "streams": totals[0],
+            "stored_bytes": int(totals[1]),
+            "content_bytes": int(totals[2]),
+            "open": totals[0] - totals[3],
+            "namespaces": [{"namespace": n, "streams": c, "stored_bytes": int(b)} for n, c, b in by_namespace],
+        }
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def append_nowait(
+        self,
+        stream_id: str,
+        data: bytes,
+        *,
+        content_type: str | None = None,
+        seq: str | None = None,
+        producer: Producer | None = None,
+        close: bool = False,
+        compress: bool = False,
+    ) -> asyncio.Future[AppendResult]:
+        """Queue an append now (so call order is commit order); the future resolves once it is committed."""
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self.writer.submit(AppendOp(stream_id, data, future, content_type, seq, producer, close, compress))
+        return future
+
+    async def append(self, stream_id: str, data: bytes, **options: Any) -> AppendResult:
+        """Append (and optionally close); returns after the commit. Closing coalesces chunks afterwards."""
+        result = await self.append_nowait(stream_id, data, **options)
+        if options.get("close") and not result.duplicate:
+            self._follow_up(self.finish(stream_id))
+        return result
+
+    async def finish(self, stream_id: str) -> None:
+        """Coalesce a closed stream's chunks and compress it if that was asked for."""
+        await self.compact(stream_id, full=True)
+        state = await self.get(stream_id)
+        if state is not None and state.compress and not state.compressed:
+            await self.writer.call(lambda conn: self._compress_sync(conn, stream_id))
+
+    async def create(self, new: NewStream) -> tuple[StreamState, bool]:
+        """Create a stream; returns (state, created). An existing name with the same settings is not an error."""
+        return await self.writer.call(lambda conn: self._create_sync(conn, new))
+
+    def _create_sync(self, conn: Connection, new: NewStream) -> tuple[tuple[StreamState, bool], list[Change]]:
+        now = time.time()
+        changes: list[Change] = []
+        if new.name is not None:
+            existing = _locked(conn, streams.c.name, new.name, self.postgres)
+            if existing is not None:
+                if existing.expired(now):
+                    _purge(conn, existing.id)
+                    changes.append(Change(existing.id, existing.tail, True, gone=True))
+                elif existing.deleted:
+                    raise StreamConflictError("this stream was deleted while forks of it remain; use another name")
+                elif _same_config(existing, new) and self._same_fork(conn, existing, new):
+                    return (existing, False), []
+                else:
+                    raise StreamConflictError("a stream with this name exists with a different configuration")
+        stream_id = new_stream_id()
+        ttl, sliding, expires_at = new.ttl_seconds, new.sliding, new.expires_at
+        content_type = new.content_type
+        fork_offset = None
+        prefix_source: StreamState | None = None
+        if new.fork_from is not None:
+            source = _locked(conn, streams.c.name, new.fork_from, self.postgres)
+            if source is None or source.expired(now):
+                raise StreamNotFoundError(f"fork source {new.fork_from!r} not found")
+            if source.deleted:
+                raise StreamConflictError("the fork source was deleted")
+            if media_type(content_type) != media_type(source.content_type):
+                raise ContentTypeMismatchError("a fork must have its source's content type")
+            fork_offset = new.fork_point(source, conn) if new.fork_point else source.tail
+            if ttl is None and expires_at is None:
+                ttl, sliding, expires_at = source.ttl_seconds, source.sliding, source.expires_at
+                if sliding and ttl:
+                    expires_at = now + ttl
+            prefix_source = source
+        if ttl and expires_at is None:
+            expires_at = now + ttl
+        tail = 0
+        if prefix_source is not None:
+            for piece in _iter_range(conn, prefix_source, 0, fork_offset or 0):
+                conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=piece))
+                tail += len(piece)
+        if new.initial:
+            conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=new.initial))
+            tail += len(new.initial)
+        row = {
+            "id": stream_id,
+            "name": new.name or stream_id,
+            "namespace": new.namespace,
+            "content_type": content_type,
+            "json_mode": new.json_mode,
+            "metadata_json": json.dumps(new.metadata, separators=(",", ":")),
+            "created_at": now,
+            "updated_at": now,
+            "closed_at": now if new.closed else None,
+            "tail": tail,
+            "stored_bytes": tail,
+            "appends": 1 if new.initial else 0,
+            "compact_from": 0,
+            "compress": False,
+            "compressed": False,
+            "ttl_seconds": ttl,
+            "sliding": sliding,
+            "expires_at": expires_at,
+            "last_seq": None,
+            "fork_source": prefix_source.id if prefix_source is not None else None,
+            "fork_offset": fork_offset,
+            "deleted": False,
+        }
+        conn.execute(insert(streams).values(row))
+        if new.metadata:
+            conn.execute(
+                insert(metadata_pairs),
+                [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
+            )
+        state = StreamState.from_row(_Row(row))
+        return (state, True), changes
+
+    def _same_fork(self, conn: Connection, existing: StreamState, new: NewStream) -> bool:
+        if new.fork_from is None:
+            return existing.fork_source is None
+        source = _locked(conn, streams.c.name, new.fork_from, self.postgres)
+        if source is None or source.id != existing.fork_source:
+            return False
+        point = new.fork_point(source, conn) if new.fork_point else source.tail
+        return point == existing.fork_offset
+
+    async def delete(self, stream_id: str) -> None:
+        """Delete a stream and reclaim its storage (soft-delete while forks of it remain)."""
+        await self.writer.call(lambda conn: self._delete_sync(conn, stream_id))
+
+    def _delete_sync(self, conn: Connection, stream_id: str) -> tuple[None, list[Change]]:
+        state = _locked(conn, streams.c.id, stream_id, self.postgres)
+        if state is None or state.expired():
+            raise StreamNotFoundError("stream not found")
+        if state.deleted:
+            raise StreamGoneError("stream was deleted")
+        if _has_forks(conn, stream_id):
+            conn.execute(update(streams).where(streams.c.id == stream_id).values(deleted=True))
+            return None, [Change(stream_id, state.tail, state.closed, gone=True)]
+        changes = [Change(stream_id, state.tail, state.closed, gone=True)]
+        _purge(conn, stream_id)
+        source_id = state.fork_source
+        while source_id is not None:
+            source = _locked(conn, streams.c.id, source_id, self.postgres)
+            if source is None or not source.deleted or _has_forks(conn, source_id):
+                break
+            _purge(conn, source_id)
+            source_id = source.fork_source
+        return None, changes
+
+    async def delete_matching(self, where: StreamFilter) -> int:
+        """Delete every live stream matching `where`; returns how many."""
+        deleted = 0
+        while True:
+            _, page = await self.list(where, limit=500)
+            if not page:
+                return deleted
+            for state in page:
+                try:
+                    await self.delete(state.id)
+                    deleted += 1
+                except (StreamNotFoundError, StreamGoneError):
+                    pass
+            if any(s.deleted for s in page):
+                return deleted
+
+    async def touch(self, state: StreamState) -> None:
+        """Slide a sliding TTL forward on a read; writes at most once per tenth of the TTL."""
+        if not state.sliding or not state.ttl_seconds or state.expires_at is None:
+            return
+        now = time.time()
+        if now + state.ttl_seconds - state.expires_at < state.ttl_seconds / 10:
+            return
+
+        def slide(conn: Connection) -> tuple[None, list[Change]]:
+            conn.execute(
+                update(streams)
+                .where(streams.c.id == state.id, streams.c.expires_at > now)
+                .values(expires_at=now + state.ttl_seconds)
+            )
+            return None, []
+
+        await self.writer.call(slide)
+
+    async def compact(self, stream_id: str, full: bool = False) -> None:
+        """Merge small chunks into larger ones so that reads need few rows; the content is unchanged."""
+        await self.writer.call(lambda conn: (_compact(conn, stream_id, full), []))
+
+    def _compress_sync(self, conn: Connection, stream_id: str) -> tuple[None, list[Change]]:
+        state = _locked(conn, streams.c.id, stream_id, self.postgres)
+        if state is None or state.compressed or not state.closed:
+            return None, []
+        deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
+        seq, stored, buffer = 0, 0, bytearray()
+        for piece in _iter_range(conn, state, 0, state.tail):
+            buffer += deflater.compress(piece)
+            if len(buffer) >= CHUNK_TARGET:
+                conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=bytes(buffer)))
+                seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
+        buffer += deflater.flush()
+        conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=bytes(buffer)))
+        stored += len(buffer)
+        conn.execute(delete(chunks).where(chunks.c.stream_id == stream_id))
+        conn.execute(update(streams).where(streams.c.id == stream_id).values(compressed=True, stored_bytes=stored))
+        return None, []
+
+    async def sweep(self) -> int:
+        """Delete expired streams and collect deleted sources with no forks left; returns how many."""
+        return await self.writer.call(self._sweep_sync)
+
+    def _sweep_sync(self, conn: Connection) -> tuple[int, list[Change]]:
+        if self.postgres and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar():
+            return 0, []
+        now = time.time()
+        expired = conn.execute(
+            select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now).limit(500)
+        ).all()
+        orphans = conn.execute(
+            select(streams.c.id, streams.c.tail)
+            .where(streams.c.deleted.is_(True))
+            .where(~select(1).where(_fork_of(streams.c.id)).exists())
+            .limit(500)
+        ).all()
+        changes = []
+        for stream_id, tail in {*expired, *orphans}:
+            _purge(conn, stream_id)
+            changes.append(Change(stream_id, tail, True, gone=True))
+        return len(changes), changes
+
+
+class _Row:
+    """A dict seen through the attribute protocol StreamState.from_row uses."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:
+    query = select(streams).where(column == value)
+    if postgres:
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    return StreamState.from_row(row) if row is not None else None
+
+
+def _same_config(existing: StreamState, new: NewStream) -> bool:
+    return (
+        media_type(existing.content_type) == media_type(new.content_type)
+        and existing.ttl_seconds == new.ttl_seconds
+        and (new.ttl_seconds is not None or existing.expires_at == new.expires_at)
+        and existing.closed == new.closed
+    )
+
+
+def _fork_of(stream_id_column: Any) -> Any:
+    forks = streams.alias("forks")
+    return forks.c.fork_source == stream_id_column
+
+
+def _has_forks(conn: Connection, stream_id: str) -> bool:
+    now = time.time()
+    query = select(streams.c.id).where(
+        streams.c.fork_source == stream_id, or_(streams.c.expires_at.is_(None), streams.c.expires_at > now)
+    )
+    return conn.execute(query.limit(1)).first() is not None
+
+
+def _purge(conn: Connection, stream_id: str) -> None:
+    for table in (chunks, gzip_chunks, metadata_pairs, producers):
+        conn.execute(delete(table).where(table.c.stream_id == stream_id))
+    conn.execute(delete(streams).where(streams.c.id == stream_id))
+
+
+def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:
+    conditions: list[Any] = [
+        streams.c.deleted.is_(False),
+        or_(streams.c.expires_at.is_(None), streams.c.expires_at > now),
+    ]
+    if where.namespace:
+        conditions.append(streams.c.namespace == where.namespace)
+    if where.id_prefix:
+        escaped = where.id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        conditions.append(
+            or_(streams.c.id.like(escaped + "%", escape="\\"), streams.c.name.like(escaped + "%", escape="\\"))
+        )
+    for key, value in where.metadata:
+        conditions.append(
+            streams.c.id.in_(
+                select(metadata_pairs.c.stream_id).where(metadata_pairs.c.key == key, metadata_pairs.c.value == value)
+            )
+        )
+    if where.state == "open":
+        conditions.append(streams.c.closed_at.is_(None))
+    elif where.state == "closed":
+        conditions.append(streams.c.closed_at.is_not(None))
+    elif where.state == "expiring":
+        conditions.append(streams.c.expires_at <= now + 86400)
+    elif where.state:
+        raise InvalidRequestError(f"state must be open, closed or expiring, got {where.state!r}")
+    return conditions
+
+
+def _read_range(conn: Connection, stream_id: str, start: int, end: int) -> bytes:
+    floor = (
+        select(func.coalesce(func.max(chunks.c.start), 0))
+        .where(chunks.c.stream_id == stream_id, chunks.c.start <= start)
+        .scalar_subquery()
+    )
+    query = (
+        select(chunks.c.start, chunks.c.data)
+        .where(chunks.c.stream_id == stream_id, chunks.c.start < end, chunks.c.start >= floor)
+        .order_by(chunks.c.start)
+    )
+    pieces = []
+    for row_start, data in conn.execute(query):
+        view = memoryview(data)
+        pieces.append(view[max(start - row_start, 0) : end - row_start])
+    return b"".join(pieces)
+
+
+def _iter_range(conn: Connection, state: StreamState, start: int, end: int) -> Iterator[bytes]:
+    """Read [start, end) of a stream inside the caller's transaction, in slices."""
+    if state.compressed:
+        inflater = zlib.decompressobj(31)
+        position = 0
+        rows = conn.execute(
+            select(gzip_chunks.c.data).where(gzip_chunks.c.stream_id == state.id).order_by(gzip_chunks.c.seq)
+        )
+        for (packed,) in rows:
+            data = inflater.decompress(packed)
+            lo, hi = max(start - position, 0), min(end - position, len(data))
+            if lo < hi:
+                yield data[lo:hi]
+            position += len(data)
+        return
+    position = start
+    while position < end:
+        piece = _read_range(conn, state.id, position, min(end, position + CHUNK_TARGET))
+        if not piece:
+            return
+        position += len(piece)
+        yield piece
+
+
+def _compact(conn: Connection, stream_id: str, full: bool) -> None:
+    row = conn.execute(select(streams.c.compact_from, streams.c.tail).where(streams.c.id == stream_id)).first()
+    if row is None:
+        return
+    begin = 0 if full else row.compact_from
+    sizes = conn.execute(
+        select(chunks.c.start, func.length(chunks.c.data))
+        .where(chunks.c.stream_id == stream_id, chunks.c.start >= begin)
+        .order_by(chunks.c.start)
+    ).all()
+    groups: list[list[int]] = []
+    current: list[int] = []
+    current_size = 0
+    for start, size in sizes:
+        if size >= SMALL_CHUNK or current_size + size > CHUNK_TARGET:
+            if len(current) > 1:
+                groups.append(current)
+            current, current_size = [], 0
+            if size >= SMALL_CHUNK:
+                continue
+        current.append(start)
+        current_size += size
+    if len(current) > 1:
+        groups.append(current)
+    for group in groups:
+        rows = conn.execute(
+            select(chunks.c.data)
+            .where(chunks.c.stream_id == stream_id, chunks.c.start >= group[0], chunks.c.start <= group[-1])
+            .order_by(chunks.c.start)
+        ).all()
+        merged = b"".join(r.data for r in rows)
+        conn.execute(
+            delete(chunks).where(
+                chunks.c.stream_id == stream_id, chunks.c.start >= group[0], chunks.c.start <= group[-1]
+            )
+        )
+        conn.execute(insert(chunks).values(stream_id=stream_id, start=group[0], data=merged))
+    conn.execute(update(streams).where(streams.c.id == stream_id).values(compact_from=row.tail))
