@@ -1,0 +1,200 @@
+"""The store's contract, run on SQLite and on PostgreSQL alike."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import event, func, select, update
+
+from app.models import (
+    ChunkRow,
+    GzipChunkRow,
+    StreamClosedError,
+    StreamFilter,
+    StreamNotFoundError,
+    StreamRow,
+    format_offset,
+    new_stream_id,
+    parse_offset,
+)
+from app.settings import Settings
+from app.store import NewStream, Store
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    async with Store.open(settings) as opened:
+        yield opened
+
+
+async def content(store: Store, stream_id: str) -> bytes:
+    state = await store.get(stream_id)
+    assert state is not None
+    return b"".join([piece async for piece in store.iter_content(state)])
+
+
+def chunk_rows(store: Store, stream_id: str, table: type = ChunkRow) -> int:
+    with store._read_engine.connect() as conn:
+        return conn.execute(
+            select(func.count()).select_from(table).where(table.__table__.c.stream_id == stream_id)
+        ).scalar_one()
+
+
+async def test_create_append_read_close(store: Store) -> None:
+    state, created = await store.create(NewStream(namespace="export", content_type="text/csv", metadata={"u": "1"}))
+    assert created and state.id.startswith("stream_") and state.name == state.id
+    first = await store.append(state.id, b"Name,Email\n")
+    second = await store.append(state.id, b"a,b@example.com\n")
+    assert (first.tail, second.tail) == (11, 27)
+    assert await store.read(state.id, 0, 27) == b"Name,Email\na,b@example.com\n"
+    assert await store.read(state.id, 4, 10) == b",Email"
+    closed = await store.append(state.id, b"", close=True)
+    assert closed.closed and closed.tail == 27
+    with pytest.raises(StreamClosedError):
+        await store.append(state.id, b"more")
+    again = await store.get(state.id)
+    assert again is not None and again.closed and again.tail == 27 and again.metadata == {"u": "1"}
+
+
+async def test_ids_are_uuid7_and_sort_by_time() -> None:
+    ids = [new_stream_id() for _ in range(2000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    hexpart = ids[0].removeprefix("stream_")
+    assert len(hexpart) == 32 and hexpart[12] == "7" and hexpart[16] in "89ab"
+
+
+def test_offsets_are_fixed_width_and_sort_as_strings() -> None:
+    assert format_offset(0) == "0000000000000000_0000000000000000"
+    assert parse_offset(format_offset(123456)) == 123456
+    assert parse_offset("12,3") is None and parse_offset("now") is None
+    values = sorted(random.sample(range(10**12), 200))
+    assert [format_offset(v) for v in values] == sorted(format_offset(v) for v in values)
+
+
+async def test_bytes_are_stored_exactly(store: Store) -> None:
+    state, _ = await store.create(NewStream(namespace="bin"))
+    payload = bytes(range(256)) * 400
+    for start in range(0, len(payload), 7000):
+        await store.append(state.id, payload[start : start + 7000])
+    assert await content(store, state.id) == payload
+
+
+async def test_concurrent_appends_keep_call_order_and_never_interleave(store: Store) -> None:
+    state, _ = await store.create(NewStream(namespace="order"))
+    writes = [f"<{i:04d}:{'x' * (i % 50)}>".encode() for i in range(600)]
+    futures = [store.append_nowait(state.id, w) for w in writes]
+    snapshots = []
+    for _ in range(5):
+        current = await store.get(state.id)
+        assert current is not None
+        snapshots.append(await store.read(state.id, 0, current.tail))
+        await asyncio.sleep(0)
+    results = await asyncio.gather(*futures)
+    final = b"".join(writes)
+    assert await content(store, state.id) == final
+    assert [r.tail for r in results] == sorted(r.tail for r in results)
+    assert all(final.startswith(s) for s in snapshots), "every read is a prefix of the final content"
+    assert store.writer.commits < len(writes) / 5, "concurrent appends are committed together"
+
+
+async def test_tiny_appends_are_coalesced_and_read_with_few_queries(store: Store, settings: Settings) -> None:
+    state, _ = await store.create(NewStream(namespace="tokens", content_type="text/plain"))
+    rng = random.Random(7)
+    writes = [bytes(rng.choice(b"abcdefghij ") for _ in range(rng.randint(1, 20))) for _ in range(4000)]
+    for start in range(0, 4000, 40):  # 100 rounds of 40 concurrent writes: many small chunks
+        await asyncio.gather(*(store.append_nowait(state.id, w) for w in writes[start : start + 40]))
+    await store.append(state.id, b"", close=True)
+    await store.finish(state.id)
+    assert chunk_rows(store, state.id) <= 2, "a closed stream's small chunks are merged"
+    queries = 0
+
+    def count(*_: object) -> None:
+        nonlocal queries
+        queries += 1
+
+    event.listen(store._read_engine, "before_cursor_execute", count)
+    try:
+        assert await content(store, state.id) == b"".join(writes)
+    finally:
+        event.remove(store._read_engine, "before_cursor_execute", count)
+    assert queries <= 6, f"read back with {queries} queries"
+
+
+async def test_open_stream_compacts_in_the_background(store: Store) -> None:
+    state, _ = await store.create(NewStream(namespace="tokens"))
+    for i in range(600):
+        await store.append(state.id, b"%d," % i)
+    await asyncio.sleep(0.2)
+    for _ in range(50):
+        if chunk_rows(store, state.id) < 100:
+            break
+        await asyncio.sleep(0.1)
+    assert chunk_rows(store, state.id) < 100
+    assert await content(store, state.id) == b"".join(b"%d," % i for i in range(600))
+
+
+async def test_list_filters_sorts_and_pages(store: Store) -> None:
+    for i in range(12):
+        namespace = "export" if i % 2 else "audit"
+        meta = {"user": f"u{i % 3}", "kind": "csv"}
+        state, _ = await store.create(NewStream(namespace=namespace, metadata=meta))
+        await store.append(state.id, b"x" * i)
+    total, page = await store.list(StreamFilter(namespace="export"), limit=4)
+    assert total == 6 and len(page) == 4 and all(s.namespace == "export" for s in page)
+    assert [s.created_at for s in page] == sorted((s.created_at for s in page), reverse=True)
+    total, page = await store.list(StreamFilter(metadata=(("user", "u1"), ("kind", "csv"))))
+    assert total == 4 and all(s.metadata["user"] == "u1" for s in page)
+    total, page = await store.list(StreamFilter(), sort="size", direction="asc", limit=3, offset=2)
+    assert total == 12 and [s.tail for s in page] == [2, 3, 4]
+    with pytest.raises(Exception, match="limit"):
+        await store.list(StreamFilter(), limit=1001)
+    summary = await store.summary()
+    assert summary["streams"] == 12 and {n["namespace"] for n in summary["namespaces"]} == {"audit", "export"}
+
+
+async def test_delete_reclaims_storage(store: Store) -> None:
+    state, _ = await store.create(NewStream(namespace="tmp", metadata={"a": "b"}))
+    await store.append(state.id, b"data" * 1000)
+    await store.delete(state.id)
+    assert await store.get(state.id) is None
+    assert chunk_rows(store, state.id) == 0
+    with pytest.raises(StreamNotFoundError):
+        await store.delete(state.id)
+
+
+async def test_expired_streams_vanish_at_once_and_are_swept(store: Store) -> None:
+    state, _ = await store.create(NewStream(namespace="tmp", ttl_seconds=60))
+    assert state.expires_at is not None and abs(state.expires_at - time.time() - 60) < 5
+    await store.append(state.id, b"soon gone")
+    with store._write_engine.begin() as conn:
+        conn.execute(update(StreamRow.__table__).where(StreamRow.__table__.c.id == state.id).values(expires_at=1.0))
+    expired = await store.get(state.id)
+    assert expired is not None and expired.expired()
+    total, _ = await store.list(StreamFilter(namespace="tmp"))
+    assert total == 0
+    with pytest.raises(StreamNotFoundError):
+        await store.append(state.id, b"late")
+    assert await store.sweep() == 1
+    assert await store.get(state.id) is None and chunk_rows(store, state.id) == 0
+
+
+async def test_compression_at_close_keeps_content_and_saves_space(store: Store) -> None:
+    state, _ = await store.create(NewStream(namespace="export", content_type="text/csv"))
+    rows = b"".join(b"%d,user%d@example.com,2026-11-24\n" % (i, i) for i in range(20000))
+    for start in range(0, len(rows), 65536):
+        await store.append(state.id, rows[start : start + 65536])
+    await store.append(state.id, b"", close=True, compress=True)
+    await store.finish(state.id)
+    closed = await store.get(state.id)
+    assert closed is not None and closed.compressed and closed.tail == len(rows)
+    assert closed.stored_bytes < len(rows) / 3
+    assert chunk_rows(store, state.id) == 0 and chunk_rows(store, state.id, GzipChunkRow) >= 1
+    assert await content(store, state.id) == rows
+    middle = b"".join([p async for p in store.iter_content(closed, 1000, 5000)])
+    assert middle == rows[1000:5000]
