@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,11 @@ async def _sweep_forever(store: Store, interval: float) -> None:
             log.exception("sweep failed; retrying at the next interval")
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    """The Streamhold ASGI app; settings are read from the environment when not given."""
+def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] = ()) -> Litestar:
+    """The Streamhold ASGI app, plus your own handlers (which may ask for `ctx` or `stream`).
+
+    Settings are read from the environment when not given.
+    """
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -121,7 +124,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     def provide_ctx(state: State) -> AgentContext:
         return AgentContext(state.runtime)
 
-    routes: list[Any] = [*protocol.routes, *ops.routes]
+    routes: list[Any] = [*protocol.routes, *ops.routes, *route_handlers]
     static = HERE / "static"
     if static.is_dir():
         routes.append(create_static_files_router(path="/static", directories=[static], name="static"))
@@ -145,6 +148,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers={StreamError: _stream_error, HTTPException: _http_error},
         middleware=[security_headers],
         template_config=template_config,
+        request_max_body_size=settings.max_append_bytes + 65536,
         openapi_config=None,
         logging_config=None,
     )

@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from litestar import Request, delete, get, post, put, route
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
@@ -254,7 +256,7 @@ def _fork_point(offset: int | None, sub: int) -> Any:
 
 
 @put(f"{PREFIX}/{{name:path}}", status_code=201)
-async def create_stream(name: str, request: Request[Any, Any, Any], store: Store, settings: Settings) -> ASGIResponse:
+async def create_stream(name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]) -> ASGIResponse:
     """Create a stream (idempotent when the configuration matches), optionally closed or forked."""
     try:
         require_key(request, settings)
@@ -324,7 +326,7 @@ def _append_headers(state: StreamState, result: AppendResult) -> dict[str, str]:
 
 
 @post(f"{PREFIX}/{{name:path}}", status_code=200)
-async def append_stream(name: str, request: Request[Any, Any, Any], store: Store, settings: Settings) -> ASGIResponse:
+async def append_stream(name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]) -> ASGIResponse:
     """Append to a stream, append and close it, or just close it (empty body and Stream-Closed: true)."""
     try:
         require_key(request, settings)
@@ -562,7 +564,11 @@ def _whole_utf8(data: bytes, final: bool) -> bytes:
 
 @get(f"{PREFIX}/{{name:path}}")
 async def read_stream(
-    name: str, request: Request[Any, Any, Any], store: Store, hub: LiveHub, settings: Settings
+    name: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    hub: NamedDependency[LiveHub],
+    settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Read from an offset: catch-up, `live=long-poll` or `live=sse`."""
     try:
@@ -596,7 +602,7 @@ async def read_stream(
 
 
 @route(f"{PREFIX}/{{name:path}}", http_method=["HEAD"])
-async def head_stream(name: str, store: Store) -> ASGIResponse:
+async def head_stream(name: FromPath[str], store: NamedDependency[Store]) -> ASGIResponse:
     """A stream's metadata: type, tail, closed, TTL or expiry."""
     try:
         state = live_state(await store.get_by_name(stream_name(name)))
@@ -611,7 +617,7 @@ async def head_stream(name: str, store: Store) -> ASGIResponse:
 
 
 @delete(f"{PREFIX}/{{name:path}}", status_code=200)
-async def delete_stream(name: str, request: Request[Any, Any, Any], store: Store, settings: Settings) -> ASGIResponse:
+async def delete_stream(name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]) -> ASGIResponse:
     """Delete a stream (soft-delete while forks of it remain)."""
     try:
         require_key(request, settings)
