@@ -91,9 +91,19 @@ def error(exc: StreamError, extra: dict[str, str] | None = None) -> ASGIResponse
     return respond(exc.status, headers, body)
 
 
+def request_name(request: Request[Any, Any, Any], routed: str) -> str:
+    """The stream name as the client sent it: the router has already collapsed `//` and a trailing `/`."""
+    raw = request.scope.get("raw_path")
+    if raw:
+        path = unquote(raw.decode("latin-1").split("?", 1)[0])
+        if path.startswith(PREFIX + "/"):
+            return stream_name(path[len(PREFIX) + 1 :])
+    return stream_name(routed)
+
+
 def stream_name(raw: str) -> str:
-    """The stream name from the path, validated: bounded length, no empty or dot segments, no control bytes."""
-    name = raw.lstrip("/")
+    """A stream name, validated: bounded length, no empty or dot segments, no control characters."""
+    name = raw[1:] if raw.startswith("/") else raw
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidRequestError(f"a stream name must be 1 to {MAX_NAME_LENGTH} characters")
     segments = name.split("/")
@@ -260,7 +270,7 @@ async def create_stream(name: FromPath[str], request: Request[Any, Any, Any], st
     """Create a stream (idempotent when the configuration matches), optionally closed or forked."""
     try:
         require_key(request, settings)
-        name = stream_name(name)
+        name = request_name(request, name)
         given_type = request.headers.get("content-type", "").strip()
         ttl, expires_at = _ttl_and_expiry(request)
         fork_from, fork_offset, sub = _fork_options(request)
@@ -330,7 +340,7 @@ async def append_stream(name: FromPath[str], request: Request[Any, Any, Any], st
     """Append to a stream, append and close it, or just close it (empty body and Stream-Closed: true)."""
     try:
         require_key(request, settings)
-        name = stream_name(name)
+        name = request_name(request, name)
         state = live_state(await store.get_by_name(name))
         close = request.headers.get("stream-closed", "").lower() == "true"
         producer = _producer(request)
@@ -572,7 +582,7 @@ async def read_stream(
 ) -> ASGIResponse:
     """Read from an offset: catch-up, `live=long-poll` or `live=sse`."""
     try:
-        name = stream_name(name)
+        name = request_name(request, name)
         query = parse_query(request)
         live = single(query, "live")
         if live not in (None, "long-poll", "sse"):
@@ -602,10 +612,12 @@ async def read_stream(
 
 
 @route(f"{PREFIX}/{{name:path}}", http_method=["HEAD"])
-async def head_stream(name: FromPath[str], store: NamedDependency[Store]) -> ASGIResponse:
+async def head_stream(
+    name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store]
+) -> ASGIResponse:
     """A stream's metadata: type, tail, closed, TTL or expiry."""
     try:
-        state = live_state(await store.get_by_name(stream_name(name)))
+        state = live_state(await store.get_by_name(request_name(request, name)))
     except StreamError as exc:
         return respond(exc.status, {"content-type": "application/json"}, head_only=True)
     headers = {**state_headers(state, state.tail, state.closed), "cache-control": "no-store"}
@@ -621,7 +633,7 @@ async def delete_stream(name: FromPath[str], request: Request[Any, Any, Any], st
     """Delete a stream (soft-delete while forks of it remain)."""
     try:
         require_key(request, settings)
-        state = live_state(await store.get_by_name(stream_name(name)))
+        state = live_state(await store.get_by_name(request_name(request, name)))
         await store.delete(state.id)
     except StreamError as exc:
         return error(exc)

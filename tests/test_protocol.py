@@ -1,0 +1,219 @@
+"""The protocol beyond the conformance suite: one record for every surface, live wake-ups, limits, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from typing import Any
+
+from litestar import Request, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from app.main import create_app
+from app.sdk import StreamService
+from app.settings import Settings
+from tests._server import ServerProcess, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@post("/test/write/{stream_id:str}", status_code=204)
+async def write_in_process(
+    stream_id: FromPath[str], request: Request[Any, Any, Any], stream: NamedDependency[StreamService]
+) -> None:
+    """Appends through the in-process store (not the protocol), the way an agent in this process would."""
+    await stream.store.append(stream_id, await request.body())  # type: ignore[attr-defined]
+
+
+class ThreadServer:
+    """The app under uvicorn in a thread, so tests can drive live HTTP responses against it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(settings, route_handlers=[write_in_process])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[ThreadServer]:
+    with ThreadServer(settings) as server:
+        yield server
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        yield http
+
+
+async def sse_events(response: httpx.Response, until: int) -> AsyncIterator[str]:
+    buffer = ""
+    seen = 0
+    async for text in response.aiter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            event, buffer = buffer.split("\n\n", 1)
+            yield event
+            seen += 1
+            if seen >= until:
+                return
+
+
+async def test_sdk_streams_are_protocol_streams_and_back(live_server: ThreadServer, client: httpx.AsyncClient) -> None:
+    url = live_server.url
+    made = await client.put(f"{url}/v1/stream/reports/q4", content=b"a,b\n", headers={"content-type": "text/csv"})
+    assert made.status_code == 201
+    listed = await client.post(f"{url}/stream/list", json={"name": "reports"})
+    streams = listed.json()["streams"]
+    assert [s["name"] for s in streams] == ["reports"] and streams[0]["size_bytes"] == 4
+    stream_id = streams[0]["id"]
+    await client.post(f"{url}/v1/stream/reports/q4", headers={"stream-closed": "true"})
+    via_service = await client.get(f"{url}/stream/{stream_id}")  # an open stream would be tailed
+    assert via_service.content == b"a,b\n"
+    created = (await client.post(f"{url}/stream", json={"name": "sdk", "headers": {"content-type": "text/plain"}})).json()
+    await client.post(f"{url}/stream/{created['id']}/append", content=b"from the sdk")
+    read = await client.get(f"{url}/v1/stream/{created['id']}", params={"offset": "-1"})
+    assert read.status_code == 200 and read.content == b"from the sdk"
+    assert read.headers["content-type"] == "text/plain"
+
+
+async def test_in_process_appends_wake_protocol_readers(live_server: ThreadServer, client: httpx.AsyncClient) -> None:
+    url = live_server.url
+    await client.put(f"{url}/v1/stream/wake", headers={"content-type": "text/plain"})
+    head = await client.head(f"{url}/v1/stream/wake")
+    tail = head.headers["stream-next-offset"]
+    stream_id = (await client.post(f"{url}/stream/list", json={"name": "default"})).json()["streams"][0]["id"]
+
+    async def long_poll() -> httpx.Response:
+        return await client.get(f"{url}/v1/stream/wake", params={"offset": tail, "live": "long-poll"})
+
+    polling = asyncio.create_task(long_poll())
+    async with client.stream("GET", f"{url}/v1/stream/wake", params={"offset": tail, "live": "sse"}) as sse:
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        assert (await client.post(f"{url}/test/write/{stream_id}", content=b"hello")).status_code == 204
+        events = [e async for e in sse_events(sse, until=3)]
+    polled = await polling
+    assert time.monotonic() - started < 1.5, "readers are woken on commit, not at a timeout"
+    assert polled.status_code == 200 and polled.content == b"hello"
+    assert any("data:hello" in e for e in events)
+
+
+async def test_sse_resumes_from_last_event_id(live_server: ThreadServer, client: httpx.AsyncClient) -> None:
+    url = f"{live_server.url}/v1/stream/resume"
+    await client.put(url, headers={"content-type": "text/plain"})
+    for word in (b"one ", b"two ", b"three"):
+        await client.post(url, content=word, headers={"content-type": "text/plain"})
+    async with client.stream("GET", url, params={"offset": "-1", "live": "sse"}) as sse:
+        first = [e async for e in sse_events(sse, until=1)][0]
+    event_id = next(line[3:] for line in first.splitlines() if line.startswith("id:"))
+    assert event_id == "0000000000000000_0000000000000013"
+    await client.post(url, content=b" four", headers={"content-type": "text/plain"})
+    resumed = {"offset": "-1", "live": "sse"}
+    async with client.stream("GET", url, params=resumed, headers={"last-event-id": event_id}) as sse:
+        event = [e async for e in sse_events(sse, until=1)][0]
+    assert "data: four\n" in event and "one" not in event
+
+
+async def test_idle_sse_gets_keepalives(tmp_path: Path, client: httpx.AsyncClient) -> None:
+    settings = Settings(data_dir=tmp_path, sse_keepalive=0.2)
+    with ThreadServer(settings) as server:
+        url = f"{server.url}/v1/stream/idle"
+        await client.put(url, headers={"content-type": "text/plain"})
+        async with client.stream("GET", url, params={"offset": "now", "live": "sse"}) as sse:
+            events = [e async for e in sse_events(sse, until=3)]
+    assert events[0].startswith("event: control") and events[1:] == [": keep-alive", ": keep-alive"]
+
+
+async def test_append_over_the_limit_is_413_and_changes_nothing(tmp_path: Path, client: httpx.AsyncClient) -> None:
+    with ThreadServer(Settings(data_dir=tmp_path, max_append_bytes=1000)) as server:
+        url = f"{server.url}/v1/stream/limited"
+        await client.put(url, content=b"start", headers={"content-type": "text/plain"})
+        refused = await client.post(url, content=b"x" * 1001, headers={"content-type": "text/plain"})
+        assert refused.status_code == 413 and "at most 1000 bytes" in refused.json()["error"]
+        accepted = await client.post(url, content=b"y" * 1000, headers={"content-type": "text/plain"})
+        assert accepted.status_code == 204
+        assert (await client.get(url)).content == b"start" + b"y" * 1000
+
+
+@pytest.mark.parametrize("name", ["a//b", "a/../b", "./x", "trailing/", "ctl%01char", "x" * 513])
+def test_bad_stream_names_are_400(live_server: ThreadServer, name: str) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=10)
+    connection.request("PUT", f"/v1/stream/{name}", headers={"content-type": "text/plain"})  # sent verbatim
+    response = connection.getresponse()
+    assert response.status == 400
+    assert "name" in json.loads(response.read())["error"]
+
+
+async def test_graceful_shutdown_ends_live_responses_quickly(tmp_path: Path) -> None:
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_LONG_POLL_TIMEOUT": "30"}
+    with ServerProcess(env=env) as server:
+        async with httpx.AsyncClient(timeout=40) as http:
+            url = f"{server.url}/v1/stream/shutdown"
+            await http.put(url, headers={"content-type": "text/plain"})
+            polling = asyncio.create_task(http.get(url, params={"offset": "now", "live": "long-poll"}))
+            async with http.stream("GET", url, params={"offset": "now", "live": "sse"}) as sse:
+                await asyncio.sleep(0.5)
+                started = time.monotonic()
+                os.kill(server.pid, signal.SIGTERM)
+                async for _ in sse.aiter_bytes():
+                    pass  # ends cleanly: the chunked body is terminated, no error raised
+            polled = await polling
+            assert polled.status_code == 204
+            while server.running and time.monotonic() - started < 10:
+                await asyncio.sleep(0.05)
+            assert not server.running
+            assert time.monotonic() - started < 3, "live responses end within a second or two of SIGTERM"
+
+
+async def test_a_slow_sse_reader_does_not_make_the_server_buffer(tmp_path: Path) -> None:
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path)}
+    piece = b"z" * (4 << 20)
+    with ServerProcess(env=env) as server:
+        async with httpx.AsyncClient(timeout=60) as http:
+            url = f"{server.url}/v1/stream/slow"
+            await http.put(url, headers={"content-type": "text/plain"})
+            for _ in range(16):
+                await http.post(url, content=piece, headers={"content-type": "text/plain"})
+
+        def private_mib() -> float:
+            for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+            return 0.0
+
+        before = private_mib()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /v1/stream/slow?offset=-1&live=sse HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(1024)  # then read nothing more: a reader that has stalled
+            await asyncio.sleep(2)
+            grown = private_mib() - before
+    assert grown < 24, f"the server buffered {grown:.0f} MiB for a stalled reader of a 64 MiB stream"
