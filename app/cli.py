@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import ipaddress
 import sys
@@ -74,10 +73,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, insecure: bool = False, log
         timeout_graceful_shutdown=2,
         lifespan="on",
         access_log=False,
+        proxy_headers=False,
     )
     server = _Server(config)
     try:
-        asyncio.run(server.serve())
+        server.run()  # on uvloop when it is installed
     except KeyboardInterrupt:
         pass
     if server.started is False and not server.should_exit:

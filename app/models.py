@@ -129,8 +129,11 @@ class StreamState:
 
     @classmethod
     def from_row(cls, row: Any) -> StreamState:
-        """Build a snapshot from a `streams` row (ORM object or SQL row mapping)."""
-        get = row._mapping.__getitem__ if hasattr(row, "_mapping") else row.__getattribute__
+        """Build a snapshot from a `streams` row (a dict, an ORM object or a SQL row)."""
+        if isinstance(row, dict):
+            get = row.__getitem__
+        else:
+            get = row._mapping.__getitem__ if hasattr(row, "_mapping") else row.__getattribute__
         return cls(
             id=get("id"),
             name=get("name"),

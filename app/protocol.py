@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from litestar import Request, delete, get, post, put, route
-from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
@@ -67,6 +66,12 @@ CORS = {
     ),
     "access-control-max-age": "86400",
 }
+
+
+def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Settings]:
+    """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""
+    state = request.app.state
+    return state.store, state.hub, state.settings
 
 
 def respond(status: int, headers: dict[str, str] | None = None, body: bytes = b"", head_only: bool = False) -> ASGIResponse:
@@ -266,8 +271,9 @@ def _fork_point(offset: int | None, sub: int) -> Any:
 
 
 @put(f"{PREFIX}/{{name:path}}", status_code=201)
-async def create_stream(name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]) -> ASGIResponse:
+async def create_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
     """Create a stream (idempotent when the configuration matches), optionally closed or forked."""
+    store, _, settings = components(request)
     try:
         require_key(request, settings)
         name = request_name(request, name)
@@ -336,12 +342,13 @@ def _append_headers(state: StreamState, result: AppendResult) -> dict[str, str]:
 
 
 @post(f"{PREFIX}/{{name:path}}", status_code=200)
-async def append_stream(name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]) -> ASGIResponse:
+async def append_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
     """Append to a stream, append and close it, or just close it (empty body and Stream-Closed: true)."""
+    store, _, settings = components(request)
     try:
         require_key(request, settings)
         name = request_name(request, name)
-        state = live_state(await store.get_by_name(name))
+        state = live_state(await store.resolve(name))
         close = request.headers.get("stream-closed", "").lower() == "true"
         producer = _producer(request)
         body = await read_body(request, settings.max_append_bytes)
@@ -356,14 +363,20 @@ async def append_stream(name: FromPath[str], request: Request[Any, Any, Any], st
             )
         if body and state.json_mode and not state.closed:
             body = frame_json(body, allow_empty_array=False)
-        result = await store.append(
-            state.id,
-            body,
-            content_type=given_type if body else None,
-            seq=request.headers.get("stream-seq"),
-            producer=producer,
-            close=close,
-        )
+        options = {
+            "content_type": given_type if body else None,
+            "seq": request.headers.get("stream-seq"),
+            "producer": producer,
+            "close": close,
+        }
+        try:
+            result = await store.append(state.id, body, **options)
+        except StreamNotFoundError:
+            # The name may have been deleted and created again since it was cached: look once more.
+            fresh = live_state(await store.resolve(name, fresh=True))
+            if fresh.id == state.id:
+                raise
+            result = await store.append(fresh.id, body, **options)
     except StreamError as exc:
         return error(exc)
     status = 200 if producer is not None and body and not result.duplicate else 204
@@ -573,14 +586,9 @@ def _whole_utf8(data: bytes, final: bool) -> bytes:
 
 
 @get(f"{PREFIX}/{{name:path}}")
-async def read_stream(
-    name: FromPath[str],
-    request: Request[Any, Any, Any],
-    store: NamedDependency[Store],
-    hub: NamedDependency[LiveHub],
-    settings: NamedDependency[Settings],
-) -> ASGIResponse:
+async def read_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
     """Read from an offset: catch-up, `live=long-poll` or `live=sse`."""
+    store, hub, settings = components(request)
     try:
         name = request_name(request, name)
         query = parse_query(request)
@@ -612,10 +620,9 @@ async def read_stream(
 
 
 @route(f"{PREFIX}/{{name:path}}", http_method=["HEAD"])
-async def head_stream(
-    name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store]
-) -> ASGIResponse:
+async def head_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
     """A stream's metadata: type, tail, closed, TTL or expiry."""
+    store = components(request)[0]
     try:
         state = live_state(await store.get_by_name(request_name(request, name)))
     except StreamError as exc:
@@ -629,8 +636,9 @@ async def head_stream(
 
 
 @delete(f"{PREFIX}/{{name:path}}", status_code=200)
-async def delete_stream(name: FromPath[str], request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]) -> ASGIResponse:
+async def delete_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
     """Delete a stream (soft-delete while forks of it remain)."""
+    store, _, settings = components(request)
     try:
         require_key(request, settings)
         state = live_state(await store.get_by_name(request_name(request, name)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ from app.models import (
     new_stream_id,
 )
 from app.settings import Settings
+from app.statements import DriverConnections, Prepared, Statements, state_from_tuple
 from app.writer import AppendOp, Change, Writer, media_type
 
 log = logging.getLogger("streamhold.store")
@@ -48,6 +50,7 @@ READ_SLICE = 4 * 1024 * 1024
 CHUNK_TARGET = 1024 * 1024
 SMALL_CHUNK = 64 * 1024
 COMPACT_AFTER = 256
+NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
 SWEEP_LOCK = 0x53575045
 SORTS = {"created": "created_at", "size": "tail", "namespace": "namespace", "name": "name", "updated": "updated_at"}
@@ -80,7 +83,8 @@ def _make_engines(settings: Settings) -> tuple[Engine, Engine]:
         engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         return engine, engine
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    writer = create_engine(url, connect_args={"check_same_thread": False}, pool_size=1, max_overflow=0)
+    # Two writer connections, used by the one writer thread in turn: its appends and its other operations.
+    writer = create_engine(url, connect_args={"check_same_thread": False}, pool_size=2, max_overflow=0)
     reader = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=8)
     for engine, begin in ((writer, "BEGIN IMMEDIATE"), (reader, "BEGIN")):
         _sqlite_pragmas(engine, begin)
@@ -112,10 +116,15 @@ class Store:
         self.postgres = not settings.is_sqlite
         self._write_engine, self._read_engine = _make_engines(settings)
         self._readers = ThreadPoolExecutor(8, thread_name_prefix="streamhold-read")
+        self.statements = Statements(self._read_engine, self.postgres)
+        self._driver = DriverConnections(self._read_engine, self.postgres)
+        self._inline_reads = not self.postgres
+        self._names: dict[str, StreamState] = {}
+        self._ids: dict[str, str] = {}
         self._listeners: list[Callable[[list[Change]], None]] = []
         self._small_chunks: dict[str, int] = {}
         self._followups: set[asyncio.Task[Any]] = set()
-        self.writer = Writer(self._write_engine, self.postgres, self._changed)
+        self.writer = Writer(self._write_engine, self.postgres, self._changed, self.statements)
         self.writer.after_close = self._after_close
 
     @classmethod
@@ -135,6 +144,7 @@ class Store:
             await asyncio.gather(*self._followups, return_exceptions=True)
         await self.writer.stop()
         self._readers.shutdown(wait=True)
+        self._driver.close()
         self._write_engine.dispose()
         self._read_engine.dispose()
 
@@ -150,6 +160,7 @@ class Store:
 
     def _changed(self, changes: list[Change]) -> None:
         for change in changes:
+            self._refresh_cached(change)
             if not change.gone and not change.closed:
                 count = self._small_chunks.get(change.stream_id, 0) + 1
                 self._small_chunks[change.stream_id] = count
@@ -181,28 +192,73 @@ class Store:
         with self._read_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    async def _hot_read(self, fn: Callable[..., T], *args: Any) -> T:
+        # SQLite answers these single-statement reads from its cache in microseconds and WAL readers never
+        # wait for the writer, so a thread hop would cost more than the query; PostgreSQL goes over a socket.
+        if self._inline_reads:
+            return fn(*args)
+        return await self._read(fn, *args)
+
     async def get(self, stream_id: str) -> StreamState | None:
         """The stream with this id, expired or not, or None."""
-        return await self._read(self._get_sync, streams.c.id, stream_id)
+        return await self._hot_read(self._get_sync, self.statements.stream_by_id, {"id": stream_id})
 
     async def get_by_name(self, name: str) -> StreamState | None:
         """The stream with this protocol name, expired or not, or None."""
-        return await self._read(self._get_sync, streams.c.name, name)
+        return await self._hot_read(self._get_sync, self.statements.stream_by_name, {"name": name})
 
-    def _get_sync(self, column: Any, value: str) -> StreamState | None:
-        with self._read_engine.connect() as conn:
-            row = conn.execute(select(streams).where(column == value)).first()
-        return StreamState.from_row(row) if row is not None else None
+    async def resolve(self, name: str, fresh: bool = False) -> StreamState | None:
+        """The stream named `name` for a write: cached, since the writer checks its state again anyway."""
+        cached = None if fresh else self._names.get(name)
+        if cached is not None:
+            return cached
+        state = await self.get_by_name(name)
+        if state is not None and not state.expired() and not state.deleted:
+            if len(self._names) >= NAME_CACHE:
+                self._names.clear()
+            self._names[name] = state
+            self._ids[state.id] = name
+        return state
+
+    def _refresh_cached(self, change: Change) -> None:
+        name = self._ids.get(change.stream_id)
+        if name is None:
+            return
+        if change.gone:
+            self._ids.pop(change.stream_id, None)
+            self._names.pop(name, None)
+            return
+        cached = self._names.get(name)
+        if cached is not None and (change.tail != cached.tail or change.closed != cached.closed):
+            closed_at = cached.closed_at or (time.time() if change.closed else None)
+            self._names[name] = dataclasses.replace(cached, tail=change.tail, closed_at=closed_at)
+
+    def _get_sync(self, statement: Prepared, values: dict[str, Any]) -> StreamState | None:
+        row = self._driver_query(statement, values, one=True)
+        return state_from_tuple(row) if row is not None else None
+
+    def _driver_query(self, statement: Prepared, values: dict[str, Any], one: bool = False) -> Any:
+        """Run a hot read on this thread's driver connection, reconnecting once if it broke."""
+        for attempt in (1, 2):
+            conn = self._driver.get()
+            try:
+                cursor = conn.execute(statement.sql, statement.args(values))
+                return cursor.fetchone() if one else cursor.fetchall()
+            except Exception:
+                self._driver.discard()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def read(self, stream_id: str, start: int, end: int) -> bytes:
         """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail."""
         if end <= start:
             return b""
-        return await self._read(self._read_sync, stream_id, start, end)
+        return await self._hot_read(self._read_sync, stream_id, start, end)
 
     def _read_sync(self, stream_id: str, start: int, end: int) -> bytes:
-        with self._read_engine.connect() as conn:
-            return _read_range(conn, stream_id, start, end)
+        rows = self._driver_query(self.statements.chunk_range, {"id": stream_id, "lo": start, "hi": end})
+        return _slice_rows(rows, start, end)
 
     async def iter_content(
         self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
@@ -424,7 +480,7 @@ class Store:
                 insert(metadata_pairs),
                 [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
             )
-        state = StreamState.from_row(_Row(row))
+        state = StreamState.from_row(row)
         return (state, True), changes
 
     def _same_fork(self, conn: Connection, existing: StreamState, new: NewStream) -> bool:
@@ -540,13 +596,6 @@ class Store:
         return len(changes), changes
 
 
-class _Row:
-    """A dict seen through the attribute protocol StreamState.from_row uses."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-
-
 def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:
     query = select(streams).where(column == value)
     if postgres:
@@ -623,8 +672,13 @@ def _read_range(conn: Connection, stream_id: str, start: int, end: int) -> bytes
         .where(chunks.c.stream_id == stream_id, chunks.c.start < end, chunks.c.start >= floor)
         .order_by(chunks.c.start)
     )
+    return _slice_rows(conn.execute(query), start, end)
+
+
+def _slice_rows(rows: Any, start: int, end: int) -> bytes:
+    """The bytes [start, end) out of (chunk start, chunk data) rows that cover them."""
     pieces = []
-    for row_start, data in conn.execute(query):
+    for row_start, data in rows:
         view = memoryview(data)
         pieces.append(view[max(start - row_start, 0) : end - row_start])
     return b"".join(pieces)

@@ -11,30 +11,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine
 
 from app.models import (
     AppendResult,
     ContentTypeMismatchError,
     InvalidRequestError,
-    ProducerRow,
-    ProducerSeqGapError,
     Producer,
+    ProducerSeqGapError,
     SeqConflictError,
     StaleEpochError,
     StreamClosedError,
     StreamError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamRow,
-    ChunkRow,
 )
+from app.statements import Statements, state_from_tuple
 
 log = logging.getLogger("streamhold.writer")
-
-streams = StreamRow.__table__
-chunks = ChunkRow.__table__
-producers = ProducerRow.__table__
 
 MAX_BATCH_OPS = 4096
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -95,8 +89,13 @@ def media_type(content_type: str) -> str:
 class Writer:
     """Runs every write of this process through one thread, committing concurrent appends together."""
 
-    def __init__(self, engine: Engine, postgres: bool, on_change: Callable[[list[Change]], None]) -> None:
+    def __init__(
+        self, engine: Engine, postgres: bool, on_change: Callable[[list[Change]], None], statements: Statements
+    ) -> None:
         self._engine = engine
+        self._statements = statements
+        self._driver: Any = None
+        self._pooled: Any = None
         self._postgres = postgres
         self._on_change = on_change
         self._queue: collections.deque[AppendOp | CallOp] = collections.deque()
@@ -119,6 +118,8 @@ class Writer:
         if self._task is not None:
             await self._task
         self._thread.shutdown(wait=True)
+        if self._pooled is not None:
+            self._pooled.close()
 
     def submit(self, op: AppendOp | CallOp) -> None:
         if self._closing:
@@ -190,17 +191,52 @@ class Writer:
         return (True, result), changes
 
     def _run_appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        for attempt in (1, 2):
+            try:
+                return self._append_transaction(ops)
+            except Exception as exc:
+                if attempt == 2 or not self._connection_broke(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _connection_broke(self, exc: Exception) -> bool:
+        """Forget a driver connection that failed outside the database's own rules; True to retry."""
+        broken = self._postgres and getattr(self._driver, "closed", False)
+        if broken or "closed" in str(exc).lower():
+            if self._pooled is not None:
+                self._pooled.invalidate()
+            self._driver = self._pooled = None
+            return True
+        return False
+
+    def _driver_connection(self) -> Any:
+        if self._driver is None:
+            self._pooled = self._engine.raw_connection()
+            self._driver = self._pooled.driver_connection
+        return self._driver
+
+    def _append_transaction(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         now = time.time()
-        ids = list({op.stream_id for op in ops})
-        with self._engine.begin() as conn:
-            query = select(streams).where(streams.c.id.in_(ids))
-            if self._postgres:
-                query = query.with_for_update()
-            pending = {
-                row.id: _Pending(row, row.tail, row.closed_at, row.last_seq, row.expires_at, row.compress)
-                for row in conn.execute(query)
-            }
-            states = self._load_producers(conn, ops)
+        conn = self._driver_connection()
+        sql = self._statements
+        cursor = conn.cursor()
+        try:
+            if not self._postgres:
+                cursor.execute("BEGIN IMMEDIATE")
+            pending: dict[str, _Pending] = {}
+            # Lock rows in one order, so writers in several processes never deadlock.
+            for stream_id in sorted({op.stream_id for op in ops}):
+                cursor.execute(sql.stream_by_id_locked.sql, sql.stream_by_id_locked.args({"id": stream_id}))
+                found = cursor.fetchone()
+                if found is not None:
+                    row = state_from_tuple(found)
+                    pending[stream_id] = _Pending(row, row.tail, row.closed_at, row.last_seq, row.expires_at, row.compress)
+            states: dict[tuple[str, str], list[int]] = {}
+            for stream_id, producer_id in {(op.stream_id, op.producer.id) for op in ops if op.producer is not None}:
+                cursor.execute(sql.producer.sql, sql.producer.args({"stream_id": stream_id, "producer_id": producer_id}))
+                found = cursor.fetchone()
+                if found is not None:
+                    states[(stream_id, producer_id)] = [found[0], found[1]]
             known = set(states)
             outcomes: list[tuple[bool, Any]] = []
             for op in ops:
@@ -208,32 +244,34 @@ class Writer:
                     outcomes.append((True, _apply(pending.get(op.stream_id), op, states, now)))
                 except StreamError as exc:
                     outcomes.append((False, exc))
-            changes = self._write(conn, pending, states, known, now)
+            changes = self._write(cursor, pending, states, known, now)
+            if self._postgres:
+                conn.commit()
+            else:
+                cursor.execute("COMMIT")
+        except BaseException:
+            try:
+                if self._postgres:
+                    conn.rollback()
+                else:
+                    cursor.execute("ROLLBACK")
+            except Exception:  # the connection itself failed; the caller decides whether to reconnect
+                pass
+            raise
+        finally:
+            cursor.close()
         self.commits += 1
         return outcomes, changes
 
-    def _load_producers(self, conn: Connection, ops: list[AppendOp]) -> dict[tuple[str, str], list[int]]:
-        wanted = {(op.stream_id, op.producer.id) for op in ops if op.producer is not None}
-        if not wanted:
-            return {}
-        query = select(producers).where(
-            producers.c.stream_id.in_({s for s, _ in wanted}),
-            producers.c.producer_id.in_({p for _, p in wanted}),
-        )
-        return {
-            (r.stream_id, r.producer_id): [r.epoch, r.seq]
-            for r in conn.execute(query)
-            if (r.stream_id, r.producer_id) in wanted
-        }
-
     def _write(
         self,
-        conn: Connection,
+        cursor: Any,
         pending: dict[str, _Pending],
         states: dict[tuple[str, str], list[int]],
         known: set[tuple[str, str]],
         now: float,
     ) -> list[Change]:
+        sql = self._statements
         new_chunks = []
         updates = []
         changes = []
@@ -242,50 +280,32 @@ class Writer:
                 continue
             data = b"".join(p.parts)
             if data:
-                new_chunks.append({"stream_id": stream_id, "start": p.row.tail, "data": data})
+                new_chunks.append(sql.insert_chunk.args({"stream_id": stream_id, "start": p.row.tail, "data": data}))
                 self.appends += p.appends
                 self.bytes_appended += len(data)
-            updates.append(
-                {
-                    "_id": stream_id,
-                    "tail": p.tail,
-                    "stored_bytes": p.row.stored_bytes + len(data),
-                    "appends": p.row.appends + p.appends,
-                    "closed_at": p.closed_at,
-                    "last_seq": p.last_seq,
-                    "expires_at": p.expires_at,
-                    "compress": p.compress,
-                    "updated_at": now,
-                }
-            )
+            values = {
+                "_id": stream_id,
+                "tail": p.tail,
+                "stored_bytes": p.row.stored_bytes + len(data),
+                "appends": p.row.appends + p.appends,
+                "closed_at": p.closed_at,
+                "last_seq": p.last_seq,
+                "expires_at": p.expires_at,
+                "compress": p.compress,
+                "updated_at": now,
+            }
+            updates.append(sql.update_stream.args(values))
             changes.append(Change(stream_id, p.tail, p.closed_at is not None))
             if p.closed_at is not None and p.row.closed_at is None and self.after_close is not None:
                 self.after_close(stream_id, p.compress)
         if new_chunks:
-            conn.execute(insert(chunks), new_chunks)
+            cursor.executemany(sql.insert_chunk.sql, new_chunks)
         if updates:
-            stmt = (
-                update(streams)
-                .where(streams.c.id == bindparam("_id"))
-                .values({k: bindparam(k) for k in updates[0] if k != "_id"})
-            )
-            conn.execute(stmt, updates)
-        if states:
-            rows = [{"s": s, "p": p, "epoch": e, "seq": q} for (s, p), (e, q) in states.items()]
-            fresh = [r for r in rows if (r["s"], r["p"]) not in known]
-            old = [r for r in rows if (r["s"], r["p"]) in known]
-            if fresh:
-                conn.execute(
-                    insert(producers),
-                    [{"stream_id": r["s"], "producer_id": r["p"], "epoch": r["epoch"], "seq": r["seq"]} for r in fresh],
-                )
-            if old:
-                conn.execute(
-                    update(producers)
-                    .where(producers.c.stream_id == bindparam("s"), producers.c.producer_id == bindparam("p"))
-                    .values(epoch=bindparam("epoch"), seq=bindparam("seq")),
-                    old,
-                )
+            cursor.executemany(sql.update_stream.sql, updates)
+        for (stream_id, producer_id), (epoch, seq) in states.items():
+            statement = sql.update_producer if (stream_id, producer_id) in known else sql.insert_producer
+            values = {"stream_id": stream_id, "producer_id": producer_id, "epoch": epoch, "seq": seq}
+            cursor.execute(statement.sql, statement.args(values))
         return changes
 
 

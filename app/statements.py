@@ -1,0 +1,143 @@
+"""The store's hot statements: built with SQLAlchemy Core, compiled once per database, run on the driver.
+
+Executing through SQLAlchemy's Connection costs about 50 µs a statement and building one about 150 µs,
+against about 10 µs for the driver itself; appends and reads run several statements each.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy.sql import ClauseElement
+
+from app.models import ChunkRow, ProducerRow, StreamRow, StreamState
+
+streams = StreamRow.__table__
+chunks = ChunkRow.__table__
+producers = ProducerRow.__table__
+STREAM_COLUMNS = [c.name for c in streams.columns]
+
+
+class Prepared:
+    """One statement compiled for one dialect; `args` turns named values into what the driver takes."""
+
+    def __init__(self, statement: ClauseElement, engine: Engine) -> None:
+        compiled = statement.compile(dialect=engine.dialect)
+        self.sql = str(compiled)
+        self._order = compiled.positiontup if engine.dialect.positional else None
+        # Literals in the statement (such as a COALESCE default) are parameters too.
+        self._fixed = {k: v for k, v in compiled.params.items() if v is not None}
+
+    def args(self, values: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        if self._order is not None:
+            return tuple(values[n] if n in values else self._fixed[n] for n in self._order)
+        return {**self._fixed, **values} if self._fixed else values
+
+
+class Statements:
+    """Every hot statement of one database."""
+
+    def __init__(self, engine: Engine, postgres: bool) -> None:
+        stream_by_id = select(streams).where(streams.c.id == bindparam("id"))
+        self.stream_by_id = Prepared(stream_by_id, engine)
+        self.stream_by_id_locked = Prepared(stream_by_id.with_for_update() if postgres else stream_by_id, engine)
+        self.stream_by_name = Prepared(select(streams).where(streams.c.name == bindparam("name")), engine)
+        floor = (
+            select(func.coalesce(func.max(chunks.c.start), 0))
+            .where(chunks.c.stream_id == bindparam("id"), chunks.c.start <= bindparam("lo"))
+            .scalar_subquery()
+        )
+        self.chunk_range = Prepared(
+            select(chunks.c.start, chunks.c.data)
+            .where(chunks.c.stream_id == bindparam("id"), chunks.c.start < bindparam("hi"), chunks.c.start >= floor)
+            .order_by(chunks.c.start),
+            engine,
+        )
+        self.producer = Prepared(
+            select(producers.c.epoch, producers.c.seq).where(
+                producers.c.stream_id == bindparam("stream_id"), producers.c.producer_id == bindparam("producer_id")
+            ),
+            engine,
+        )
+        self.insert_chunk = Prepared(
+            insert(chunks).values(stream_id=bindparam("stream_id"), start=bindparam("start"), data=bindparam("data")),
+            engine,
+        )
+        self.update_stream = Prepared(
+            update(streams)
+            .where(streams.c.id == bindparam("_id"))
+            .values(
+                tail=bindparam("tail"),
+                stored_bytes=bindparam("stored_bytes"),
+                appends=bindparam("appends"),
+                closed_at=bindparam("closed_at"),
+                last_seq=bindparam("last_seq"),
+                expires_at=bindparam("expires_at"),
+                compress=bindparam("compress"),
+                updated_at=bindparam("updated_at"),
+            ),
+            engine,
+        )
+        self.insert_producer = Prepared(
+            insert(producers).values(
+                stream_id=bindparam("stream_id"),
+                producer_id=bindparam("producer_id"),
+                epoch=bindparam("epoch"),
+                seq=bindparam("seq"),
+            ),
+            engine,
+        )
+        self.update_producer = Prepared(
+            update(producers)
+            .where(producers.c.stream_id == bindparam("stream_id"), producers.c.producer_id == bindparam("producer_id"))
+            .values(epoch=bindparam("epoch"), seq=bindparam("seq")),
+            engine,
+        )
+
+
+def state_from_tuple(row: tuple[Any, ...]) -> StreamState:
+    """A StreamState from a driver row of `SELECT * FROM streams`."""
+    return StreamState.from_row(dict(zip(STREAM_COLUMNS, row, strict=True)))
+
+
+class DriverConnections:
+    """One long-lived driver connection per thread, outside any transaction unless the caller opens one."""
+
+    def __init__(self, engine: Engine, postgres: bool) -> None:
+        self._engine = engine
+        self._postgres = postgres
+        self._local = threading.local()
+        self._opened: list[Any] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        pooled = getattr(self._local, "pooled", None)
+        if pooled is None:
+            pooled = self._engine.raw_connection()
+            if self._postgres:
+                pooled.driver_connection.autocommit = True
+            self._local.pooled = pooled
+            with self._lock:
+                self._opened.append(pooled)
+        return pooled.driver_connection
+
+    def discard(self) -> None:
+        """Drop this thread's connection (after an error), so the next call opens a fresh one."""
+        pooled = getattr(self._local, "pooled", None)
+        self._local.pooled = None
+        if pooled is not None:
+            with self._lock:
+                if pooled in self._opened:
+                    self._opened.remove(pooled)
+            try:
+                pooled.invalidate()
+            except Exception:  # the connection is already broken; nothing more to release
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for pooled in opened:
+            pooled.close()

@@ -1,0 +1,118 @@
+"""The comparison table printed at the end of a run, and the list of failed checks under it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Checks whose value must be exactly this; anything else is printed under the table.
+_MUST_BE = {
+    "bytes_ok": True,
+    "closed": True,
+    "bytes_match_stored": True,
+    "stored_intact": True,
+    "reached_close": True,
+    "durable": True,
+    "out_of_order": 0,
+    "offset_regressions": 0,
+    "readers_with_loss": 0,
+    "readers_not_closed": 0,
+    "all_readers_connected": True,
+    "writer_stalled": False,
+    "stream_closed": True,
+}
+_ZERO_METRICS = ("lost", "duplicated")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 1 else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    numeric = (int, float)
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, numeric) or not isinstance(b, numeric):
+        return ""
+    if b == 0:
+        return "=" if a == 0 else ""
+    return f"{a / b:.2f}x"
+
+
+def _status(line: dict[str, Any] | None) -> str | None:
+    if line is None:
+        return "n/a"
+    if line.get("skipped"):
+        return "n/a"
+    if line.get("error"):
+        return "error"
+    return None
+
+
+def table(lines: list[dict[str, Any]], servers: list[str]) -> str:
+    """One row per (scenario, metric), one column per server, and the first/second ratio."""
+    keys: list[str] = []
+    by_key: dict[str, dict[str, dict[str, Any]]] = {}
+    for line in lines:
+        if line["key"] not in by_key:
+            keys.append(line["key"])
+            by_key[line["key"]] = {}
+        by_key[line["key"]][line["server"]] = line
+    header = ["scenario", "metric", *servers]
+    if len(servers) == 2:
+        header.append(f"ratio {servers[0]}/{servers[1]}")
+    rows: list[list[str]] = []
+    for key in keys:
+        results = by_key[key]
+        metrics: list[str] = []
+        for server in servers:
+            for name in (results.get(server) or {}).get("metrics") or {}:
+                if name not in metrics:
+                    metrics.append(name)
+        if not metrics:
+            metrics = ["-"]
+        for name in metrics:
+            values = []
+            for server in servers:
+                line = results.get(server)
+                status = _status(line)
+                values.append(status if status else (line or {}).get("metrics", {}).get(name))
+            row = [key, name, *(_cell(v) for v in values)]
+            if len(servers) == 2:
+                row.append(_ratio(values[0], values[1]))
+            rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
+        out.append("  ".join(cells))
+    return "\n".join(out)
+
+
+def problems(lines: list[dict[str, Any]]) -> list[str]:
+    """Errors, skips with a reason, and checks that did not hold, one sentence each."""
+    found = []
+    for line in lines:
+        where = f"{line['server']} / {line['key']}"
+        if line.get("error"):
+            found.append(f"{where}: error: {line['error']}")
+            continue
+        if line.get("skipped"):
+            if not line.get("not_applicable"):
+                found.append(f"{where}: n/a: {line['skipped']}")
+            continue
+        for name in _ZERO_METRICS:
+            value = (line.get("metrics") or {}).get(name)
+            if value:
+                found.append(f"{where}: {name} = {value} (must be 0)")
+        for name, value in (line.get("checks") or {}).items():
+            if name in _MUST_BE and value is not None and value != _MUST_BE[name]:
+                found.append(f"{where}: check {name} = {value!r} (expected {_MUST_BE[name]!r})")
+    return found

@@ -1,0 +1,78 @@
+"""Write scenarios: many small appends from concurrent writers, and one writer of large appends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from benchmarks.config import Sizes, Target
+from benchmarks.proto import Streams
+from benchmarks.stats import MIB, latency_ms, rate
+
+LARGE_APPEND = MIB
+
+
+async def append(target: Target, sizes: Sizes) -> dict[str, Any]:
+    """16 writers, each to its own stream, each making sequential 64-byte appends."""
+    payload = os.urandom(sizes.small_append_bytes // 2).hex().encode()[: sizes.small_append_bytes]
+    names = [target.stream_name("append", str(i)) for i in range(sizes.writers)]
+    writers = [Streams(target.origin) for _ in names]
+    await asyncio.gather(*(w.create(n) for w, n in zip(writers, names, strict=True)))
+
+    async def write(streams: Streams, name: str) -> list[float]:
+        latencies = []
+        for _ in range(sizes.appends_per_writer):
+            t0 = time.monotonic()
+            await streams.append(name, payload)
+            latencies.append(time.monotonic() - t0)
+        return latencies
+
+    t0 = time.monotonic()
+    per_writer = await asyncio.gather(*(write(w, n) for w, n in zip(writers, names, strict=True)))
+    elapsed = time.monotonic() - t0
+    latencies = [x for lat in per_writer for x in lat]
+    sizes_read = [(await w.catch_up(n)).size for w, n in zip(writers, names, strict=True)]
+    for w in writers:
+        w.client.close()
+    expected = sizes.appends_per_writer * len(payload)
+    return {
+        "params": {
+            "writers": sizes.writers,
+            "appends_per_writer": sizes.appends_per_writer,
+            "append_bytes": len(payload),
+        },
+        "metrics": {"appends_per_s": rate(len(latencies), elapsed), **latency_ms(latencies)},
+        "checks": {"bytes_ok": all(s == expected for s in sizes_read)},
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+async def fill_large(streams: Streams, name: str, total_mib: int) -> list[float]:
+    """Append `total_mib` appends of 1 MiB of random bytes to `name`; return each append's time."""
+    chunk = os.urandom(LARGE_APPEND)
+    times = []
+    for _ in range(total_mib):
+        t0 = time.monotonic()
+        await streams.append(name, chunk)
+        times.append(time.monotonic() - t0)
+    return times
+
+
+async def append_large(target: Target, sizes: Sizes) -> dict[str, Any]:
+    """One writer, sequential 1 MiB appends up to the large size (128 MiB)."""
+    streams = Streams(target.origin, timeout=120.0)
+    name = target.stream_name("large")
+    await streams.create(name)
+    t0 = time.monotonic()
+    times = await fill_large(streams, name, sizes.large_total_mib)
+    elapsed = time.monotonic() - t0
+    size = (await streams.catch_up(name)).size
+    streams.client.close()
+    return {
+        "params": {"append_bytes": LARGE_APPEND, "total_mib": sizes.large_total_mib},
+        "metrics": {"mib_per_s": rate(sizes.large_total_mib, elapsed), **latency_ms(times)},
+        "checks": {"bytes_ok": size == sizes.large_total_mib * LARGE_APPEND},
+        "elapsed_s": round(elapsed, 3),
+    }
