@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
 import ipaddress
+import json
+import os
+import re
 import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import datetime
 from types import FrameType
+from typing import Any, BinaryIO, TypeVar
 
 import click
 import uvicorn
 
+from app.models import StreamError
+from app.sdk import UNSET, StreamInfo
+from app.sdk_remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
 from app.settings import Settings, SettingsError
+
+T = TypeVar("T")
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+READ_SIZE = 1024 * 1024
+MAX_IN_FLIGHT = 8 * 1024 * 1024
+PROGRESS_FROM = 1024 * 1024
 
 
 def _is_loopback(host: str) -> bool:
@@ -83,6 +102,335 @@ def serve(host: str = "127.0.0.1", port: int = 8000, insecure: bool = False, log
     if server.started is False and not server.should_exit:
         sys.exit(1)
 
+
+@main.command()
+@click.option("--url", envvar="STREAMHOLD_URL", default="", help="A running server [default: :8000 if up].")
+@click.option("--in-process", is_flag=True, help="Serve the demo from this process, whatever else runs.")
+@click.option("--port", default=0, type=int, help="Port of the in-process server [default: 8000 or any].")
+@click.option("--linger", default=600.0, show_default=True, help="Seconds the in-process server stays up.")
+def demo(url: str = "", in_process: bool = False, port: int = 0, linger: float = 600.0) -> None:
+    """Stream a simulated (or configured real) LLM answer into the live viewer and print its URL."""
+    from app.demo import cli_demo
+
+    try:
+        cli_demo(url, port, linger, in_process, click.echo)
+    except (RuntimeError, OSError, SettingsError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# --- client commands -----------------------------------------------------------------------------
+
+
+def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--key",
+        envvar="STREAMHOLD_API_KEY",
+        show_envvar=True,
+        help="API key, sent as Authorization: Bearer <key>.",
+    )(command)
+    return click.option(
+        "--server",
+        envvar="STREAMHOLD_URL",
+        show_envvar=True,
+        default=DEFAULT_SERVER,
+        show_default=True,
+        help="The Streamhold server to talk to.",
+    )(command)
+
+
+def _run(work: Coroutine[Any, Any, T], key: str | None) -> T:
+    """Run a client coroutine; any failure becomes one line on stderr and exit status 1."""
+    try:
+        return asyncio.run(work)
+    except UnauthorizedError:
+        hint = "the API key was refused" if key else "the server needs an API key"
+        raise click.ClickException(f"{hint}: pass --key or set STREAMHOLD_API_KEY") from None
+    except ServerUnavailableError as exc:
+        raise click.ClickException(
+            f"{exc}; start it with `streamhold serve` or point --server / STREAMHOLD_URL at it"
+        ) from None
+    except (StreamError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _pairs(items: tuple[str, ...], option: str = "--meta") -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.ClickException(f"{option} takes KEY=VALUE, such as {option} user_id=u1; got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def _duration(text: str | None) -> float | None:
+    """--ttl: seconds, or a number with s, m, h or d; `never` or 0 keeps the stream forever."""
+    if text is None:
+        return UNSET  # type: ignore[no-any-return]
+    if text.strip().lower() == "never":
+        return None
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        raise click.ClickException(f"--ttl takes seconds or a duration (30m, 12h, 7d) or never; got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def _when(moment: datetime | None, empty: str = "-") -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment is not None else empty
+
+
+async def _stdin_chunks(source: BinaryIO) -> AsyncIterator[bytes]:
+    """Standard input as it arrives; a daemon thread reads, so a blocked read never holds up the exit."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=4)
+
+    def pump() -> None:
+        while True:
+            try:
+                data: bytes | BaseException = source.read1(READ_SIZE)  # type: ignore[attr-defined]
+            except (OSError, ValueError) as exc:
+                data = exc
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                return
+            if not data or isinstance(data, BaseException):
+                return
+
+    threading.Thread(target=pump, name="streamhold-stdin", daemon=True).start()
+    while True:
+        item = await queue.get()
+        if isinstance(item, BaseException):
+            raise click.ClickException(f"could not read standard input: {item}")
+        if not item:
+            return
+        yield item
+
+
+class _Progress:
+    """Progress of a large write on stderr: a line a second once past 1 MiB, and a last one at the end."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.shown_at = 0.0
+
+    def update(self, count: int) -> None:
+        now = time.monotonic()
+        if count >= PROGRESS_FROM and now - self.shown_at >= 1.0:
+            click.echo(f"streamhold: {_size(count)} written", err=True)
+            self.shown_at = now
+
+    def finish(self, count: int) -> None:
+        if count >= PROGRESS_FROM:
+            elapsed = time.monotonic() - self.started
+            click.echo(f"streamhold: {_size(count)} written in {elapsed:.1f} s; stream closed", err=True)
+
+
+async def _write(
+    server: str, key: str | None, namespace: str, options: dict[str, Any], source: BinaryIO
+) -> None:
+    async with RemoteStreams(server, key) as streams:
+        stream = await streams.create(namespace, **options)
+        click.echo(stream.url)
+        sys.stdout.flush()
+        progress = _Progress()
+        pending: collections.deque[tuple[asyncio.Future[Any], int]] = collections.deque()
+        in_flight = 0
+        async for data in _stdin_chunks(source):
+            for start in range(0, len(data), stream.max_append):
+                piece = data[start : start + stream.max_append]
+                pending.append((stream.write(piece), len(piece)))
+                in_flight += len(piece)
+            while in_flight > MAX_IN_FLIGHT:  # bounded memory when the input outpaces the network
+                future, size = pending.popleft()
+                await future
+                in_flight -= size
+            progress.update(stream.bytes_written)
+        await stream.close()
+        progress.finish(stream.bytes_written)
+
+
+@main.command()
+@click.argument("namespace")
+@click.option("--content-type", "-t", default="application/octet-stream", show_default=True)
+@click.option("--compress", is_flag=True, help="Gzip it at close (served as Content-Encoding: gzip).")
+@click.option("--meta", "-m", multiple=True, metavar="KEY=VALUE", help="A metadata pair; repeat for more.")
+@click.option("--ttl", metavar="DURATION", help="Expire after 3600, 30m, 12h, 7d... or never (default: 30d).")
+@_client_options
+def write(
+    namespace: str,
+    content_type: str,
+    compress: bool,
+    meta: tuple[str, ...],
+    ttl: str | None,
+    server: str,
+    key: str | None,
+) -> None:
+    """Pipe standard input into a new stream: prints its URL at once and closes it at end of input."""
+    options = {"content_type": content_type, "compress": compress, "metadata": _pairs(meta)}
+    options["ttl"] = _duration(ttl)
+    _run(_write(server, key, namespace, options, sys.stdin.buffer), key)
+
+
+def _target(target: str, server: str) -> tuple[str, str]:
+    """(server, id) from an id, or from a stream URL such as http://host:8000/stream/<id>."""
+    if "://" not in target:
+        return server, target
+    base, sep, rest = target.partition("/stream/")
+    stream_id = rest.split("?", 1)[0].split("#", 1)[0].strip("/")
+    if not sep or not stream_id or "/" in stream_id:
+        raise click.ClickException(f"not a stream URL: expected .../stream/<id>, got {target}")
+    return base, stream_id
+
+
+async def _cat(server: str, key: str | None, stream_id: str, follow: bool, retry_for: float) -> None:
+    out = sys.stdout.buffer
+    async with RemoteStreams(server, key) as streams:
+        async for piece in streams.read(stream_id, follow=follow, resume_for=retry_for):
+            out.write(piece)
+            out.flush()
+
+
+@main.command()
+@click.argument("target", metavar="ID|URL")
+@click.option("--follow", "-f", is_flag=True, help="Tail an open stream until it closes (resumes on drops).")
+@click.option("--retry-for", default=60.0, show_default=True, help="With --follow: give up after this long unreachable.")
+@_client_options
+def cat(target: str, follow: bool, retry_for: float, server: str, key: str | None) -> None:
+    """Print a stream's content to standard output (bytes as they are)."""
+    server, stream_id = _target(target, server)
+    try:
+        _run(_cat(server, key, stream_id, follow, retry_for), key)
+    except BrokenPipeError:
+        # The reader went away (`| head`); point stdout at nothing so the exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _record(info: StreamInfo) -> dict[str, Any]:
+    record = dataclasses.asdict(info)
+    for key, value in record.items():
+        if isinstance(value, datetime):
+            record[key] = value.isoformat()
+    return record
+
+
+def _state(info: StreamInfo) -> str:
+    if info.closed_at is None:
+        return "open"
+    return "closed, gzip" if info.compressed else "closed"
+
+
+@main.command(name="ls")
+@click.option("--namespace", "-n", help="Only streams of this namespace.")
+@click.option("--meta", "-m", multiple=True, metavar="KEY=VALUE", help="Only streams with this metadata.")
+@click.option("--limit", default=100, show_default=True, help="How many to show (at most 1000).")
+@click.option("--offset", default=0, show_default=True, help="How many to skip, for paging.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
+@_client_options
+def list_command(
+    namespace: str | None,
+    meta: tuple[str, ...],
+    limit: int,
+    offset: int,
+    as_json: bool,
+    server: str,
+    key: str | None,
+) -> None:
+    """List streams, newest first."""
+
+    async def fetch() -> Any:
+        async with RemoteStreams(server, key) as streams:
+            return await streams.list(namespace=namespace, metadata=_pairs(meta), limit=limit, offset=offset)
+
+    page = _run(fetch(), key)
+    if as_json:
+        for info in page.streams:
+            click.echo(json.dumps(_record(info)))
+        return
+    if not page.streams:
+        message = f"no streams past {offset} (of {page.total})" if page.total else "no streams match"
+        click.echo(message, err=True)
+        return
+    rows = [("ID", "NAMESPACE", "TYPE", "SIZE", "STATE", "CREATED", "EXPIRES")]
+    for info in page.streams:
+        rows.append(
+            (
+                info.id,
+                info.namespace,
+                info.content_type,
+                _size(info.size_bytes),
+                _state(info),
+                _when(info.created_at),
+                _when(info.expires_at, "never"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    shown_to = offset + len(page.streams)
+    if shown_to < page.total:
+        click.echo(f"showing {offset + 1}-{shown_to} of {page.total}; --offset {shown_to} for more", err=True)
+
+
+@main.command()
+@click.argument("stream_id", metavar="ID|URL")
+@click.option("--json", "as_json", is_flag=True, help="The record as JSON.")
+@_client_options
+def info(stream_id: str, as_json: bool, server: str, key: str | None) -> None:
+    """Show one stream's record."""
+    server, stream_id = _target(stream_id, server)
+
+    async def fetch() -> StreamInfo:
+        async with RemoteStreams(server, key) as streams:
+            return await streams.get(stream_id)
+
+    found = _run(fetch(), key)
+    if as_json:
+        click.echo(json.dumps(_record(found), indent=2))
+        return
+    stored = f" ({_size(found.stored_bytes)} stored gzipped)" if found.compressed else ""
+    lines = [
+        ("id", found.id),
+        ("namespace", found.namespace),
+        ("url", found.url),
+        ("viewer", found.viewer_url),
+        ("content type", found.content_type),
+        ("size", f"{found.size_bytes} bytes{stored}"),
+        ("state", _state(found) + (f" at {_when(found.closed_at)}" if found.closed_at else "")),
+        ("created", _when(found.created_at)),
+        ("expires", _when(found.expires_at, "never")),
+        ("metadata", ", ".join(f"{k}={v}" for k, v in found.metadata.items()) or "-"),
+    ]
+    for label, value in lines:
+        click.echo(f"{label + ':':<14}{value}")
+
+
+@main.command()
+@click.argument("stream_ids", metavar="ID|URL...", nargs=-1, required=True)
+@_client_options
+def rm(stream_ids: tuple[str, ...], server: str, key: str | None) -> None:
+    """Delete streams."""
+
+    async def remove() -> None:
+        for target in stream_ids:
+            where, stream_id = _target(target, server)
+            async with RemoteStreams(where, key) as streams:
+                await streams.delete(stream_id)
+            click.echo(f"deleted {stream_id}")
+
+    _run(remove(), key)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ import contextlib
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from litestar.channels.backends.base import ChannelsBackend
-from litestar.channels.backends.memory import MemoryChannelsBackend
+from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
+from psycopg import AsyncConnection
 
 from app.settings import Settings
 from app.store import Store
@@ -27,22 +30,97 @@ log = logging.getLogger("streamhold.live")
 
 CHANNEL = "streamhold.doorbell"
 SHARED_READ_LIMIT = 1024 * 1024
+COALESCE_FROM = 32  # readers of one stream before its doorbells are gathered
+COALESCE_PER_READER = 50e-6  # seconds of gathering per reader
+COALESCE_MAX = 0.05
+MAX_MESSAGE = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
+PUBLISH_TIMEOUT = 5.0
+SUBSCRIBE_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 2.0
+RETRY_FIRST, RETRY_MAX = 0.1, 2.0
+
+
+class PostgresDoorbells(PsycoPgChannelsBackend):
+    """Litestar's LISTEN/NOTIFY backend, publishing over one kept-open connection.
+
+    The upstream backend connects anew for every message, which costs the server a backend process each time.
+    """
+
+    def __init__(self, pg_dsn: str) -> None:
+        super().__init__(pg_dsn)
+        self._publisher: AsyncConnection[Any] | None = None
+        self._publish_lock = asyncio.Lock()
+
+    async def publish(self, data: bytes, channels: Iterable[str]) -> None:
+        async with self._publish_lock:
+            conn = self._publisher
+            if conn is None or conn.closed:
+                conn = await AsyncConnection.connect(self._pg_dsn, autocommit=True, connect_timeout=5)
+                self._publisher = conn
+            try:
+                for channel in channels:
+                    await conn.execute("SELECT pg_notify(%s, %s)", (channel, data.decode()))
+            except BaseException:
+                self._publisher = None
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                raise
+
+    async def on_shutdown(self) -> None:
+        try:
+            await super().on_shutdown()
+        finally:
+            async with self._publish_lock:
+                if self._publisher is not None:
+                    with contextlib.suppress(Exception):
+                        await self._publisher.close()
+                    self._publisher = None
 
 
 def make_backend(url: str) -> ChannelsBackend | None:
     """The channels backend for STREAMHOLD_CHANNELS_URL; None means in-process only."""
     if not url or url == "memory://":
         return None
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(("redis://", "rediss://", "unix://")):
         from litestar.channels.backends.redis import RedisChannelsPubSubBackend
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        return RedisChannelsPubSubBackend(redis=Redis.from_url(url, socket_connect_timeout=5))
+        # No silent reconnects: the hub must see a dropped subscription, to wake readers once it is back.
+        client = Redis.from_url(
+            url,
+            socket_connect_timeout=5,
+            socket_timeout=PUBLISH_TIMEOUT,
+            health_check_interval=10,
+            retry=Retry(NoBackoff(), 0),
+            client_name="streamhold-doorbells",
+        )
+        return RedisChannelsPubSubBackend(redis=client)
     if url.startswith(("postgresql://", "postgres://")):
-        from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
+        return PostgresDoorbells(pg_dsn=url)
+    raise ValueError(
+        "STREAMHOLD_CHANNELS_URL must be redis://, rediss://, unix://, postgresql:// or empty, "
+        f"got {url.split(':')[0]}:..."
+    )
 
-        return PsycoPgChannelsBackend(pg_dsn=url)
-    raise ValueError(f"STREAMHOLD_CHANNELS_URL must be redis://, postgresql:// or empty, got {url.split(':')[0]}:...")
+
+def encode_doorbells(origin: str, changes: Iterable[Change]) -> list[bytes]:
+    """Doorbell messages for these changes, each small enough for any backend."""
+    prefix = '{"o":' + json.dumps(origin) + ',"c":['
+    messages: list[bytes] = []
+    items: list[str] = []
+    size = len(prefix) + 2
+    for change in changes:
+        item = json.dumps([change.stream_id, change.tail, change.closed, change.gone], separators=(",", ":"))
+        if items and size + len(item) + 1 > MAX_MESSAGE:
+            messages.append((prefix + ",".join(items) + "]}").encode())
+            items, size = [], len(prefix) + 2
+        items.append(item)
+        size += len(item) + 1
+    if items:
+        messages.append((prefix + ",".join(items) + "]}").encode())
+    return messages
 
 
 @dataclass
@@ -58,7 +136,10 @@ class _Watch:
     cache: bytes = b""
     fetching: dict[tuple[int, int], asyncio.Future[bytes]] = field(default_factory=dict)
 
+    ring_pending: bool = False
+
     def ring(self) -> None:
+        self.ring_pending = False
         self.event.set()
         self.event = asyncio.Event()
 
@@ -82,10 +163,10 @@ class Waiter:
     def gone(self) -> bool:
         return self._watch.gone
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait for a doorbell since the last wait (or registration); False on timeout."""
+    async def wait(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a doorbell since the last wait (or registration); False on timeout."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 await self._event.wait()
         except TimeoutError:
             return False
@@ -102,9 +183,17 @@ class LiveHub:
         self._backend = backend
         self._watches: dict[str, _Watch] = {}
         self._origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._outbox: dict[str, Change] = {}
+        self._outbox_ready = asyncio.Event()
+        self._pings: dict[str, asyncio.Future[None]] = {}
+        self._closed = False
+        self._publish_failing = False
         self.sent = 0
         self.received = 0
+        self.publish_failures = 0
+        self.resubscribed = 0
         self.connected = backend is None
         self.stopping = False
         self.readers: dict[str, int] = {"sse": 0, "long-poll": 0, "http": 0, "sdk": 0}
@@ -112,27 +201,39 @@ class LiveHub:
     @classmethod
     @asynccontextmanager
     async def open(cls, store: Store, settings: Settings) -> AsyncIterator[LiveHub]:
-        """Run the hub (and its one channel subscription, if any) for the life of the block."""
+        """Run the hub (its one channel subscription and its publisher, if any) for the life of the block."""
         hub = cls(store, make_backend(settings.channels_url))
         store.subscribe(hub.on_commit)
         if hub._backend is not None:
-            hub._task = asyncio.get_running_loop().create_task(hub._listen(), name="streamhold-doorbells")
+            loop = asyncio.get_running_loop()
+            hub._listener = loop.create_task(hub._listen(), name="streamhold-doorbells-in")
+            hub._publisher = loop.create_task(hub._publish_forever(), name="streamhold-doorbells-out")
         try:
             yield hub
         finally:
             hub.shutdown()
-            if hub._task is not None:
-                hub._task.cancel()
+            await hub._close()
+
+    async def _close(self) -> None:
+        self._closed = True
+        self._outbox_ready.set()
+        if self._publisher is not None:
+            # Let the last doorbells leave, so other processes' readers need not wait for a timeout.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._publisher), DRAIN_TIMEOUT)
+        for task in (self._publisher, self._listener):
+            if task is not None:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await hub._task
-                with contextlib.suppress(Exception):
-                    await hub._backend.on_shutdown()  # type: ignore[union-attr]
+                    await task
+        if self._backend is not None:
+            with contextlib.suppress(Exception):
+                await self._backend.on_shutdown()
 
     def shutdown(self) -> None:
         """Wake every waiter and tell live responses to end: the server is stopping."""
         self.stopping = True
-        for watch in self._watches.values():
-            watch.ring()
+        self._ring_all()
 
     @contextlib.contextmanager
     def watch(self, stream_id: str, kind: str) -> Iterator[Waiter]:
@@ -151,6 +252,7 @@ class LiveHub:
                 self._watches.pop(stream_id, None)
 
     def live_readers(self, stream_id: str) -> int:
+        """How many readers of this process are tailing the stream."""
         watch = self._watches.get(stream_id)
         return watch.readers if watch else 0
 
@@ -161,21 +263,80 @@ class LiveHub:
             watch.tail, watch.closed = tail, closed or watch.closed
 
     def on_commit(self, changes: list[Change]) -> None:
+        """Wake this process's waiters, and queue a doorbell for the other processes."""
         for change in changes:
             self._ring_local(change)
-        if self._backend is not None and changes:
-            payload = json.dumps(
-                {"o": self._origin, "c": [[c.stream_id, c.tail, c.closed, c.gone] for c in changes]},
-                separators=(",", ":"),
-            )
-            self.sent += 1
-            asyncio.get_running_loop().create_task(self._publish(payload))
+        if self._publisher is None or self._closed or not changes:
+            return
+        for change in changes:
+            queued = self._outbox.get(change.stream_id)
+            if queued is not None:
+                change = Change(
+                    change.stream_id,
+                    max(change.tail, queued.tail),
+                    change.closed or queued.closed,
+                    change.gone or queued.gone,
+                )
+            self._outbox[change.stream_id] = change
+        self._outbox_ready.set()
 
-    async def _publish(self, payload: str) -> None:
+    async def ping(self, within: float = 2.0) -> bool:
+        """Whether a message published now comes back through our own subscription (always, in-process)."""
+        if self._backend is None:
+            return True
+        if not self.connected or self._closed:
+            return False
+        nonce = uuid.uuid4().hex
+        echo: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = echo
         try:
-            await self._backend.publish(payload.encode(), [CHANNEL])  # type: ignore[union-attr]
-        except Exception as exc:  # a lost doorbell only delays readers until their timeout
-            log.warning("could not publish a doorbell: %s", exc)
+            async with asyncio.timeout(within):
+                message = json.dumps({"o": self._origin, "ping": nonce}).encode()
+                await self._backend.publish(message, [CHANNEL])
+                await echo
+        except Exception:
+            return False
+        finally:
+            self._pings.pop(nonce, None)
+        return True
+
+    async def _publish_forever(self) -> None:
+        """Publish queued doorbells one batch at a time; commits made meanwhile merge into the next batch."""
+        while True:
+            if not self._outbox:
+                if self._closed:
+                    return
+                await self._outbox_ready.wait()
+                self._outbox_ready.clear()
+                continue
+            batch, self._outbox = self._outbox, {}
+            for message in encode_doorbells(self._origin, batch.values()):
+                await self._publish(message)
+
+    async def _publish(self, message: bytes) -> None:
+        assert self._backend is not None
+        error: Exception | None = None
+        # The second attempt gets a fresh connection when the first found a stale one (the broker restarted).
+        for _ in range(2):
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await self._backend.publish(message, [CHANNEL])
+            except Exception as exc:
+                error = exc
+                continue
+            self.sent += 1
+            if self._publish_failing:
+                self._publish_failing = False
+                log.warning("doorbells are published again")
+            return
+        self.publish_failures += 1
+        if not self._publish_failing:
+            self._publish_failing = True
+            log.warning("could not publish a doorbell (%s); readers elsewhere wait for their timeouts", error)
+
+    def _ring_all(self) -> None:
+        for watch in self._watches.values():
+            watch.ring()
 
     def _ring_local(self, change: Change) -> None:
         watch = self._watches.get(change.stream_id)
@@ -187,42 +348,71 @@ class LiveHub:
         if change.tail > watch.tail or (change.closed and not watch.closed):
             watch.tail = max(change.tail, watch.tail)
             watch.closed = watch.closed or change.closed
-        watch.ring()
+        if change.gone or change.closed or watch.readers < COALESCE_FROM:
+            watch.ring()
+        elif not watch.ring_pending:
+            # Many readers of one stream: let commits gather for a moment, so each wake-up carries
+            # several of them. Waking a thousand readers per commit would starve the writer.
+            watch.ring_pending = True
+            delay = min(COALESCE_MAX, watch.readers * COALESCE_PER_READER)
+            asyncio.get_running_loop().call_later(delay, watch.ring)
 
     async def _listen(self) -> None:
+        """Hold the one subscription of this process, re-subscribing (with back-off) whenever it is lost."""
         assert self._backend is not None
-        delay = 0.2
+        delay = RETRY_FIRST
+        lost_at: float | None = None
         while True:
             try:
-                await self._backend.on_startup()
-                await self._backend.subscribe([CHANNEL])
+                async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                    await self._backend.on_startup()
+                    await self._backend.subscribe([CHANNEL])
                 self.connected = True
-                delay = 0.2
+                if lost_at is not None:
+                    self.resubscribed += 1
+                    log.warning("doorbell subscription restored after %.1f s", time.monotonic() - lost_at)
+                    lost_at = None
+                    # Doorbells sent while we were away are gone: every reader re-reads the store now.
+                    self._ring_all()
+                delay = RETRY_FIRST
                 async for _, message in self._backend.stream_events():
                     self._receive(message)
+                raise ConnectionError("the subscription ended")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("doorbell subscription lost (%s); retrying in %.1fs", exc, delay)
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    log.warning("doorbell subscription lost (%s); re-subscribing", exc)
             self.connected = False
-            # Readers may have missed doorbells while the subscription was down: wake them to re-read.
-            for watch in self._watches.values():
-                watch.ring()
+            # While unsubscribed, each retry wakes the readers to re-read the store: slow polling, not silence
+            self._ring_all()
             with contextlib.suppress(Exception):
                 await self._backend.on_shutdown()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, RETRY_MAX)
 
     def _receive(self, message: bytes) -> None:
         try:
             payload = json.loads(message)
-        except ValueError:
+            origin = payload["o"]
+        except (ValueError, TypeError, KeyError):
             return
-        if payload.get("o") == self._origin:
+        if "ping" in payload:
+            echo = self._pings.get(payload["ping"]) if origin == self._origin else None
+            if echo is not None and not echo.done():
+                echo.set_result(None)
+            return
+        if origin == self._origin:
             return
         self.received += 1
-        for stream_id, tail, closed, gone in payload.get("c", []):
-            self._ring_local(Change(stream_id, tail, closed, gone))
+        for item in payload.get("c", ()):
+            try:
+                stream_id, tail, closed, gone = item
+                change = Change(str(stream_id), int(tail), bool(closed), bool(gone))
+            except (ValueError, TypeError):
+                continue
+            self._ring_local(change)
 
     async def read(self, stream_id: str, start: int, end: int) -> bytes:
         """Read [start, end) of a live stream, sharing one store read among the readers that want it."""

@@ -18,10 +18,10 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import ops, protocol
-from app.protocol import CORS
+from app import dashboard, ops, protocol, service, viewer
 from app.live import LiveHub
 from app.models import StreamError
+from app.protocol import CORS
 from app.sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
 from app.settings import Settings
 from app.store import Store
@@ -34,12 +34,14 @@ HERE = Path(__file__).parent
 API_PREFIXES = ("/v1/stream", "/stream")
 PREFLIGHT_HEADERS = [(k.encode(), v.encode()) for k, v in CORS.items()]
 CORS_HEADERS = [
-    (k.encode(), v.encode()) for k, v in CORS.items() if k in ("access-control-allow-origin", "access-control-expose-headers")
+    (k.encode(), v.encode())
+    for k, v in CORS.items()
+    if k in ("access-control-allow-origin", "access-control-expose-headers")
 ]
 
 
 def security_headers(app: ASGIApp) -> ASGIApp:
-    """`X-Content-Type-Options: nosniff` on every response; CORS (and preflight answers) on the stream APIs."""
+    """`X-Content-Type-Options: nosniff` on every response; CORS and preflight answers on the stream APIs."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,8 +49,13 @@ def security_headers(app: ASGIApp) -> ASGIApp:
             return
         api = scope["path"].startswith(API_PREFIXES)
         if api and scope["method"] == "OPTIONS":
-            await send({"type": "http.response.start", "status": 204, "headers": [
-                *PREFLIGHT_HEADERS, (b"x-content-type-options", b"nosniff")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 204,
+                    "headers": [*PREFLIGHT_HEADERS, (b"x-content-type-options", b"nosniff")],
+                }
+            )
             await send({"type": "http.response.body", "body": b""})
             return
 
@@ -59,6 +66,8 @@ def security_headers(app: ASGIApp) -> ASGIApp:
                 if api:
                     headers.extend(CORS_HEADERS)
                     headers.append((b"cross-origin-resource-policy", b"cross-origin"))
+                    # Stream content is anyone's bytes: opened in a browser it must not run as our origin.
+                    headers.append((b"content-security-policy", b"sandbox"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -124,7 +133,14 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
     def provide_ctx(state: State) -> AgentContext:
         return AgentContext(state.runtime)
 
-    routes: list[Any] = [*protocol.routes, *ops.routes, *route_handlers]
+    routes: list[Any] = [
+        *protocol.routes,
+        *ops.routes,
+        *service.routes,
+        *dashboard.routes,
+        *viewer.routes,
+        *route_handlers,
+    ]
     static = HERE / "static"
     if static.is_dir():
         routes.append(create_static_files_router(path="/static", directories=[static], name="static"))
@@ -146,7 +162,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
             "ctx": Provide(provide_ctx, sync_to_thread=False),
         },
         exception_handlers={StreamError: _stream_error, HTTPException: _http_error},
-        middleware=[security_headers],
+        middleware=[ops.request_timing, security_headers],
         template_config=template_config,
         request_max_body_size=settings.max_append_bytes + 65536,
         openapi_config=None,

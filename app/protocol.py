@@ -1,7 +1,8 @@
-"""The Durable Streams protocol at /v1/stream/{name}: PUT, POST, GET (catch-up, long-poll, SSE), HEAD, DELETE."""
+"""The Durable Streams protocol at /v1/stream/{name}: create, append, read (catch-up, long-poll, SSE)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
@@ -10,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from litestar import Request, delete, get, post, put, route
 from litestar.params import FromPath
@@ -55,14 +56,14 @@ CORS = {
     "access-control-allow-origin": "*",
     "access-control-allow-methods": "GET, POST, PUT, DELETE, HEAD, OPTIONS",
     "access-control-allow-headers": (
-        "content-type, authorization, if-none-match, last-event-id, stream-ttl, stream-expires-at, stream-closed, "
-        "stream-seq, producer-id, producer-epoch, producer-seq, stream-forked-from, stream-fork-offset, "
-        "stream-fork-sub-offset"
+        "content-type, authorization, if-none-match, last-event-id, stream-ttl, stream-expires-at, "
+        "stream-closed, stream-seq, producer-id, producer-epoch, producer-seq, stream-forked-from, "
+        "stream-fork-offset, stream-fork-sub-offset"
     ),
     "access-control-expose-headers": (
         "stream-next-offset, stream-cursor, stream-up-to-date, stream-closed, stream-ttl, stream-expires-at, "
-        "stream-sse-data-encoding, producer-epoch, producer-seq, producer-expected-seq, producer-received-seq, "
-        "etag, content-type, content-encoding, location"
+        "stream-sse-data-encoding, producer-epoch, producer-seq, producer-expected-seq, "
+        "producer-received-seq, etag, content-type, content-encoding, location"
     ),
     "access-control-max-age": "86400",
 }
@@ -74,7 +75,9 @@ def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Setting
     return state.store, state.hub, state.settings
 
 
-def respond(status: int, headers: dict[str, str] | None = None, body: bytes = b"", head_only: bool = False) -> ASGIResponse:
+def respond(
+    status: int, headers: dict[str, str] | None = None, body: bytes = b"", head_only: bool = False
+) -> ASGIResponse:
     """A response whose Content-Type is sent exactly as given (no charset added)."""
     merged = dict(headers or {})
     if status in (204, 304) or head_only:
@@ -91,7 +94,9 @@ def error(exc: StreamError, extra: dict[str, str] | None = None) -> ASGIResponse
     elif isinstance(exc, StaleEpochError):
         headers["producer-epoch"] = str(exc.current)
     elif isinstance(exc, ProducerSeqGapError):
-        headers.update({"producer-expected-seq": str(exc.expected), "producer-received-seq": str(exc.received)})
+        headers.update(
+            {"producer-expected-seq": str(exc.expected), "producer-received-seq": str(exc.received)}
+        )
     body = json.dumps({"error": str(exc)}).encode()
     return respond(exc.status, headers, body)
 
@@ -143,7 +148,9 @@ def frame_json(body: bytes, *, allow_empty_array: bool) -> bytes:
     messages = value if isinstance(value, list) else [value]
     if not messages and not allow_empty_array:
         raise InvalidRequestError("an empty JSON array appends nothing; send at least one message")
-    return b"".join(json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for m in messages)
+    return b"".join(
+        json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for m in messages
+    )
 
 
 def json_body(framed: bytes) -> bytes:
@@ -160,7 +167,9 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     async for piece in request.stream():
         body += piece
         if len(body) > limit:
-            raise PayloadTooLargeError(f"an append may be at most {limit} bytes; split it into smaller appends")
+            raise PayloadTooLargeError(
+                f"an append may be at most {limit} bytes; split it into smaller appends"
+            )
     return bytes(body)
 
 
@@ -216,7 +225,9 @@ def _ttl_and_expiry(request: Request[Any, Any, Any]) -> tuple[int | None, float 
         try:
             moment = datetime.fromisoformat(expires_raw.replace("Z", "+00:00"))
         except ValueError:
-            raise InvalidRequestError("Stream-Expires-At must be an RFC 3339 time, such as 2030-01-01T00:00:00Z") from None
+            raise InvalidRequestError(
+                "Stream-Expires-At must be an RFC 3339 time, such as 2030-01-01T00:00:00Z"
+            ) from None
         if moment.tzinfo is None:
             raise InvalidRequestError("Stream-Expires-At needs a time zone, such as Z or +00:00")
         return None, moment.timestamp()
@@ -261,7 +272,9 @@ def _fork_point(offset: int | None, sub: int) -> Any:
         if source.json_mode:
             ends = [i + 1 for i, byte in enumerate(rest) if byte == 0x0A]
             if sub > len(ends):
-                raise InvalidRequestError("Stream-Fork-Sub-Offset overshoots the messages after the fork offset")
+                raise InvalidRequestError(
+                    "Stream-Fork-Sub-Offset overshoots the messages after the fork offset"
+                )
             return base + ends[sub - 1]
         if sub > len(rest):
             raise InvalidRequestError("Stream-Fork-Sub-Offset overshoots the bytes after the fork offset")
@@ -308,7 +321,8 @@ async def create_stream(name: FromPath[str], request: Request[Any, Any, Any]) ->
         return error(exc)
     headers = state_headers(state, state.tail, state.closed)
     if created:
-        headers["location"] = str(request.url).split("?", 1)[0]
+        # Header values are Latin-1 on the wire: send the URL percent-encoded, as clients expect anyway.
+        headers["location"] = quote(str(request.url).split("?", 1)[0], safe=":/%@!$&'()*+,;=~")
     return respond(201 if created else 200, headers)
 
 
@@ -356,11 +370,13 @@ async def append_stream(name: FromPath[str], request: Request[Any, Any, Any]) ->
         if not body and not close:
             raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
         if body and not given_type:
-            raise InvalidRequestError(f"an append needs a Content-Type; this stream takes {state.content_type}")
-        if body and not state.closed and media_type(given_type or "") != media_type(state.content_type):
-            raise ContentTypeMismatchError(
-                f"Content-Type {media_type(given_type or '')} does not match the stream's {state.content_type}"
+            raise InvalidRequestError(
+                f"an append needs a Content-Type; this stream takes {state.content_type}"
             )
+        if body and not state.closed and media_type(given_type or "") != media_type(state.content_type):
+            given = media_type(given_type or "")
+            expected = state.content_type
+            raise ContentTypeMismatchError(f"Content-Type {given} does not match the stream's {expected}")
         if body and state.json_mode and not state.closed:
             body = frame_json(body, allow_empty_array=False)
         options = {
@@ -416,7 +432,12 @@ async def _body_iter(store: Store, state: StreamState, start: int, end: int) -> 
 
 
 async def _catch_up(
-    request: Request[Any, Any, Any], store: Store, state: StreamState, start: int, token: str, extra: dict[str, str]
+    request: Request[Any, Any, Any],
+    store: Store,
+    state: StreamState,
+    start: int,
+    token: str,
+    extra: dict[str, str],
 ) -> ASGIResponse:
     if token == "now":
         headers = {**state_headers(state, state.tail, state.closed), "stream-up-to-date": "true"}
@@ -426,8 +447,10 @@ async def _catch_up(
     end = min(state.tail, start + limit)
     data: bytes | None = None
     if state.json_mode or end - start <= INLINE_LIMIT:
-        data = await store.read(state.id, start, end) if not state.compressed else b"".join(
-            [p async for p in store.iter_content(state, start, end)]
+        data = (
+            await store.read(state.id, start, end)
+            if not state.compressed
+            else b"".join([p async for p in store.iter_content(state, start, end)])
         )
         if state.json_mode and end < state.tail:
             cut = data.rfind(b"\n") + 1
@@ -462,31 +485,74 @@ async def _long_poll(
     client_cursor = single(parse_query(request), "cursor")
     extra = {**extra, "stream-cursor": cursor(client_cursor)}
     deadline = time.monotonic() + settings.long_poll_timeout
+    gone_away = asyncio.ensure_future(_client_gone(request))
     with hub.watch(state.id, "long-poll") as waiter:
-        while True:
-            if start < state.tail:
-                return await _catch_up(request, store, state, start, "", extra)
-            if state.closed:
-                headers = {**state_headers(state, state.tail, True), "stream-up-to-date": "true", **extra}
-                return respond(204, headers)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or hub.stopping:
-                headers = {**state_headers(state, state.tail, False), "stream-up-to-date": "true", **extra}
-                return respond(204, headers)
-            woke = await waiter.wait(remaining)
-            if waiter.gone:
-                raise StreamNotFoundError("stream was deleted")
-            if woke and waiter.tail > state.tail and not state.compressed:
-                state = _advanced(state, waiter.tail, waiter.closed)
-            elif woke or remaining > 0:
-                state = live_state(await store.get(state.id))
+        try:
+            while True:
+                if start < state.tail:
+                    return await _catch_up(request, store, state, start, "", extra)
+                if state.closed:
+                    headers = {**state_headers(state, state.tail, True), "stream-up-to-date": "true", **extra}
+                    return respond(204, headers)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or hub.stopping or gone_away.done():
+                    headers = {
+                        **state_headers(state, state.tail, False),
+                        "stream-up-to-date": "true",
+                        **extra,
+                    }
+                    return respond(204, headers)
+                woke = await _wait_unless_gone(waiter, remaining, gone_away)
+                state = await _after_wake(store, waiter, state, woke, remaining)
+        finally:
+            gone_away.cancel()
+
+
+async def _client_gone(request: Request[Any, Any, Any]) -> None:
+    """Return once the client has disconnected, so a waiting reader frees what it holds at once."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait_unless_gone(waiter: Any, seconds: float, gone_away: asyncio.Future[None]) -> bool:
+    waiting = asyncio.ensure_future(waiter.wait(seconds))
+    await asyncio.wait((waiting, gone_away), return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        return False
+    return waiting.result()
+
+
+async def _after_wake(
+    store: Store, waiter: Any, state: StreamState, woke: bool, remaining: float
+) -> StreamState:
+    """The stream after a wake-up: from the doorbell when it says the tail moved, else from the store."""
+    if waiter.gone:
+        raise StreamNotFoundError("stream was deleted")
+    if woke and waiter.tail > state.tail and not state.compressed:
+        return _advanced(state, waiter.tail, waiter.closed)
+    return live_state(await store.get(state.id))
 
 
 def _advanced(state: StreamState, tail: int, closed: bool) -> StreamState:
-    """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed)."""
-    from dataclasses import replace
+    """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed).
 
-    return replace(state, tail=tail, closed_at=state.closed_at or (time.time() if closed else None))
+    Shared by all readers woken by the same doorbell: a thousand readers make one copy, not a thousand.
+    """
+    key = (state.id, tail, closed)
+    shared = _states.get(key)
+    if shared is None:
+        values = {name: getattr(state, name) for name in StreamState.__slots__}
+        values["tail"] = tail
+        if closed and values["closed_at"] is None:
+            values["closed_at"] = time.time()
+        if len(_states) >= 256:
+            _states.clear()
+        shared = _states[key] = StreamState(**values)
+    return shared
+
+
+_states: dict[tuple[str, int, bool], StreamState] = {}
 
 
 def _sse_event(kind: str, payload: str) -> str:
@@ -494,12 +560,14 @@ def _sse_event(kind: str, payload: str) -> str:
     return f"event: {kind}\n" + "".join(f"data:{line}\n" for line in lines) + "\n"
 
 
-def _control(tail: int, closed: bool, up_to_date: bool, client_cursor: str | None) -> str:
+def _control(
+    tail: int, closed: bool, up_to_date: bool, client_cursor: str | None, interval: str | None = None
+) -> str:
     control: dict[str, Any] = {"streamNextOffset": format_offset(tail)}
     if closed:
         control["streamClosed"] = True
     else:
-        control["streamCursor"] = cursor(client_cursor)
+        control["streamCursor"] = interval or cursor(client_cursor)
     if up_to_date:
         control["upToDate"] = True
     return _sse_event("control", json.dumps(control, separators=(",", ":")))
@@ -517,36 +585,17 @@ def _sse_data(state: StreamState, data: bytes, next_offset: int) -> str:
 
 async def _sse_events(
     store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int, client_cursor: str | None
-) -> AsyncIterator[str]:
+) -> AsyncIterator[str | bytes]:
     position = start
     with hub.watch(state.id, "sse") as waiter:
         hub.observe(state.id, state.tail, state.closed)
         sent_any = False
         while True:
             while position < state.tail:
-                end = min(state.tail, position + SSE_SLICE)
-                if state.compressed:
-                    data = b"".join([p async for p in store.iter_content(state, position, end)])
-                else:
-                    data = await hub.read(state.id, position, end)
-                if state.json_mode and end < state.tail:
-                    cut = data.rfind(b"\n") + 1
-                    if cut == 0:
-                        data = await store.read(state.id, position, state.tail)
-                        cut = data.find(b"\n") + 1
-                    data = data[:cut]
-                elif not is_text(state.content_type) or state.json_mode:
-                    pass
-                else:
-                    data = _whole_utf8(data, end == state.tail)
-                if not data:
+                block, position = await _next_block(store, hub, state, position, client_cursor)
+                if not block:
                     break
-                position += len(data)
-                at_tail = position == state.tail
-                # One write per data event and its control event, so readers never see one without the other.
-                yield _sse_data(state, data, position) + _control(
-                    position, state.closed and at_tail, at_tail, client_cursor
-                )
+                yield block
                 sent_any = True
             if state.closed and position >= state.tail:
                 if not sent_any:
@@ -565,13 +614,59 @@ async def _sse_events(
                 state = live_state(await store.get(state.id))
             elif waiter.tail > state.tail and not state.compressed:
                 state = _advanced(state, waiter.tail, waiter.closed)
-            else:
+            elif waiter.tail < state.tail or (state.closed == waiter.closed and waiter.tail == state.tail):
                 state = live_state(await store.get(state.id))
+            elif waiter.closed and not state.closed:
+                state = _advanced(state, state.tail, True)
             if state.closed and position >= state.tail:
                 sent_any = False
 
 
-def _whole_utf8(data: bytes, final: bool) -> bytes:
+async def _next_block(
+    store: Store, hub: LiveHub, state: StreamState, position: int, client_cursor: str | None
+) -> tuple[bytes, int]:
+    """The next data event and its control event, and the position after them.
+
+    Readers at the same position share one encoding: with a thousand readers tailing a stream, each
+    change is read and encoded once, not a thousand times.
+    """
+    end = min(state.tail, position + SSE_SLICE)
+    interval = cursor(client_cursor)
+    key = (state.id, position, end, state.closed, interval if client_cursor else None)
+    cached = _blocks.get(key)
+    if cached is not None:
+        return cached
+    if state.compressed:
+        data = b"".join([p async for p in store.iter_content(state, position, end)])
+    else:
+        data = await hub.read(state.id, position, end)
+    if state.json_mode and end < state.tail:
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            data = await store.read(state.id, position, state.tail)
+            cut = data.find(b"\n") + 1
+        data = data[:cut]
+    elif is_text(state.content_type) and not state.json_mode:
+        data = whole_utf8(data, end == state.tail)
+    if not data:
+        return b"", position
+    after = position + len(data)
+    at_tail = after == state.tail
+    # One write per data event and its control event, so readers never see one without the other.
+    block = (
+        _sse_data(state, data, after)
+        + _control(after, state.closed and at_tail, at_tail, client_cursor, interval)
+    ).encode()
+    if len(_blocks) >= 256:
+        _blocks.clear()
+    _blocks[key] = (block, after)
+    return block, after
+
+
+_blocks: dict[tuple[Any, ...], tuple[bytes, int]] = {}
+
+
+def whole_utf8(data: bytes, final: bool) -> bytes:
     """Cut before a UTF-8 sequence split at the slice's end, so text events never carry half a character."""
     if final or not data:
         return data

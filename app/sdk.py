@@ -1,8 +1,8 @@
 """The Python stream API (Agentuity's, in Python): one interface, served in-process or remotely.
 
-    stream = await streams.create("export", content_type="text/csv", compress=True)
-    await stream.write("Name,Email\\n")
-    await stream.close()
+stream = await streams.create("export", content_type="text/csv", compress=True)
+await stream.write("Name,Email\\n")
+await stream.close()
 """
 
 from __future__ import annotations
@@ -102,14 +102,18 @@ def encode_chunk(data: Any) -> bytes:
         raise TypeError(f"write() takes str, bytes or a JSON-serialisable value: {exc}") from None
 
 
-def check_create(namespace: Any, content_type: Any, metadata: Any, ttl: Any) -> tuple[dict[str, str], int | None]:
+def check_create(
+    namespace: Any, content_type: Any, metadata: Any, ttl: Any
+) -> tuple[dict[str, str], int | None]:
     """Validate create() arguments the same way for every implementation; returns (metadata, ttl)."""
     if not isinstance(namespace, str) or not 1 <= len(namespace) <= MAX_NAMESPACE_LENGTH:
         raise ValueError("namespace must be a string of 1 to 254 characters")
     if not isinstance(content_type, str) or not content_type.strip() or len(content_type) > 255:
         raise ValueError("content_type must be a non-empty MIME type such as 'text/plain'")
     meta = {} if metadata is None else metadata
-    if not isinstance(meta, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    if not isinstance(meta, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
         raise ValueError("metadata must map strings to strings, e.g. {'user_id': 'u1'}")
     if any(not k or len(k) > 255 or len(v) > 1024 for k, v in meta.items()):
         raise ValueError("metadata keys must be 1-255 characters and values at most 1024 characters")
@@ -160,8 +164,9 @@ class Stream:
             return future
         future = self._send(chunk)
         self.bytes_written += len(chunk)
-        self._pending.add(future)
-        future.add_done_callback(self._settled)
+        if future not in self._pending:  # writes that joined a queued append share its future
+            self._pending.add(future)
+            future.add_done_callback(self._settled)
         return future
 
     def _settled(self, future: asyncio.Future[Any]) -> None:
@@ -267,7 +272,8 @@ class _LocalStream(Stream):
         limit = self._service.settings.max_append_bytes
         if len(chunk) > limit:
             raise PayloadTooLargeError(f"a write may be at most {limit} bytes; split it into smaller writes")
-        return self._service.store.append_nowait(self.id, chunk)
+        store = self._service.store
+        return store.writer.join_last(self.id, chunk) or store.append_nowait(self.id, chunk)
 
     async def _finish(self) -> None:
         store = self._service.store
@@ -312,7 +318,9 @@ class LocalStreams(StreamService):
         check_list(limit, offset)
         where = StreamFilter(namespace=namespace, metadata=tuple((metadata or {}).items()))
         try:
-            total, states = await self.store.list(where, sort=sort, direction=direction, limit=limit, offset=offset)
+            total, states = await self.store.list(
+                where, sort=sort, direction=direction, limit=limit, offset=offset
+            )
         except StreamError as exc:
             raise ValueError(str(exc)) from None
         origin = self.settings.origin()
@@ -438,7 +446,7 @@ def create_agent_context(
     api_key: str | None = None,
     trigger: str = "manual",
 ) -> AgentContext:
-    """A context for scripts and workers: remote when a server URL is given (or STREAMHOLD_URL), else local."""
+    """A context for scripts and workers: remote with a server URL (or STREAMHOLD_URL), else local."""
     import os
 
     url = server_url or os.environ.get("STREAMHOLD_URL", "")

@@ -79,7 +79,8 @@ class Settings:
         if url.startswith(("postgresql+psycopg://", "sqlite:///")):
             return url
         raise SettingsError(
-            f"STREAMHOLD_DATABASE_URL must start with postgresql:// or sqlite:///, got {url.split(':')[0]}:..."
+            "STREAMHOLD_DATABASE_URL must start with postgresql:// or sqlite:///, "
+            f"got {url.split(':')[0]}:..."
         )
 
     @property

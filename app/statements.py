@@ -42,7 +42,9 @@ class Statements:
     def __init__(self, engine: Engine, postgres: bool) -> None:
         stream_by_id = select(streams).where(streams.c.id == bindparam("id"))
         self.stream_by_id = Prepared(stream_by_id, engine)
-        self.stream_by_id_locked = Prepared(stream_by_id.with_for_update() if postgres else stream_by_id, engine)
+        self.stream_by_id_locked = Prepared(
+            stream_by_id.with_for_update() if postgres else stream_by_id, engine
+        )
         self.stream_by_name = Prepared(select(streams).where(streams.c.name == bindparam("name")), engine)
         floor = (
             select(func.coalesce(func.max(chunks.c.start), 0))
@@ -51,18 +53,25 @@ class Statements:
         )
         self.chunk_range = Prepared(
             select(chunks.c.start, chunks.c.data)
-            .where(chunks.c.stream_id == bindparam("id"), chunks.c.start < bindparam("hi"), chunks.c.start >= floor)
+            .where(
+                chunks.c.stream_id == bindparam("id"),
+                chunks.c.start < bindparam("hi"),
+                chunks.c.start >= floor,
+            )
             .order_by(chunks.c.start),
             engine,
         )
         self.producer = Prepared(
             select(producers.c.epoch, producers.c.seq).where(
-                producers.c.stream_id == bindparam("stream_id"), producers.c.producer_id == bindparam("producer_id")
+                producers.c.stream_id == bindparam("stream_id"),
+                producers.c.producer_id == bindparam("producer_id"),
             ),
             engine,
         )
         self.insert_chunk = Prepared(
-            insert(chunks).values(stream_id=bindparam("stream_id"), start=bindparam("start"), data=bindparam("data")),
+            insert(chunks).values(
+                stream_id=bindparam("stream_id"), start=bindparam("start"), data=bindparam("data")
+            ),
             engine,
         )
         self.update_stream = Prepared(
@@ -91,7 +100,10 @@ class Statements:
         )
         self.update_producer = Prepared(
             update(producers)
-            .where(producers.c.stream_id == bindparam("stream_id"), producers.c.producer_id == bindparam("producer_id"))
+            .where(
+                producers.c.stream_id == bindparam("stream_id"),
+                producers.c.producer_id == bindparam("producer_id"),
+            )
             .values(epoch=bindparam("epoch"), seq=bindparam("seq")),
             engine,
         )

@@ -90,7 +90,11 @@ class Writer:
     """Runs every write of this process through one thread, committing concurrent appends together."""
 
     def __init__(
-        self, engine: Engine, postgres: bool, on_change: Callable[[list[Change]], None], statements: Statements
+        self,
+        engine: Engine,
+        postgres: bool,
+        on_change: Callable[[list[Change]], None],
+        statements: Statements,
     ) -> None:
         self._engine = engine
         self._statements = statements
@@ -121,9 +125,36 @@ class Writer:
         if self._pooled is not None:
             self._pooled.close()
 
+    def join_last(
+        self, stream_id: str, data: bytes, limit: int = 1024 * 1024
+    ) -> asyncio.Future[AppendResult] | None:
+        """Add `data` to the last queued op if it is a plain append to the same stream; its future, or None.
+
+        Consecutive writes then commit as one append, in order, and each still resolves only when committed.
+        """
+        if not self._queue:
+            return None
+        last = self._queue[-1]
+        if (
+            not isinstance(last, AppendOp)
+            or last.stream_id != stream_id
+            or last.close
+            or last.seq is not None
+            or last.producer is not None
+            or last.content_type is not None
+            or len(last.data) + len(data) > limit
+        ):
+            return None
+        if isinstance(last.data, bytes):
+            last.data = bytearray(last.data)
+        last.data += data
+        return last.future
+
     def submit(self, op: AppendOp | CallOp) -> None:
         if self._closing:
-            op.future.set_exception(RuntimeError("the store is shutting down; retry against a running server"))
+            op.future.set_exception(
+                RuntimeError("the store is shutting down; retry against a running server")
+            )
             return
         self._queue.append(op)
         self._wakeup.set()
@@ -230,10 +261,16 @@ class Writer:
                 found = cursor.fetchone()
                 if found is not None:
                     row = state_from_tuple(found)
-                    pending[stream_id] = _Pending(row, row.tail, row.closed_at, row.last_seq, row.expires_at, row.compress)
+                    pending[stream_id] = _Pending(
+                        row, row.tail, row.closed_at, row.last_seq, row.expires_at, row.compress
+                    )
             states: dict[tuple[str, str], list[int]] = {}
-            for stream_id, producer_id in {(op.stream_id, op.producer.id) for op in ops if op.producer is not None}:
-                cursor.execute(sql.producer.sql, sql.producer.args({"stream_id": stream_id, "producer_id": producer_id}))
+            for stream_id, producer_id in {
+                (op.stream_id, op.producer.id) for op in ops if op.producer is not None
+            }:
+                cursor.execute(
+                    sql.producer.sql, sql.producer.args({"stream_id": stream_id, "producer_id": producer_id})
+                )
                 found = cursor.fetchone()
                 if found is not None:
                     states[(stream_id, producer_id)] = [found[0], found[1]]
@@ -280,7 +317,9 @@ class Writer:
                 continue
             data = b"".join(p.parts)
             if data:
-                new_chunks.append(sql.insert_chunk.args({"stream_id": stream_id, "start": p.row.tail, "data": data}))
+                new_chunks.append(
+                    sql.insert_chunk.args({"stream_id": stream_id, "start": p.row.tail, "data": data})
+                )
                 self.appends += p.appends
                 self.bytes_appended += len(data)
             values = {
@@ -339,7 +378,11 @@ def _apply(
                 raise ProducerSeqGapError(0, producer.seq)
         elif producer.seq != state[1] + 1:
             raise ProducerSeqGapError(state[1] + 1, producer.seq)
-    if op.data and op.content_type is not None and media_type(op.content_type) != media_type(p.row.content_type):
+    if (
+        op.data
+        and op.content_type is not None
+        and media_type(op.content_type) != media_type(p.row.content_type)
+    ):
         raise ContentTypeMismatchError(
             f"Content-Type {media_type(op.content_type)} does not match the stream's {p.row.content_type}"
         )

@@ -53,7 +53,18 @@ def _throwaway_postgres() -> tuple[str, subprocess.Popen[bytes], Path] | None:
     )
     port = _free_port()
     process = subprocess.Popen(
-        [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root), "-h", "127.0.0.1"],
+        [
+            *prefix,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(root),
+            "-h",
+            "127.0.0.1",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -78,7 +89,10 @@ def pg_server() -> Iterator[str]:
     if started is None:
         if os.environ.get("CI"):
             pytest.fail(f"CI needs PostgreSQL: none at {url} and no binaries under /usr/lib/postgresql")
-        pytest.skip(f"SKIPPED LOUDLY: no PostgreSQL at {url} and none installed to start; PostgreSQL tests did not run")
+        pytest.skip(
+            f"SKIPPED LOUDLY: no PostgreSQL at {url} and none installed to start; "
+            "PostgreSQL tests did not run"
+        )
     url, process, root = started
     try:
         yield url
@@ -107,5 +121,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     """Settings for one test, once on SQLite and once on PostgreSQL."""
     if request.param == "postgres":
         url = request.getfixturevalue("pg_url")
-        return Settings(data_dir=tmp_path, database_url=url, long_poll_timeout=2.0, public_url="http://sh.test")
+        return Settings(
+            data_dir=tmp_path, database_url=url, long_poll_timeout=2.0, public_url="http://sh.test"
+        )
     return Settings(data_dir=tmp_path, long_poll_timeout=2.0, public_url="http://sh.test")

@@ -84,7 +84,11 @@ async def test_readme_handlers_run(settings: Settings) -> None:
         assert await read(app, stream_id(note["url"])) == b"remember"
 
         raw = await client.get(f"/v1/stream/{csv_id}")
-        assert raw.status_code == 200 and gzip.decompress(raw.content) if raw.headers.get("content-encoding") else True
+        assert (
+            raw.status_code == 200 and gzip.decompress(raw.content)
+            if raw.headers.get("content-encoding")
+            else True
+        )
 
 
 async def test_readme_script_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,9 +49,8 @@ class MemoryPeak:
         self._thread.join(timeout=5)
 
 
-async def storm(url: str, name: str, writers: int, seconds: float) -> dict[bytes, int]:
-    """Concurrent appends until the server dies; returns each acknowledged record with its next offset."""
-    acknowledged: dict[bytes, int] = {}
+async def storm(url: str, name: str, writers: int, seconds: float, acknowledged: dict[bytes, int]) -> None:
+    """Concurrent appends until the server dies, noting each acknowledged record with its next offset."""
     deadline = time.monotonic() + seconds
 
     async def writer(w: int) -> None:
@@ -71,21 +70,25 @@ async def storm(url: str, name: str, writers: int, seconds: float) -> dict[bytes
                 seq += 1
 
     await asyncio.gather(*(writer(w) for w in range(writers)))
-    return acknowledged
 
 
 async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(tmp_path: Path) -> None:
     env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data")}
     with ServerProcess(env=env) as server:
         async with httpx.AsyncClient() as client:
-            created = await client.put(f"{server.url}/v1/stream/crash", headers={"content-type": "text/plain"})
+            created = await client.put(
+                f"{server.url}/v1/stream/crash", headers={"content-type": "text/plain"}
+            )
             assert created.status_code == 201
         loop = asyncio.get_running_loop()
-        storming = asyncio.ensure_future(storm(server.url, "crash", writers=16, seconds=30))
-        await asyncio.sleep(1.5)
+        acknowledged: dict[bytes, int] = {}
+        storming = asyncio.ensure_future(storm(server.url, "crash", 16, 30, acknowledged))
+        deadline = time.monotonic() + 20
+        while len(acknowledged) < 300 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another task's progress
+            await asyncio.sleep(0.05)
         await loop.run_in_executor(None, server.kill)
-        acknowledged = await storming
-        assert len(acknowledged) > 100, "the storm was under way when the process was killed"
+        await storming
+        assert len(acknowledged) >= 300, "the storm was under way when the process was killed"
         await loop.run_in_executor(None, server.restart)
         async with httpx.AsyncClient(timeout=30) as client:
             body = (await client.get(f"{server.url}/v1/stream/crash")).content
@@ -97,7 +100,9 @@ async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(tmp_path
         assert int(seq) == last_seq.get(w, -1) + 1, "each writer's records are in call order, without gaps"
         last_seq[w] = int(seq)
     for record, offset in acknowledged.items():
-        assert body[offset - len(record) : offset] == record, "an acknowledged record is where its offset says"
+        assert body[offset - len(record) : offset] == record, (
+            "an acknowledged record is where its offset says"
+        )
 
 
 async def test_writing_and_reading_256_mib_keeps_memory_flat(tmp_path: Path) -> None:
@@ -107,20 +112,26 @@ async def test_writing_and_reading_256_mib_keeps_memory_flat(tmp_path: Path) -> 
     with ServerProcess(env=env) as server:
         async with httpx.AsyncClient(timeout=60) as client:
             url = f"{server.url}/v1/stream/big"
-            assert (await client.put(url, headers={"content-type": "application/octet-stream"})).status_code == 201
+            assert (
+                await client.put(url, headers={"content-type": "application/octet-stream"})
+            ).status_code == 201
             with MemoryPeak(server.pid) as idle:
                 await asyncio.sleep(0.3)
             baseline = idle.peak["RssAnon"]
             sampler = MemoryPeak(server.pid).__enter__()
             for _ in range(64):
-                response = await client.post(url, content=piece, headers={"content-type": "application/octet-stream"})
+                response = await client.post(
+                    url, content=piece, headers={"content-type": "application/octet-stream"}
+                )
                 assert response.status_code == 204
             offset, received = "-1", 0
             while True:
                 async with client.stream("GET", url, params={"offset": offset}) as response:
                     assert response.status_code == 200
                     async for chunk in response.aiter_bytes():
-                        assert chunk == piece[received % len(piece) :][: len(chunk)] or _matches(piece, received, chunk)
+                        assert chunk == piece[received % len(piece) :][: len(chunk)] or _matches(
+                            piece, received, chunk
+                        )
                         received += len(chunk)
                     offset = response.headers["stream-next-offset"]
                     if response.headers.get("stream-up-to-date") == "true":

@@ -1,4 +1,4 @@
-"""The protocol beyond the conformance suite: one record for every surface, live wake-ups, limits, shutdown."""
+"""The protocol beyond the conformance suite: one record for all surfaces, live wake-ups, limits, shutdown."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from typing import Any
-
 from litestar import Request, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
@@ -45,7 +44,9 @@ class ThreadServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(settings, route_handlers=[write_in_process])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ThreadServer:
@@ -86,9 +87,13 @@ async def sse_events(response: httpx.Response, until: int) -> AsyncIterator[str]
                 return
 
 
-async def test_sdk_streams_are_protocol_streams_and_back(live_server: ThreadServer, client: httpx.AsyncClient) -> None:
+async def test_sdk_streams_are_protocol_streams_and_back(
+    live_server: ThreadServer, client: httpx.AsyncClient
+) -> None:
     url = live_server.url
-    made = await client.put(f"{url}/v1/stream/reports/q4", content=b"a,b\n", headers={"content-type": "text/csv"})
+    made = await client.put(
+        f"{url}/v1/stream/reports/q4", content=b"a,b\n", headers={"content-type": "text/csv"}
+    )
     assert made.status_code == 201
     listed = await client.post(f"{url}/stream/list", json={"name": "reports"})
     streams = listed.json()["streams"]
@@ -97,14 +102,18 @@ async def test_sdk_streams_are_protocol_streams_and_back(live_server: ThreadServ
     await client.post(f"{url}/v1/stream/reports/q4", headers={"stream-closed": "true"})
     via_service = await client.get(f"{url}/stream/{stream_id}")  # an open stream would be tailed
     assert via_service.content == b"a,b\n"
-    created = (await client.post(f"{url}/stream", json={"name": "sdk", "headers": {"content-type": "text/plain"}})).json()
+    created = (
+        await client.post(f"{url}/stream", json={"name": "sdk", "headers": {"content-type": "text/plain"}})
+    ).json()
     await client.post(f"{url}/stream/{created['id']}/append", content=b"from the sdk")
     read = await client.get(f"{url}/v1/stream/{created['id']}", params={"offset": "-1"})
     assert read.status_code == 200 and read.content == b"from the sdk"
     assert read.headers["content-type"] == "text/plain"
 
 
-async def test_in_process_appends_wake_protocol_readers(live_server: ThreadServer, client: httpx.AsyncClient) -> None:
+async def test_in_process_appends_wake_protocol_readers(
+    live_server: ThreadServer, client: httpx.AsyncClient
+) -> None:
     url = live_server.url
     await client.put(f"{url}/v1/stream/wake", headers={"content-type": "text/plain"})
     head = await client.head(f"{url}/v1/stream/wake")
@@ -152,7 +161,9 @@ async def test_idle_sse_gets_keepalives(tmp_path: Path, client: httpx.AsyncClien
     assert events[0].startswith("event: control") and events[1:] == [": keep-alive", ": keep-alive"]
 
 
-async def test_append_over_the_limit_is_413_and_changes_nothing(tmp_path: Path, client: httpx.AsyncClient) -> None:
+async def test_append_over_the_limit_is_413_and_changes_nothing(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
     with ThreadServer(Settings(data_dir=tmp_path, max_append_bytes=1000)) as server:
         url = f"{server.url}/v1/stream/limited"
         await client.put(url, content=b"start", headers={"content-type": "text/plain"})
@@ -187,7 +198,7 @@ async def test_graceful_shutdown_ends_live_responses_quickly(tmp_path: Path) -> 
                     pass  # ends cleanly: the chunked body is terminated, no error raised
             polled = await polling
             assert polled.status_code == 204
-            while server.running and time.monotonic() - started < 10:
+            while server.running and time.monotonic() - started < 10:  # noqa: ASYNC110 - a child process
                 await asyncio.sleep(0.05)
             assert not server.running
             assert time.monotonic() - started < 3, "live responses end within a second or two of SIGTERM"
@@ -217,3 +228,36 @@ async def test_a_slow_sse_reader_does_not_make_the_server_buffer(tmp_path: Path)
             await asyncio.sleep(2)
             grown = private_mib() - before
     assert grown < 24, f"the server buffered {grown:.0f} MiB for a stalled reader of a 64 MiB stream"
+
+
+async def test_unicode_names_and_sandboxed_content(
+    live_server: ThreadServer, client: httpx.AsyncClient
+) -> None:
+    url = f"{live_server.url}/v1/stream/été/a b"
+    made = await client.put(url, content=b"<script>alert(1)</script>", headers={"content-type": "text/html"})
+    assert made.status_code == 201
+    assert made.headers["location"].endswith("/v1/stream/%C3%A9t%C3%A9/a%20b")
+    read = await client.get(made.headers["location"])
+    assert read.content == b"<script>alert(1)</script>"
+    assert read.headers["content-security-policy"] == "sandbox"
+
+
+async def test_a_long_poll_reader_that_leaves_is_freed_at_once(tmp_path: Path) -> None:
+    with ThreadServer(Settings(data_dir=tmp_path, long_poll_timeout=30)) as server:
+        async with httpx.AsyncClient(timeout=60) as http:
+            url = f"{server.url}/v1/stream/leaving"
+            await http.put(url, headers={"content-type": "text/plain"})
+            polling = asyncio.create_task(http.get(url, params={"offset": "now", "live": "long-poll"}))
+            await asyncio.sleep(0.5)
+            metrics = (await http.get(f"{server.url}/metrics")).text
+            assert 'streamhold_live_readers{kind="long-poll"} 1' in metrics
+            polling.cancel()  # the client goes away mid-wait
+            deadline = time.monotonic() + 5
+            while (
+                'streamhold_live_readers{kind="long-poll"} 0'
+                not in (await http.get(f"{server.url}/metrics")).text
+            ):
+                assert time.monotonic() < deadline, (
+                    "the long-poll kept its registration after the client left"
+                )
+                await asyncio.sleep(0.1)

@@ -18,9 +18,25 @@ from app.store import Store
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "remote"])
 async def streams(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[StreamService]:
-    """The stream API, in-process (over SQLite and PostgreSQL)."""
+    """The stream API in-process (over SQLite and PostgreSQL), and over HTTP from a real server subprocess."""
+    if request.param == "remote":
+        from app.sdk_remote import RemoteStreams
+        from tests._server import ServerProcess
+
+        if settings.database_url:
+            # A server start costs seconds; the store behind it is already covered by the local runs.
+            pytest.skip("the remote SDK runs against a server on SQLite only")
+        env = {
+            "STREAMHOLD_DATA_DIR": str(settings.data_dir),
+            "STREAMHOLD_LONG_POLL_TIMEOUT": str(settings.long_poll_timeout),
+            "STREAMHOLD_MAX_APPEND_BYTES": str(settings.max_append_bytes),
+        }
+        with ServerProcess(env=env) as server:
+            async with RemoteStreams(server.url) as remote:
+                yield remote
+        return
     async with Store.open(settings) as store, LiveHub.open(store, settings) as hub:
         yield LocalStreams(store, hub, settings)
 
@@ -44,7 +60,12 @@ async def test_create_write_close(streams: StreamService) -> None:
         await stream.write("late")
     assert await read_all(streams, stream.id) == b"Name,Email\na,a@example.com\nb,b@example.com\n"
     info = await streams.get(stream.id)
-    assert (info.namespace, info.metadata, info.content_type, info.size_bytes) == ("export", {"user_id": "u1"}, "text/csv", 43)
+    assert (info.namespace, info.metadata, info.content_type, info.size_bytes) == (
+        "export",
+        {"user_id": "u1"},
+        "text/csv",
+        43,
+    )
     assert info.closed_at is not None and info.created_at <= info.closed_at
 
 
@@ -83,7 +104,9 @@ async def test_validation_errors_are_clear(streams: StreamService) -> None:
         await streams.delete("stream_00000000000000000000000000000000")
 
 
-async def test_write_over_the_limit_is_refused_and_changes_nothing(streams: StreamService, settings: Settings) -> None:
+async def test_write_over_the_limit_is_refused_and_changes_nothing(
+    streams: StreamService, settings: Settings
+) -> None:
     stream = await streams.create("big")
     await stream.write(b"ok")
     with pytest.raises(PayloadTooLargeError):
@@ -95,14 +118,20 @@ async def test_write_over_the_limit_is_refused_and_changes_nothing(streams: Stre
 async def test_ttl_semantics(streams: StreamService) -> None:
     now = datetime.now(UTC)
     default = await streams.get((await streams.create("t")).id)
-    assert default.expires_at is not None and abs(default.expires_at - now - timedelta(days=30)) < timedelta(minutes=1)
+    assert default.expires_at is not None and abs(default.expires_at - now - timedelta(days=30)) < timedelta(
+        minutes=1
+    )
     for never in (None, 0):
         info = await streams.get((await streams.create("t", ttl=never)).id)
         assert info.expires_at is None
     short = await streams.get((await streams.create("t", ttl=5)).id)
-    assert short.expires_at is not None and abs(short.expires_at - now - timedelta(seconds=60)) < timedelta(seconds=30)
+    assert short.expires_at is not None and abs(short.expires_at - now - timedelta(seconds=60)) < timedelta(
+        seconds=30
+    )
     long = await streams.get((await streams.create("t", ttl=10**9)).id)
-    assert long.expires_at is not None and abs(long.expires_at - now - timedelta(days=90)) < timedelta(minutes=1)
+    assert long.expires_at is not None and abs(long.expires_at - now - timedelta(days=90)) < timedelta(
+        minutes=1
+    )
 
 
 async def test_compress_at_close(streams: StreamService) -> None:

@@ -47,7 +47,9 @@ def chunk_rows(store: Store, stream_id: str, table: type = ChunkRow) -> int:
 
 
 async def test_create_append_read_close(store: Store) -> None:
-    state, created = await store.create(NewStream(namespace="export", content_type="text/csv", metadata={"u": "1"}))
+    state, created = await store.create(
+        NewStream(namespace="export", content_type="text/csv", metadata={"u": "1"})
+    )
     assert created and state.id.startswith("stream_") and state.name == state.id
     first = await store.append(state.id, b"Name,Email\n")
     second = await store.append(state.id, b"a,b@example.com\n")
@@ -173,7 +175,9 @@ async def test_expired_streams_vanish_at_once_and_are_swept(store: Store) -> Non
     assert state.expires_at is not None and abs(state.expires_at - time.time() - 60) < 5
     await store.append(state.id, b"soon gone")
     with store._write_engine.begin() as conn:
-        conn.execute(update(StreamRow.__table__).where(StreamRow.__table__.c.id == state.id).values(expires_at=1.0))
+        conn.execute(
+            update(StreamRow.__table__).where(StreamRow.__table__.c.id == state.id).values(expires_at=1.0)
+        )
     expired = await store.get(state.id)
     assert expired is not None and expired.expired()
     total, _ = await store.list(StreamFilter(namespace="tmp"))

@@ -1,0 +1,401 @@
+"""The operator dashboard at `/`: streams with filters, sorting, paging, deletes and live figures.
+
+One handler serves the full page or the partial the page includes (htmx); deletes answer with the partial too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from litestar import Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery
+
+from app import session
+from app.dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
+from app.live import LiveHub
+from app.models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
+from app.settings import Settings
+from app.store import Store
+
+PAGE_SIZE = 50
+SORTS = {"created": "desc", "size": "desc", "namespace": "asc"}
+STATES = {"open": "Open", "closed": "Closed", "expiring": "Expiring < 24 h"}
+MAX_META_PAIRS = 8
+MAX_TEXT = 512
+# The dashboard loads nothing from elsewhere and runs no inline script or eval, so even a rendering bug
+# cannot run a stream's name or metadata as code; frame-ancestors keeps its delete buttons out of frames.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", "content-security-policy": CSP}
+
+
+@dataclass(frozen=True)
+class View:
+    """What the dashboard shows (filters, sort, page), read from and written back to a query string."""
+
+    namespace: str = ""
+    meta: tuple[tuple[str, str], ...] = ()
+    state: str = ""
+    prefix: str = ""
+    sort: str = "created"
+    direction: str = "desc"
+    page: int = 1
+    problems: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_query(cls, query: str) -> View:
+        """Parse `?namespace=&meta=k=v&state=&prefix=&sort=&dir=&page=`; bad values are dropped, noted."""
+        params = parse_qs(query, keep_blank_values=True)
+
+        def one(name: str) -> str:
+            return (params.get(name) or [""])[-1].strip()[:MAX_TEXT]
+
+        problems: list[str] = []
+        meta: list[tuple[str, str]] = []
+        for raw in params.get("meta", []):
+            key, sep, value = raw.strip().partition("=")
+            if not raw.strip():
+                continue
+            if not sep or not key.strip():
+                problems.append(f"“{raw[:60]}” is not a key=value pair")
+            elif (key.strip(), value.strip()) not in meta:
+                meta.append((key.strip()[:255], value.strip()[:1024]))
+        if len(meta) > MAX_META_PAIRS:
+            problems.append(f"at most {MAX_META_PAIRS} metadata pairs are used")
+            meta = meta[:MAX_META_PAIRS]
+        state = one("state")
+        if state and state not in STATES:
+            problems.append(f"unknown state “{state[:30]}”")
+            state = ""
+        sort = one("sort") or "created"
+        if sort not in SORTS:
+            sort = "created"
+        direction = one("dir") or SORTS[sort]
+        if direction not in ("asc", "desc"):
+            direction = SORTS[sort]
+        page = int(one("page")) if one("page").isdigit() else 1
+        return cls(
+            one("namespace"),
+            tuple(meta),
+            state,
+            one("prefix"),
+            sort,
+            direction,
+            max(page, 1),
+            tuple(problems),
+        )
+
+    @property
+    def where(self) -> StreamFilter:
+        return StreamFilter(self.namespace or None, self.meta, self.state or None, self.prefix or None)
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.namespace or self.meta or self.state or self.prefix)
+
+    def params(self) -> list[tuple[str, str]]:
+        """The canonical query: only what differs from the defaults, in a fixed order."""
+        out: list[tuple[str, str]] = []
+        if self.namespace:
+            out.append(("namespace", self.namespace))
+        out += [("meta", f"{k}={v}") for k, v in self.meta]
+        if self.state:
+            out.append(("state", self.state))
+        if self.prefix:
+            out.append(("prefix", self.prefix))
+        if self.sort != "created" or self.direction != "desc":
+            out += [("sort", self.sort), ("dir", self.direction)]
+        if self.page > 1:
+            out.append(("page", str(self.page)))
+        return out
+
+    @property
+    def query(self) -> str:
+        return urlencode(self.params())
+
+    def url(self, **changes: Any) -> str:
+        """The dashboard URL of this view with some fields changed (filters changing resets the page)."""
+        if changes.keys() - {"page", "sort", "direction"}:
+            changes.setdefault("page", 1)
+        query = urlencode(replace(self, **changes).params())
+        return "/?" + query if query else "/"
+
+    def sort_url(self, column: str) -> str:
+        if column == self.sort:
+            return self.url(sort=column, direction="asc" if self.direction == "desc" else "desc", page=1)
+        return self.url(sort=column, direction=SORTS[column], page=1)
+
+    def with_meta(self, key: str, value: str) -> str:
+        return self.url(meta=(*self.meta, (key, value))) if (key, value) not in self.meta else self.url()
+
+    def without_meta(self, pair: tuple[str, str]) -> str:
+        return self.url(meta=tuple(p for p in self.meta if p != pair))
+
+
+class Rate:
+    """Appends and bytes per second, from the writer's counters sampled on each dashboard request."""
+
+    WINDOW = 10.0
+
+    def __init__(self) -> None:
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=64)
+
+    def sample(self, appends: int, nbytes: int, now: float | None = None) -> tuple[float, float] | None:
+        """(appends/s, bytes/s) over roughly the last ten seconds; None until two samples are apart."""
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, appends, nbytes))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW:
+            self._samples.popleft()
+        then, appends0, bytes0 = self._samples[0]
+        if now - then < 0.5:
+            return None
+        return (appends - appends0) / (now - then), (nbytes - bytes0) / (now - then)
+
+
+@dataclass
+class Page:
+    """Everything a dashboard template needs."""
+
+    view: View
+    total: int
+    rows: list[Row]
+    figures: Figures
+    namespaces: list[NamespaceLine]
+    facets: list[tuple[str, int]] = field(default_factory=list)
+    notice: str = ""
+    csrf: str = ""
+    signed_in: bool = False
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / PAGE_SIZE))
+
+    @property
+    def first(self) -> int:
+        return (self.view.page - 1) * PAGE_SIZE + 1 if self.total else 0
+
+    @property
+    def last(self) -> int:
+        return min(self.view.page * PAGE_SIZE, self.total)
+
+    @property
+    def fingerprint(self) -> str:
+        """Same fingerprint, same table HTML: a poll that finds it unchanged swaps nothing."""
+        return hashlib.blake2b(repr((self.view, self.total, self.rows)).encode(), digest_size=8).hexdigest()
+
+    @property
+    def poll_url(self) -> str:
+        query = self.view.query
+        return f"/?{query}&seen={self.fingerprint}" if query else f"/?seen={self.fingerprint}"
+
+
+def _rate(state: State) -> Rate:
+    rate = state.get("dashboard_rate")
+    if rate is None:
+        rate = state["dashboard_rate"] = Rate()
+    return rate
+
+
+async def _page_of(store: Store, view: View) -> tuple[int, list[StreamState]]:
+    offset = (view.page - 1) * PAGE_SIZE
+    return await store.list(
+        view.where, sort=view.sort, direction=view.direction, limit=PAGE_SIZE, offset=offset
+    )
+
+
+async def build(
+    request: Request[Any, Any, Any], store: Store, hub: LiveHub, view: View, *, facets: bool
+) -> Page:
+    """Read what a view shows: one page of streams, the totals and (for the filter form) namespace counts."""
+    (total, states), summary, counted = await asyncio.gather(
+        _page_of(store, view),
+        store.summary(),
+        store.summary(replace(view.where, namespace=None)) if facets else asyncio.sleep(0, None),
+    )
+    if not states and total and view.page > 1:
+        view = replace(view, page=max(1, math.ceil(total / PAGE_SIZE)))
+        total, states = await _page_of(store, view)
+    rate = _rate(request.app.state).sample(store.writer.appends, store.writer.bytes_appended)
+    now = time.time()
+    page = Page(
+        view=view,
+        total=total,
+        rows=rows(states, view, hub, now),
+        figures=figures(summary, rate, hub.readers),
+        namespaces=namespace_lines(summary, view),
+    )
+    if counted is not None:
+        page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
+        if view.namespace and view.namespace not in {name for name, _ in page.facets}:
+            page.facets.append((view.namespace, 0))
+    return page
+
+
+def render(request: Request[Any, Any, Any], template: str, **context: Any) -> str:
+    return request.app.template_engine.get_template(template).render(states=STATES, **context)
+
+
+def html(body: str, status: int = 200, **headers: str) -> Response[str]:
+    return Response(body, status_code=status, media_type="text/html", headers={**HTML_HEADERS, **headers})
+
+
+def respond(request: Request[Any, Any, Any], page: Page, target: str) -> Response[str]:
+    """The partial htmx asked for (with the live figures out of band), or the full page."""
+    if target == "streams":
+        oob = render(request, "_dashboard_live.html", page=page, oob=True)
+        seen = parse_qs(request.url.query).get("seen", [""])[-1]
+        if seen == page.fingerprint:
+            return html(oob, **{"hx-reswap": "none"})
+        return html(render(request, "_streams.html", page=page) + oob)
+    if target == "board":
+        body = render(request, "_dashboard_board.html", page=page)
+        body += render(request, "_dashboard_live.html", page=page, oob=True)
+        headers = {"hx-push-url": page.view.url()} if request.method == "GET" else {}
+        return html(body, **headers)
+    return html(render(request, "dashboard.html", page=page))
+
+
+def _target(request: Request[Any, Any, Any]) -> str:
+    if not request.headers.get("hx-request") or request.headers.get("hx-history-restore-request"):
+        return ""
+    return request.headers.get("hx-target", "")
+
+
+def _change_allowed(request: Request[Any, Any, Any], settings: Settings) -> Response[str] | session.Session:
+    current = session.current(request, settings)
+    if current is None:
+        return session.denied(request, change=True)
+    if not session.csrf_ok(request, settings, current):
+        return session.forbidden()
+    return current
+
+
+@get("/", name="dashboard")
+async def dashboard(
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    hub: NamedDependency[LiveHub],
+    settings: NamedDependency[Settings],
+) -> Response[str]:
+    """The dashboard page, or the table (`HX-Target: streams`) or filters and table (`board`) alone."""
+    current = session.current(request, settings)
+    if current is None:
+        return session.denied(request, change=False)
+    target = _target(request)
+    page = await build(request, store, hub, View.from_query(request.url.query), facets=target != "streams")
+    page.csrf, page.signed_in = current.csrf, current.signed_in
+    return respond(request, page, target)
+
+
+@delete("/dashboard/streams/{stream_id:str}", status_code=200)
+async def delete_stream(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    hub: NamedDependency[LiveHub],
+    settings: NamedDependency[Settings],
+) -> Response[str]:
+    """Delete one stream (its live readers end, its bytes are purged) and answer with the refreshed board."""
+    allowed = _change_allowed(request, settings)
+    if isinstance(allowed, Response):
+        return allowed
+    state = await store.get(stream_id)
+    try:
+        await store.delete(stream_id)
+        notice = f"Deleted {state.name if state else stream_id}."
+    except (StreamNotFoundError, StreamGoneError):
+        notice = "That stream was already gone."
+    return await _after_change(request, store, hub, allowed, notice)
+
+
+@delete("/dashboard/streams", status_code=200)
+async def delete_filtered(
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    hub: NamedDependency[LiveHub],
+    settings: NamedDependency[Settings],
+) -> Response[str]:
+    """Delete every stream of the current filter, unless it now matches more than the confirmed count."""
+    allowed = _change_allowed(request, settings)
+    if isinstance(allowed, Response):
+        return allowed
+    view = View.from_query(request.url.query)
+    expected = parse_qs(request.url.query).get("expected", [""])[-1]
+    if not expected.isdigit():
+        return html("a bulk delete needs ?expected=N, the number of streams the user confirmed", status=400)
+    total, _ = await store.list(view.where, limit=1)
+    if total > int(expected):
+        notice = (
+            f"Nothing was deleted: the filter now matches {total:,} streams, not the {int(expected):,} you "
+            "confirmed. Check the list and try again."
+        )
+    else:
+        deleted = await store.delete_matching(view.where)
+        notice = f"Deleted {deleted:,} stream{'s' if deleted != 1 else ''}."
+    return await _after_change(request, store, hub, allowed, notice, replace(view, page=1))
+
+
+async def _after_change(
+    request: Request[Any, Any, Any],
+    store: Store,
+    hub: LiveHub,
+    current: session.Session,
+    notice: str,
+    view: View | None = None,
+) -> Response[str]:
+    page = await build(request, store, hub, view or View.from_query(request.url.query), facets=True)
+    page.csrf, page.signed_in, page.notice = current.csrf, current.signed_in, notice
+    return respond(request, page, "board")
+
+
+@get("/signin", name="signin")
+async def signin_form(
+    request: Request[Any, Any, Any], settings: NamedDependency[Settings], next: FromQuery[str] = "/"
+) -> Response[str]:
+    """The sign-in form (only when API keys are configured)."""
+    if not settings.api_keys or session.current(request, settings) is not None:
+        return Response("", status_code=303, headers={"location": session.safe_next(next)})
+    return html(render(request, "signin.html", next=session.safe_next(next), error=""))
+
+
+@post("/signin", status_code=303)
+async def signin(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> Response[str]:
+    """Check an API key and start a session: an HttpOnly, SameSite=Strict signed cookie."""
+    form = await request.form()
+    target = session.safe_next(str(form.get("next", "/")))
+    if not settings.api_keys:
+        return Response("", status_code=303, headers={"location": target})
+    if not session.same_origin(request, settings):
+        return session.forbidden()
+    key = str(form.get("key", "")).strip()
+    if not session.check_key(key, settings):
+        error = "That key is not one of this server's API keys." if key else "Enter an API key."
+        return html(render(request, "signin.html", next=target, error=error), status=401)
+    cookie = session.session_cookie(request, settings, session.issue(key))
+    return Response("", status_code=303, headers={"location": target}, cookies=[cookie])
+
+
+@post("/signout", status_code=303)
+async def signout(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> Response[str]:
+    """End the session (CSRF-checked, so another site cannot sign you out)."""
+    current = session.current(request, settings)
+    token = str((await request.form()).get(session.CSRF_FIELD, ""))
+    if current is not None and not session.csrf_ok(request, settings, current, token):
+        return session.forbidden()
+    location = session.SIGNIN_PATH if settings.api_keys else "/"
+    cookie = session.cleared_cookie(request, settings)
+    return Response("", status_code=303, headers={"location": location}, cookies=[cookie])
+
+
+routes = [dashboard, delete_stream, delete_filtered, signin_form, signin, signout]

@@ -1,0 +1,159 @@
+"""What the dashboard displays, formatted: table rows, live figures and per-namespace lines."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from app.live import LiveHub
+from app.models import StreamState, iso
+from app.sdk import viewer_url
+
+if TYPE_CHECKING:  # only for annotations; the dashboard module imports this one at run time
+    from app.dashboard import View
+
+EXPIRING_SOON = 86400
+SHOWN_METADATA = 4
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stream as the table shows it."""
+
+    id: str
+    name: str
+    watch_url: str
+    namespace: str
+    content_type: str
+    size: str
+    size_title: str
+    state: str
+    expiring: bool
+    created: str
+    created_title: str
+    expires: str
+    expires_title: str
+    metadata: tuple[tuple[str, str, str], ...]
+    more_metadata: int
+    readers: int
+    delete_url: str
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The live figures at the top of the page."""
+
+    streams: str
+    open: str
+    stored: str
+    content: str
+    appends_rate: str
+    bytes_rate: str
+    readers: str
+    readers_detail: str
+
+
+@dataclass(frozen=True)
+class NamespaceLine:
+    """One namespace in the summary: streams, bytes, its share of the largest and a link filtering to it."""
+
+    namespace: str
+    streams: str
+    stored: str
+    share: float
+    url: str
+    current: bool
+
+
+def human_bytes(n: float) -> str:
+    """1023 B, 1.0 KiB, 12.4 MiB: binary units, three significant figures."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{int(value):,} B"
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def relative(ts: float, now: float) -> str:
+    """`5 min ago`, `in 3 h`: coarse enough that the table changes at most once a minute per row."""
+    delta = ts - now
+    seconds = abs(delta)
+    if seconds < 60:
+        return "just now" if delta <= 0 else "in < 1 min"
+    units = ((86400, "d"), (3600, "h"), (60, "min"))
+    size, unit = next((size, unit) for size, unit in units if seconds >= size)
+    amount = f"{int(seconds // size)} {unit}"
+    return f"in {amount}" if delta > 0 else f"{amount} ago"
+
+
+def rows(states: list[StreamState], view: View, hub: LiveHub, now: float) -> list[Row]:
+    """Table rows for one page of streams."""
+    out = []
+    for s in states:
+        size = human_bytes(s.tail)
+        size_title = f"{s.tail:,} bytes of content"
+        if s.compressed:
+            size_title += f", stored gzipped in {s.stored_bytes:,} bytes"
+        pairs = sorted(s.metadata.items())
+        out.append(
+            Row(
+                id=s.id,
+                name=s.name,
+                watch_url=viewer_url("", s.name),
+                namespace=s.namespace,
+                content_type=s.content_type,
+                size=size + (" · gz" if s.compressed else ""),
+                size_title=size_title,
+                state="closed" if s.closed else "open",
+                expiring=s.expires_at is not None and s.expires_at - now < EXPIRING_SOON,
+                created=relative(s.created_at, now),
+                created_title=iso(s.created_at) or "",
+                expires=relative(s.expires_at, now) if s.expires_at is not None else "never",
+                expires_title=iso(s.expires_at) or "no TTL",
+                metadata=tuple((k, v, view.with_meta(k, v)) for k, v in pairs[:SHOWN_METADATA]),
+                more_metadata=max(0, len(pairs) - SHOWN_METADATA),
+                readers=hub.live_readers(s.id),
+                delete_url=f"/dashboard/streams/{s.id}" + (f"?{view.query}" if view.query else ""),
+            )
+        )
+    return out
+
+
+def figures(
+    summary: Mapping[str, Any], rate: tuple[float, float] | None, readers: Mapping[str, int]
+) -> Figures:
+    """The top figures from Store.summary, the sampled write rate and the hub's reader counts."""
+    live = {kind: n for kind, n in readers.items() if n}
+    return Figures(
+        streams=f"{summary['streams']:,}",
+        open=f"{summary['open']:,}",
+        stored=human_bytes(summary["stored_bytes"]),
+        content=human_bytes(summary["content_bytes"]),
+        appends_rate="…" if rate is None else (f"{rate[0]:,.1f}" if rate[0] < 100 else f"{rate[0]:,.0f}"),
+        bytes_rate="measuring" if rate is None else f"{human_bytes(rate[1])}/s",
+        readers=f"{sum(readers.values()):,}",
+        readers_detail=" · ".join(f"{n} {kind}" for kind, n in live.items()) or "none connected",
+    )
+
+
+def namespace_lines(summary: Mapping[str, Any], view: View) -> list[NamespaceLine]:
+    """Per-namespace stream counts and bytes, largest first."""
+    namespaces = sorted(
+        summary["namespaces"], key=lambda n: (-n["stored_bytes"], -n["streams"], n["namespace"])
+    )
+    biggest = max((n["stored_bytes"] for n in namespaces), default=0) or 1
+    return [
+        NamespaceLine(
+            namespace=n["namespace"],
+            streams=f"{n['streams']:,}",
+            stored=human_bytes(n["stored_bytes"]),
+            share=round(100 * n["stored_bytes"] / biggest, 1),
+            url=view.url(namespace="" if view.namespace == n["namespace"] else n["namespace"]),
+            current=view.namespace == n["namespace"],
+        )
+        for n in namespaces
+    ]

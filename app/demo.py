@@ -1,0 +1,336 @@
+"""The demo agent: an LLM answer streamed into a text/markdown stream, with a JSON audit stream beside it.
+
+The answer comes from a real OpenAI-compatible model when STREAMHOLD_LLM_BASE_URL and STREAMHOLD_LLM_MODEL
+are set, and otherwise from a simulated model that types a canned answer at a realistic pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from app.models import iso
+from app.sdk import AgentContext, Stream
+from app.settings import Settings
+
+DEMO_TTL = 24 * 3600
+MAX_RUNNING = 8
+MAX_TOKENS = 8192
+MAX_SECONDS = 180.0
+SIMULATED_RATE = 50.0
+PROGRESS_EVERY = 40
+PROMPT = "How does a durable stream survive a page refresh? Show how to write one from Python."
+SYSTEM = (
+    "You answer in GitHub-flavoured Markdown: a heading, a short paragraph, a numbered list, "
+    "a Python code block and a one-line quote at the end. Keep it under 250 words."
+)
+ANSWER = """# How a durable stream survives a refresh
+
+A durable stream is an **append-only log with a URL**. The writer appends to it; every reader keeps
+its own *offset*, the byte where it stopped reading. Nothing rides on a fragile socket that dies with
+the tab.
+
+## What happens when you reload this page
+
+1. The server renders everything written so far, straight from the store.
+2. The page opens a live connection **from that exact byte**.
+3. Every event carries the next offset, so a reconnect resumes where it stopped: no gap, no duplicate.
+
+## Writing one from Python
+
+```python
+async def answer(ctx: AgentContext, prompt: str) -> dict[str, str]:
+    stream = await ctx.stream.create("answers", content_type="text/markdown")
+
+    async def write() -> None:
+        async for token in model.stream(prompt):
+            await stream.write(token)
+        await stream.close()
+
+    ctx.wait_until(write)  # keeps writing after the response is sent
+    return {"watch": stream.viewer_url}
+```
+
+| reader | resumes from |
+|---|---|
+| this tab, after a reload | the last offset it rendered |
+| your phone, with the copied link | the same URL, the same bytes |
+| a script with `curl` | `?offset=` of its choice |
+
+> Try it now: reload the page, or open the link on another device. The answer keeps arriving.
+"""
+
+
+@dataclass(frozen=True)
+class DemoStarted:
+    """The two streams of a demo run: the Markdown answer and its JSON audit log."""
+
+    answer: Stream
+    audit: Stream
+    source: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "stream_id": self.answer.id,
+            "viewer_url": self.answer.viewer_url,
+            "url": self.answer.url,
+            "audit_stream_id": self.audit.id,
+            "audit_viewer_url": self.audit.viewer_url,
+            "source": self.source,
+        }
+
+
+class DemoBusyError(Exception):
+    """Too many demos are running at once."""
+
+
+_running: set[str] = set()
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into token-sized pieces (a few characters, with their leading spaces), losslessly."""
+    return re.findall(r"\s*\S{1,4}|\s+", text)
+
+
+async def simulated_tokens(
+    text: str = ANSWER, rate: float | None = None, seed: int | None = None
+) -> AsyncIterator[str]:
+    """A model that types `text` at about `rate` tokens a second, pausing a little at line ends."""
+    rng = random.Random(seed)
+    rate = rate or SIMULATED_RATE
+    await asyncio.sleep(min(0.4, 12 / rate))  # time to first token
+    for token in tokenize(text):
+        pause = rng.uniform(0.4, 1.6) / rate
+        if token.endswith("\n"):
+            pause *= 2
+        await asyncio.sleep(pause)
+        yield token
+
+
+async def openai_tokens(
+    base_url: str, model: str, prompt: str, api_key: str = "", read_timeout: float = 60.0
+) -> AsyncIterator[str]:
+    """Stream the answer of an OpenAI-compatible `/chat/completions` endpoint, delta by delta."""
+    payload = {
+        "model": model,
+        "stream": True,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+    }
+    headers = {"accept": "text/event-stream"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    limits = httpx.Timeout(read_timeout, connect=10.0)
+    async with httpx.AsyncClient(timeout=limits) as client:
+        url = base_url.rstrip("/") + "/chat/completions"
+        async with client.stream("POST", url, json=payload, headers=headers) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode("utf-8", errors="replace")[:300]
+                raise RuntimeError(f"the model endpoint answered {response.status_code}: {body}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    continue
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    raise RuntimeError(f"the model reported an error: {json.dumps(chunk['error'])[:300]}")
+                choices = chunk.get("choices") if isinstance(chunk, dict) else None
+                for choice in choices or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if isinstance(content, str) and content:
+                        yield content
+
+
+def token_source(settings: Settings, prompt: str = PROMPT) -> tuple[str, AsyncIterator[str]]:
+    """The configured model (name and tokens): the real one when configured, else the simulated one."""
+    if settings.llm_base_url and settings.llm_model:
+        tokens = openai_tokens(settings.llm_base_url, settings.llm_model, prompt, settings.llm_api_key)
+        return settings.llm_model, tokens
+    return "simulated", simulated_tokens()
+
+
+async def start(ctx: AgentContext, settings: Settings, prompt: str = PROMPT) -> DemoStarted:
+    """Create the answer and audit streams and start writing them in the background."""
+    if len(_running) >= MAX_RUNNING:
+        raise DemoBusyError(f"{MAX_RUNNING} demos are already running; try again in a few seconds")
+    model, tokens = token_source(settings, prompt)
+    audit = await ctx.stream.create(
+        "demo", content_type="application/json", metadata={"demo": "audit"}, ttl=DEMO_TTL
+    )
+    answer = await ctx.stream.create(
+        "demo", content_type="text/markdown", metadata={"demo": "answer", "audit": audit.id}, ttl=DEMO_TTL
+    )
+    _running.add(answer.id)
+    ctx.wait_until(run(answer, audit, tokens, model, prompt))
+    return DemoStarted(answer, audit, model)
+
+
+async def run(answer: Stream, audit: Stream, tokens: AsyncIterator[str], model: str, prompt: str) -> None:
+    """Write the answer token by token and the audit records beside it; always close both streams."""
+    began = time.monotonic()
+    digest = hashlib.sha256()
+    count = size = 0
+    outcome: dict[str, Any] = {"event": "cancelled"}
+    try:
+        audit.write(
+            {
+                "event": "request",
+                "at": iso(time.time()),
+                "model": model,
+                "prompt": prompt,
+                "answer_stream": answer.id,
+            }
+        )
+        async with asyncio.timeout(MAX_SECONDS):
+            async for token in tokens:
+                data = token.encode()
+                answer.write(data)
+                digest.update(data)
+                count, size = count + 1, size + len(data)
+                if count % PROGRESS_EVERY == 0:
+                    progress = {"event": "progress", "tokens": count, "bytes": size, "elapsed_ms": _ms(began)}
+                    audit.write(progress)
+                if count >= MAX_TOKENS:
+                    break
+        outcome = {"event": "complete", "tokens": count, "bytes": size, "sha256": digest.hexdigest()}
+    except Exception as exc:  # the reader should see why the answer stopped, in both streams
+        answer.write(f"\n\n> **The model call failed:** {exc}\n")
+        outcome = {"event": "error", "message": str(exc), "tokens": count, "bytes": size}
+    finally:
+        _running.discard(answer.id)
+        audit.write({**outcome, "at": iso(time.time()), "duration_ms": _ms(began)})
+        await asyncio.gather(answer.close(), audit.close())
+
+
+def _ms(began: float) -> int:
+    return int((time.monotonic() - began) * 1000)
+
+
+# --- `streamhold demo` -----------------------------------------------------------------------------
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+def _server_answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _post_demo(client: httpx.AsyncClient, api_key: str) -> dict[str, str]:
+    headers = {"accept": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    response = await client.post("/demo", headers=headers)
+    if response.status_code != 201:
+        raise RuntimeError(f"POST /demo answered {response.status_code}: {response.text[:300]}")
+    return dict(response.json())
+
+
+def _announce(started: dict[str, str], echo: Callable[[str], None]) -> None:
+    model = started.get("source", "simulated")
+    echo(f"Streaming an answer from the {model} model. Open the live viewer:")
+    echo(f"  {started['viewer_url']}")
+    echo(f"Audit stream (JSON): {started['audit_viewer_url']}")
+
+
+async def _wait_closed(client: httpx.AsyncClient, name: str, stop: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + MAX_SECONDS + 30
+    while time.monotonic() < deadline and not stop():
+        response = await client.head(f"/v1/stream/{name}")
+        if response.status_code != 200 or response.headers.get("stream-closed") == "true":
+            return
+        await asyncio.sleep(0.25)
+
+
+async def serve_demo(
+    settings: Settings, port: int, linger: float, echo: Callable[[str], None]
+) -> dict[str, str]:
+    """Serve the app in this process, run the demo through its own POST /demo, then linger; returns URLs."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = dataclasses.replace(settings, public_url=settings.public_url or f"http://127.0.0.1:{port}")
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    try:
+        for _ in range(400):
+            if server.started or serving.done():
+                break
+            await asyncio.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"could not start a server on 127.0.0.1:{port}")
+        stop = lambda: server.should_exit or serving.done()  # noqa: E731 - Ctrl-C sets should_exit
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            started = await _post_demo(client, settings.api_keys[0] if settings.api_keys else "")
+            _announce(started, echo)
+            await _wait_closed(client, started["stream_id"], stop)
+        if linger > 0 and not stop():
+            echo(f"The answer is complete. The server stays up for {linger:.0f} s (Ctrl-C stops it).")
+            await asyncio.wait({serving}, timeout=linger)
+        return started
+    finally:
+        server.should_exit = True
+        await serving
+
+
+def cli_demo(
+    url: str, port: int, linger: float, in_process: bool, echo: Callable[[str], None]
+) -> dict[str, str]:
+    """`streamhold demo`: against the server at `url` (or a local one that answers), else in this process."""
+    if not url and not in_process and _server_answers(DEFAULT_SERVER):
+        url = DEFAULT_SERVER
+    if url and not in_process:
+
+        async def remote() -> dict[str, str]:
+            async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=10) as client:
+                return await _post_demo(client, os.environ.get("STREAMHOLD_API_KEY", ""))
+
+        started = asyncio.run(remote())
+        _announce(started, echo)
+        return started
+    port = port or (8000 if _port_free(8000) else 0)
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+    try:
+        return asyncio.run(serve_demo(Settings.from_env(), port, linger, echo))
+    except KeyboardInterrupt:
+        return {}

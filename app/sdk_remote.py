@@ -1,0 +1,325 @@
+"""The Python stream API over HTTP: LocalStreams' interface and errors, against a server's /stream API.
+
+async with RemoteStreams("http://127.0.0.1:8000", api_key="...") as streams:
+    stream = await streams.create("export", content_type="text/csv")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from app.models import (
+    PayloadTooLargeError,
+    StreamClosedError,
+    StreamError,
+    StreamNotFoundError,
+)
+from app.sdk import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
+
+__all__ = [
+    "RemoteStream",
+    "RemoteStreamError",
+    "RemoteStreams",
+    "ServerUnavailableError",
+    "UnauthorizedError",
+    "info_from_wire",
+]
+
+DEFAULT_MAX_APPEND = 5 * 1024 * 1024
+RETRY_DELAYS = (0.2, 0.4, 0.8, 1.6, 2.0)
+IDENTITY = {"accept-encoding": "identity"}
+
+
+class UnauthorizedError(StreamError, PermissionError):
+    """The server wants an API key (or a different one)."""
+
+    status = 401
+
+
+class ServerUnavailableError(StreamError, ConnectionError):
+    """The server could not be reached, or the connection broke."""
+
+    status = 503
+
+
+class RemoteStreamError(StreamError):
+    """Any other error answer from the server; `status` is its HTTP status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        return payload["error"]
+    return f"the server answered {response.status_code} {response.reason_phrase}".strip()
+
+
+def error_for(response: httpx.Response) -> Exception:
+    """The SDK error for an error answer, with the server's message; ValueError for a rejected argument."""
+    message, status = _message(response), response.status_code
+    if status == 400:
+        return ValueError(message)
+    if status in (401, 403):
+        return UnauthorizedError(message)
+    if status == 404:
+        return StreamNotFoundError(message)
+    if status == 409:
+        return StreamClosedError(message)
+    if status == 413:
+        return PayloadTooLargeError(message)
+    return RemoteStreamError(message, status)
+
+
+def _unavailable(base_url: str, exc: httpx.HTTPError) -> ServerUnavailableError:
+    reason = str(exc) or type(exc).__name__
+    return ServerUnavailableError(f"cannot reach the server at {base_url} ({reason})")
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def info_from_wire(data: Mapping[str, Any]) -> StreamInfo:
+    """A StreamInfo from the record the server sends (`name` there is the namespace)."""
+    namespace = data.get("namespace", data["name"])
+    return StreamInfo(
+        id=data["id"],
+        name=data.get("protocol_name") or data["id"],
+        namespace=namespace,
+        metadata=dict(data.get("metadata") or {}),
+        url=data["url"],
+        viewer_url=data.get("viewer_url", ""),
+        content_type=data.get("content_type", "application/octet-stream"),
+        size_bytes=int(data.get("size_bytes", 0)),
+        stored_bytes=int(data.get("stored_bytes", data.get("size_bytes", 0))),
+        compressed=bool(data.get("compressed", False)),
+        created_at=_time(data.get("created_at")),  # type: ignore[arg-type]
+        closed_at=_time(data.get("closed_at")),
+        expires_at=_time(data.get("expires_at")),
+    )
+
+
+class RemoteStream(Stream):
+    """Writes queue here and one sender task posts them in order, several queued writes per request.
+
+    `max_append` is the server's limit for one write, in bytes.
+    """
+
+    def __init__(self, info: StreamInfo, compressed: bool, service: RemoteStreams, max_append: int) -> None:
+        super().__init__(info, compressed)
+        self._service = service
+        self.max_append = max_append
+        self._queue: collections.deque[tuple[bytes, asyncio.Future[None]]] = collections.deque()
+        self._sender: asyncio.Task[None] | None = None
+
+    def _send(self, chunk: bytes) -> asyncio.Future[None]:
+        if len(chunk) > self.max_append:
+            raise PayloadTooLargeError(
+                f"a write may be at most {self.max_append} bytes; split it into smaller writes"
+            )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((chunk, future))
+        if self._sender is None or self._sender.done():
+            self._sender = self._service._spawn(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft()]
+            size = len(batch[0][0])
+            while self._queue and size + len(self._queue[0][0]) <= self.max_append:
+                size += len(self._queue[0][0])
+                batch.append(self._queue.popleft())
+            try:
+                await self._service._post(f"/stream/{self.id}/append", content=b"".join(c for c, _ in batch))
+            except BaseException as exc:
+                # Later writes must not land after a hole: they fail with the same error.
+                failed = [*batch, *self._queue]
+                self._queue.clear()
+                error = exc if isinstance(exc, Exception) else ServerUnavailableError("write cancelled")
+                for _, future in failed:
+                    if not future.done():
+                        future.set_exception(error)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _finish(self) -> None:
+        headers = {"x-compress": "gzip"} if self.compressed else {}
+        await self._service._post(f"/stream/{self.id}/complete", headers=headers)
+
+
+class RemoteStreams(StreamService):
+    """The stream API of a Streamhold server, over HTTP; use it as an async context manager."""
+
+    def __init__(
+        self,
+        server_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        base = server_url.rstrip("/")
+        self.server_url = base.removesuffix("/stream")  # an Agentuity-style base URL works too
+        headers = {"user-agent": "streamhold-python"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=self.server_url, headers=headers, timeout=timeout, transport=transport
+        )
+        self._senders: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RemoteStreams:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for queued writes, then close the connections."""
+        while self._senders:
+            await asyncio.gather(*list(self._senders), return_exceptions=True)
+        await self._client.aclose()
+
+    def _spawn(self, work: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
+        self._senders.add(task)
+        task.add_done_callback(self._senders.discard)
+        return task
+
+    async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path, **options)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.server_url, exc) from None
+        if response.is_error:
+            raise error_for(response)
+        return response
+
+    async def _post(self, path: str, **options: Any) -> httpx.Response:
+        return await self._request("POST", path, **options)
+
+    async def create(
+        self,
+        namespace: str,
+        *,
+        content_type: str = "application/octet-stream",
+        compress: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        ttl: int | float | None = UNSET,
+    ) -> RemoteStream:
+        meta, seconds = check_create(namespace, content_type, metadata, ttl)
+        headers = {"content-type": content_type}
+        body = {"name": namespace, "metadata": meta, "headers": headers, "ttl": seconds or 0}
+        response = await self._post("/stream", json=body)
+        limit = response.headers.get("stream-max-append-bytes", "")
+        max_append = int(limit) if limit.isdigit() else DEFAULT_MAX_APPEND
+        return RemoteStream(info_from_wire(response.json()), bool(compress), self, max_append)
+
+    async def list(
+        self,
+        namespace: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        sort: str = "created",
+        direction: str = "desc",
+    ) -> ListResult:
+        check_list(limit, offset)
+        body: dict[str, Any] = {
+            "metadata": dict(metadata or {}),
+            "limit": limit,
+            "offset": offset,
+            # On the wire `name` is the namespace; the stream's own name sorts as `protocol_name`.
+            "sort": "protocol_name" if sort == "name" else sort,
+            "direction": direction,
+        }
+        if namespace:
+            body["name"] = namespace
+        page = (await self._post("/stream/list", json=body)).json()
+        return ListResult(int(page["total"]), [info_from_wire(item) for item in page["streams"]])
+
+    async def get(self, stream_id: str) -> StreamInfo:
+        check_id(stream_id)
+        return info_from_wire((await self._post(f"/stream/{stream_id}/info", json={})).json())
+
+    async def download(self, stream_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        """The content; an open stream is tailed until it is closed, reconnecting if the connection drops."""
+        async for piece in self.read(check_id(stream_id)):
+            yield piece
+
+    async def read(
+        self, stream_id: str, *, follow: bool = True, offset: int = 0, resume_for: float = 30.0
+    ) -> AsyncIterator[bytes]:
+        """The content from byte `offset`; with `follow`, tail an open stream resuming when connections drop.
+
+        Gives up with ServerUnavailableError after `resume_for` seconds without getting anywhere.
+        """
+        position = offset
+        stalled_since: float | None = None
+        attempt = 0
+        while True:
+            params: dict[str, Any] = {}
+            if position:
+                params["offset"] = position
+            if not follow:
+                params["follow"] = "false"
+            try:
+                complete = False
+                async with self._client.stream(
+                    "GET", f"/stream/{stream_id}", params=params, timeout=httpx.Timeout(30.0, read=None)
+                ) as response:
+                    if response.is_error:
+                        await response.aread()
+                        raise error_for(response)
+                    complete = response.headers.get("stream-closed") == "true" or not follow
+                    async for piece in response.aiter_bytes():
+                        position += len(piece)
+                        stalled_since, attempt = None, 0
+                        yield piece
+                # The server ends an open stream's body only at close; ask, in case a proxy cut it cleanly.
+                if complete or await self._finished(stream_id, position):
+                    return
+            except (httpx.TransportError, httpx.DecodingError) as exc:  # a cut gzip body fails to decode
+                if not follow:
+                    raise _unavailable(self.server_url, exc) from None
+            now = time.monotonic()
+            stalled_since = stalled_since or now
+            if now - stalled_since > resume_for:
+                raise ServerUnavailableError(
+                    f"lost the stream at byte {position} and could not resume within {resume_for:.0f} s "
+                    f"from {self.server_url}"
+                )
+            await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+            attempt += 1
+
+    async def _finished(self, stream_id: str, position: int) -> bool:
+        try:
+            response = await self._client.head(f"/stream/{stream_id}", headers=IDENTITY)
+        except httpx.TransportError:
+            return False
+        if response.is_error:
+            raise error_for(response)
+        closed = response.headers.get("stream-closed") == "true"
+        length = response.headers.get("content-length", "")
+        return closed and length.isdigit() and position >= int(length)
+
+    async def delete(self, stream_id: str) -> None:
+        await self._request("DELETE", f"/stream/{check_id(stream_id)}")

@@ -1,0 +1,454 @@
+"""The Agentuity-compatible stream service at /stream (and at the root, where Agentuity's SDK puts it).
+
+Create, list, info, append, complete, PUT and delete need an API key when keys are set; reading a stream's
+content by its URL is public (app.content serves it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+from litestar import Request, delete, get, post, put, route
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+from litestar.response.base import ASGIResponse
+
+from app.auth import require_key
+from app.content import RangeNotSatisfiableError, respond_with_content
+from app.live import LiveHub
+from app.models import (
+    DEFAULT_TTL,
+    MAX_NAMESPACE_LENGTH,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    StreamClosedError,
+    StreamError,
+    StreamFilter,
+    StreamNotFoundError,
+    StreamState,
+    clamp_ttl,
+    iso,
+)
+from app.protocol import frame_json, read_body, respond
+from app.sdk import info_from_state
+from app.settings import Settings
+from app.store import NewStream, Store
+
+BASES = ("/stream", "")  # the documented prefix, and the root that the SDK's own base URL implies
+JSON_LIMIT = 1024 * 1024
+PUT_SLICE = 1024 * 1024
+# Agentuity's sort names (`name` is the namespace on its wire) onto the store's.
+SORTS = {
+    "created": "created",
+    "updated": "updated",
+    "lastUsed": "updated",
+    "size": "size",
+    "name": "namespace",
+    "namespace": "namespace",
+    "protocol_name": "name",
+}
+
+
+def _paths(suffix: str) -> list[str]:
+    return [f"{base}{suffix}" or "/" for base in BASES]
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> ASGIResponse:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return respond(status, {"content-type": "application/json", **(headers or {})}, body)
+
+
+def _error(exc: StreamError, head: bool = False) -> ASGIResponse:
+    headers = {"content-type": "application/json"}
+    if isinstance(exc, RangeNotSatisfiableError):
+        headers["content-range"] = f"bytes */{exc.length}"
+    if head:
+        return ASGIResponse(body=b"", status_code=exc.status, headers=headers, is_head_response=True)
+    return _json(exc.status, {"error": str(exc)}, headers)
+
+
+def wire_info(state: StreamState, origin: str) -> dict[str, Any]:
+    """A stream's record on this API: Agentuity's snake_case fields (`name` is the namespace), and more."""
+    info = info_from_state(state, origin)
+    return {
+        "id": state.id,
+        "name": state.namespace,
+        "metadata": dict(state.metadata),
+        "url": info.url,
+        "size_bytes": state.tail,
+        "expires_at": iso(state.expires_at),
+        "namespace": state.namespace,
+        "content_type": state.content_type,
+        "created_at": iso(state.created_at),
+        "updated_at": iso(state.updated_at),
+        "closed_at": iso(state.closed_at),
+        "completed": state.closed,
+        "compressed": state.compressed,
+        "stored_bytes": state.stored_bytes,
+        "protocol_name": state.name,
+        "viewer_url": info.viewer_url,
+    }
+
+
+async def _live(store: Store, stream_id: str) -> StreamState:
+    state = await store.get(stream_id)
+    if state is None or state.expired() or state.deleted:
+        raise StreamNotFoundError(f"stream {stream_id} not found (it may have expired or been deleted)")
+    return state
+
+
+async def _json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > JSON_LIMIT:
+        raise PayloadTooLargeError(f"a JSON body may be at most {JSON_LIMIT} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError('the body must be a JSON object, such as {"name": "export"}') from None
+    if not isinstance(value, dict):
+        raise InvalidRequestError('the body must be a JSON object, such as {"name": "export"}')
+    return value
+
+
+def _namespace(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAMESPACE_LENGTH:
+        raise InvalidRequestError(
+            'name (the namespace) must be a string of 1 to 254 characters, e.g. "export"'
+        )
+    return value
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """A flat string map; numbers and booleans are turned into text the way JavaScript's String() does."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequestError('metadata must be an object of strings, such as {"user_id": "u1"}')
+    result: dict[str, str] = {}
+    for key, item in value.items():
+        if isinstance(item, bool):
+            item = "true" if item else "false"
+        elif isinstance(item, int):
+            item = str(item)
+        elif isinstance(item, float) and math.isfinite(item):
+            item = str(int(item)) if item.is_integer() and abs(item) < 1e21 else repr(item)
+        if not isinstance(item, str):
+            raise InvalidRequestError(f"metadata values must be strings; {key!r} is not")
+        if not key or len(key) > 255 or len(item) > 1024:
+            raise InvalidRequestError(
+                "metadata keys must be 1-255 characters and values at most 1024 characters"
+            )
+        result[key] = item
+    return result
+
+
+def _content_type(headers: Any) -> str:
+    if headers is None:
+        return "application/octet-stream"
+    if not isinstance(headers, dict):
+        raise InvalidRequestError('headers must be an object, such as {"content-type": "text/csv"}')
+    given = [value for key, value in headers.items() if key.lower() == "content-type"]
+    if not given:
+        return "application/octet-stream"
+    value = given[-1]
+    if not isinstance(value, str) or not value.strip() or len(value) > 255 or not value.isprintable():
+        raise InvalidRequestError('headers["content-type"] must be a MIME type such as "text/plain"')
+    return value.strip()
+
+
+def _ttl(body: dict[str, Any]) -> int | None:
+    if "ttl" not in body:
+        return DEFAULT_TTL
+    ttl = body["ttl"]
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl != ttl or ttl < 0:
+        raise InvalidRequestError(
+            "ttl must be a number of seconds: 0 or null never expires; others are clamped to 60..7776000"
+        )
+    return clamp_ttl(ttl)
+
+
+def _integer(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    whole = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not whole or value != int(value):
+        raise InvalidRequestError(f"{key} must be a whole number")
+    return int(value)
+
+
+# --- management ----------------------------------------------------------------------------------
+
+
+@post(_paths(""), status_code=200)
+async def create_stream(
+    request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
+) -> ASGIResponse:
+    """Create a stream from {name, metadata?, headers?: {content-type}, ttl?}; answers its id and record."""
+    try:
+        require_key(request, settings)
+        body = await _json_object(request)
+        new = NewStream(
+            namespace=_namespace(body.get("name", body.get("namespace"))),
+            content_type=_content_type(body.get("headers")),
+            metadata=_metadata(body.get("metadata")),
+            ttl_seconds=_ttl(body),
+        )
+        state, _ = await store.create(new)
+    except StreamError as exc:
+        return _error(exc)
+    info = wire_info(state, settings.origin())
+    return _json(
+        200, info, {"location": info["url"], "stream-max-append-bytes": str(settings.max_append_bytes)}
+    )
+
+
+@post(_paths("/list"), status_code=200)
+async def list_streams(
+    request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
+) -> ASGIResponse:
+    """One page of the live streams matching {name?, metadata?}, with the total number of matches."""
+    try:
+        require_key(request, settings)
+        body = await _json_object(request)
+        namespace = body.get("name") or body.get("namespace")
+        where = StreamFilter(
+            namespace=_namespace(namespace) if namespace else None,
+            metadata=tuple(_metadata(body.get("metadata")).items()),
+        )
+        sort = body.get("sort") or "created"
+        if not isinstance(sort, str) or sort not in SORTS:
+            raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}; got {sort!r}")
+        total, states = await store.list(
+            where,
+            sort=SORTS[sort],
+            direction=body.get("direction") or "desc",
+            limit=_integer(body, "limit", 100),
+            offset=_integer(body, "offset", 0),
+        )
+    except StreamError as exc:
+        return _error(exc)
+    origin = settings.origin()
+    return _json(200, {"success": True, "streams": [wire_info(s, origin) for s in states], "total": total})
+
+
+@post(_paths("/{stream_id:str}/info"), status_code=200)
+async def stream_info(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    settings: NamedDependency[Settings],
+) -> ASGIResponse:
+    """A stream's record."""
+    try:
+        require_key(request, settings)
+        state = await _live(store, stream_id)
+    except StreamError as exc:
+        return _error(exc)
+    return _json(200, wire_info(state, settings.origin()))
+
+
+@delete(_paths("/{stream_id:str}"), status_code=200)
+async def delete_stream(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    settings: NamedDependency[Settings],
+) -> ASGIResponse:
+    """Delete a stream; its URL answers 404 from then on."""
+    try:
+        require_key(request, settings)
+        await store.delete((await _live(store, stream_id)).id)
+    except StreamError as exc:
+        return _error(exc)
+    return respond(204)
+
+
+# --- writes --------------------------------------------------------------------------------------
+
+
+def _writable(state: StreamState) -> StreamState:
+    if state.closed:
+        raise StreamClosedError(f"stream {state.id} is complete; create a new stream to write more")
+    return state
+
+
+@post(_paths("/{stream_id:str}/append"), status_code=200)
+async def append_stream(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    settings: NamedDependency[Settings],
+) -> ASGIResponse:
+    """Append the raw body; answered once it is committed."""
+    try:
+        require_key(request, settings)
+        state = _writable(await _live(store, stream_id))
+        body = await read_body(request, settings.max_append_bytes)
+        if body:
+            if state.json_mode:  # a Durable Streams JSON stream keeps one message per line
+                body = frame_json(body, allow_empty_array=False)
+            await store.append(state.id, body)
+    except StreamError as exc:
+        return _error(exc)
+    return respond(204)
+
+
+def _compress_header(request: Request[Any, Any, Any]) -> bool:
+    value = request.headers.get("x-compress", "").strip().lower()
+    if value not in ("", "gzip"):
+        raise InvalidRequestError("X-Compress must be gzip, or left out to store the stream as it is")
+    return value == "gzip"
+
+
+async def _complete(store: Store, stream_id: str, compress: bool) -> None:
+    # Closing a closed stream is a no-op in the writer, so a repeated complete is idempotent.
+    await store.append_nowait(stream_id, b"", close=True, compress=compress)
+    await store.finish(stream_id)
+
+
+@post(_paths("/{stream_id:str}/complete"), status_code=200)
+async def complete_stream(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    settings: NamedDependency[Settings],
+) -> ASGIResponse:
+    """Close the stream (gzip it first with `X-Compress: gzip`); idempotent."""
+    try:
+        require_key(request, settings)
+        compress = _compress_header(request)
+        state = await _live(store, stream_id)
+        await _complete(store, state.id, compress)
+    except StreamError as exc:
+        return _error(exc)
+    return respond(204)
+
+
+async def _inflated(pieces: AsyncIterator[bytes], gzipped: bool, bound: int) -> AsyncIterator[bytes]:
+    """The request body, gunzipped when it came gzipped, in pieces of at most `bound` bytes."""
+    if not gzipped:
+        async for piece in pieces:
+            yield piece
+        return
+    inflater = zlib.decompressobj(31)
+    try:
+        async for piece in pieces:
+            data = piece
+            while data:
+                yield inflater.decompress(data, bound)
+                data = inflater.unconsumed_tail
+        yield inflater.flush()
+    except zlib.error:
+        raise InvalidRequestError(
+            "the body is not valid gzip; send it plain or fix Content-Encoding"
+        ) from None
+    if not inflater.eof:
+        raise InvalidRequestError("the gzip body ended early; send the whole body")
+
+
+@put(_paths("/{stream_id:str}"), status_code=200, request_max_body_size=None)
+async def put_stream(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    settings: NamedDependency[Settings],
+) -> ASGIResponse:
+    """The older whole-body upload: the body (streamed, maybe gzipped) is appended in slices, then closed."""
+    try:
+        require_key(request, settings)
+        state = _writable(await _live(store, stream_id))
+        if state.json_mode:
+            raise StreamClosedError(f"stream {state.id} takes JSON messages: send each with POST .../append")
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity", "gzip"):
+            raise InvalidRequestError("Content-Encoding must be gzip, or left out for a plain body")
+        compress = _compress_header(request) or encoding == "gzip"
+        size = min(PUT_SLICE, settings.max_append_bytes)
+        buffer = bytearray()
+        async for piece in _inflated(request.stream(), encoding == "gzip", size):
+            buffer += piece
+            while len(buffer) >= size:
+                await store.append(state.id, bytes(buffer[:size]))
+                del buffer[:size]
+        if buffer:
+            await store.append(state.id, bytes(buffer))
+        await _complete(store, state.id, compress)
+    except StreamError as exc:
+        return _error(exc)
+    return respond(204)
+
+
+# --- content -------------------------------------------------------------------------------------
+
+
+async def _read(
+    stream_id: str,
+    request: Request[Any, Any, Any],
+    store: Store,
+    hub: LiveHub,
+    settings: Settings,
+    head: bool,
+) -> ASGIResponse:
+    try:
+        return await respond_with_content(request, store, hub, settings, await _live(store, stream_id), head)
+    except StreamError as exc:
+        return _error(exc, head)
+
+
+@get("/stream/{stream_id:str}")
+async def read_content(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    hub: NamedDependency[LiveHub],
+    settings: NamedDependency[Settings],
+) -> ASGIResponse:
+    """The content (public): a closed stream whole or by Range; an open one replayed, then tailed."""
+    return await _read(stream_id, request, store, hub, settings, head=False)
+
+
+@route("/stream/{stream_id:str}", http_method=["HEAD"])
+async def head_content(
+    stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    hub: NamedDependency[LiveHub],
+    settings: NamedDependency[Settings],
+) -> ASGIResponse:
+    """The headers a GET would answer with."""
+    return await _read(stream_id, request, store, hub, settings, head=True)
+
+
+@route("/{stream_id:str}", http_method=["GET", "HEAD"])
+async def content_at_root(stream_id: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
+    """The root-level content URL of the SDK's default base: a permanent redirect to /stream/{id}.
+
+    Content is served under /stream only, where every response carries the sandboxing headers.
+    """
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    location = f"/stream/{quote(stream_id, safe='')}" + (f"?{query}" if query else "")
+    return ASGIResponse(body=b"", status_code=308, headers={"location": location}, media_type="text/plain")
+
+
+routes = [
+    create_stream,
+    list_streams,
+    stream_info,
+    delete_stream,
+    append_stream,
+    complete_stream,
+    put_stream,
+    read_content,
+    head_content,
+    content_at_root,
+]

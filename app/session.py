@@ -1,0 +1,165 @@
+"""Dashboard sign-in: signed session cookies derived from the API keys, and CSRF checks on every change."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from litestar import Request, Response
+from litestar.datastructures import Cookie
+
+from app.auth import key_is_valid
+from app.settings import Settings
+
+COOKIE = "streamhold_session"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf"
+SESSION_SECONDS = 12 * 3600
+SIGNIN_PATH = "/signin"
+
+# Without API keys there is nothing to derive a secret from; a per-process one still ties the CSRF token to
+# pages this process served (such a server listens on loopback only, so one process is the usual case).
+_PROCESS_SECRET = secrets.token_bytes(32)
+RELOAD_PAGE = (
+    '<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0">'
+    "<title>Streamhold</title><p>Opening the dashboard…</p>"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A signed-in browser (or, without API keys, anyone): what its CSRF token is derived from."""
+
+    nonce: str
+    secret: bytes
+    expires: int
+    signed_in: bool
+
+    @property
+    def csrf(self) -> str:
+        return _mac(self.secret, f"csrf.{self.nonce}")
+
+
+def _mac(secret: bytes, message: str) -> str:
+    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+def _secret_for(key: str) -> bytes:
+    """A signing secret per API key, so removing a key from STREAMHOLD_API_KEYS ends its sessions."""
+    return hmac.new(key.encode(), b"streamhold dashboard session v1", hashlib.sha256).digest()
+
+
+def issue(key: str, now: float | None = None) -> str:
+    """A cookie value for a session signed in with `key` (which the caller has checked)."""
+    expires = int((time.time() if now is None else now) + SESSION_SECONDS)
+    body = f"v1.{expires}.{secrets.token_hex(16)}"
+    return f"{body}.{_mac(_secret_for(key), body)}"
+
+
+def verify(value: str, settings: Settings, now: float | None = None) -> Session | None:
+    """The session a cookie value stands for, or None when it is forged, expired or its key was removed."""
+    parts = value.split(".")
+    if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit():
+        return None
+    body, mac = ".".join(parts[:3]), parts[3]
+    expires = int(parts[1])
+    if expires <= (time.time() if now is None else now):
+        return None
+    found: bytes | None = None
+    for key in settings.api_keys:
+        secret = _secret_for(key)
+        if hmac.compare_digest(_mac(secret, body), mac):
+            found = secret
+    return Session(parts[2], found, expires, True) if found is not None else None
+
+
+def current(request: Request[Any, Any, Any], settings: Settings) -> Session | None:
+    """The request's session; without API keys every request has an anonymous one."""
+    if not settings.api_keys:
+        return Session("open", _PROCESS_SECRET, 0, False)
+    value = request.cookies.get(COOKIE)
+    return verify(value, settings) if value else None
+
+
+def same_origin(request: Request[Any, Any, Any], settings: Settings) -> bool:
+    """False when the browser says the request came from another site (Origin, else Sec-Fetch-Site)."""
+    origin = request.headers.get("origin")
+    if origin is not None:
+        allowed = {request.headers.get("host", ""), urlsplit(settings.public_url).netloc} - {""}
+        return urlsplit(origin).netloc in allowed
+    return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+
+
+def csrf_ok(
+    request: Request[Any, Any, Any], settings: Settings, session: Session, form_token: str = ""
+) -> bool:
+    """The request carries the session's CSRF token (header or form field) and comes from our own origin."""
+    token = request.headers.get(CSRF_HEADER) or form_token
+    return bool(token) and hmac.compare_digest(token, session.csrf) and same_origin(request, settings)
+
+
+def signin_url(next_url: str) -> str:
+    return f"{SIGNIN_PATH}?next={quote(next_url, safe='/')}" if next_url not in ("", "/") else SIGNIN_PATH
+
+
+def safe_next(next_url: str) -> str:
+    """A local path to return to after sign-in; anything else (another host, a scheme) becomes `/`."""
+    if not next_url.startswith("/") or next_url.startswith("//") or "\\" in next_url:
+        return "/"
+    return next_url
+
+
+def denied(request: Request[Any, Any, Any], *, change: bool) -> Response[str]:
+    """No valid session: pages go to the sign-in form, htmx requests and changes get 401."""
+    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    page = not request.headers.get("hx-request") or request.headers.get("hx-history-restore-request")
+    if request.method == "GET" and page:
+        if request.headers.get("sec-fetch-site") == "cross-site":
+            # A SameSite=Strict cookie is withheld on a link followed from another site; a same-site
+            # reload sends it, so a shared dashboard link works for someone who is signed in.
+            return Response(RELOAD_PAGE, media_type="text/html", headers={"cache-control": "no-store"})
+        return Response("", status_code=303, headers={"location": signin_url(path)})
+    # htmx follows HX-Redirect, so a tab whose session expired lands on the sign-in form by itself.
+    back = request.headers.get("hx-current-url", "")
+    back_path = urlsplit(back).path + (f"?{urlsplit(back).query}" if urlsplit(back).query else "")
+    headers = {"hx-redirect": signin_url(safe_next(back_path) if back else "/")}
+    message = "sign in first" if not change else "sign in first: this change needs a dashboard session"
+    return Response(message, status_code=401, headers=headers, media_type="text/plain")
+
+
+def forbidden() -> Response[str]:
+    return Response(
+        "this change needs the dashboard's CSRF token and must come from its own origin; reload the page",
+        status_code=403,
+        media_type="text/plain",
+    )
+
+
+def check_key(presented: str, settings: Settings) -> bool:
+    return bool(presented) and key_is_valid(presented, settings.api_keys)
+
+
+def _secure(request: Request[Any, Any, Any], settings: Settings) -> bool:
+    return request.url.scheme == "https" or settings.public_url.startswith("https://")
+
+
+def session_cookie(request: Request[Any, Any, Any], settings: Settings, value: str) -> Cookie:
+    return Cookie(
+        key=COOKIE,
+        value=value,
+        max_age=SESSION_SECONDS,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request, settings),
+    )
+
+
+def cleared_cookie(request: Request[Any, Any, Any], settings: Settings) -> Cookie:
+    secure = _secure(request, settings)
+    return Cookie(key=COOKIE, value="", max_age=0, path="/", httponly=True, samesite="strict", secure=secure)

@@ -1,0 +1,370 @@
+/* Streamhold live viewer: follows a stream from the offset the server render ended at, over the Durable
+   Streams SSE endpoint. Every applied byte range is tracked by offset, so reconnects resume exactly. */
+(() => {
+  "use strict";
+
+  const root = document.getElementById("watch");
+  if (!root || root.dataset.state === "gone") return;
+  const d = root.dataset;
+  const kind = d.kind;
+  const encoding = d.encoding;
+  const WINDOW = Number(d.window);
+  const PREVIEW = 1024;
+  const MAX_ATTEMPTS = 500;
+  const LABELS = { connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…", closed: "Closed", gone: "Gone" };
+  const $ = (id) => document.getElementById(id);
+  const raw = $("raw");
+  const jump = $("jump");
+  const earlier = $("earlier");
+  const scroller = document.scrollingElement;
+  const streamPath = `/v1/stream/${d.name.split("/").map(encodeURIComponent).join("/")}`;
+  const encoder = new TextEncoder();
+  const decoder = new TextDecoder();
+
+  let start = Number(d.start);
+  let offset = Number(d.offset);
+  let size = Number(d.size);
+  let closed = d.closed === "true";
+  let gone = false;
+  let chunks = [{ a: start, b: offset, text: raw ? raw.textContent : "" }];
+  let source = null;
+  let position = 0;
+  let attempts = 0;
+  let retryTimer = 0;
+  let queue = Promise.resolve();
+  let following = !closed;
+  let scrollQueued = false;
+
+  const renderer = window.StreamholdRender.create(kind, $("rendered") || $("view"), {
+    header: d.header, head: d.head, preview: PREVIEW, tsv: /tab-separated/.test(d.contentType || ""),
+  });
+  renderer.reset(chunks[0].text, { lineStart: true, atStreamStart: start === 0 });
+
+  const token = (n) => `${"0".repeat(16)}_${String(n).padStart(16, "0")}`;
+  const parseOffset = (t) => {
+    const m = /^\d+_(\d+)$/.exec(t || "");
+    return m ? Number(m[1]) : -1;
+  };
+
+  function human(n) {
+    if (n < 1024) return `${n} byte${n === 1 ? "" : "s"}`;
+    const units = ["KiB", "MiB", "GiB", "TiB"];
+    let value = n;
+    let unit = "";
+    for (unit of units) {
+      value /= 1024;
+      if (value < 1024) break;
+    }
+    return `${value.toFixed(1)} ${unit}`;
+  }
+
+  function setState(state, label) {
+    d.state = state;
+    root.querySelector("#status .label").textContent = label || LABELS[state];
+    if (state !== "live") jump.hidden = true;
+  }
+
+  function showFigures() {
+    d.offset = String(offset);
+    d.start = String(start);
+    d.size = String(size);
+    const sizeEl = $("size");
+    sizeEl.textContent = human(size);
+    sizeEl.title = `${size.toLocaleString()} bytes`;
+    for (const node of root.querySelectorAll(".size-text")) node.textContent = human(size);
+    if ($("shown")) $("shown").textContent = human(offset - start);
+    if (earlier) earlier.hidden = start === 0;
+    if ($("empty-note") && (size > 0 || closed)) $("empty-note").remove();
+  }
+
+  /* ---- following the reader ---- */
+
+  const atBottom = () => scroller.scrollHeight - scroller.scrollTop - window.innerHeight < 48;
+
+  function follow() {
+    if (!following || scrollQueued) return;
+    scrollQueued = true;
+    requestAnimationFrame(() => {
+      scrollQueued = false;
+      renderer.flush();
+      if (following) scroller.scrollTop = scroller.scrollHeight;
+    });
+  }
+
+  window.addEventListener("scroll", () => {
+    if (scrollQueued) return;
+    following = atBottom();
+    jump.hidden = following || d.state !== "live";
+  }, { passive: true });
+
+  jump.addEventListener("click", () => {
+    following = true;
+    jump.hidden = true;
+    follow();
+  });
+
+  /* ---- applying data ---- */
+
+  function enqueue(task) {
+    queue = queue.then(task).catch((error) => console.warn("streamhold viewer:", error));
+    return queue;
+  }
+
+  async function fetchBytes(from, to) {
+    const response = await fetch(`${streamPath}?offset=${token(from)}`, { cache: "no-store" });
+    if (!response.ok) throw new Error(`the server answered ${response.status}`);
+    const reader = response.body.getReader();
+    const out = new Uint8Array(to - from);
+    let n = 0;
+    while (n < out.length) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      const take = Math.min(value.length, out.length - n);
+      out.set(value.subarray(0, take), n);
+      n += take;
+    }
+    reader.cancel().catch(() => {});
+    return out.subarray(0, n);
+  }
+
+  async function onData(data, from, to) {
+    if (to <= offset) return;
+    if (from !== offset) {
+      restart();
+      return;
+    }
+    let text = "";
+    if (encoding === "json") {
+      text = JSON.parse(data).map((value) => `${JSON.stringify(value)}\n`).join("");
+    } else if (encoding === "base64") {
+      const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+      if (kind === "binary") renderer.bytes(bytes);
+      else text = decoder.decode(bytes, { stream: true });
+    } else {
+      text = data;
+      // SSE turns CRLF into LF; when the byte count shows that happened, read the exact bytes instead.
+      if (encoder.encode(text).length !== to - from) {
+        const bytes = await fetchBytes(from, to).catch(() => null);
+        if (bytes && bytes.length === to - from) text = new TextDecoder().decode(bytes);
+      }
+    }
+    const last = chunks[chunks.length - 1];
+    if (kind === "binary") chunks = [];
+    else if (last && last.b === from && last.b - last.a < 16384) {
+      last.b = to;
+      last.text += text;
+    } else chunks.push({ a: from, b: to, text });
+    offset = to;
+    size = Math.max(size, to);
+    if (raw && text) raw.append(text);
+    if (text) renderer.append(text);
+    trim();
+    showFigures();
+    follow();
+    if (!following && d.state === "live") jump.hidden = false;
+  }
+
+  function onControl(data) {
+    const control = JSON.parse(data);
+    size = Math.max(size, parseOffset(control.streamNextOffset));
+    attempts = 0;
+    if (control.streamClosed) {
+      finish();
+      return;
+    }
+    if (control.upToDate) setState("live");
+    showFigures();
+  }
+
+  function finish() {
+    closed = true;
+    d.closed = "true";
+    drop();
+    renderer.finish();
+    setState("closed");
+    showFigures();
+  }
+
+  /* Keep the page to about two windows while the reader is at the bottom: drop whole chunks from the top. */
+  function trim() {
+    if (!following || kind === "binary" || offset - start <= 2 * WINDOW || chunks.length < 2) return;
+    let cut = 0;
+    while (cut < chunks.length - 1 && offset - chunks[cut + 1].a >= WINDOW) cut++;
+    if (!cut) return;
+    const lineStart = chunks[cut - 1].text.endsWith("\n");
+    chunks = chunks.slice(cut);
+    start = chunks[0].a;
+    const text = chunks.map((c) => c.text).join("");
+    if (raw) raw.textContent = text;
+    renderer.reset(text, { lineStart, atStreamStart: false });
+  }
+
+  async function loadEarlier(button) {
+    button.disabled = true;
+    try {
+      let from;
+      let text;
+      if (encoding === "json") {
+        const response = await fetch(`${location.pathname}?before=${start}`, { cache: "no-store" });
+        if (!response.ok) throw new Error(`the server answered ${response.status}`);
+        from = Number(response.headers.get("stream-range-start"));
+        text = await response.text();
+      } else {
+        from = Math.max(0, start - WINDOW);
+        const bytes = await fetchBytes(from, start);
+        let skip = 0;
+        if (from > 0) {
+          const newline = kind === "csv" || kind === "json" ? bytes.indexOf(10) : -1;
+          skip = newline >= 0 ? newline + 1 : 0;
+          while (skip < bytes.length && (bytes[skip] & 0xc0) === 0x80) skip++;
+        }
+        from += skip;
+        text = new TextDecoder().decode(bytes.subarray(skip));
+      }
+      const height = scroller.scrollHeight;
+      chunks.unshift({ a: from, b: start, text });
+      start = from;
+      if (raw) raw.prepend(text);
+      renderer.reset(chunks.map((c) => c.text).join(""), { lineStart: true, atStreamStart: start === 0 });
+      scroller.scrollTop += scroller.scrollHeight - height;
+      showFigures();
+    } catch (error) {
+      button.textContent = `Could not load (${error.message}); try again`;
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  /* ---- the live connection ---- */
+
+  function drop() {
+    if (source) source.close();
+    source = null;
+  }
+
+  function connect() {
+    if (closed || gone || source) return;
+    if (d.state !== "live") setState(attempts ? "reconnecting" : "connecting");
+    position = offset;
+    const es = new EventSource(`${streamPath}?offset=${token(offset)}&live=sse`);
+    source = es;
+    es.addEventListener("data", (event) => {
+      const from = position;
+      const to = parseOffset(event.lastEventId);
+      position = to;
+      enqueue(() => onData(event.data, from, to));
+    });
+    es.addEventListener("control", (event) => enqueue(() => onControl(event.data)));
+    es.onerror = () => {
+      if (source !== es) return;
+      drop();
+      // Let already received events apply first, so the next connection starts at the right offset.
+      enqueue(retryLater);
+    };
+  }
+
+  function restart() {
+    drop();
+    enqueue(check);
+  }
+
+  function retryLater() {
+    if (closed || gone) return;
+    clearTimeout(retryTimer);
+    if (attempts >= MAX_ATTEMPTS) {
+      setState("reconnecting", "Disconnected: reload to try again");
+      return;
+    }
+    setState("reconnecting", navigator.onLine ? LABELS.reconnecting : "Offline, waiting for the network…");
+    const delay = Math.min(400 * 2 ** attempts, 3000) * (0.8 + Math.random() * 0.4);
+    attempts++;
+    retryTimer = setTimeout(() => enqueue(check), delay);
+  }
+
+  async function check() {
+    retryTimer = 0;
+    if (closed || gone || source) return;
+    let response;
+    try {
+      response = await fetch(streamPath, { method: "HEAD", cache: "no-store" });
+    } catch (_) {
+      retryLater();
+      return;
+    }
+    if (response.status === 404 || response.status === 410) {
+      setGone();
+      return;
+    }
+    if (!response.ok) {
+      retryLater();
+      return;
+    }
+    const tail = parseOffset(response.headers.get("stream-next-offset"));
+    size = Math.max(size, tail);
+    if (response.headers.get("stream-closed") === "true" && offset >= tail) finish();
+    else connect();
+  }
+
+  function setGone() {
+    gone = true;
+    drop();
+    setState("gone");
+    const note = document.createElement("p");
+    note.className = "gone-note";
+    note.textContent = "This stream was deleted or has expired. What you see is what had arrived before.";
+    $("view").before(note);
+  }
+
+  window.addEventListener("offline", () => {
+    if (closed || gone) return;
+    drop();
+    enqueue(retryLater);
+  });
+  window.addEventListener("online", () => {
+    if (closed || gone || source) return;
+    clearTimeout(retryTimer);
+    attempts = 0;
+    enqueue(check);
+  });
+
+  /* ---- controls ---- */
+
+  const copy = $("copy-link");
+  copy.addEventListener("click", async () => {
+    const url = location.origin + location.pathname;
+    let done = false;
+    try {
+      await navigator.clipboard.writeText(url);
+      done = true;
+    } catch (_) {
+      const field = Object.assign(document.createElement("textarea"), { value: url });
+      document.body.append(field);
+      field.select();
+      done = document.execCommand("copy");
+      field.remove();
+    }
+    copy.textContent = done ? "Copied ✓" : "Copy failed";
+    setTimeout(() => { copy.textContent = "Copy link"; }, 1600);
+  });
+
+  const toggle = $("toggle-source");
+  if (toggle) {
+    toggle.addEventListener("click", () => {
+      const on = root.classList.toggle("show-source");
+      toggle.setAttribute("aria-pressed", String(on));
+    });
+  }
+
+  const more = $("load-earlier");
+  if (more) more.addEventListener("click", () => loadEarlier(more));
+
+  history.scrollRestoration = "manual";
+  showFigures();
+  if (closed) {
+    renderer.finish();
+    setState("closed");
+  } else {
+    follow();
+    connect();
+  }
+})();

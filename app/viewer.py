@@ -1,0 +1,292 @@
+"""The live viewer at /watch/{name}: the stream rendered up to its tail, then followed live; POST /demo.
+
+The page is refresh-safe by construction: its server render is a catch-up read from the store, and its
+live connection (the protocol's SSE) starts at the offset where that read ended.
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect, Stream, Template
+from markupsafe import Markup, escape
+
+from app import demo, session
+from app.auth import bearer, require_key
+from app.models import StreamError, StreamState, iso
+from app.protocol import is_text, live_state, stream_name
+from app.protocol import whole_utf8 as protocol_whole_utf8
+from app.sdk import AgentContext
+from app.settings import Settings
+from app.store import Store
+from app.writer import media_type
+
+WINDOW = 256 * 1024
+JSON_LOOKBACK = 1024 * 1024
+HEADER_LIMIT = 64 * 1024
+HEX_PREVIEW = 1024
+STREAM_ID = re.compile(r"^stream_[0-9a-f]{32}$")
+# The page loads nothing from elsewhere and runs no inline script, so even a rendering bug cannot run
+# a stream's content as code.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+MARKDOWN = {"text/markdown", "text/x-markdown"}
+CSV = {"text/csv", "text/tab-separated-values"}
+JSON_TYPES = {
+    "application/json",
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+}
+
+
+def view_kind(content_type: str) -> str:
+    """How the page renders a content type: markdown, csv, json, text or binary."""
+    kind = media_type(content_type)
+    if kind in MARKDOWN:
+        return "markdown"
+    if kind in CSV:
+        return "csv"
+    if kind in JSON_TYPES or kind.endswith("+json"):
+        return "json"
+    if kind.startswith("text/"):
+        return "text"
+    return "binary"
+
+
+def sse_encoding(state: StreamState) -> str:
+    """What the protocol's SSE data events carry for this stream: a JSON array, text, or base64."""
+    if state.json_mode:
+        return "json"
+    return "text" if is_text(state.content_type) else "base64"
+
+
+@dataclass(frozen=True)
+class Window:
+    """The bytes [start, end) of a stream as text, cut on boundaries the renderer can start from."""
+
+    start: int
+    end: int
+    text: str
+    header: str = ""
+
+
+def whole_utf8(data: bytes) -> bytes:
+    """`data` without a UTF-8 sequence cut at its end (the live connection sends those bytes again)."""
+    return protocol_whole_utf8(data, final=False)
+
+
+async def read_bytes(store: Store, state: StreamState, start: int, end: int) -> bytes:
+    """The uncompressed bytes [start, end), whether the stream is stored compressed or not."""
+    return b"".join([piece async for piece in store.iter_content(state, start, end)])
+
+
+async def read_window(store: Store, state: StreamState, kind: str, end: int, size: int = WINDOW) -> Window:
+    """The last `size` bytes before `end`, starting on a message, line or character boundary."""
+    start = max(0, end - size)
+    if state.json_mode and start > 0:
+        # A JSON-mode offset must fall between messages: widen the window back to the previous newline.
+        low = max(0, start - JSON_LOOKBACK)
+        data = await read_bytes(store, state, low, end)
+        back = start - low
+        cut = data.rfind(b"\n", 0, back) + 1
+        if not cut and low > 0:
+            cut = data.find(b"\n", back) + 1
+        data, start = data[cut:], low + cut
+    elif start > 0:
+        data = await read_bytes(store, state, start, end)
+        newline = data.find(b"\n", 0, min(len(data) - 1, 4096 if kind in ("text", "markdown") else len(data)))
+        skip = newline + 1 if newline >= 0 else 0
+        while skip < len(data) and 0x80 <= data[skip] < 0xC0:
+            skip += 1
+        data, start = data[skip:], start + skip
+    else:
+        data = await read_bytes(store, state, 0, end)
+    if not state.closed or end < state.tail:
+        data = whole_utf8(data)
+    header = ""
+    if kind == "csv" and start > 0:
+        head = await read_bytes(store, state, 0, min(state.tail, HEADER_LIMIT))
+        header = head[: head.find(b"\n") + 1].decode("utf-8", errors="replace")
+    return Window(start, start + len(data), data.decode("utf-8", errors="replace"), header)
+
+
+def exact_html(text: str) -> Markup:
+    """Escaped text whose carriage returns survive HTML parsing (the parser turns a literal CR into LF)."""
+    return Markup(str(escape(text)).replace("\r", "&#13;"))
+
+
+def human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} byte{'' if size == 1 else 's'}"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def relative(ts: float | None, now: float) -> str:
+    """`3 minutes ago` or `in 30 days`."""
+    if ts is None:
+        return "never"
+    delta = ts - now
+    seconds = abs(delta)
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            count = int(seconds // length)
+            text = f"{count} {unit}{'' if count == 1 else 's'}"
+            break
+    else:
+        return "just now" if delta <= 0 else "in a moment"
+    return f"in {text}" if delta > 0 else f"{text} ago"
+
+
+def hex_rows(data: bytes) -> list[tuple[str, str, str]]:
+    """(offset, hex, printable) rows of 16 bytes, like `xxd`."""
+    rows = []
+    for at in range(0, len(data), 16):
+        piece = data[at : at + 16]
+        hexed = " ".join(f"{b:02x}" for b in piece)
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in piece)
+        rows.append((f"{at:08x}", hexed, text))
+    return rows
+
+
+def download_name(state: StreamState) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", state.name.rsplit("/", 1)[-1]).strip("._") or "stream"
+    if state.json_mode:
+        return base + ".ndjson"
+    ext = mimetypes.guess_extension(media_type(state.content_type)) or ".bin"
+    return base if base.endswith(ext) else base + ext
+
+
+def page(context: dict[str, Any], status: int = 200) -> Template:
+    headers = {"content-security-policy": CSP, "cache-control": "no-store", "referrer-policy": "same-origin"}
+    return Template("watch.html", context=context, status_code=status, headers=headers)
+
+
+async def watch_context(store: Store, state: StreamState) -> dict[str, Any]:
+    """Everything the watch page shows of a live stream."""
+    kind = view_kind(state.content_type)
+    now = time.time()
+    head = b""
+    if kind == "binary":
+        head = await read_bytes(store, state, 0, min(state.tail, HEX_PREVIEW))
+        window = Window(0, state.tail, "")
+    else:
+        window = await read_window(store, state, kind, state.tail)
+    links = {k: v for k, v in state.metadata.items() if STREAM_ID.match(v)}
+    return {
+        "state": state,
+        "kind": kind,
+        "encoding": sse_encoding(state),
+        "window": window,
+        "window_size": WINDOW,
+        "text": exact_html(window.text),
+        "header": exact_html(window.header),
+        "head_b64": base64.b64encode(head).decode(),
+        "head_len": len(head),
+        "hex_rows": hex_rows(head),
+        "size": human_size(state.tail),
+        "shown": human_size(window.end - window.start),
+        "created": relative(state.created_at, now),
+        "created_iso": iso(state.created_at),
+        "expires": relative(state.expires_at, now),
+        "expires_iso": iso(state.expires_at),
+        "closed_ago": relative(state.closed_at, now) if state.closed_at else "",
+        "metadata": sorted(state.metadata.items()),
+        "links": links,
+        "download_name": download_name(state),
+    }
+
+
+@get("/watch/{name:path}", name="watch")
+async def watch(
+    name: FromPath[str],
+    request: Request[Any, Any, Any],
+    store: NamedDependency[Store],
+    settings: NamedDependency[Settings],
+    before: FromQuery[int | None] = None,
+    download: FromQuery[bool] = False,
+) -> Response[Any]:
+    """The live viewer; `?download=1` saves the content so far, `?before=N` is an earlier JSON-mode range."""
+    current = session.current(request, settings)
+    demo_csrf = current.csrf if current is not None else ""
+    try:
+        state = live_state(await store.get_by_name(stream_name(name)))
+    except StreamError:
+        return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
+    if download:
+        return Stream(
+            _content(store, state, state.tail),
+            media_type="application/x-ndjson" if state.json_mode else state.content_type,
+            headers={
+                "content-disposition": f'attachment; filename="{download_name(state)}"',
+                "content-security-policy": "sandbox",
+                "content-length": str(state.tail),
+            },
+        )
+    if before is not None:
+        end = min(max(before, 0), state.tail)
+        window = await read_window(store, state, view_kind(state.content_type), end)
+        return Response(
+            window.text,
+            media_type="text/plain; charset=utf-8",
+            headers={"stream-range-start": str(window.start), "stream-range-end": str(window.end)},
+        )
+    context = await watch_context(store, state)
+    return page({**context, "gone": False, "name": state.name, "demo_csrf": demo_csrf})
+
+
+async def _content(store: Store, state: StreamState, end: int) -> AsyncIterator[bytes]:
+    async for piece in store.iter_content(state, 0, end):
+        yield piece
+
+
+async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> Response[Any] | None:
+    """API clients send a key (when keys are set); browsers need a session and its CSRF token."""
+    if bearer(request):
+        require_key(request, settings)
+        return None
+    current = session.current(request, settings)
+    if current is None:
+        return session.denied(request, change=True)
+    if not settings.api_keys:
+        return None if session.same_origin(request, settings) else session.forbidden()
+    form = await request.form()
+    token = str(form.get(session.CSRF_FIELD, ""))
+    return None if session.csrf_ok(request, settings, current, token) else session.forbidden()
+
+
+@post("/demo", status_code=303)
+async def start_demo(
+    request: Request[Any, Any, Any], ctx: NamedDependency[AgentContext], settings: NamedDependency[Settings]
+) -> Response[Any]:
+    """Start the demo agent and open its answer in the viewer (JSON with the URLs for API clients)."""
+    refusal = await _demo_refusal(request, settings)
+    if refusal is not None:
+        return refusal
+    try:
+        started = await demo.start(ctx, settings)
+    except demo.DemoBusyError as exc:
+        return Response({"error": str(exc)}, status_code=429, headers={"retry-after": "5"})
+    if "application/json" in request.headers.get("accept", ""):
+        return Response(started.as_dict(), status_code=201)
+    return Redirect(path=f"/watch/{started.answer.id}", status_code=303)
+
+
+routes = [watch, start_demo]
