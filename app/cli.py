@@ -67,7 +67,9 @@ def main(ctx: click.Context) -> None:
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
 @click.option("--insecure", is_flag=True, help="Listen beyond loopback without API keys (anyone can write).")
 @click.option("--log-level", default="warning", show_default=True)
-def serve(host: str = "127.0.0.1", port: int = 8000, insecure: bool = False, log_level: str = "warning") -> None:
+def serve(
+    host: str = "127.0.0.1", port: int = 8000, insecure: bool = False, log_level: str = "warning"
+) -> None:
     """Serve the HTTP API, the viewer and the dashboard."""
     try:
         settings = Settings.from_env()
@@ -253,7 +255,8 @@ async def _write(
                 piece = data[start : start + stream.max_append]
                 pending.append((stream.write(piece), len(piece)))
                 in_flight += len(piece)
-            while in_flight > MAX_IN_FLIGHT:  # bounded memory when the input outpaces the network
+            # Bounded memory when the input outpaces the network: wait once too much is unconfirmed.
+            while pending and (in_flight > MAX_IN_FLIGHT or pending[0][0].done()):
                 future, size = pending.popleft()
                 await future
                 in_flight -= size
@@ -306,7 +309,7 @@ async def _cat(server: str, key: str | None, stream_id: str, follow: bool, retry
 @main.command()
 @click.argument("target", metavar="ID|URL")
 @click.option("--follow", "-f", is_flag=True, help="Tail an open stream until it closes (resumes on drops).")
-@click.option("--retry-for", default=60.0, show_default=True, help="With --follow: give up after this long unreachable.")
+@click.option("--retry-for", default=60.0, show_default=True, help="With --follow: seconds of reconnecting.")
 @_client_options
 def cat(target: str, follow: bool, retry_for: float, server: str, key: str | None) -> None:
     """Print a stream's content to standard output (bytes as they are)."""

@@ -31,7 +31,7 @@ log = logging.getLogger("streamhold")
 HERE = Path(__file__).parent
 
 
-API_PREFIXES = ("/v1/stream", "/stream")
+API_PREFIXES = ("/v1/stream/", "/stream/")
 PREFLIGHT_HEADERS = [(k.encode(), v.encode()) for k, v in CORS.items()]
 CORS_HEADERS = [
     (k.encode(), v.encode())
@@ -47,7 +47,8 @@ def security_headers(app: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        api = scope["path"].startswith(API_PREFIXES)
+        path = scope["path"]
+        api = path.startswith(API_PREFIXES) or path == "/stream"
         if api and scope["method"] == "OPTIONS":
             await send(
                 {
