@@ -96,6 +96,9 @@ def serve(
         access_log=False,
         proxy_headers=False,
     )
+    # The writer thread needs the GIL to commit a batch; a busy event loop gives it up only every switch
+    # interval (5 ms by default), and every append waits for that commit.
+    sys.setswitchinterval(0.0005)
     server = _Server(config)
     try:
         server.run()  # on uvloop when it is installed

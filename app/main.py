@@ -47,7 +47,9 @@ def security_headers(app: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        path = scope["path"]
+        # The path as sent: the router rewrites scope["path"] for mounted handlers.
+        raw = scope.get("raw_path")
+        path = raw.decode("latin-1").split("?", 1)[0] if raw else scope["path"]
         api = path.startswith(API_PREFIXES) or path == "/stream"
         if api and scope["method"] == "OPTIONS":
             await send(

@@ -13,10 +13,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
-from litestar import Request, delete, get, post, put, route
-from litestar.params import FromPath
+from litestar import Request, asgi
+from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import Receive, Scope, Send
 
 from app.auth import require_key
 from app.live import LiveHub
@@ -111,6 +112,13 @@ def request_name(request: Request[Any, Any, Any], routed: str) -> str:
     return stream_name(routed)
 
 
+def absolute_url(request: Request[Any, Any, Any]) -> str:
+    """The request's own absolute URL without its query, percent-encoded (header values are Latin-1)."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + request.scope["path"]
+    return quote(str(request.base_url).rstrip("/") + path, safe=":/%@!$&'()*+,;=~")
+
+
 def stream_name(raw: str) -> str:
     """A stream name, validated: bounded length, no empty or dot segments, no control characters."""
     name = raw[1:] if raw.startswith("/") else raw
@@ -158,19 +166,23 @@ def json_body(framed: bytes) -> bytes:
     return b"[" + framed[:-1].replace(b"\n", b",") + b"]" if framed else b"[]"
 
 
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytearray:
     """The whole request body, refusing (413) one larger than `limit` before reading it all."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequestError("the client went away before sending the whole body")
+        body += message.get("body", b"")
         if len(body) > limit:
             raise PayloadTooLargeError(
                 f"an append may be at most {limit} bytes; split it into smaller appends"
             )
-    return bytes(body)
+        if not message.get("more_body"):
+            return body  # a bytearray: the store takes it as is, saving a copy of large bodies
 
 
 def cursor(client: str | None) -> str:
@@ -283,8 +295,7 @@ def _fork_point(offset: int | None, sub: int) -> Any:
     return resolve
 
 
-@put(f"{PREFIX}/{{name:path}}", status_code=201)
-async def create_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
+async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
     """Create a stream (idempotent when the configuration matches), optionally closed or forked."""
     store, _, settings = components(request)
     try:
@@ -322,7 +333,7 @@ async def create_stream(name: FromPath[str], request: Request[Any, Any, Any]) ->
     headers = state_headers(state, state.tail, state.closed)
     if created:
         # Header values are Latin-1 on the wire: send the URL percent-encoded, as clients expect anyway.
-        headers["location"] = quote(str(request.url).split("?", 1)[0], safe=":/%@!$&'()*+,;=~")
+        headers["location"] = absolute_url(request)
     return respond(201 if created else 200, headers)
 
 
@@ -355,8 +366,7 @@ def _append_headers(state: StreamState, result: AppendResult) -> dict[str, str]:
     return headers
 
 
-@post(f"{PREFIX}/{{name:path}}", status_code=200)
-async def append_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
+async def append_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
     """Append to a stream, append and close it, or just close it (empty body and Stream-Closed: true)."""
     store, _, settings = components(request)
     try:
@@ -680,8 +690,7 @@ def whole_utf8(data: bytes, final: bool) -> bytes:
     return data
 
 
-@get(f"{PREFIX}/{{name:path}}")
-async def read_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
+async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
     """Read from an offset: catch-up, `live=long-poll` or `live=sse`."""
     store, hub, settings = components(request)
     try:
@@ -714,8 +723,7 @@ async def read_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> A
         return error(exc)
 
 
-@route(f"{PREFIX}/{{name:path}}", http_method=["HEAD"])
-async def head_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
+async def head_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
     """A stream's metadata: type, tail, closed, TTL or expiry."""
     store = components(request)[0]
     try:
@@ -730,8 +738,7 @@ async def head_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> A
     return respond(200, headers, head_only=True)
 
 
-@delete(f"{PREFIX}/{{name:path}}", status_code=200)
-async def delete_stream(name: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
+async def delete_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
     """Delete a stream (soft-delete while forks of it remain)."""
     store, _, settings = components(request)
     try:
@@ -743,4 +750,36 @@ async def delete_stream(name: FromPath[str], request: Request[Any, Any, Any]) ->
     return respond(204)
 
 
-routes = [create_stream, append_stream, read_stream, head_stream, delete_stream]
+HANDLERS = {
+    "PUT": create_stream,
+    "POST": append_stream,
+    "GET": read_stream,
+    "HEAD": head_stream,
+    "DELETE": delete_stream,
+}
+
+
+@asgi(PREFIX, is_mount=True, copy_scope=False)
+async def protocol_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Every protocol request, dispatched by method.
+
+    A mounted ASGI handler: these requests skip Litestar's per-request signature parsing and injection,
+    which cost more than the append itself.
+    """
+    handler = HANDLERS.get(scope["method"])
+    if handler is None:
+        body = json.dumps({"error": f"{scope['method']} is not a protocol method"}).encode()
+        response = respond(405, {"allow": ", ".join(HANDLERS), "content-type": "application/json"}, body)
+    else:
+        request: Request[Any, Any, Any] = Request(scope, receive, send)
+        try:
+            response = await handler(scope["path"], request)
+        except HTTPException as exc:  # a missing API key, or a body over the server's limit
+            body = json.dumps({"error": exc.detail}).encode()
+            response = respond(
+                exc.status_code, {**(exc.headers or {}), "content-type": "application/json"}, body
+            )
+    await response(scope, receive, send)
+
+
+routes = [protocol_app]

@@ -253,9 +253,9 @@ class Store:
             self._names.pop(name, None)
             return
         cached = self._names.get(name)
-        if cached is not None and (change.tail != cached.tail or change.closed != cached.closed):
-            closed_at = cached.closed_at or (time.time() if change.closed else None)
-            self._names[name] = dataclasses.replace(cached, tail=change.tail, closed_at=closed_at)
+        # Writers need only the stream's fixed facts and whether it closed; its tail may lag behind.
+        if cached is not None and change.closed and not cached.closed:
+            self._names[name] = dataclasses.replace(cached, tail=change.tail, closed_at=time.time())
 
     def _get_sync(self, statement: Prepared, values: dict[str, Any]) -> StreamState | None:
         row = self._driver_query(statement, values, one=True)

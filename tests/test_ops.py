@@ -31,7 +31,7 @@ from tests._server import ServerProcess
 pytestmark = pytest.mark.timeout(120)
 
 TEXT = {"content-type": "text/plain"}
-STREAM_ROUTE = "/v1/stream/{name}"
+STREAM_ROUTE = "/v1/stream"  # the protocol is one mounted handler
 
 
 @pytest.fixture(params=["redis", "postgres"])
