@@ -129,6 +129,13 @@ def _live_mode(scope: Scope) -> str | None:
     return values[0] if len(values) == 1 and values[0] in LIVE_MODES else None
 
 
+def _mount_path(scope: Scope) -> str | None:
+    """The path of a mounted ASGI handler (such as the protocol's), which routing leaves no template for."""
+    handler = scope.get("route_handler")
+    paths = getattr(handler, "paths", None)
+    return min(paths) if paths else None
+
+
 def request_timing(app: ASGIApp) -> ASGIApp:
     """Middleware: time from request to response headers, by method and route template.
 
@@ -141,7 +148,7 @@ def request_timing(app: ASGIApp) -> ASGIApp:
             return
         metrics = request_metrics(scope["litestar_app"].state)
         method = scope["method"]
-        route = scope.get("path_template") or "unmatched"
+        route = scope.get("path_template") or _mount_path(scope) or "unmatched"
         live = _live_mode(scope)
         started = time.perf_counter()
 
