@@ -20,9 +20,9 @@ from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
 from app.live import LiveHub
 from app.models import InvalidRequestError, StreamError, StreamState
-from app.protocol import parse_query, respond, single
 from app.settings import Settings
 from app.store import Store
+from app.wire import parse_query, respond, single
 
 TAIL_SLICE = 256 * 1024
 SHORT_READS = 3

@@ -21,10 +21,10 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from app import dashboard, ops, protocol, service, viewer
 from app.live import LiveHub
 from app.models import StreamError
-from app.protocol import CORS
 from app.sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
 from app.settings import Settings
 from app.store import Store
+from app.wire import CORS
 
 log = logging.getLogger("streamhold")
 

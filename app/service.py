@@ -34,10 +34,10 @@ from app.models import (
     clamp_ttl,
     iso,
 )
-from app.protocol import frame_json, read_body, respond
 from app.sdk import info_from_state
 from app.settings import Settings
 from app.store import NewStream, Store
+from app.wire import frame_json, read_body, respond
 
 BASES = ("/stream", "")  # the documented prefix, and the root that the SDK's own base URL implies
 JSON_LIMIT = 1024 * 1024

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
-    Engine,
-    create_engine,
-    delete,
-    event,
     func,
-    insert,
     or_,
     select,
     text,
@@ -29,26 +22,26 @@ from sqlalchemy import (
 )
 from sqlmodel import SQLModel
 
+from app import transactions
+from app.engines import make_engines
 from app.models import (
     AppendResult,
     ChunkRow,
-    ContentTypeMismatchError,
     GzipChunkRow,
     InvalidRequestError,
     MetadataRow,
     Producer,
     ProducerRow,
-    StreamConflictError,
     StreamFilter,
     StreamGoneError,
     StreamNotFoundError,
     StreamRow,
     StreamState,
-    new_stream_id,
 )
 from app.settings import Settings
 from app.statements import DriverConnections, Prepared, Statements, state_from_tuple
-from app.writer import AppendOp, Change, Writer, media_type
+from app.transactions import NewStream
+from app.writer import AppendOp, Change, Writer
 
 log = logging.getLogger("streamhold.store")
 
@@ -59,12 +52,9 @@ metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
-CHUNK_TARGET = 1024 * 1024
-SMALL_CHUNK = 64 * 1024
 COMPACT_AFTER = 256
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
-SWEEP_LOCK = 0x53575045
 SORTS = {
     "created": "created_at",
     "size": "tail",
@@ -76,69 +66,13 @@ SORTS = {
 T = TypeVar("T")
 
 
-@dataclass
-class NewStream:
-    """Everything needed to create a stream."""
-
-    namespace: str
-    content_type: str = "application/octet-stream"
-    name: str | None = None
-    json_mode: bool = False
-    metadata: dict[str, str] = field(default_factory=dict)
-    ttl_seconds: int | None = None
-    sliding: bool = False
-    expires_at: float | None = None
-    closed: bool = False
-    initial: bytes = b""
-    fork_from: str | None = None
-    fork_offset: int | None = None
-    fork_point: Callable[[StreamState, Connection], int] | None = None
-
-
-def _make_engines(settings: Settings) -> tuple[Engine, Engine]:
-    url = settings.sqlalchemy_url
-    if not settings.is_sqlite:
-        engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-        return engine, engine
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # Two writer connections, used by the one writer thread in turn: its appends and its other operations.
-    writer = create_engine(url, connect_args={"check_same_thread": False}, pool_size=2, max_overflow=0)
-    reader = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=8)
-    for engine, begin in ((writer, "BEGIN IMMEDIATE"), (reader, "BEGIN")):
-        _sqlite_pragmas(engine, begin)
-    return writer, reader
-
-
-def _sqlite_pragmas(engine: Engine, begin: str) -> None:
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transaction control from the driver so BEGIN IMMEDIATE and read snapshots are ours.
-        dbapi_conn.isolation_level = None
-        cursor = dbapi_conn.cursor()
-        # 16 KiB pages: a MiB-sized chunk spans a quarter of the pages, and small commits stay small.
-        # (Only a new database takes it; an existing one keeps its page size.)
-        cursor.execute("PRAGMA page_size=16384")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA mmap_size=268435456")
-        # Checkpoint the WAL every 64 MiB rather than every 4 MiB: large appends then commit at disk speed.
-        cursor.execute("PRAGMA wal_autocheckpoint=16384")
-        cursor.execute("PRAGMA journal_size_limit=67108864")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
-
-
 class Store:
     """The stream store: reads run on a small thread pool, writes go through one group-committing writer."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.postgres = not settings.is_sqlite
-        self._write_engine, self._read_engine = _make_engines(settings)
+        self._write_engine, self._read_engine = make_engines(settings)
         self._readers = ThreadPoolExecutor(8, thread_name_prefix="streamhold-read")
         self.statements = Statements(self._read_engine, self.postgres)
         self._driver = DriverConnections(self._read_engine, self.postgres)
@@ -282,7 +216,7 @@ class Store:
 
     def _read_sync(self, stream_id: str, start: int, end: int) -> bytes:
         rows = self._driver_query(self.statements.chunk_range, {"id": stream_id, "lo": start, "hi": end})
-        return _slice_rows(rows, start, end)
+        return transactions.slice_rows(rows, start, end)
 
     async def iter_content(
         self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
@@ -429,123 +363,15 @@ class Store:
         await self.compact(stream_id, full=True)
         state = await self.get(stream_id)
         if state is not None and state.compress and not state.compressed:
-            await self.writer.call(lambda conn: self._compress_sync(conn, stream_id))
+            await self.writer.call(lambda conn: transactions.compress(conn, stream_id, self.postgres))
 
     async def create(self, new: NewStream) -> tuple[StreamState, bool]:
         """Create a stream; returns (state, created). The same name with the same settings is no error."""
-        return await self.writer.call(lambda conn: self._create_sync(conn, new))
-
-    def _create_sync(self, conn: Connection, new: NewStream) -> tuple[tuple[StreamState, bool], list[Change]]:
-        now = time.time()
-        changes: list[Change] = []
-        if new.name is not None:
-            existing = _locked(conn, streams.c.name, new.name, self.postgres)
-            if existing is not None:
-                if existing.expired(now):
-                    _purge(conn, existing.id)
-                    changes.append(Change(existing.id, existing.tail, True, gone=True))
-                elif existing.deleted:
-                    raise StreamConflictError(
-                        "this stream was deleted while forks of it remain; use another name"
-                    )
-                elif _same_config(existing, new) and self._same_fork(conn, existing, new):
-                    return (existing, False), []
-                else:
-                    raise StreamConflictError("a stream with this name exists with a different configuration")
-        stream_id = new_stream_id()
-        ttl, sliding, expires_at = new.ttl_seconds, new.sliding, new.expires_at
-        content_type = new.content_type
-        fork_offset = None
-        prefix_source: StreamState | None = None
-        if new.fork_from is not None:
-            source = _locked(conn, streams.c.name, new.fork_from, self.postgres)
-            if source is None or source.expired(now):
-                raise StreamNotFoundError(f"fork source {new.fork_from!r} not found")
-            if source.deleted:
-                raise StreamConflictError("the fork source was deleted")
-            if media_type(content_type) != media_type(source.content_type):
-                raise ContentTypeMismatchError("a fork must have its source's content type")
-            fork_offset = new.fork_point(source, conn) if new.fork_point else source.tail
-            if ttl is None and expires_at is None:
-                ttl, sliding, expires_at = source.ttl_seconds, source.sliding, source.expires_at
-                if sliding and ttl:
-                    expires_at = now + ttl
-            prefix_source = source
-        if ttl and expires_at is None:
-            expires_at = now + ttl
-        tail = 0
-        if prefix_source is not None:
-            for piece in _iter_range(conn, prefix_source, 0, fork_offset or 0):
-                conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=piece))
-                tail += len(piece)
-        if new.initial:
-            conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=new.initial))
-            tail += len(new.initial)
-        row = {
-            "id": stream_id,
-            "name": new.name or stream_id,
-            "namespace": new.namespace,
-            "content_type": content_type,
-            "json_mode": new.json_mode,
-            "metadata_json": json.dumps(new.metadata, separators=(",", ":")),
-            "created_at": now,
-            "updated_at": now,
-            "closed_at": now if new.closed else None,
-            "tail": tail,
-            "stored_bytes": tail,
-            "appends": 1 if new.initial else 0,
-            "compact_from": 0,
-            "compress": False,
-            "compressed": False,
-            "ttl_seconds": ttl,
-            "sliding": sliding,
-            "expires_at": expires_at,
-            "last_seq": None,
-            "fork_source": prefix_source.id if prefix_source is not None else None,
-            "fork_offset": fork_offset,
-            "deleted": False,
-        }
-        conn.execute(insert(streams).values(row))
-        if new.metadata:
-            conn.execute(
-                insert(metadata_pairs),
-                [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
-            )
-        state = StreamState.from_row(row)
-        return (state, True), changes
-
-    def _same_fork(self, conn: Connection, existing: StreamState, new: NewStream) -> bool:
-        if new.fork_from is None:
-            return existing.fork_source is None
-        source = _locked(conn, streams.c.name, new.fork_from, self.postgres)
-        if source is None or source.id != existing.fork_source:
-            return False
-        point = new.fork_point(source, conn) if new.fork_point else source.tail
-        return point == existing.fork_offset
+        return await self.writer.call(lambda conn: transactions.create(conn, new, self.postgres))
 
     async def delete(self, stream_id: str) -> None:
         """Delete a stream and reclaim its storage (soft-delete while forks of it remain)."""
-        await self.writer.call(lambda conn: self._delete_sync(conn, stream_id))
-
-    def _delete_sync(self, conn: Connection, stream_id: str) -> tuple[None, list[Change]]:
-        state = _locked(conn, streams.c.id, stream_id, self.postgres)
-        if state is None or state.expired():
-            raise StreamNotFoundError("stream not found")
-        if state.deleted:
-            raise StreamGoneError("stream was deleted")
-        if _has_forks(conn, stream_id):
-            conn.execute(update(streams).where(streams.c.id == stream_id).values(deleted=True))
-            return None, [Change(stream_id, state.tail, state.closed, gone=True)]
-        changes = [Change(stream_id, state.tail, state.closed, gone=True)]
-        _purge(conn, stream_id)
-        source_id = state.fork_source
-        while source_id is not None:
-            source = _locked(conn, streams.c.id, source_id, self.postgres)
-            if source is None or not source.deleted or _has_forks(conn, source_id):
-                break
-            _purge(conn, source_id)
-            source_id = source.fork_source
-        return None, changes
+        await self.writer.call(lambda conn: transactions.delete(conn, stream_id, self.postgres))
 
     async def delete_matching(self, where: StreamFilter) -> int:
         """Delete every live stream matching `where`; returns how many."""
@@ -583,89 +409,11 @@ class Store:
 
     async def compact(self, stream_id: str, full: bool = False) -> None:
         """Merge small chunks into larger ones so that reads need few rows; the content is unchanged."""
-        await self.writer.call(lambda conn: (_compact(conn, stream_id, full, self.postgres), []))
-
-    def _compress_sync(self, conn: Connection, stream_id: str) -> tuple[None, list[Change]]:
-        state = _locked(conn, streams.c.id, stream_id, self.postgres)
-        if state is None or state.compressed or not state.closed:
-            return None, []
-        deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
-        seq, stored, buffer = 0, 0, bytearray()
-        for piece in _iter_range(conn, state, 0, state.tail):
-            buffer += deflater.compress(piece)
-            if len(buffer) >= CHUNK_TARGET:
-                conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=bytes(buffer)))
-                seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
-        buffer += deflater.flush()
-        conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=bytes(buffer)))
-        stored += len(buffer)
-        conn.execute(delete(chunks).where(chunks.c.stream_id == stream_id))
-        conn.execute(
-            update(streams).where(streams.c.id == stream_id).values(compressed=True, stored_bytes=stored)
-        )
-        return None, []
+        await self.writer.call(lambda conn: (transactions.compact(conn, stream_id, full, self.postgres), []))
 
     async def sweep(self) -> int:
         """Delete expired streams and collect deleted sources with no forks left; returns how many."""
-        return await self.writer.call(self._sweep_sync)
-
-    def _sweep_sync(self, conn: Connection) -> tuple[int, list[Change]]:
-        if (
-            self.postgres
-            and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar()
-        ):
-            return 0, []
-        now = time.time()
-        expired = conn.execute(
-            select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now).limit(500)
-        ).all()
-        orphans = conn.execute(
-            select(streams.c.id, streams.c.tail)
-            .where(streams.c.deleted.is_(True))
-            .where(~select(1).where(_fork_of(streams.c.id)).exists())
-            .limit(500)
-        ).all()
-        changes = []
-        for stream_id, tail in {*expired, *orphans}:
-            _purge(conn, stream_id)
-            changes.append(Change(stream_id, tail, True, gone=True))
-        return len(changes), changes
-
-
-def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:
-    query = select(streams).where(column == value)
-    if postgres:
-        query = query.with_for_update()
-    row = conn.execute(query).first()
-    return StreamState.from_row(row) if row is not None else None
-
-
-def _same_config(existing: StreamState, new: NewStream) -> bool:
-    return (
-        media_type(existing.content_type) == media_type(new.content_type)
-        and existing.ttl_seconds == new.ttl_seconds
-        and (new.ttl_seconds is not None or existing.expires_at == new.expires_at)
-        and existing.closed == new.closed
-    )
-
-
-def _fork_of(stream_id_column: Any) -> Any:
-    forks = streams.alias("forks")
-    return forks.c.fork_source == stream_id_column
-
-
-def _has_forks(conn: Connection, stream_id: str) -> bool:
-    now = time.time()
-    query = select(streams.c.id).where(
-        streams.c.fork_source == stream_id, or_(streams.c.expires_at.is_(None), streams.c.expires_at > now)
-    )
-    return conn.execute(query.limit(1)).first() is not None
-
-
-def _purge(conn: Connection, stream_id: str) -> None:
-    for table in (chunks, gzip_chunks, metadata_pairs, producers):
-        conn.execute(delete(table).where(table.c.stream_id == stream_id))
-    conn.execute(delete(streams).where(streams.c.id == stream_id))
+        return await self.writer.call(lambda conn: transactions.sweep(conn, self.postgres))
 
 
 def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:
@@ -699,92 +447,3 @@ def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:
     elif where.state:
         raise InvalidRequestError(f"state must be open, closed or expiring, got {where.state!r}")
     return conditions
-
-
-def _read_range(conn: Connection, stream_id: str, start: int, end: int) -> bytes:
-    floor = (
-        select(func.coalesce(func.max(chunks.c.start), 0))
-        .where(chunks.c.stream_id == stream_id, chunks.c.start <= start)
-        .scalar_subquery()
-    )
-    query = (
-        select(chunks.c.start, chunks.c.data)
-        .where(chunks.c.stream_id == stream_id, chunks.c.start < end, chunks.c.start >= floor)
-        .order_by(chunks.c.start)
-    )
-    return _slice_rows(conn.execute(query), start, end)
-
-
-def _slice_rows(rows: Any, start: int, end: int) -> bytes:
-    """The bytes [start, end) out of (chunk start, chunk data) rows that cover them."""
-    pieces = []
-    for row_start, data in rows:
-        view = memoryview(data)
-        pieces.append(view[max(start - row_start, 0) : end - row_start])
-    return b"".join(pieces)
-
-
-def _iter_range(conn: Connection, state: StreamState, start: int, end: int) -> Iterator[bytes]:
-    """Read [start, end) of a stream inside the caller's transaction, in slices."""
-    if state.compressed:
-        inflater = zlib.decompressobj(31)
-        position = 0
-        rows = conn.execute(
-            select(gzip_chunks.c.data).where(gzip_chunks.c.stream_id == state.id).order_by(gzip_chunks.c.seq)
-        )
-        for (packed,) in rows:
-            data = inflater.decompress(packed)
-            lo, hi = max(start - position, 0), min(end - position, len(data))
-            if lo < hi:
-                yield data[lo:hi]
-            position += len(data)
-        return
-    position = start
-    while position < end:
-        piece = _read_range(conn, state.id, position, min(end, position + CHUNK_TARGET))
-        if not piece:
-            return
-        position += len(piece)
-        yield piece
-
-
-def _compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> None:
-    query = select(streams.c.compact_from, streams.c.tail).where(streams.c.id == stream_id)
-    # Lock the stream so that another process's writer cannot append or compact it meanwhile.
-    row = conn.execute(query.with_for_update() if postgres else query).first()
-    if row is None:
-        return
-    begin = 0 if full else row.compact_from
-    sizes = conn.execute(
-        select(chunks.c.start, func.length(chunks.c.data))
-        .where(chunks.c.stream_id == stream_id, chunks.c.start >= begin)
-        .order_by(chunks.c.start)
-    ).all()
-    groups: list[list[int]] = []
-    current: list[int] = []
-    current_size = 0
-    for start, size in sizes:
-        if size >= SMALL_CHUNK or current_size + size > CHUNK_TARGET:
-            if len(current) > 1:
-                groups.append(current)
-            current, current_size = [], 0
-            if size >= SMALL_CHUNK:
-                continue
-        current.append(start)
-        current_size += size
-    if len(current) > 1:
-        groups.append(current)
-    for group in groups:
-        rows = conn.execute(
-            select(chunks.c.data)
-            .where(chunks.c.stream_id == stream_id, chunks.c.start >= group[0], chunks.c.start <= group[-1])
-            .order_by(chunks.c.start)
-        ).all()
-        merged = b"".join(r.data for r in rows)
-        conn.execute(
-            delete(chunks).where(
-                chunks.c.stream_id == stream_id, chunks.c.start >= group[0], chunks.c.start <= group[-1]
-            )
-        )
-        conn.execute(insert(chunks).values(stream_id=stream_id, start=group[0], data=merged))
-    conn.execute(update(streams).where(streams.c.id == stream_id).values(compact_from=row.tail))

@@ -23,11 +23,11 @@ from markupsafe import Markup, escape
 from app import demo, session
 from app.auth import bearer, require_key
 from app.models import StreamError, StreamState, iso
-from app.protocol import is_text, live_state, stream_name
-from app.protocol import whole_utf8 as protocol_whole_utf8
+from app.protocol_reads import whole_utf8 as protocol_whole_utf8
 from app.sdk import AgentContext
 from app.settings import Settings
 from app.store import Store
+from app.wire import is_text, live_state, stream_name
 from app.writer import media_type
 
 WINDOW = 256 * 1024

@@ -26,7 +26,8 @@ from litestar.channels.backends.redis import RedisChannelsPubSubBackend
 
 from app.live import MAX_MESSAGE, encode_doorbells, make_backend
 from app.settings import Settings
-from app.store import SWEEP_LOCK, NewStream, Store
+from app.store import NewStream, Store
+from app.transactions import SWEEP_LOCK
 from app.writer import Change
 from tests._cluster import (
     Channels,

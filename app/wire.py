@@ -1,0 +1,209 @@
+"""The protocol's wire format: names, offsets, headers, JSON framing and responses, shared by its routes."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote
+
+from litestar import Request
+from litestar.response.base import ASGIResponse
+
+from app.live import LiveHub
+from app.models import (
+    MAX_NAME_LENGTH,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ProducerSeqGapError,
+    StaleEpochError,
+    StreamClosedError,
+    StreamError,
+    StreamGoneError,
+    StreamNotFoundError,
+    StreamState,
+    format_offset,
+)
+from app.settings import Settings
+from app.store import Store
+from app.writer import media_type
+
+PREFIX = "/v1/stream"
+CATCHUP_LIMIT = 32 * 1024 * 1024
+JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
+INLINE_LIMIT = 1024 * 1024
+SSE_SLICE = 256 * 1024
+MAX_SAFE_INTEGER = 2**53 - 1
+CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z, the protocol's cursor epoch
+CURSOR_INTERVAL = 20.0
+DIGITS = re.compile(r"^(0|[1-9][0-9]*)$")
+PLAIN_DIGITS = re.compile(r"^[0-9]+$")
+
+CORS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "GET, POST, PUT, DELETE, HEAD, OPTIONS",
+    "access-control-allow-headers": (
+        "content-type, authorization, if-none-match, last-event-id, stream-ttl, stream-expires-at, "
+        "stream-closed, stream-seq, producer-id, producer-epoch, producer-seq, stream-forked-from, "
+        "stream-fork-offset, stream-fork-sub-offset"
+    ),
+    "access-control-expose-headers": (
+        "stream-next-offset, stream-cursor, stream-up-to-date, stream-closed, stream-ttl, stream-expires-at, "
+        "stream-sse-data-encoding, producer-epoch, producer-seq, producer-expected-seq, "
+        "producer-received-seq, etag, content-type, content-encoding, location"
+    ),
+    "access-control-max-age": "86400",
+}
+
+
+def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Settings]:
+    """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""
+    state = request.app.state
+    return state.store, state.hub, state.settings
+
+
+def respond(
+    status: int, headers: dict[str, str] | None = None, body: bytes = b"", head_only: bool = False
+) -> ASGIResponse:
+    """A response whose Content-Type is sent exactly as given (no charset added)."""
+    merged = dict(headers or {})
+    if status in (204, 304) or head_only:
+        merged.pop("content-length", None)
+        return ASGIResponse(body=b"", status_code=status, headers=merged, is_head_response=head_only)
+    merged.setdefault("content-type", "application/json")
+    return ASGIResponse(body=body, status_code=status, headers=merged)
+
+
+def error(exc: StreamError, extra: dict[str, str] | None = None) -> ASGIResponse:
+    headers = {"content-type": "application/json", **(extra or {})}
+    if isinstance(exc, StreamClosedError):
+        headers.update({"stream-closed": "true", "stream-next-offset": format_offset(exc.tail)})
+    elif isinstance(exc, StaleEpochError):
+        headers["producer-epoch"] = str(exc.current)
+    elif isinstance(exc, ProducerSeqGapError):
+        headers.update(
+            {"producer-expected-seq": str(exc.expected), "producer-received-seq": str(exc.received)}
+        )
+    body = json.dumps({"error": str(exc)}).encode()
+    return respond(exc.status, headers, body)
+
+
+def request_name(request: Request[Any, Any, Any], routed: str) -> str:
+    """The stream name as the client sent it: the router has already collapsed `//` and a trailing `/`."""
+    raw = request.scope.get("raw_path")
+    if raw:
+        path = unquote(raw.decode("latin-1").split("?", 1)[0])
+        if path.startswith(PREFIX + "/"):
+            return stream_name(path[len(PREFIX) + 1 :])
+    return stream_name(routed)
+
+
+def absolute_url(request: Request[Any, Any, Any]) -> str:
+    """The request's own absolute URL without its query, percent-encoded (header values are Latin-1)."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + request.scope["path"]
+    return quote(str(request.base_url).rstrip("/") + path, safe=":/%@!$&'()*+,;=~")
+
+
+def stream_name(raw: str) -> str:
+    """A stream name, validated: bounded length, no empty or dot segments, no control characters."""
+    name = raw[1:] if raw.startswith("/") else raw
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidRequestError(f"a stream name must be 1 to {MAX_NAME_LENGTH} characters")
+    segments = name.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        raise InvalidRequestError("a stream name may not have empty, '.' or '..' segments")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidRequestError("a stream name may not contain control characters")
+    return name
+
+
+def namespace_of(name: str) -> str:
+    """Protocol-created streams get the first path segment as namespace, or `default` when there is none."""
+    head_segment, slash, _ = name.partition("/")
+    return head_segment[:254] if slash else "default"
+
+
+def is_json(content_type: str) -> bool:
+    return media_type(content_type) == "application/json"
+
+
+def is_text(content_type: str) -> bool:
+    kind = media_type(content_type)
+    return kind.startswith("text/") or kind == "application/json"
+
+
+def frame_json(body: bytes, *, allow_empty_array: bool) -> bytes:
+    """JSON-mode storage: one compact JSON text per message, each ending in a newline."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("the body is not valid JSON") from None
+    messages = value if isinstance(value, list) else [value]
+    if not messages and not allow_empty_array:
+        raise InvalidRequestError("an empty JSON array appends nothing; send at least one message")
+    return b"".join(
+        json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for m in messages
+    )
+
+
+def json_body(framed: bytes) -> bytes:
+    """Stored JSON messages as the one JSON array a read returns."""
+    return b"[" + framed[:-1].replace(b"\n", b",") + b"]" if framed else b"[]"
+
+
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytearray:
+    """The whole request body, refusing (413) one larger than `limit` before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
+    body = bytearray()
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequestError("the client went away before sending the whole body")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLargeError(
+                f"an append may be at most {limit} bytes; split it into smaller appends"
+            )
+        if not message.get("more_body"):
+            return body  # a bytearray: the store takes it as is, saving a copy of large bodies
+
+
+def cursor(client: str | None) -> str:
+    """The protocol's CDN cursor: the current 20 s interval, always moving past the client's."""
+    interval = int((time.time() - CURSOR_EPOCH) // CURSOR_INTERVAL)
+    if client and client.isdigit() and int(client) >= interval:
+        interval = int(client) + random.randint(1, 180)
+    return str(interval)
+
+
+def parse_query(request: Request[Any, Any, Any]) -> dict[str, list[str]]:
+    return parse_qs(request.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+
+
+def single(query: dict[str, list[str]], key: str) -> str | None:
+    values = query.get(key)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise InvalidRequestError(f"give the {key} parameter once")
+    return values[0]
+
+
+def live_state(state: StreamState | None) -> StreamState:
+    if state is None or state.expired():
+        raise StreamNotFoundError("stream not found")
+    if state.deleted:
+        raise StreamGoneError("stream was deleted; forks of it still exist")
+    return state
+
+
+def state_headers(state: StreamState, tail: int, closed: bool) -> dict[str, str]:
+    headers = {"content-type": state.content_type, "stream-next-offset": format_offset(tail)}
+    if closed:
+        headers["stream-closed"] = "true"
+    return headers
