@@ -14,6 +14,12 @@ from tests._server import ServerProcess, free_port
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run browser tests last: Playwright's sync API leaves an event loop that async tests trip over."""
+    here = Path(__file__).parent
+    items.sort(key=lambda item: here in Path(item.fspath).parents)
+
+
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
     """Launch the system Chromium; Playwright cannot download its own browser here."""

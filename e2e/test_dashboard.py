@@ -280,3 +280,10 @@ def test_sign_in_is_required_when_keys_are_set(tmp_path: Any, browser: Browser) 
             assert anonymous.status_code == 401 and "sec/two" not in anonymous.text
         finally:
             context.close()
+
+
+def test_the_demo_starts_from_the_dashboard(open_server: ServerProcess, page: Page) -> None:
+    page.goto(f"{open_server.url}/")
+    page.locator(".demo-button").click()
+    page.wait_for_url(re.compile(r"/watch/stream_[0-9a-f]{32}$"))
+    expect(page.locator("main")).to_contain_text("How a durable stream survives a refresh", timeout=15000)
