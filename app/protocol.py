@@ -106,17 +106,19 @@ def _fork_point(offset: int | None, sub: int) -> Any:
             raise InvalidRequestError("Stream-Fork-Offset is beyond the end of the source stream")
         if sub == 0:
             return base
-        rest = b"".join(iter_range(conn, source, base, source.tail))
-        if source.json_mode:
-            ends = [i + 1 for i, byte in enumerate(rest) if byte == 0x0A]
-            if sub > len(ends):
-                raise InvalidRequestError(
-                    "Stream-Fork-Sub-Offset overshoots the messages after the fork offset"
-                )
-            return base + ends[sub - 1]
-        if sub > len(rest):
-            raise InvalidRequestError("Stream-Fork-Sub-Offset overshoots the bytes after the fork offset")
-        return base + sub
+        if not source.json_mode:
+            if sub > source.tail - base:
+                raise InvalidRequestError("Stream-Fork-Sub-Offset overshoots the bytes after the fork offset")
+            return base + sub
+        # JSON mode counts messages (one per line): read only as far as the sub-offset-th one ends.
+        position, remaining = base, sub
+        for piece in iter_range(conn, source, base, source.tail):
+            for end in (i + 1 for i, byte in enumerate(piece) if byte == 0x0A):
+                remaining -= 1
+                if remaining == 0:
+                    return position + end
+            position += len(piece)
+        raise InvalidRequestError("Stream-Fork-Sub-Offset overshoots the messages after the fork offset")
 
     return resolve
 

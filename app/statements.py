@@ -19,6 +19,20 @@ chunks = ChunkRow.__table__
 producers = ProducerRow.__table__
 STREAM_COLUMNS = [c.name for c in streams.columns]
 
+# The chunks covering bytes [lo, hi) of stream `id`: from the last chunk starting at or before lo.
+CHUNK_RANGE = (
+    select(chunks.c.start, chunks.c.data)
+    .where(
+        chunks.c.stream_id == bindparam("id"),
+        chunks.c.start < bindparam("hi"),
+        chunks.c.start
+        >= select(func.coalesce(func.max(chunks.c.start), 0))
+        .where(chunks.c.stream_id == bindparam("id"), chunks.c.start <= bindparam("lo"))
+        .scalar_subquery(),
+    )
+    .order_by(chunks.c.start)
+)
+
 
 class Prepared:
     """One statement compiled for one dialect; `args` turns named values into what the driver takes."""
@@ -46,21 +60,7 @@ class Statements:
             stream_by_id.with_for_update() if postgres else stream_by_id, engine
         )
         self.stream_by_name = Prepared(select(streams).where(streams.c.name == bindparam("name")), engine)
-        floor = (
-            select(func.coalesce(func.max(chunks.c.start), 0))
-            .where(chunks.c.stream_id == bindparam("id"), chunks.c.start <= bindparam("lo"))
-            .scalar_subquery()
-        )
-        self.chunk_range = Prepared(
-            select(chunks.c.start, chunks.c.data)
-            .where(
-                chunks.c.stream_id == bindparam("id"),
-                chunks.c.start < bindparam("hi"),
-                chunks.c.start >= floor,
-            )
-            .order_by(chunks.c.start),
-            engine,
-        )
+        self.chunk_range = Prepared(CHUNK_RANGE, engine)
         self.producer = Prepared(
             select(producers.c.epoch, producers.c.seq).where(
                 producers.c.stream_id == bindparam("stream_id"),

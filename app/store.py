@@ -174,6 +174,7 @@ class Store:
         if state is not None and not state.expired() and not state.deleted:
             if len(self._names) >= NAME_CACHE:
                 self._names.clear()
+                self._ids.clear()
             self._names[name] = state
             self._ids[state.id] = name
         return state

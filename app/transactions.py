@@ -29,6 +29,7 @@ from app.models import (
     StreamState,
     new_stream_id,
 )
+from app.statements import CHUNK_RANGE
 from app.writer import Change, media_type
 
 streams = StreamRow.__table__
@@ -253,17 +254,8 @@ def _purge(conn: Connection, stream_id: str) -> None:
 
 
 def read_range(conn: Connection, stream_id: str, start: int, end: int) -> bytes:
-    floor = (
-        select(func.coalesce(func.max(chunks.c.start), 0))
-        .where(chunks.c.stream_id == stream_id, chunks.c.start <= start)
-        .scalar_subquery()
-    )
-    query = (
-        select(chunks.c.start, chunks.c.data)
-        .where(chunks.c.stream_id == stream_id, chunks.c.start < end, chunks.c.start >= floor)
-        .order_by(chunks.c.start)
-    )
-    return slice_rows(conn.execute(query), start, end)
+    rows = conn.execute(CHUNK_RANGE, {"id": stream_id, "lo": start, "hi": end})
+    return slice_rows(rows, start, end)
 
 
 def slice_rows(rows: Any, start: int, end: int) -> bytes:
