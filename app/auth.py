@@ -23,15 +23,25 @@ def key_is_valid(presented: str, keys: tuple[str, ...]) -> bool:
 
 
 def bearer(request: Request[Any, Any, Any]) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return bearer_token(request.headers.get("authorization", ""))
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an `Authorization: Bearer <token>` value, or ""."""
+    scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def require_key(request: Request[Any, Any, Any], settings: Settings) -> None:
     """Raise 401 unless no keys are configured or the request carries a valid one."""
+    check_key(request.headers.get("authorization", ""), settings)
+
+
+def check_key(authorization: str, settings: Settings) -> None:
+    """Raise 401 unless no keys are configured or `authorization` carries a valid one."""
     if not settings.api_keys:
         return
-    if not key_is_valid(bearer(request), settings.api_keys):
+    if not key_is_valid(bearer_token(authorization), settings.api_keys):
         raise NotAuthorizedException(
             "this call needs an API key: send Authorization: Bearer <key> (one of STREAMHOLD_API_KEYS)",
             headers={"www-authenticate": 'Bearer realm="streamhold"'},

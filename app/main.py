@@ -24,7 +24,7 @@ from app.models import StreamError
 from app.sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
 from app.settings import Settings
 from app.store import Store
-from app.wire import CORS
+from app.wire import API_RESPONSE_HEADERS, CORS
 
 log = logging.getLogger("streamhold")
 
@@ -33,11 +33,17 @@ HERE = Path(__file__).parent
 
 API_PREFIXES = ("/v1/stream/", "/stream/")
 PREFLIGHT_HEADERS = [(k.encode(), v.encode()) for k, v in CORS.items()]
-CORS_HEADERS = [
-    (k.encode(), v.encode())
-    for k, v in CORS.items()
-    if k in ("access-control-allow-origin", "access-control-expose-headers")
-]
+APPEND_PATH = protocol.PREFIX + "/"
+
+
+class Streamhold(Litestar):
+    """The app: protocol appends go straight to their handler; everything else through the framework."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH):
+            await protocol.append_asgi(self.state, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def security_headers(app: ASGIApp) -> ASGIApp:
@@ -65,12 +71,7 @@ def security_headers(app: ASGIApp) -> ASGIApp:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.append((b"x-content-type-options", b"nosniff"))
-                if api:
-                    headers.extend(CORS_HEADERS)
-                    headers.append((b"cross-origin-resource-policy", b"cross-origin"))
-                    # Stream content is anyone's bytes: opened in a browser it must not run as our origin.
-                    headers.append((b"content-security-policy", b"sandbox"))
+                headers.extend(API_RESPONSE_HEADERS if api else [(b"x-content-type-options", b"nosniff")])
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -98,7 +99,7 @@ async def _sweep_forever(store: Store, interval: float) -> None:
             log.exception("sweep failed; retrying at the next interval")
 
 
-def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] = ()) -> Litestar:
+def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] = ()) -> Streamhold:
     """The Streamhold ASGI app, plus your own handlers (which may ask for `ctx` or `stream`).
 
     Settings are read from the environment when not given.
@@ -154,7 +155,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
 
         template_config = TemplateConfig(directory=templates, engine=JinjaTemplateEngine)
 
-    return Litestar(
+    return Streamhold(
         route_handlers=routes,
         lifespan=[lifespan],
         dependencies={

@@ -111,6 +111,13 @@ class RequestMetrics:
     responses: dict[Labels, int] = field(default_factory=dict)
     live_requests: dict[str, int] = field(default_factory=dict)
 
+    def record(self, labels: Labels, status: int, seconds: float | None) -> None:
+        """One response: its status, and its latency unless it was a live read (`seconds` None)."""
+        if seconds is not None:
+            self.latency.observe(labels, seconds)
+        key = (*labels, ("code", str(status)))
+        self.responses[key] = self.responses.get(key, 0) + 1
+
 
 def request_metrics(state: State) -> RequestMetrics:
     """The app's request metrics, created on first use."""
@@ -155,15 +162,12 @@ def request_timing(app: ASGIApp) -> ASGIApp:
         async def timed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 labels = (("method", method), ("route", route))
-                if live is None:
-                    metrics.latency.observe(labels, time.perf_counter() - started)
-                else:
+                if live is not None:
                     metrics.live_requests[live] = metrics.live_requests.get(live, 0) + 1
-                key = (*labels, ("code", str(message["status"])))
-                metrics.responses[key] = metrics.responses.get(key, 0) + 1
+                seconds = None if live is not None else time.perf_counter() - started
+                metrics.record(labels, message["status"], seconds)
             await send(message)
 
         await app(scope, receive, timed_send)
 
     return middleware
-

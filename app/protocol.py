@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
 from litestar import Request, asgi
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
-from app.auth import require_key
+from app.auth import check_key, require_key
+from app.metrics import request_metrics
 from app.models import (
     AppendResult,
     ContentTypeMismatchError,
@@ -25,9 +29,11 @@ from app.models import (
     parse_offset,
 )
 from app.protocol_reads import read_stream
-from app.store import NewStream
+from app.settings import Settings
+from app.store import NewStream, Store
 from app.transactions import iter_range
 from app.wire import (
+    API_RESPONSE_HEADERS,
     DIGITS,
     MAX_SAFE_INTEGER,
     PLAIN_DIGITS,
@@ -35,17 +41,23 @@ from app.wire import (
     absolute_url,
     components,
     error,
+    error_parts,
     frame_json,
     is_json,
     live_state,
+    name_from_path,
     namespace_of,
     read_body,
+    receive_body,
     request_name,
     respond,
     state_headers,
     stream_name,
 )
 from app.writer import media_type
+
+APPEND_LABELS = (("method", "POST"), ("route", PREFIX))
+log = logging.getLogger("streamhold.protocol")
 
 # --- create --------------------------------------------------------------------------------------
 
@@ -168,8 +180,8 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
 # --- append --------------------------------------------------------------------------------------
 
 
-def _producer(request: Request[Any, Any, Any]) -> Producer | None:
-    values = [request.headers.get(h) for h in ("producer-id", "producer-epoch", "producer-seq")]
+def _producer(headers: dict[str, str]) -> Producer | None:
+    values = [headers.get(h) for h in ("producer-id", "producer-epoch", "producer-seq")]
     if all(v is None for v in values):
         return None
     if any(v is None for v in values):
@@ -184,7 +196,7 @@ def _producer(request: Request[Any, Any, Any]) -> Producer | None:
     return Producer(producer_id, int(epoch), int(seq))
 
 
-def _append_headers(state: StreamState, result: AppendResult) -> dict[str, str]:
+def _append_headers(result: AppendResult) -> dict[str, str]:
     headers = {"stream-next-offset": format_offset(result.tail)}
     if result.closed:
         headers["stream-closed"] = "true"
@@ -194,47 +206,92 @@ def _append_headers(state: StreamState, result: AppendResult) -> dict[str, str]:
     return headers
 
 
-async def append_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
+def _request_headers(scope: Scope) -> dict[str, str]:
+    """Header names and values as text; the first of repeated headers wins."""
+    headers: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        name = key.decode("latin-1").lower()
+        if name not in headers:
+            headers[name] = value.decode("latin-1")
+    return headers
+
+
+async def _append(
+    state: State, scope: Scope, receive: Receive, routed: str
+) -> tuple[int, dict[str, str], bytes]:
     """Append to a stream, append and close it, or just close it (empty body and Stream-Closed: true)."""
-    store, _, settings = components(request)
+    store: Store = state.store
+    settings: Settings = state.settings
+    headers = _request_headers(scope)
+    check_key(headers.get("authorization", ""), settings)
+    name = name_from_path(scope.get("raw_path"), routed)
+    stream = live_state(await store.resolve(name))
+    close = headers.get("stream-closed", "").lower() == "true"
+    producer = _producer(headers)
+    body = await receive_body(receive, headers.get("content-length"), settings.max_append_bytes)
+    given_type = headers.get("content-type")
+    if not body and not close:
+        raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
+    if body and not given_type:
+        raise InvalidRequestError(f"an append needs a Content-Type; this stream takes {stream.content_type}")
+    if body and not stream.closed and media_type(given_type or "") != media_type(stream.content_type):
+        given = media_type(given_type or "")
+        raise ContentTypeMismatchError(
+            f"Content-Type {given} does not match the stream's {stream.content_type}"
+        )
+    if body and stream.json_mode and not stream.closed:
+        body = frame_json(body, allow_empty_array=False)
+    options = {
+        "content_type": given_type if body else None,
+        "seq": headers.get("stream-seq"),
+        "producer": producer,
+        "close": close,
+    }
     try:
-        require_key(request, settings)
-        name = request_name(request, name)
-        state = live_state(await store.resolve(name))
-        close = request.headers.get("stream-closed", "").lower() == "true"
-        producer = _producer(request)
-        body = await read_body(request, settings.max_append_bytes)
-        given_type = request.headers.get("content-type")
-        if not body and not close:
-            raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
-        if body and not given_type:
-            raise InvalidRequestError(
-                f"an append needs a Content-Type; this stream takes {state.content_type}"
-            )
-        if body and not state.closed and media_type(given_type or "") != media_type(state.content_type):
-            given = media_type(given_type or "")
-            expected = state.content_type
-            raise ContentTypeMismatchError(f"Content-Type {given} does not match the stream's {expected}")
-        if body and state.json_mode and not state.closed:
-            body = frame_json(body, allow_empty_array=False)
-        options = {
-            "content_type": given_type if body else None,
-            "seq": request.headers.get("stream-seq"),
-            "producer": producer,
-            "close": close,
-        }
-        try:
-            result = await store.append(state.id, body, **options)
-        except StreamNotFoundError:
-            # The name may have been deleted and created again since it was cached: look once more.
-            fresh = live_state(await store.resolve(name, fresh=True))
-            if fresh.id == state.id:
-                raise
-            result = await store.append(fresh.id, body, **options)
+        result = await store.append(stream.id, body, **options)
+    except StreamNotFoundError:
+        # The name may have been deleted and created again since it was cached: look once more.
+        fresh = live_state(await store.resolve(name, fresh=True))
+        if fresh.id == stream.id:
+            raise
+        result = await store.append(fresh.id, body, **options)
+    status = 200 if producer is not None and body and not result.duplicate else 204
+    return status, _append_headers(result), b""
+
+
+async def append_asgi(state: State, scope: Scope, receive: Receive, send: Send) -> None:
+    """POST /v1/stream/{name}, served straight from ASGI.
+
+    Appends are most of a busy server's requests, and the framework's request object, router and
+    middleware cost as much as the append's own work; this path adds their effects (security headers,
+    request metrics, error bodies) itself.
+    """
+    started = time.perf_counter()
+    try:
+        status, headers, body = await _append(state, scope, receive, scope["path"][len(PREFIX) :])
+    except StreamError as exc:
+        status, headers, body = error_parts(exc)
+    except HTTPException as exc:  # a missing API key
+        headers = {**(exc.headers or {}), "content-type": "application/json"}
+        status, body = exc.status_code, json.dumps({"error": exc.detail}).encode()
+    except Exception:
+        log.exception("append to %s failed", scope["path"])
+        headers = {"content-type": "application/json"}
+        status, body = 500, b'{"error": "internal server error; the append was not acknowledged"}'
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if body:
+        raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw + API_RESPONSE_HEADERS})
+    await send({"type": "http.response.body", "body": body})
+    request_metrics(state).record(APPEND_LABELS, status, time.perf_counter() - started)
+
+
+async def _append_mounted(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
+    """An append that reached the mounted handler: only `POST /v1/stream`, with no name, does (a 400)."""
+    try:
+        return respond(*await _append(request.app.state, request.scope, request.receive, name))
     except StreamError as exc:
         return error(exc)
-    status = 200 if producer is not None and body and not result.duplicate else 204
-    return respond(status, _append_headers(state, result))
 
 
 async def head_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
@@ -266,7 +323,7 @@ async def delete_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
 
 HANDLERS = {
     "PUT": create_stream,
-    "POST": append_stream,
+    "POST": _append_mounted,
     "GET": read_stream,
     "HEAD": head_stream,
     "DELETE": delete_stream,

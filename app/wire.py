@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, quote, unquote
 
 from litestar import Request
 from litestar.response.base import ASGIResponse
+from litestar.types import Receive
 
 from app.live import LiveHub
 from app.models import (
@@ -58,6 +59,20 @@ CORS = {
 }
 
 
+# Added to every response on the stream APIs (see main.security_headers).
+API_RESPONSE_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    *(
+        (k.encode(), v.encode())
+        for k, v in CORS.items()
+        if k in ("access-control-allow-origin", "access-control-expose-headers")
+    ),
+    (b"cross-origin-resource-policy", b"cross-origin"),
+    # Stream content is anyone's bytes: opened in a browser it must not run as our origin.
+    (b"content-security-policy", b"sandbox"),
+]
+
+
 def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Settings]:
     """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""
     state = request.app.state
@@ -77,6 +92,11 @@ def respond(
 
 
 def error(exc: StreamError, extra: dict[str, str] | None = None) -> ASGIResponse:
+    return respond(*error_parts(exc, extra))
+
+
+def error_parts(exc: StreamError, extra: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """An error's status, headers and JSON body."""
     headers = {"content-type": "application/json", **(extra or {})}
     if isinstance(exc, StreamClosedError):
         headers.update({"stream-closed": "true", "stream-next-offset": format_offset(exc.tail)})
@@ -86,13 +106,16 @@ def error(exc: StreamError, extra: dict[str, str] | None = None) -> ASGIResponse
         headers.update(
             {"producer-expected-seq": str(exc.expected), "producer-received-seq": str(exc.received)}
         )
-    body = json.dumps({"error": str(exc)}).encode()
-    return respond(exc.status, headers, body)
+    return exc.status, headers, json.dumps({"error": str(exc)}).encode()
 
 
 def request_name(request: Request[Any, Any, Any], routed: str) -> str:
     """The stream name as the client sent it: the router has already collapsed `//` and a trailing `/`."""
-    raw = request.scope.get("raw_path")
+    return name_from_path(request.scope.get("raw_path"), routed)
+
+
+def name_from_path(raw: bytes | None, routed: str) -> str:
+    """The stream name in the raw request path, else in the path after the prefix (`routed`), validated."""
     if raw:
         path = unquote(raw.decode("latin-1").split("?", 1)[0])
         if path.startswith(PREFIX + "/"):
@@ -156,12 +179,16 @@ def json_body(framed: bytes) -> bytes:
 
 async def read_body(request: Request[Any, Any, Any], limit: int) -> bytearray:
     """The whole request body, refusing (413) one larger than `limit` before reading it all."""
-    declared = request.headers.get("content-length")
+    return await receive_body(request.receive, request.headers.get("content-length"), limit)
+
+
+async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytearray:
+    """The whole body from an ASGI `receive`; `declared` is the Content-Length header, if any."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
     body = bytearray()
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidRequestError("the client went away before sending the whole body")
         body += message.get("body", b"")

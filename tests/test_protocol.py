@@ -24,6 +24,7 @@ from litestar.params import FromPath
 from app.main import create_app
 from app.sdk import StreamService
 from app.settings import Settings
+from app.store import Store
 from tests._server import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -172,6 +173,33 @@ async def test_append_over_the_limit_is_413_and_changes_nothing(
         accepted = await client.post(url, content=b"y" * 1000, headers={"content-type": "text/plain"})
         assert accepted.status_code == 204
         assert (await client.get(url)).content == b"start" + b"y" * 1000
+
+
+async def test_appends_answer_with_the_api_headers_even_when_they_fail(
+    live_server: ThreadServer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"{live_server.url}/v1/stream/answers"
+    text = {"content-type": "text/plain"}
+    await client.put(url, headers=text)
+    accepted = await client.post(url, content=b"a", headers=text)
+    missing = await client.post(url + "-missing", content=b"a", headers=text)
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the disk is gone")
+
+    monkeypatch.setattr(Store, "append", broken)
+    failed = await client.post(url, content=b"b", headers=text)
+    assert [r.status_code for r in (accepted, missing, failed)] == [204, 404, 500]
+    assert "not acknowledged" in failed.json()["error"] and "stream not found" in missing.json()["error"]
+    for response in (accepted, missing, failed):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["content-security-policy"] == "sandbox"
+        assert response.headers["access-control-allow-origin"] == "*"
+    figures = (await client.get(f"{live_server.url}/metrics")).text
+    for code in ("204", "404", "500"):
+        assert (
+            f'streamhold_http_responses_total{{method="POST",route="/v1/stream",code="{code}"}} 1' in figures
+        )
 
 
 @pytest.mark.parametrize("name", ["a//b", "a/../b", "./x", "trailing/", "ctl%01char", "x" * 513])

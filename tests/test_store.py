@@ -64,6 +64,22 @@ async def test_create_append_read_close(store: Store) -> None:
     assert again is not None and again.closed and again.tail == 27 and again.metadata == {"u": "1"}
 
 
+async def test_appends_see_what_another_store_did_to_the_stream(store: Store, settings: Settings) -> None:
+    """Another process (here a second store on the same database) closes and deletes streams in between."""
+    closing, _ = await store.create(NewStream(namespace="other", content_type="text/plain"))
+    deleting, _ = await store.create(NewStream(namespace="other", content_type="text/plain"))
+    for state in (closing, deleting):
+        await store.append(state.id, b"one ")
+    async with Store.open(settings) as other:
+        await other.append(closing.id, b"two ", close=True)
+        await other.delete(deleting.id)
+    with pytest.raises(StreamClosedError):
+        await store.append(closing.id, b"three")
+    with pytest.raises(StreamNotFoundError):
+        await store.append(deleting.id, b"three")
+    assert await content(store, closing.id) == b"one two "
+
+
 async def test_ids_are_uuid7_and_sort_by_time() -> None:
     ids = [new_stream_id() for _ in range(2000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
