@@ -272,8 +272,7 @@ class _LocalStream(Stream):
         limit = self._service.settings.max_append_bytes
         if len(chunk) > limit:
             raise PayloadTooLargeError(f"a write may be at most {limit} bytes; split it into smaller writes")
-        store = self._service.store
-        return store.writer.join_last(self.id, chunk) or store.append_nowait(self.id, chunk)
+        return self._service.store.write_nowait(self.id, chunk)
 
     async def _finish(self) -> None:
         store = self._service.store

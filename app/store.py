@@ -352,6 +352,15 @@ class Store:
         self.writer.submit(AppendOp(stream_id, data, future, content_type, seq, producer, close, compress))
         return future
 
+    def write_nowait(self, stream_id: str, data: bytes) -> asyncio.Future[AppendResult]:
+        """Queue a plain write, joined to the previous queued write to the same stream when it can be.
+
+        Consecutive writes then commit as one append, in order; each future still resolves only once
+        committed, with the joined append's result. Fit for the API's writes, which report no offsets;
+        not for HTTP appends, which must report their own.
+        """
+        return self.writer.join_last(stream_id, data) or self.append_nowait(stream_id, data)
+
     async def append(self, stream_id: str, data: bytes, **options: Any) -> AppendResult:
         """Append (and optionally close); returns after the commit. Closing coalesces chunks afterwards."""
         result = await self.append_nowait(stream_id, data, **options)

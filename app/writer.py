@@ -124,6 +124,7 @@ class Writer:
         self._rows: dict[str, StreamState] = {}
         self._written: dict[str, StreamState] = {}
         self._data_version = -1
+        self._commit_sent = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="streamhold-writer")
@@ -242,20 +243,23 @@ class Writer:
         for attempt in (1, 2):
             try:
                 return self._append_transaction(ops)
-            except Exception as exc:
-                if attempt == 2 or not self._connection_broke(exc):
+            except Exception:
+                # Once COMMIT has been sent the batch may have been committed: doing it again would
+                # append twice, so only a failure before that is retried (on a new connection).
+                forgot = self._forget_broken_connection()
+                if attempt == 2 or not forgot or self._commit_sent:
                     raise
         raise AssertionError("unreachable")
 
-    def _connection_broke(self, exc: Exception) -> bool:
-        """Forget a driver connection that failed outside the database's own rules; True to retry."""
-        broken = self._postgres and getattr(self._driver, "closed", False)
-        if broken or "closed" in str(exc).lower():
-            if self._pooled is not None:
-                self._pooled.invalidate()
-            self._driver = self._pooled = None
-            return True
-        return False
+    def _forget_broken_connection(self) -> bool:
+        """Drop a PostgreSQL connection that has closed or broken, so that the next batch opens a new one."""
+        driver = self._driver
+        if not self._postgres or driver is None or not (driver.closed or driver.broken):
+            return False
+        if self._pooled is not None:
+            self._pooled.invalidate()
+        self._driver = self._pooled = None
+        return True
 
     def _driver_connection(self) -> Any:
         if self._driver is None:
@@ -321,6 +325,7 @@ class Writer:
         sql = self._statements
         began = cursor is not None
         cursor = cursor if began else conn.cursor()
+        self._commit_sent = False
         try:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
@@ -359,6 +364,7 @@ class Writer:
             changes = self._write(cursor, pending, states, known, now)
             if began:
                 return outcomes, changes  # the caller commits
+            self._commit_sent = True
             if self._postgres:
                 conn.commit()
             else:

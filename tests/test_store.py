@@ -6,7 +6,9 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import psycopg
 import pytest
 from sqlalchemy import event, func, select, update
 
@@ -78,6 +80,21 @@ async def test_appends_see_what_another_store_did_to_the_stream(store: Store, se
     with pytest.raises(StreamNotFoundError):
         await store.append(deleting.id, b"three")
     assert await content(store, closing.id) == b"one two "
+
+
+async def test_a_lost_postgres_connection_costs_no_append(
+    pg_server: str, pg_url: str, tmp_path: Path
+) -> None:
+    """The writer's session is killed between appends: the next append reconnects and lands exactly once."""
+    async with Store.open(Settings(data_dir=tmp_path, database_url=pg_url)) as store:
+        state, _ = await store.create(NewStream(namespace="pg", content_type="text/plain"))
+        await store.append(state.id, b"before ")
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            backend = store.writer._driver.info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        await store.append(state.id, b"after")
+        assert store.writer._driver.info.backend_pid != backend
+        assert await content(store, state.id) == b"before after"
 
 
 async def test_ids_are_uuid7_and_sort_by_time() -> None:
