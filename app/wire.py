@@ -177,27 +177,31 @@ def json_body(framed: bytes) -> bytes:
     return b"[" + framed[:-1].replace(b"\n", b",") + b"]" if framed else b"[]"
 
 
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytearray:
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     """The whole request body, refusing (413) one larger than `limit` before reading it all."""
     return await receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
-async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytearray:
+async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     """The whole body from an ASGI `receive`; `declared` is the Content-Length header, if any."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
-    body = bytearray()
+    parts: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidRequestError("the client went away before sending the whole body")
-        body += message.get("body", b"")
-        if len(body) > limit:
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
             raise PayloadTooLargeError(
                 f"an append may be at most {limit} bytes; split it into smaller appends"
             )
+        parts.append(part)
         if not message.get("more_body"):
-            return body  # a bytearray: the store takes it as is, saving a copy of large bodies
+            # One copy of a large body, and none again when the writer joins a lone append's parts.
+            return b"".join(parts)
 
 
 def cursor(client: str | None) -> str:
