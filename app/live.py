@@ -16,15 +16,19 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from litestar.channels.backends.base import ChannelsBackend
 from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
 from psycopg import AsyncConnection
 
+from app.models import StreamState
 from app.settings import Settings
 from app.store import Store
 from app.writer import Change
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 log = logging.getLogger("streamhold.live")
 
@@ -175,6 +179,23 @@ class Waiter:
         return True
 
 
+class SharedCache(Generic[K, V]):
+    """A small map of values that many readers share, emptied whenever it fills (entries are short-lived)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._items: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def put(self, key: K, value: V) -> V:
+        if len(self._items) >= self._size:
+            self._items.clear()
+        self._items[key] = value
+        return value
+
+
 class LiveHub:
     """Per-process doorbells: wakes local waiters on commit and carries doorbells to other processes."""
 
@@ -197,6 +218,10 @@ class LiveHub:
         self.connected = backend is None
         self.stopping = False
         self.readers: dict[str, int] = {"sse": 0, "long-poll": 0, "http": 0, "sdk": 0}
+        # What the readers of one change share: the stream as its doorbell describes it, and each SSE
+        # block as encoded for a position, so a thousand readers make one copy and one encoding.
+        self.advanced_states: SharedCache[tuple[str, int, bool], StreamState] = SharedCache()
+        self.sse_blocks: SharedCache[tuple[Any, ...], tuple[bytes, int]] = SharedCache()
 
     @classmethod
     @asynccontextmanager

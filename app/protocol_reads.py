@@ -147,7 +147,7 @@ async def _long_poll(
                     }
                     return respond(204, headers)
                 woke = await _wait_unless_gone(waiter, remaining, gone_away)
-                state = await _after_wake(store, waiter, state, woke, remaining)
+                state = await _after_wake(store, hub, waiter, state, woke)
         finally:
             gone_away.cancel()
 
@@ -167,36 +167,29 @@ async def _wait_unless_gone(waiter: Any, seconds: float, gone_away: asyncio.Futu
     return waiting.result()
 
 
-async def _after_wake(
-    store: Store, waiter: Any, state: StreamState, woke: bool, remaining: float
-) -> StreamState:
+async def _after_wake(store: Store, hub: LiveHub, waiter: Any, state: StreamState, woke: bool) -> StreamState:
     """The stream after a wake-up: from the doorbell when it says the tail moved, else from the store."""
     if waiter.gone:
         raise StreamNotFoundError("stream was deleted")
     if woke and waiter.tail > state.tail and not state.compressed:
-        return _advanced(state, waiter.tail, waiter.closed)
+        return _advanced(hub, state, waiter.tail, waiter.closed)
     return live_state(await store.get(state.id))
 
 
-def _advanced(state: StreamState, tail: int, closed: bool) -> StreamState:
+def _advanced(hub: LiveHub, state: StreamState, tail: int, closed: bool) -> StreamState:
     """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed).
 
     Shared by all readers woken by the same doorbell: a thousand readers make one copy, not a thousand.
     """
     key = (state.id, tail, closed)
-    shared = _states.get(key)
+    shared = hub.advanced_states.get(key)
     if shared is None:
         values = {name: getattr(state, name) for name in StreamState.__slots__}
         values["tail"] = tail
         if closed and values["closed_at"] is None:
             values["closed_at"] = time.time()
-        if len(_states) >= 256:
-            _states.clear()
-        shared = _states[key] = StreamState(**values)
+        shared = hub.advanced_states.put(key, StreamState(**values))
     return shared
-
-
-_states: dict[tuple[str, int, bool], StreamState] = {}
 
 
 def _sse_event(kind: str, payload: str) -> str:
@@ -257,11 +250,11 @@ async def _sse_events(
                 yield ": keep-alive\n\n"
                 state = live_state(await store.get(state.id))
             elif waiter.tail > state.tail and not state.compressed:
-                state = _advanced(state, waiter.tail, waiter.closed)
+                state = _advanced(hub, state, waiter.tail, waiter.closed)
             elif waiter.tail < state.tail or (state.closed == waiter.closed and waiter.tail == state.tail):
                 state = live_state(await store.get(state.id))
             elif waiter.closed and not state.closed:
-                state = _advanced(state, state.tail, True)
+                state = _advanced(hub, state, state.tail, True)
             if state.closed and position >= state.tail:
                 sent_any = False
 
@@ -277,7 +270,7 @@ async def _next_block(
     end = min(state.tail, position + SSE_SLICE)
     interval = cursor(client_cursor)
     key = (state.id, position, end, state.closed, interval if client_cursor else None)
-    cached = _blocks.get(key)
+    cached = hub.sse_blocks.get(key)
     if cached is not None:
         return cached
     if state.compressed:
@@ -301,13 +294,7 @@ async def _next_block(
         _sse_data(state, data, after)
         + _control(after, state.closed and at_tail, at_tail, client_cursor, interval)
     ).encode()
-    if len(_blocks) >= 256:
-        _blocks.clear()
-    _blocks[key] = (block, after)
-    return block, after
-
-
-_blocks: dict[tuple[Any, ...], tuple[bytes, int]] = {}
+    return hub.sse_blocks.put(key, (block, after))
 
 
 def whole_utf8(data: bytes, final: bool) -> bytes:
