@@ -119,7 +119,8 @@ def check_create(
         raise ValueError("metadata keys must be 1-255 characters and values at most 1024 characters")
     if ttl is UNSET:
         return dict(meta), DEFAULT_TTL
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0):
+    # `not ttl >= 0` also refuses NaN, which compares false with everything.
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl >= 0):
         raise ValueError("ttl must be a number of seconds (0 or None: never expires)")
     return dict(meta), clamp_ttl(ttl)
 

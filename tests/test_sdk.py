@@ -94,6 +94,9 @@ async def test_validation_errors_are_clear(streams: StreamService) -> None:
         await streams.create("n" * 255)
     with pytest.raises(ValueError, match="metadata"):
         await streams.create("ok", metadata={"n": 1})  # type: ignore[dict-item]
+    for ttl in (-1, float("nan"), "60"):
+        with pytest.raises(ValueError, match="ttl must be a number of seconds"):
+            await streams.create("ok", ttl=ttl)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="limit"):
         await streams.list(limit=0)
     with pytest.raises(ValueError, match="limit"):
