@@ -7,6 +7,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ MAX_CACHED_ROWS = 4096
 # 1 MiB appends, that is about 15% faster (no hand-over to the thread and back per append); for small
 # batches the thread wins, as the loop keeps serving requests while the disk syncs.
 LOOP_COMMIT_BYTES = 256 * 1024
+WAL_FRAME_HEADER = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,8 @@ class Writer:
         self._written: dict[str, StreamState] = {}
         self._data_version = -1
         self._commit_sent = False
+        self._wal_path = f"{engine.url.database}-wal"
+        self.checkpoint_bytes = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="streamhold-writer")
@@ -268,7 +272,25 @@ class Writer:
             if not self._postgres:
                 # Never wait for a lock on the event loop: a busy database sends the batch to the thread.
                 self._driver.execute("PRAGMA busy_timeout=0")
+                pages = self._driver.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+                page_size = self._driver.execute("PRAGMA page_size").fetchone()[0]
+                self.checkpoint_bytes = pages * (page_size + WAL_FRAME_HEADER) if pages > 0 else 0
         return self._driver
+
+    def may_commit_on_loop(self, size: int) -> bool:
+        """Whether a batch of `size` bytes may commit on the event loop: large, and sure not to checkpoint.
+
+        A commit that takes the WAL past `wal_autocheckpoint` checkpoints it, copying the whole WAL into the
+        database, which takes far too long to run on the loop. The WAL file is never smaller than the
+        frames in it, so its size bounds them.
+        """
+        if size < LOOP_COMMIT_BYTES or not self.checkpoint_bytes:
+            return False
+        try:
+            wal = os.stat(self._wal_path).st_size
+        except OSError:
+            wal = 0
+        return wal + 2 * size < self.checkpoint_bytes
 
     async def _sqlite_appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         """Apply a batch on the event loop and commit it on the writer thread (a large one on the loop).
@@ -286,7 +308,7 @@ class Writer:
             return await asyncio.get_running_loop().run_in_executor(self._thread, self._run_appends, ops)
         try:
             outcomes, changes = self._append_transaction(ops, cursor=cursor)
-            if sum(len(op.data) for op in ops) >= LOOP_COMMIT_BYTES:
+            if self.may_commit_on_loop(sum(len(op.data) for op in ops)):
                 cursor.execute("COMMIT")
             else:
                 await asyncio.get_running_loop().run_in_executor(self._thread, cursor.execute, "COMMIT")

@@ -97,6 +97,20 @@ async def test_a_lost_postgres_connection_costs_no_append(
         assert await content(store, state.id) == b"before after"
 
 
+async def test_only_large_commits_far_from_a_checkpoint_run_on_the_loop(tmp_path: Path) -> None:
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="big", content_type="application/octet-stream"))
+        await store.append(state.id, b"x" * 300_000)
+        writer = store.writer
+        assert writer.checkpoint_bytes > 64 * 1024 * 1024
+        assert writer.may_commit_on_loop(300_000) and not writer.may_commit_on_loop(1000)
+        wal = (tmp_path / "streamhold.db-wal").stat().st_size
+        writer.checkpoint_bytes = wal + 500_000  # the next 300 KB commit could reach the checkpoint
+        assert not writer.may_commit_on_loop(300_000)
+        await store.append(state.id, b"y" * 300_000)
+        assert await store.read(state.id, 299_999, 300_001) == b"xy"
+
+
 async def test_ids_are_uuid7_and_sort_by_time() -> None:
     ids = [new_stream_id() for _ in range(2000)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
