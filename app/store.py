@@ -81,6 +81,7 @@ class Store:
         self._ids: dict[str, str] = {}
         self._listeners: list[Callable[[list[Change]], None]] = []
         self._small_chunks: dict[str, int] = {}
+        self._compressing: dict[str, asyncio.Future[None]] = {}
         self._followups: set[asyncio.Task[Any]] = set()
         self.writer = Writer(self._write_engine, self.postgres, self._changed, self.statements)
         self.writer.after_close = self._after_close
@@ -372,8 +373,49 @@ class Store:
         """Coalesce a closed stream's chunks and compress it if that was asked for."""
         await self.compact(stream_id, full=True)
         state = await self.get(stream_id)
-        if state is not None and state.compress and not state.compressed:
-            await self.writer.call(lambda conn: transactions.compress(conn, stream_id, self.postgres))
+        if state is None or not state.compress or state.compressed:
+            return
+        running = self._compressing.get(stream_id)
+        if running is None:  # one compression of a stream at a time; a second finish waits for it
+            running = self._compressing[stream_id] = asyncio.ensure_future(self._compress(state))
+            running.add_done_callback(lambda done: self._compression_done(stream_id, done))
+        await asyncio.shield(running)
+
+    def _compression_done(self, stream_id: str, done: asyncio.Future[None]) -> None:
+        self._compressing.pop(stream_id, None)
+        if not done.cancelled():
+            done.exception()  # marked as seen: the finish() calls awaiting it have raised it already
+
+    async def _compress(self, state: StreamState) -> None:
+        """Gzip a closed stream without holding up other writes.
+
+        The content is read and deflated outside any write transaction (deflate on a worker thread), its
+        pieces are stored in small transactions of their own, and one short transaction swaps them in.
+        """
+        postgres = self.postgres
+        deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
+        seq = stored = 0
+        buffer = bytearray()
+        async for piece in self.iter_content(state):
+            buffer += await asyncio.to_thread(deflater.compress, piece)
+            if len(buffer) >= transactions.CHUNK_TARGET:
+                if not await self._stage(state.id, seq, bytes(buffer)):
+                    return
+                seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
+        buffer += deflater.flush()
+        if not await self._stage(state.id, seq, bytes(buffer)):
+            return
+        pieces, stored = seq + 1, stored + len(buffer)
+        await self.writer.call(
+            lambda conn: transactions.swap_in_gzip(conn, state.id, pieces, stored, postgres)
+        )
+
+    async def _stage(self, stream_id: str, seq: int, data: bytes) -> bool:
+        postgres = self.postgres
+        staged: bool = await self.writer.call(
+            lambda conn: transactions.stage_gzip(conn, stream_id, seq, data, postgres)
+        )
+        return staged
 
     async def create(self, new: NewStream) -> tuple[StreamState, bool]:
         """Create a stream; returns (state, created). The same name with the same settings is no error."""

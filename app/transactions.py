@@ -173,25 +173,45 @@ def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list
     return None, changes
 
 
-def compress(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list[Change]]:
+def stage_gzip(
+    conn: Connection, stream_id: str, seq: int, data: bytes, postgres: bool
+) -> tuple[bool, list[Change]]:
+    """Store piece `seq` of a closed stream's gzip body; readers ignore it until `swap_in_gzip`.
+
+    False (nothing stored) once the stream is gone, compressed or not closed: the compression stops.
+    """
     state = _locked(conn, streams.c.id, stream_id, postgres)
     if state is None or state.compressed or not state.closed:
-        return None, []
-    deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
-    seq, stored, buffer = 0, 0, bytearray()
-    for piece in iter_range(conn, state, 0, state.tail):
-        buffer += deflater.compress(piece)
-        if len(buffer) >= CHUNK_TARGET:
-            conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=bytes(buffer)))
-            seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
-    buffer += deflater.flush()
-    conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=bytes(buffer)))
-    stored += len(buffer)
+        return False, []
+    if seq == 0:  # pieces left by a compression that was interrupted
+        conn.execute(sql_delete(gzip_chunks).where(gzip_chunks.c.stream_id == stream_id))
+    conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=data))
+    return True, []
+
+
+def swap_in_gzip(
+    conn: Connection, stream_id: str, pieces: int, stored: int, postgres: bool
+) -> tuple[bool, list[Change]]:
+    """Make the staged gzip body the stream's content, if it is whole; True if it did."""
+    state = _locked(conn, streams.c.id, stream_id, postgres)
+    if state is None or state.compressed or not state.closed:
+        return False, []
+    staged = conn.execute(
+        select(func.count(), func.coalesce(func.sum(func.length(gzip_chunks.c.data)), 0)).where(
+            gzip_chunks.c.stream_id == stream_id
+        )
+    ).one()
+    if (staged[0], staged[1]) != (
+        pieces,
+        stored,
+    ):  # another compression of it interfered: keep the plain copy
+        conn.execute(sql_delete(gzip_chunks).where(gzip_chunks.c.stream_id == stream_id))
+        return False, []
     conn.execute(sql_delete(chunks).where(chunks.c.stream_id == stream_id))
     conn.execute(
         update(streams).where(streams.c.id == stream_id).values(compressed=True, stored_bytes=stored)
     )
-    return None, []
+    return True, []
 
 
 def sweep(conn: Connection, postgres: bool) -> tuple[int, list[Change]]:
