@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import zlib
@@ -33,8 +34,6 @@ from app.models import (
     Producer,
     ProducerRow,
     StreamFilter,
-    StreamGoneError,
-    StreamNotFoundError,
     StreamRow,
     StreamState,
 )
@@ -432,12 +431,10 @@ class Store:
             _, page = await self.list(where, limit=500)
             if not page:
                 return deleted
-            for state in page:
-                try:
-                    await self.delete(state.id)
-                    deleted += 1
-                except (StreamNotFoundError, StreamGoneError):
-                    pass
+            ids = [state.id for state in page]
+            deleted += await self.writer.call(
+                functools.partial(transactions.delete_many, stream_ids=ids, postgres=self.postgres)
+            )
             if any(s.deleted for s in page):
                 return deleted
 

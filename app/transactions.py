@@ -173,6 +173,18 @@ def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list
     return None, changes
 
 
+def delete_many(conn: Connection, stream_ids: list[str], postgres: bool) -> tuple[int, list[Change]]:
+    """Delete each of the streams that is still there, in one transaction; returns how many."""
+    deleted, changes = 0, []
+    for stream_id in sorted(stream_ids):  # the writers' locking order, so processes never deadlock
+        try:
+            changes += delete(conn, stream_id, postgres)[1]
+        except (StreamNotFoundError, StreamGoneError):
+            continue
+        deleted += 1
+    return deleted, changes
+
+
 def stage_gzip(
     conn: Connection, stream_id: str, seq: int, data: bytes, postgres: bool
 ) -> tuple[bool, list[Change]]:

@@ -254,6 +254,19 @@ async def test_delete_reclaims_storage(store: Store) -> None:
         await store.delete(state.id)
 
 
+async def test_bulk_delete_takes_one_transaction_per_page(store: Store) -> None:
+    made = [(await store.create(NewStream(namespace="bulk")))[0] for _ in range(30)]
+    await store.create(NewStream(namespace="kept"))
+    for state in made[:5]:
+        await store.append(state.id, b"data")
+    commits = store.writer.commits
+    assert await store.delete_matching(StreamFilter(namespace="bulk")) == 30
+    assert store.writer.commits - commits == 1
+    assert (await store.list(StreamFilter(namespace="bulk")))[1] == []
+    assert len((await store.list(StreamFilter(namespace="kept")))[1]) == 1
+    assert all(chunk_rows(store, state.id) == 0 for state in made[:5])
+
+
 async def test_expired_streams_vanish_at_once_and_are_swept(store: Store) -> None:
     state, _ = await store.create(NewStream(namespace="tmp", ttl_seconds=60))
     assert state.expires_at is not None and abs(state.expires_at - time.time() - 60) < 5
