@@ -134,8 +134,14 @@ class Store:
     def _follow_up(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._followups.add(task)
-        task.add_done_callback(self._followups.discard)
+        task.add_done_callback(self._follow_up_done)
         return task
+
+    def _follow_up_done(self, task: asyncio.Task[Any]) -> None:
+        self._followups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Compaction and compression only rearrange stored bytes: the content is unaffected.
+            log.error("background compaction or compression failed", exc_info=task.exception())
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
@@ -462,7 +468,10 @@ class Store:
 
     async def sweep(self) -> int:
         """Delete expired streams and collect deleted sources with no forks left; returns how many."""
-        return await self.writer.call(lambda conn: transactions.sweep(conn, self.postgres))
+        swept, unfinished = await self.writer.call(lambda conn: transactions.sweep(conn, self.postgres))
+        for stream_id in unfinished:
+            self._follow_up(self.finish(stream_id))
+        return int(swept)
 
 
 def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:

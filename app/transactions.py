@@ -40,6 +40,7 @@ producers = ProducerRow.__table__
 
 CHUNK_TARGET = 1024 * 1024
 SMALL_CHUNK = 64 * 1024
+COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
 SWEEP_LOCK = 0x53575045  # advisory lock key: one process sweeps at a time
 
 
@@ -226,12 +227,17 @@ def swap_in_gzip(
     return True, []
 
 
-def sweep(conn: Connection, postgres: bool) -> tuple[int, list[Change]]:
+def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list[Change]]:
+    """Purge expired streams and deleted sources no fork needs; returns (how many, streams to compress).
+
+    The streams to compress are closed streams whose compression never finished (the process doing it
+    stopped): only the process that holds the sweep lock gets them, so only one redoes each.
+    """
     if (
         postgres
         and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar()
     ):
-        return 0, []
+        return (0, []), []
     now = time.time()
     expired = conn.execute(
         select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now).limit(500)
@@ -246,7 +252,13 @@ def sweep(conn: Connection, postgres: bool) -> tuple[int, list[Change]]:
     for stream_id, tail in {*expired, *orphans}:
         _purge(conn, stream_id)
         changes.append(Change(stream_id, tail, True, gone=True))
-    return len(changes), changes
+    unfinished = conn.scalars(
+        select(streams.c.id)
+        .where(streams.c.compress.is_(True), streams.c.compressed.is_(False), streams.c.deleted.is_(False))
+        .where(streams.c.closed_at < now - COMPRESS_GRACE)
+        .limit(10)
+    ).all()
+    return (len(changes), list(unfinished)), changes
 
 
 def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:
