@@ -467,7 +467,10 @@ class Store:
         await self.writer.call(lambda conn: (transactions.compact(conn, stream_id, full, self.postgres), []))
 
     async def sweep(self) -> int:
-        """Delete expired streams and collect deleted sources with no forks left; returns how many."""
+        """Delete expired streams and collect deleted sources with no forks left; returns how many.
+
+        Closed streams whose compression never finished are handed to `finish` again, in the background.
+        """
         swept, unfinished = await self.writer.call(lambda conn: transactions.sweep(conn, self.postgres))
         for stream_id in unfinished:
             self._follow_up(self.finish(stream_id))

@@ -214,10 +214,7 @@ def swap_in_gzip(
             gzip_chunks.c.stream_id == stream_id
         )
     ).one()
-    if (staged[0], staged[1]) != (
-        pieces,
-        stored,
-    ):  # another compression of it interfered: keep the plain copy
+    if tuple(staged) != (pieces, stored):  # another compression of it interfered: keep the plain copy
         conn.execute(sql_delete(gzip_chunks).where(gzip_chunks.c.stream_id == stream_id))
         return False, []
     conn.execute(sql_delete(chunks).where(chunks.c.stream_id == stream_id))

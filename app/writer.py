@@ -447,18 +447,9 @@ class Writer:
                 "updated_at": now,
             }
             updates.append(sql.update_stream.args(values))
-            if not self._postgres:
-                self._written[stream_id] = dataclasses.replace(
-                    p.row,
-                    tail=p.tail,
-                    stored_bytes=values["stored_bytes"],
-                    appends=values["appends"],
-                    closed_at=p.closed_at,
-                    last_seq=p.last_seq,
-                    expires_at=p.expires_at,
-                    compress=p.compress,
-                    updated_at=now,
-                )
+            if not self._postgres:  # the row as this commit leaves it: the update's values are its fields
+                fields = {k: v for k, v in values.items() if k != "_id"}
+                self._written[stream_id] = dataclasses.replace(p.row, **fields)
             changes.append(Change(stream_id, p.tail, p.closed_at is not None))
             if p.closed_at is not None and p.row.closed_at is None and self.after_close is not None:
                 self.after_close(stream_id, p.compress)
