@@ -35,7 +35,7 @@ class StreamRow(SQLModel, table=True):
     updated_at: float
     closed_at: float | None = None
     tail: int = Field(default=0, sa_type=BigInteger)
-    stored_bytes: int = Field(default=0, sa_type=BigInteger, index=True)
+    stored_bytes: int = Field(default=0, sa_type=BigInteger)  # not indexed: every append changes it
     appends: int = Field(default=0, sa_type=BigInteger)
     compact_from: int = Field(default=0, sa_type=BigInteger)
     compress: bool = False
@@ -47,6 +47,9 @@ class StreamRow(SQLModel, table=True):
     fork_source: str | None = Field(default=None, max_length=64, index=True)
     fork_offset: int | None = Field(default=None, sa_type=BigInteger)
     deleted: bool = False
+    # The stream's last bytes, [tail - len(pending), tail), until they fill a chunk (writer.PENDING_LIMIT):
+    # a small append then rewrites only this row, instead of adding a chunk and an index entry as well.
+    pending: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False, default=b""))
 
 
 class ChunkRow(SQLModel, table=True):

@@ -9,7 +9,18 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    LargeBinary,
+    bindparam,
+    cast,
+    func,
+    insert,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.sql import ClauseElement
 
 from app.models import ChunkRow, ProducerRow, StreamRow, StreamState
@@ -17,21 +28,35 @@ from app.models import ChunkRow, ProducerRow, StreamRow, StreamState
 streams = StreamRow.__table__
 chunks = ChunkRow.__table__
 producers = ProducerRow.__table__
-STREAM_COLUMNS = [c.name for c in streams.columns]
+# A stream's record without its pending bytes, which only reads of content and the writer need.
+STREAM_COLUMNS = [c.name for c in streams.columns if c.name != "pending"]
+STREAM_STATE = [streams.c[name] for name in STREAM_COLUMNS]
+PENDING_START = streams.c.tail - func.length(streams.c.pending)
 
-# The chunks covering bytes [lo, hi) of stream `id`: from the last chunk starting at or before lo.
-CHUNK_RANGE = (
-    select(chunks.c.start, chunks.c.data)
-    .where(
+
+def after_pending(data: Any) -> Any:
+    """The stream's pending bytes followed by `data`, as bytes (SQLite's || alone would give text)."""
+    return cast(streams.c.pending.concat(cast(data, LargeBinary)), LargeBinary)
+
+
+# The rows covering bytes [lo, hi) of stream `id`, in order: its chunks from the last one starting at or
+# before lo (unless that one ends before lo), then the bytes still pending in its record.
+CHUNK_RANGE = union_all(
+    select(chunks.c.start, chunks.c.data).where(
         chunks.c.stream_id == bindparam("id"),
         chunks.c.start < bindparam("hi"),
         chunks.c.start
         >= select(func.coalesce(func.max(chunks.c.start), 0))
         .where(chunks.c.stream_id == bindparam("id"), chunks.c.start <= bindparam("lo"))
         .scalar_subquery(),
-    )
-    .order_by(chunks.c.start)
-)
+        chunks.c.start + func.length(chunks.c.data) > bindparam("lo"),
+    ),
+    select(PENDING_START.label("start"), streams.c.pending.label("data")).where(
+        streams.c.id == bindparam("id"),
+        func.length(streams.c.pending) > 0,
+        PENDING_START < bindparam("hi"),
+    ),
+).order_by("start")
 
 
 class Prepared:
@@ -54,12 +79,14 @@ class Statements:
     """Every hot statement of one database."""
 
     def __init__(self, engine: Engine, postgres: bool) -> None:
-        stream_by_id = select(streams).where(streams.c.id == bindparam("id"))
+        stream_by_id = select(*STREAM_STATE).where(streams.c.id == bindparam("id"))
         self.stream_by_id = Prepared(stream_by_id, engine)
-        self.stream_by_id_locked = Prepared(
-            stream_by_id.with_for_update() if postgres else stream_by_id, engine
+        # The writer's view: the record, and how many bytes wait in it.
+        locked = select(*STREAM_STATE, func.length(streams.c.pending)).where(streams.c.id == bindparam("id"))
+        self.stream_by_id_locked = Prepared(locked.with_for_update() if postgres else locked, engine)
+        self.stream_by_name = Prepared(
+            select(*STREAM_STATE).where(streams.c.name == bindparam("name")), engine
         )
-        self.stream_by_name = Prepared(select(streams).where(streams.c.name == bindparam("name")), engine)
         self.chunk_range = Prepared(CHUNK_RANGE, engine)
         self.producer = Prepared(
             select(producers.c.epoch, producers.c.seq).where(
@@ -74,21 +101,36 @@ class Statements:
             ),
             engine,
         )
-        self.update_stream = Prepared(
-            update(streams)
-            .where(streams.c.id == bindparam("_id"))
-            .values(
-                tail=bindparam("tail"),
-                stored_bytes=bindparam("stored_bytes"),
-                appends=bindparam("appends"),
-                closed_at=bindparam("closed_at"),
-                last_seq=bindparam("last_seq"),
-                expires_at=bindparam("expires_at"),
-                compress=bindparam("compress"),
-                updated_at=bindparam("updated_at"),
+        # A chunk made of the bytes pending in the stream's record and the batch's own (`data`).
+        self.flush_pending = Prepared(
+            insert(chunks).from_select(
+                ["stream_id", "start", "data"],
+                select(
+                    streams.c.id,
+                    cast(bindparam("start"), BigInteger),
+                    after_pending(bindparam("data")),
+                ).where(streams.c.id == bindparam("stream_id")),
             ),
             engine,
         )
+        record = {
+            "tail": bindparam("tail"),
+            "stored_bytes": bindparam("stored_bytes"),
+            "appends": bindparam("appends"),
+            "closed_at": bindparam("closed_at"),
+            "last_seq": bindparam("last_seq"),
+            "compress": bindparam("compress"),
+            "updated_at": bindparam("updated_at"),
+        }
+        by_id = update(streams).where(streams.c.id == bindparam("_id"))
+        # The three ways a batch leaves a stream's pending bytes: as they were, longer, or made a chunk.
+        self.update_stream = Prepared(by_id.values(record), engine)
+        self.update_stream_pending = Prepared(
+            by_id.values({**record, "pending": after_pending(bindparam("data"))}), engine
+        )
+        self.update_stream_flushed = Prepared(by_id.values({**record, "pending": b""}), engine)
+        # Apart, as it is indexed: SQLite rewrites a column's index entries whenever an UPDATE sets it.
+        self.update_expiry = Prepared(by_id.values(expires_at=bindparam("expires_at")), engine)
         self.insert_producer = Prepared(
             insert(producers).values(
                 stream_id=bindparam("stream_id"),

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     func,
+    inspect,
     or_,
     select,
     text,
@@ -38,7 +39,7 @@ from app.models import (
     StreamState,
 )
 from app.settings import Settings
-from app.statements import DriverConnections, Prepared, Statements, state_from_tuple
+from app.statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
 from app.transactions import NewStream
 from app.writer import AppendOp, Change, Writer
 
@@ -51,7 +52,7 @@ metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
-COMPACT_AFTER = 256
+COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
 SORTS = {
@@ -111,6 +112,7 @@ class Store:
             if self.postgres:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             SQLModel.metadata.create_all(conn)
+            _upgrade(conn, self.postgres)
 
     def subscribe(self, listener: Callable[[list[Change]], None]) -> None:
         """Call `listener` with the changes of every committed write."""
@@ -119,7 +121,7 @@ class Store:
     def _changed(self, changes: list[Change]) -> None:
         for change in changes:
             self._refresh_cached(change)
-            if not change.gone and not change.closed:
+            if not change.gone and not change.closed and 0 < change.added_chunk < transactions.SMALL_CHUNK:
                 count = self._small_chunks.get(change.stream_id, 0) + 1
                 self._small_chunks[change.stream_id] = count
                 if count >= COMPACT_AFTER:
@@ -305,7 +307,7 @@ class Store:
         with self._read_engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(streams).where(*conditions)).scalar_one()
             rows = conn.execute(
-                select(streams).where(*conditions).order_by(*order).limit(limit).offset(offset)
+                select(*STREAM_STATE).where(*conditions).order_by(*order).limit(limit).offset(offset)
             )
             return total, [StreamState.from_row(r) for r in rows]
 
@@ -508,3 +510,13 @@ def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:
     elif where.state:
         raise InvalidRequestError(f"state must be open, closed or expiring, got {where.state!r}")
     return conditions
+
+
+def _upgrade(conn: Connection, postgres: bool) -> None:
+    """Bring a database made by an earlier version up to this schema (create_all adds only new tables)."""
+    columns = {c["name"] for c in inspect(conn).get_columns("streams")}
+    if "pending" not in columns:
+        empty = "''::bytea" if postgres else "x''"
+        kind = "BYTEA" if postgres else "BLOB"
+        conn.execute(text(f"ALTER TABLE streams ADD COLUMN pending {kind} NOT NULL DEFAULT {empty}"))
+    conn.execute(text("DROP INDEX IF EXISTS ix_streams_stored_bytes"))

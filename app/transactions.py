@@ -29,7 +29,7 @@ from app.models import (
     StreamState,
     new_stream_id,
 )
-from app.statements import CHUNK_RANGE
+from app.statements import CHUNK_RANGE, STREAM_STATE
 from app.writer import Change, media_type
 
 streams = StreamRow.__table__
@@ -259,7 +259,7 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
 
 
 def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:
-    query = select(streams).where(column == value)
+    query = select(*STREAM_STATE).where(column == value)
     if postgres:
         query = query.with_for_update()
     row = conn.execute(query).first()
@@ -371,4 +371,8 @@ def compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> Non
             )
         )
         conn.execute(insert(chunks).values(stream_id=stream_id, start=group[0], data=merged))
-    conn.execute(update(streams).where(streams.c.id == stream_id).values(compact_from=row.tail))
+    if sizes:  # later compactions start where these chunks end; bytes still pending are not in a chunk
+        last_start, last_size = sizes[-1]
+        conn.execute(
+            update(streams).where(streams.c.id == stream_id).values(compact_from=last_start + last_size)
+        )

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from app.models import (
     StreamNotFoundError,
     StreamState,
 )
-from app.statements import Statements, state_from_tuple
+from app.statements import Prepared, Statements, state_from_tuple
 
 log = logging.getLogger("streamhold.writer")
 
@@ -42,6 +43,11 @@ MAX_CACHED_ROWS = 4096
 # batches the thread wins, as the loop keeps serving requests while the disk syncs.
 LOOP_COMMIT_BYTES = 256 * 1024
 WAL_FRAME_HEADER = 24
+# Small appends collect in the stream's record (its `pending` bytes) until they make a chunk this large. A
+# commit of small appends then writes a few pages of the streams table, rather than also a chunk row and
+# an index entry per stream, scattered over as many pages: measured, 2 to 3 times fewer pages a commit.
+PENDING_LIMIT = 2048
+IDLE_CHECKPOINT_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,7 @@ class Change:
     tail: int
     closed: bool
     gone: bool = False
+    added_chunk: int = 0  # the size of the chunk the operation added, if it added one
 
 
 @dataclass(slots=True)
@@ -81,6 +88,7 @@ class _Pending:
     """A stream's state while a batch of appends is applied to it in memory."""
 
     row: Any
+    waiting: int  # bytes pending in the record
     tail: int
     closed_at: float | None
     last_seq: str | None
@@ -121,13 +129,16 @@ class Writer:
         self.bytes_appended = 0
         self.commits = 0
         self.after_close: Callable[[str, bool], None] | None = None
-        # SQLite only: stream rows as this connection's last commit left them. They stay valid while no
-        # other connection commits, which `PRAGMA data_version` tells, so a batch skips re-reading them.
-        self._rows: dict[str, StreamState] = {}
-        self._written: dict[str, StreamState] = {}
+        # SQLite only: stream rows (and their pending byte counts) as this connection's last commit left
+        # them. They stay valid while no other connection commits, which `PRAGMA data_version` tells, so a
+        # batch skips re-reading them.
+        self._rows: dict[str, tuple[StreamState, int]] = {}
+        self._written: dict[str, tuple[StreamState, int]] = {}
         self._data_version = -1
         self._commit_sent = False
-        self._wal_path = f"{engine.url.database}-wal"
+        self._wal_path = "" if postgres else f"{engine.url.database}-wal"
+        self._checkpointed = 0
+        self._checkpoint: asyncio.Future[None] | None = None
         self.checkpoint_bytes = 0
 
     def start(self) -> None:
@@ -139,6 +150,9 @@ class Writer:
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._checkpoint is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint
         self._thread.shutdown(wait=True)
         if self._pooled is not None:
             self._pooled.close()
@@ -188,8 +202,7 @@ class Writer:
             if not self._queue:
                 if self._closing:
                     return
-                await self._wakeup.wait()
-                self._wakeup.clear()
+                await self._idle()
                 continue
             batch = self._take_batch()
             try:
@@ -219,6 +232,39 @@ class Writer:
                     op.future.set_exception(value)
             if changes:
                 self._on_change(changes)
+
+    async def _idle(self) -> None:
+        """Wait for work; once idle a moment after commits, checkpoint the WAL in the background.
+
+        Otherwise the WAL is checkpointed only when it passes `wal_autocheckpoint`, in the commit that
+        passes it, which then waits for the whole WAL to be copied. Checkpointed while idle, it also starts
+        over from its beginning, where syncing the file needs no new blocks.
+        """
+        due = bool(self._wal_path) and self.commits != self._checkpointed and self._checkpoint is None
+        if not due:
+            await self._wakeup.wait()
+        else:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), IDLE_CHECKPOINT_S)
+            except TimeoutError:
+                self._checkpointed = self.commits
+                self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self._checkpoint_wal)
+                self._checkpoint.add_done_callback(self._checkpoint_done)
+                return
+        self._wakeup.clear()
+
+    def _checkpoint_wal(self) -> None:
+        # A connection of its own: a PASSIVE checkpoint takes no write lock, so appends go on meanwhile.
+        conn = sqlite3.connect(self._engine.url.database or "", timeout=0)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            conn.close()
+
+    def _checkpoint_done(self, done: asyncio.Future[None]) -> None:
+        self._checkpoint = None
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("idle WAL checkpoint failed", exc_info=done.exception())
 
     def _take_batch(self) -> list[AppendOp | CallOp]:
         first = self._queue.popleft()
@@ -323,7 +369,7 @@ class Writer:
         self.commits += 1
         return outcomes, changes
 
-    def _cached_rows(self, cursor: Any) -> dict[str, StreamState]:
+    def _cached_rows(self, cursor: Any) -> dict[str, tuple[StreamState, int]]:
         """The row cache, emptied first if another connection has committed since this one last did."""
         if self._postgres:
             return {}
@@ -356,15 +402,16 @@ class Writer:
             cached = self._cached_rows(cursor)
             # Lock rows in one order, so writers in several processes never deadlock.
             for stream_id in sorted({op.stream_id for op in ops}):
-                row = cached.get(stream_id)
-                if row is None:
+                entry = cached.get(stream_id)
+                if entry is None:
                     query = sql.stream_by_id_locked
                     cursor.execute(query.sql, query.args({"id": stream_id}))
                     found = cursor.fetchone()
-                    row = state_from_tuple(found) if found is not None else None
-                if row is not None:
+                    entry = (state_from_tuple(found[:-1]), found[-1]) if found is not None else None
+                if entry is not None:
+                    row, waiting = entry
                     pending[stream_id] = _Pending(
-                        row, row.tail, row.closed_at, row.last_seq, row.expires_at, row.compress
+                        row, waiting, row.tail, row.closed_at, row.last_seq, row.expires_at, row.compress
                     )
             states: dict[tuple[str, str], list[int]] = {}
             for stream_id, producer_id in {
@@ -423,18 +470,13 @@ class Writer:
     ) -> list[Change]:
         sql = self._statements
         new_chunks = []
-        updates = []
+        flushes = []
+        updates: dict[Prepared, list[Any]] = {}
         changes = []
         for stream_id, p in pending.items():
             if not p.changed:
                 continue
             data = b"".join(p.parts)
-            if data:
-                new_chunks.append(
-                    sql.insert_chunk.args({"stream_id": stream_id, "start": p.row.tail, "data": data})
-                )
-                self.appends += p.appends
-                self.bytes_appended += len(data)
             values = {
                 "_id": stream_id,
                 "tail": p.tail,
@@ -442,21 +484,51 @@ class Writer:
                 "appends": p.row.appends + p.appends,
                 "closed_at": p.closed_at,
                 "last_seq": p.last_seq,
-                "expires_at": p.expires_at,
                 "compress": p.compress,
                 "updated_at": now,
             }
-            updates.append(sql.update_stream.args(values))
+            # Bytes stay pending while they are few and the stream open; a chunk takes them otherwise.
+            waiting = p.waiting + len(data)
+            added = 0
+            if waiting < PENDING_LIMIT and p.closed_at is None:
+                update = sql.update_stream
+                if data:
+                    update = sql.update_stream_pending
+                    values["data"] = data
+            elif p.waiting:
+                update = sql.update_stream_flushed
+                start = p.row.tail - p.waiting
+                flushes.append(sql.flush_pending.args({"stream_id": stream_id, "start": start, "data": data}))
+                waiting = 0
+                added = p.waiting + len(data)
+            else:
+                update = sql.update_stream
+                if data:
+                    new_chunks.append(
+                        sql.insert_chunk.args({"stream_id": stream_id, "start": p.row.tail, "data": data})
+                    )
+                waiting = 0
+                added = len(data)
+            if data:
+                self.appends += p.appends
+                self.bytes_appended += len(data)
+            updates.setdefault(update, []).append(update.args(values))
+            if p.expires_at != p.row.expires_at:
+                expiry = {"_id": stream_id, "expires_at": p.expires_at}
+                updates.setdefault(sql.update_expiry, []).append(sql.update_expiry.args(expiry))
             if not self._postgres:  # the row as this commit leaves it: the update's values are its fields
-                fields = {k: v for k, v in values.items() if k != "_id"}
-                self._written[stream_id] = dataclasses.replace(p.row, **fields)
-            changes.append(Change(stream_id, p.tail, p.closed_at is not None))
+                fields = {k: v for k, v in values.items() if k not in ("_id", "data")}
+                fields["expires_at"] = p.expires_at
+                self._written[stream_id] = (dataclasses.replace(p.row, **fields), waiting)
+            changes.append(Change(stream_id, p.tail, p.closed_at is not None, added_chunk=added))
             if p.closed_at is not None and p.row.closed_at is None and self.after_close is not None:
                 self.after_close(stream_id, p.compress)
         if new_chunks:
             cursor.executemany(sql.insert_chunk.sql, new_chunks)
-        if updates:
-            cursor.executemany(sql.update_stream.sql, updates)
+        if flushes:  # before the updates that empty the pending bytes they take
+            cursor.executemany(sql.flush_pending.sql, flushes)
+        for update, rows in updates.items():
+            cursor.executemany(update.sql, rows)
         for (stream_id, producer_id), (epoch, seq) in states.items():
             statement = sql.update_producer if (stream_id, producer_id) in known else sql.insert_producer
             values = {"stream_id": stream_id, "producer_id": producer_id, "epoch": epoch, "seq": seq}

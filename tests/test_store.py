@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import event, func, select, update
+from sqlalchemy import create_engine, event, func, inspect, select, text, update
 
 from app.models import (
     ChunkRow,
@@ -25,6 +25,7 @@ from app.models import (
 )
 from app.settings import Settings
 from app.store import NewStream, Store
+from app.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,6 +110,24 @@ async def test_only_large_commits_far_from_a_checkpoint_run_on_the_loop(tmp_path
         assert not writer.may_commit_on_loop(300_000)
         await store.append(state.id, b"y" * 300_000)
         assert await store.read(state.id, 299_999, 300_001) == b"xy"
+
+
+async def test_an_idle_writer_checkpoints_the_wal_so_that_it_starts_over(tmp_path: Path) -> None:
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="idle", content_type="application/octet-stream"))
+        for _ in range(20):
+            await store.append(state.id, b"z" * 100_000)
+        wal = tmp_path / "streamhold.db-wal"
+        grown = wal.stat().st_size
+        writer = store.writer
+        await asyncio.sleep(IDLE_CHECKPOINT_S)
+        for _ in range(50):
+            if writer._checkpointed == writer.commits and writer._checkpoint is None:
+                break
+            await asyncio.sleep(0.1)
+        await store.append(state.id, b"after")
+        assert wal.stat().st_size == grown, "the next commit went to the WAL's start, not its end"
+        assert await store.read(state.id, 2_000_000 - 1, 2_000_005) == b"zafter"
 
 
 async def test_compressing_a_large_stream_lets_other_writes_through(store: Store) -> None:
@@ -222,15 +241,75 @@ async def test_tiny_appends_are_coalesced_and_read_with_few_queries(store: Store
 
 async def test_open_stream_compacts_in_the_background(store: Store) -> None:
     state, _ = await store.create(NewStream(namespace="tokens"))
-    for i in range(600):
-        await store.append(state.id, b"%d," % i)
+    lines = [b"%06d," % i + b"x" * 400 for i in range(1000)]  # about 200 chunks of PENDING_LIMIT bytes
+    for line in lines:
+        await store.append(state.id, line)
     await asyncio.sleep(0.2)
     for _ in range(50):
         if chunk_rows(store, state.id) < 100:
             break
         await asyncio.sleep(0.1)
     assert chunk_rows(store, state.id) < 100
-    assert await content(store, state.id) == b"".join(b"%d," % i for i in range(600))
+    assert await content(store, state.id) == b"".join(lines)
+
+
+def pending_bytes(store: Store, stream_id: str) -> int:
+    with store._read_engine.connect() as conn:
+        table = StreamRow.__table__
+        query = select(func.length(table.c.pending)).where(table.c.id == stream_id)
+        return conn.execute(query).scalar_one()
+
+
+async def test_small_appends_wait_in_the_stream_record_and_read_at_any_offset(
+    store: Store, settings: Settings
+) -> None:
+    """Small appends collect in the stream's record until they fill a chunk; reads see them at once."""
+    rng = random.Random(11)
+    streams = [(await store.create(NewStream(namespace="tokens")))[0].id for _ in range(4)]
+    written: dict[str, bytes] = {s: b"" for s in streams}
+    for _ in range(150):
+        batch = [(s, rng.randbytes(rng.randint(1, 40))) for s in streams]
+        await asyncio.gather(*(store.append(s, data) for s, data in batch))
+        for s, data in batch:
+            written[s] += data
+    for s, data in written.items():
+        assert chunk_rows(store, s) <= len(data) // PENDING_LIMIT, "small appends share chunks"
+        assert 0 < pending_bytes(store, s) < PENDING_LIMIT
+        for _ in range(40):
+            lo = rng.randrange(len(data))
+            hi = rng.randrange(lo, len(data) + 1)
+            assert await store.read(s, lo, hi) == data[lo:hi]
+        assert await content(store, s) == data
+    first = streams[0]
+    async with Store.open(settings) as reopened:  # the pending bytes are as durable as any
+        assert await content(reopened, first) == written[first]
+        big = rng.randbytes(300_000)
+        await reopened.append(first, big)
+        assert pending_bytes(reopened, first) == 0
+        assert await reopened.read(first, len(written[first]) - 5, len(written[first]) + 5) == (
+            written[first][-5:] + big[:5]
+        )
+        await reopened.append(first, b"end", close=True)
+        assert pending_bytes(reopened, first) == 0, "closing puts the pending bytes in a chunk"
+    assert await content(store, first) == written[first] + big + b"end"
+
+
+async def test_a_database_from_before_pending_bytes_is_upgraded(settings: Settings) -> None:
+    async with Store.open(settings) as store:
+        state, _ = await store.create(NewStream(namespace="old"))
+        await store.append(state.id, b"x" * 5000)
+    engine = create_engine(settings.sqlalchemy_url)
+    with engine.begin() as conn:  # the schema as an earlier version left it
+        conn.execute(text("ALTER TABLE streams DROP COLUMN pending"))
+        conn.execute(text("CREATE INDEX ix_streams_stored_bytes ON streams (stored_bytes)"))
+    async with Store.open(settings) as store:
+        with engine.connect() as conn:
+            assert "ix_streams_stored_bytes" not in {i["name"] for i in inspect(conn).get_indexes("streams")}
+        engine.dispose()
+        assert await content(store, state.id) == b"x" * 5000
+        await store.append(state.id, b"small")
+        assert pending_bytes(store, state.id) == 5
+        assert await content(store, state.id) == b"x" * 5000 + b"small"
 
 
 async def test_list_filters_sorts_and_pages(store: Store) -> None:
