@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -116,11 +117,14 @@ def request_name(request: Request[Any, Any, Any], routed: str) -> str:
 
 def name_from_path(raw: bytes | None, routed: str) -> str:
     """The stream name in the raw request path, else in the path after the prefix (`routed`), validated."""
-    if raw:
-        path = unquote(raw.decode("latin-1").split("?", 1)[0])
-        if path.startswith(PREFIX + "/"):
-            return stream_name(path[len(PREFIX) + 1 :])
-    return stream_name(routed)
+    name = _name_in_raw_path(raw) if raw else None
+    return name if name is not None else stream_name(routed)
+
+
+@functools.lru_cache(maxsize=4096)  # writers append to the same few streams over and over
+def _name_in_raw_path(raw: bytes) -> str | None:
+    path = unquote(raw.decode("latin-1").split("?", 1)[0])
+    return stream_name(path[len(PREFIX) + 1 :]) if path.startswith(PREFIX + "/") else None
 
 
 def absolute_url(request: Request[Any, Any, Any]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import sqlite3
@@ -84,11 +83,39 @@ class CallOp:
 
 
 @dataclass(slots=True)
+class _Record:
+    """A stream's record as the writer knows it: fixed facts as read, the fields appends change as written."""
+
+    facts: StreamState  # its content type, TTL and deleted flag hold; its other fields may be stale
+    waiting: int  # bytes pending in the record
+    tail: int
+    stored_bytes: int
+    appends: int
+    closed_at: float | None
+    last_seq: str | None
+    expires_at: float | None
+    compress: bool
+
+    @classmethod
+    def read(cls, state: StreamState, waiting: int) -> _Record:
+        return cls(
+            state,
+            waiting,
+            state.tail,
+            state.stored_bytes,
+            state.appends,
+            state.closed_at,
+            state.last_seq,
+            state.expires_at,
+            state.compress,
+        )
+
+
+@dataclass(slots=True)
 class _Pending:
     """A stream's state while a batch of appends is applied to it in memory."""
 
-    row: Any
-    waiting: int  # bytes pending in the record
+    record: _Record  # as the batch found it
     tail: int
     closed_at: float | None
     last_seq: str | None
@@ -132,8 +159,8 @@ class Writer:
         # SQLite only: stream rows (and their pending byte counts) as this connection's last commit left
         # them. They stay valid while no other connection commits, which `PRAGMA data_version` tells, so a
         # batch skips re-reading them.
-        self._rows: dict[str, tuple[StreamState, int]] = {}
-        self._written: dict[str, tuple[StreamState, int]] = {}
+        self._rows: dict[str, _Record] = {}
+        self._written: dict[str, _Record] = {}
         self._data_version = -1
         self._commit_sent = False
         self._wal_path = "" if postgres else f"{engine.url.database}-wal"
@@ -369,7 +396,7 @@ class Writer:
         self.commits += 1
         return outcomes, changes
 
-    def _cached_rows(self, cursor: Any) -> dict[str, tuple[StreamState, int]]:
+    def _cached_rows(self, cursor: Any) -> dict[str, _Record]:
         """The row cache, emptied first if another connection has committed since this one last did."""
         if self._postgres:
             return {}
@@ -402,16 +429,20 @@ class Writer:
             cached = self._cached_rows(cursor)
             # Lock rows in one order, so writers in several processes never deadlock.
             for stream_id in sorted({op.stream_id for op in ops}):
-                entry = cached.get(stream_id)
-                if entry is None:
+                record = cached.get(stream_id)
+                if record is None:
                     query = sql.stream_by_id_locked
                     cursor.execute(query.sql, query.args({"id": stream_id}))
                     found = cursor.fetchone()
-                    entry = (state_from_tuple(found[:-1]), found[-1]) if found is not None else None
-                if entry is not None:
-                    row, waiting = entry
+                    record = _Record.read(state_from_tuple(found[:-1]), found[-1]) if found else None
+                if record is not None:
                     pending[stream_id] = _Pending(
-                        row, waiting, row.tail, row.closed_at, row.last_seq, row.expires_at, row.compress
+                        record,
+                        record.tail,
+                        record.closed_at,
+                        record.last_seq,
+                        record.expires_at,
+                        record.compress,
                     )
             states: dict[tuple[str, str], list[int]] = {}
             for stream_id, producer_id in {
@@ -477,35 +508,36 @@ class Writer:
             if not p.changed:
                 continue
             data = b"".join(p.parts)
+            was = p.record
             values = {
                 "_id": stream_id,
                 "tail": p.tail,
-                "stored_bytes": p.row.stored_bytes + len(data),
-                "appends": p.row.appends + p.appends,
+                "stored_bytes": was.stored_bytes + len(data),
+                "appends": was.appends + p.appends,
                 "closed_at": p.closed_at,
                 "last_seq": p.last_seq,
                 "compress": p.compress,
                 "updated_at": now,
             }
             # Bytes stay pending while they are few and the stream open; a chunk takes them otherwise.
-            waiting = p.waiting + len(data)
+            waiting = was.waiting + len(data)
             added = 0
             if waiting < PENDING_LIMIT and p.closed_at is None:
                 update = sql.update_stream
                 if data:
                     update = sql.update_stream_pending
                     values["data"] = data
-            elif p.waiting:
+            elif was.waiting:
                 update = sql.update_stream_flushed
-                start = p.row.tail - p.waiting
+                start = was.tail - was.waiting
                 flushes.append(sql.flush_pending.args({"stream_id": stream_id, "start": start, "data": data}))
                 waiting = 0
-                added = p.waiting + len(data)
+                added = was.waiting + len(data)
             else:
                 update = sql.update_stream
                 if data:
                     new_chunks.append(
-                        sql.insert_chunk.args({"stream_id": stream_id, "start": p.row.tail, "data": data})
+                        sql.insert_chunk.args({"stream_id": stream_id, "start": was.tail, "data": data})
                     )
                 waiting = 0
                 added = len(data)
@@ -513,15 +545,23 @@ class Writer:
                 self.appends += p.appends
                 self.bytes_appended += len(data)
             updates.setdefault(update, []).append(update.args(values))
-            if p.expires_at != p.row.expires_at:
+            if p.expires_at != was.expires_at:
                 expiry = {"_id": stream_id, "expires_at": p.expires_at}
                 updates.setdefault(sql.update_expiry, []).append(sql.update_expiry.args(expiry))
-            if not self._postgres:  # the row as this commit leaves it: the update's values are its fields
-                fields = {k: v for k, v in values.items() if k not in ("_id", "data")}
-                fields["expires_at"] = p.expires_at
-                self._written[stream_id] = (dataclasses.replace(p.row, **fields), waiting)
+            if not self._postgres:  # the record as this commit leaves it
+                self._written[stream_id] = _Record(
+                    was.facts,
+                    waiting,
+                    p.tail,
+                    values["stored_bytes"],
+                    values["appends"],
+                    p.closed_at,
+                    p.last_seq,
+                    p.expires_at,
+                    p.compress,
+                )
             changes.append(Change(stream_id, p.tail, p.closed_at is not None, added_chunk=added))
-            if p.closed_at is not None and p.row.closed_at is None and self.after_close is not None:
+            if p.closed_at is not None and was.closed_at is None and self.after_close is not None:
                 self.after_close(stream_id, p.compress)
         if new_chunks:
             cursor.executemany(sql.insert_chunk.sql, new_chunks)
@@ -542,7 +582,7 @@ def _apply(
     """Check one append against the stream's state as the batch has left it, and apply it in memory."""
     if p is None or (p.expires_at is not None and p.expires_at <= now):
         raise StreamNotFoundError("stream not found")
-    if p.row.deleted:
+    if p.record.facts.deleted:
         raise StreamGoneError("stream was deleted")
     producer = op.producer
     state: list[int] | None = None
@@ -566,13 +606,14 @@ def _apply(
                 raise ProducerSeqGapError(0, producer.seq)
         elif producer.seq != state[1] + 1:
             raise ProducerSeqGapError(state[1] + 1, producer.seq)
+    facts = p.record.facts
     if (
         op.data
         and op.content_type is not None
-        and media_type(op.content_type) != media_type(p.row.content_type)
+        and media_type(op.content_type) != media_type(facts.content_type)
     ):
         raise ContentTypeMismatchError(
-            f"Content-Type {media_type(op.content_type)} does not match the stream's {p.row.content_type}"
+            f"Content-Type {media_type(op.content_type)} does not match the stream's {facts.content_type}"
         )
     if op.seq is not None:
         if p.last_seq is not None and op.seq.encode() <= p.last_seq.encode():
@@ -585,8 +626,8 @@ def _apply(
     if op.close:
         p.closed_at = now
         p.compress = p.compress or op.compress
-    if p.row.sliding and p.row.ttl_seconds:
-        p.expires_at = now + p.row.ttl_seconds
+    if facts.sliding and facts.ttl_seconds:
+        p.expires_at = now + facts.ttl_seconds
     p.changed = True
     if producer is not None:
         states[(op.stream_id, producer.id)] = [producer.epoch, producer.seq]
