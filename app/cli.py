@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import click
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.models import StreamError
 from app.sdk import UNSET, StreamInfo
@@ -30,6 +31,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 READ_SIZE = 1024 * 1024
 MAX_IN_FLIGHT = 8 * 1024 * 1024
 PROGRESS_FROM = 1024 * 1024
+BODY_BUFFER = 1024 * 1024
 
 
 def _is_loopback(host: str) -> bool:
@@ -52,6 +54,22 @@ class _Server(uvicorn.Server):
         if hub is not None:
             hub.shutdown()
         super().handle_exit(sig, frame)
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, buffering up to 1 MiB of a request body before it stops reading.
+
+    At uvicorn's 64 KiB, a 1 MiB append arrived in sixteen pieces, each waiting for the app to take the
+    last: about 1 ms more per append, measured.
+    """
+
+    def on_body(self, body: bytes) -> None:
+        if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
+            return
+        self.cycle.body += body
+        if len(self.cycle.body) > BODY_BUFFER:
+            self.flow.pause_reading()
+        self.cycle.message_event.set()
 
 
 @click.group(invoke_without_command=True)
@@ -91,6 +109,7 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
+        http=_Protocol,
         timeout_graceful_shutdown=2,
         lifespan="on",
         access_log=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,9 +16,11 @@ from typing import IO
 
 import httpx
 import pytest
+import uvicorn
 from click.testing import CliRunner
+from litestar.types import Receive, Scope, Send
 
-from app.cli import main
+from app.cli import _Protocol, main
 from tests._server import REPO_ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -326,3 +329,42 @@ def test_an_unreachable_server_is_named_with_what_to_do() -> None:
     assert lines[0].endswith("start it with `streamhold serve` or point --server / STREAMHOLD_URL at it")
     flag = streamhold("ls", "--server", url, server="http://127.0.0.1:9")
     assert f"cannot reach the server at {url}" in flag.stderr.decode(), "--server wins over STREAMHOLD_URL"
+
+
+@pytest.mark.parametrize("protocol", [_Protocol, "httptools"])
+def test_serve_reads_a_mebibyte_body_without_waiting_for_the_app(protocol: object) -> None:
+    """`serve` buffers up to 1 MiB of a body before it waits for the app; uvicorn's own protocol, 64 KiB."""
+    pieces: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(0.5)  # a busy app: the body arrives meanwhile, as far as the server reads it
+        while True:
+            message = await receive()
+            pieces.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        body = os.urandom(1024 * 1024)
+        with httpx.Client(timeout=10) as client:
+            assert client.post(f"http://127.0.0.1:{port}/", content=body).status_code == 204
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert sum(pieces) == len(body)
+    if protocol == "httptools":
+        assert len(pieces) >= 4, "uvicorn's own protocol stops reading past 64 KiB"
+    else:
+        assert pieces == [len(body)]
