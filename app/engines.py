@@ -36,7 +36,8 @@ def _sqlite_pragmas(engine: Engine, begin: str) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA mmap_size=268435456")
-        # Checkpoint the WAL every 64 MiB rather than every 4 MiB: large appends then commit at disk speed.
+        # Checkpoint the WAL at 16,384 pages (256 MiB of 16 KiB pages) rather than 1,000: large appends then
+        # commit at disk speed. The writer also checkpoints it whenever it has been idle for a moment.
         cursor.execute("PRAGMA wal_autocheckpoint=16384")
         cursor.execute("PRAGMA journal_size_limit=67108864")
         cursor.close()
