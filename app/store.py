@@ -514,9 +514,10 @@ def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:
 
 def _upgrade(conn: Connection, postgres: bool) -> None:
     """Bring a database made by an earlier version up to this schema (create_all adds only new tables)."""
-    columns = {c["name"] for c in inspect(conn).get_columns("streams")}
-    if "pending" not in columns:
+    found = inspect(conn)
+    if "pending" not in {c["name"] for c in found.get_columns("streams")}:
         empty = "''::bytea" if postgres else "x''"
         kind = "BYTEA" if postgres else "BLOB"
         conn.execute(text(f"ALTER TABLE streams ADD COLUMN pending {kind} NOT NULL DEFAULT {empty}"))
-    conn.execute(text("DROP INDEX IF EXISTS ix_streams_stored_bytes"))
+    if "ix_streams_stored_bytes" in {i["name"] for i in found.get_indexes("streams")}:
+        conn.execute(text("DROP INDEX ix_streams_stored_bytes"))
