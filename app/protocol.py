@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -31,7 +32,6 @@ from app.models import (
 from app.protocol_reads import read_stream
 from app.settings import Settings
 from app.store import NewStream, Store
-from app.transactions import iter_range
 from app.wire import (
     API_RESPONSE_HEADERS,
     DIGITS,
@@ -112,7 +112,7 @@ def _fork_options(request: Request[Any, Any, Any]) -> tuple[str | None, int | No
 
 
 def _fork_point(offset: int | None, sub: int) -> Any:
-    def resolve(source: StreamState, conn: Any) -> int:
+    def resolve(source: StreamState, read: Callable[[int, int], Iterator[bytes]]) -> int:
         base = source.tail if offset is None else offset
         if base > source.tail:
             raise InvalidRequestError("Stream-Fork-Offset is beyond the end of the source stream")
@@ -124,7 +124,7 @@ def _fork_point(offset: int | None, sub: int) -> Any:
             return base + sub
         # JSON mode counts messages (one per line): read only as far as the sub-offset-th one ends.
         position, remaining = base, sub
-        for piece in iter_range(conn, source, base, source.tail):
+        for piece in read(base, source.tail):
             for end in (i + 1 for i, byte in enumerate(piece) if byte == 0x0A):
                 remaining -= 1
                 if remaining == 0:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     cast,
     func,
     insert,
+    literal,
     select,
     union_all,
     update,
@@ -39,19 +40,26 @@ def after_pending(data: Any) -> Any:
     return cast(streams.c.pending.concat(cast(data, LargeBinary)), LargeBinary)
 
 
-# The rows covering bytes [lo, hi) of stream `id`, in order: its chunks from the last one starting at or
-# before lo (unless that one ends before lo), then the bytes still pending in its record.
+# A chunk's length, whether its bytes are in the row or in a chunk file.
+CHUNK_SIZE = func.length(chunks.c.data) + chunks.c.file_bytes
+
+# The rows (start, data, file bytes) covering bytes [lo, hi) of stream `id`, in order: its chunks from the
+# last one starting at or before lo (unless that one ends before lo), then the bytes pending in its record.
 CHUNK_RANGE = union_all(
-    select(chunks.c.start, chunks.c.data).where(
+    select(chunks.c.start, chunks.c.data, chunks.c.file_bytes).where(
         chunks.c.stream_id == bindparam("id"),
         chunks.c.start < bindparam("hi"),
         chunks.c.start
         >= select(func.coalesce(func.max(chunks.c.start), 0))
         .where(chunks.c.stream_id == bindparam("id"), chunks.c.start <= bindparam("lo"))
         .scalar_subquery(),
-        chunks.c.start + func.length(chunks.c.data) > bindparam("lo"),
+        chunks.c.start + CHUNK_SIZE > bindparam("lo"),
     ),
-    select(PENDING_START.label("start"), streams.c.pending.label("data")).where(
+    select(
+        PENDING_START.label("start"),
+        streams.c.pending.label("data"),
+        cast(literal(0), BigInteger).label("file_bytes"),
+    ).where(
         streams.c.id == bindparam("id"),
         func.length(streams.c.pending) > 0,
         PENDING_START < bindparam("hi"),
@@ -97,7 +105,10 @@ class Statements:
         )
         self.insert_chunk = Prepared(
             insert(chunks).values(
-                stream_id=bindparam("stream_id"), start=bindparam("start"), data=bindparam("data")
+                stream_id=bindparam("stream_id"),
+                start=bindparam("start"),
+                data=bindparam("data"),
+                file_bytes=bindparam("file_bytes"),
             ),
             engine,
         )

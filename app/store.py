@@ -24,7 +24,8 @@ from sqlalchemy import (
 )
 from sqlmodel import SQLModel
 
-from app import transactions
+from app import chunk_files, transactions
+from app.chunk_files import ChunkFiles
 from app.engines import make_engines
 from app.models import (
     AppendResult,
@@ -83,7 +84,10 @@ class Store:
         self._small_chunks: dict[str, int] = {}
         self._compressing: dict[str, asyncio.Future[None]] = {}
         self._followups: set[asyncio.Task[Any]] = set()
-        self.writer = Writer(self._write_engine, self.postgres, self._changed, self.statements)
+        self._removals: dict[str, asyncio.TimerHandle] = {}
+        database = "" if self.postgres else self._write_engine.url.database or ""
+        self.files = ChunkFiles.beside(database)
+        self.writer = Writer(self._write_engine, self.postgres, self._changed, self.statements, self.files)
         self.writer.after_close = self._after_close
 
     @classmethod
@@ -99,6 +103,8 @@ class Store:
             await store.close()
 
     async def close(self) -> None:
+        for handle in self._removals.values():  # what they would remove goes at the next start
+            handle.cancel()
         if self._followups:
             await asyncio.gather(*self._followups, return_exceptions=True)
         await self.writer.stop()
@@ -113,6 +119,8 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             SQLModel.metadata.create_all(conn)
             _upgrade(conn, self.postgres)
+        if self.files is not None:  # left by a process that stopped before removing them
+            self._remove_unused_files(self.files.stream_ids())
 
     def subscribe(self, listener: Callable[[list[Change]], None]) -> None:
         """Call `listener` with the changes of every committed write."""
@@ -121,6 +129,8 @@ class Store:
     def _changed(self, changes: list[Change]) -> None:
         for change in changes:
             self._refresh_cached(change)
+            if change.gone:
+                self._remove_file_later(change.stream_id)
             if not change.gone and not change.closed and 0 < change.added_chunk < transactions.SMALL_CHUNK:
                 count = self._small_chunks.get(change.stream_id, 0) + 1
                 self._small_chunks[change.stream_id] = count
@@ -138,6 +148,25 @@ class Store:
         self._followups.add(task)
         task.add_done_callback(self._follow_up_done)
         return task
+
+    def _remove_file_later(self, stream_id: str) -> None:
+        """Remove a stream's chunk file once no chunk refers to it and reads that may have begun are over."""
+        if self.files is None or stream_id in self._removals:
+            return
+
+        def due() -> None:
+            self._removals.pop(stream_id, None)
+            self._follow_up(self._read(self._remove_unused_files, [stream_id]))
+
+        self._removals[stream_id] = asyncio.get_running_loop().call_later(chunk_files.REMOVE_GRACE, due)
+
+    def _remove_unused_files(self, stream_ids: list[str]) -> None:
+        assert self.files is not None
+        with self._read_engine.connect() as conn:
+            for stream_id in stream_ids:
+                in_file = chunks.c.stream_id == stream_id, chunks.c.file_bytes > 0
+                if conn.execute(select(chunks.c.start).where(*in_file).limit(1)).first() is None:
+                    self.files.remove(stream_id)
 
     def _follow_up_done(self, task: asyncio.Task[Any]) -> None:
         self._followups.discard(task)
@@ -225,7 +254,7 @@ class Store:
 
     def _read_sync(self, stream_id: str, start: int, end: int) -> bytes:
         rows = self._driver_query(self.statements.chunk_range, {"id": stream_id, "lo": start, "hi": end})
-        return transactions.slice_rows(rows, start, end)
+        return transactions.slice_rows(rows, stream_id, start, end, self.files)
 
     async def iter_content(
         self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
@@ -380,6 +409,8 @@ class Store:
         """Coalesce a closed stream's chunks and compress it if that was asked for."""
         await self.compact(stream_id, full=True)
         state = await self.get(stream_id)
+        if state is not None and self.files is not None:
+            await self._read(self.files.trim, stream_id, state.tail)
         if state is None or not state.compress or state.compressed:
             return
         running = self._compressing.get(stream_id)
@@ -413,9 +444,11 @@ class Store:
         if not await self._stage(state.id, seq, bytes(buffer)):
             return
         pieces, stored = seq + 1, stored + len(buffer)
-        await self.writer.call(
+        swapped = await self.writer.call(
             lambda conn: transactions.swap_in_gzip(conn, state.id, pieces, stored, postgres)
         )
+        if swapped:
+            self._remove_file_later(state.id)
 
     async def _stage(self, stream_id: str, seq: int, data: bytes) -> bool:
         postgres = self.postgres
@@ -426,7 +459,7 @@ class Store:
 
     async def create(self, new: NewStream) -> tuple[StreamState, bool]:
         """Create a stream; returns (state, created). The same name with the same settings is no error."""
-        return await self.writer.call(lambda conn: transactions.create(conn, new, self.postgres))
+        return await self.writer.call(lambda conn: transactions.create(conn, new, self.postgres, self.files))
 
     async def delete(self, stream_id: str) -> None:
         """Delete a stream and reclaim its storage (soft-delete while forks of it remain)."""
@@ -521,3 +554,5 @@ def _upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text(f"ALTER TABLE streams ADD COLUMN pending {kind} NOT NULL DEFAULT {empty}"))
     if "ix_streams_stored_bytes" in {i["name"] for i in found.get_indexes("streams")}:
         conn.execute(text("DROP INDEX ix_streams_stored_bytes"))
+    if "file_bytes" not in {c["name"] for c in found.get_columns("chunks")}:
+        conn.execute(text("ALTER TABLE chunks ADD COLUMN file_bytes BIGINT NOT NULL DEFAULT 0"))

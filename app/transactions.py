@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
+from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from app.models import (
     ChunkRow,
     ContentTypeMismatchError,
@@ -29,7 +30,7 @@ from app.models import (
     StreamState,
     new_stream_id,
 )
-from app.statements import CHUNK_RANGE, STREAM_STATE
+from app.statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
 from app.writer import Change, media_type
 
 streams = StreamRow.__table__
@@ -39,7 +40,8 @@ metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
 
 CHUNK_TARGET = 1024 * 1024
-SMALL_CHUNK = 64 * 1024
+# Compaction merges only chunks smaller than this, so never one held in a chunk file.
+SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
 SWEEP_LOCK = 0x53575045  # advisory lock key: one process sweeps at a time
 
@@ -60,10 +62,13 @@ class NewStream:
     initial: bytes = b""
     fork_from: str | None = None
     fork_offset: int | None = None
-    fork_point: Callable[[StreamState, Connection], int] | None = None
+    # Where a fork starts, given its source and a reader of the source's bytes [start, end) in slices.
+    fork_point: Callable[[StreamState, Callable[[int, int], Iterator[bytes]]], int] | None = None
 
 
-def create(conn: Connection, new: NewStream, postgres: bool) -> tuple[tuple[StreamState, bool], list[Change]]:
+def create(
+    conn: Connection, new: NewStream, postgres: bool, files: ChunkFiles | None
+) -> tuple[tuple[StreamState, bool], list[Change]]:
     now = time.time()
     changes: list[Change] = []
     if new.name is not None:
@@ -76,7 +81,7 @@ def create(conn: Connection, new: NewStream, postgres: bool) -> tuple[tuple[Stre
                 raise StreamConflictError(
                     "this stream was deleted while forks of it remain; use another name"
                 )
-            elif _same_config(existing, new) and same_fork(conn, existing, new, postgres):
+            elif _same_config(existing, new) and same_fork(conn, existing, new, postgres, files):
                 return (existing, False), []
             else:
                 raise StreamConflictError("a stream with this name exists with a different configuration")
@@ -93,7 +98,7 @@ def create(conn: Connection, new: NewStream, postgres: bool) -> tuple[tuple[Stre
             raise StreamConflictError("the fork source was deleted")
         if media_type(content_type) != media_type(source.content_type):
             raise ContentTypeMismatchError("a fork must have its source's content type")
-        fork_offset = new.fork_point(source, conn) if new.fork_point else source.tail
+        fork_offset = _fork_point(conn, new, source, files)
         if ttl is None and expires_at is None:
             ttl, sliding, expires_at = source.ttl_seconds, source.sliding, source.expires_at
             if sliding and ttl:
@@ -103,7 +108,7 @@ def create(conn: Connection, new: NewStream, postgres: bool) -> tuple[tuple[Stre
         expires_at = now + ttl
     tail = 0
     if prefix_source is not None:
-        for piece in iter_range(conn, prefix_source, 0, fork_offset or 0):
+        for piece in iter_range(conn, prefix_source, 0, fork_offset or 0, files):
             conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=piece))
             tail += len(piece)
     if new.initial:
@@ -143,14 +148,21 @@ def create(conn: Connection, new: NewStream, postgres: bool) -> tuple[tuple[Stre
     return (state, True), changes
 
 
-def same_fork(conn: Connection, existing: StreamState, new: NewStream, postgres: bool) -> bool:
+def same_fork(
+    conn: Connection, existing: StreamState, new: NewStream, postgres: bool, files: ChunkFiles | None
+) -> bool:
     if new.fork_from is None:
         return existing.fork_source is None
     source = _locked(conn, streams.c.name, new.fork_from, postgres)
     if source is None or source.id != existing.fork_source:
         return False
-    point = new.fork_point(source, conn) if new.fork_point else source.tail
-    return point == existing.fork_offset
+    return _fork_point(conn, new, source, files) == existing.fork_offset
+
+
+def _fork_point(conn: Connection, new: NewStream, source: StreamState, files: ChunkFiles | None) -> int:
+    if new.fork_point is None:
+        return source.tail
+    return new.fork_point(source, lambda start, end: iter_range(conn, source, start, end, files))
 
 
 def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list[Change]]:
@@ -294,21 +306,43 @@ def _purge(conn: Connection, stream_id: str) -> None:
     conn.execute(sql_delete(streams).where(streams.c.id == stream_id))
 
 
-def read_range(conn: Connection, stream_id: str, start: int, end: int) -> bytes:
+def read_range(conn: Connection, stream_id: str, start: int, end: int, files: ChunkFiles | None) -> bytes:
     rows = conn.execute(CHUNK_RANGE, {"id": stream_id, "lo": start, "hi": end})
-    return slice_rows(rows, start, end)
+    return slice_rows(rows, stream_id, start, end, files)
 
 
-def slice_rows(rows: Any, start: int, end: int) -> bytes:
-    """The bytes [start, end) out of (chunk start, chunk data) rows that cover them."""
-    pieces = []
-    for row_start, data in rows:
-        view = memoryview(data)
-        pieces.append(view[max(start - row_start, 0) : end - row_start])
+def slice_rows(rows: Any, stream_id: str, start: int, end: int, files: ChunkFiles | None) -> bytes:
+    """The bytes [start, end) out of the (start, data, file bytes) rows of CHUNK_RANGE that cover them."""
+    pieces: list[bytes | memoryview] = []
+    run_lo = run_hi = -1  # consecutive bytes in the chunk file, read at once
+    for row_start, data, file_bytes in rows:
+        lo, hi = max(start, row_start), min(end, row_start + (file_bytes or len(data)))
+        if file_bytes and lo == run_hi:
+            run_hi = hi
+            continue
+        if run_hi > run_lo:
+            pieces.append(_read_file(files, stream_id, run_lo, run_hi))
+            run_lo = run_hi = -1
+        if file_bytes:
+            run_lo, run_hi = lo, hi
+        else:
+            pieces.append(memoryview(data)[lo - row_start : hi - row_start])
+    if run_hi > run_lo:
+        pieces.append(_read_file(files, stream_id, run_lo, run_hi))
+    if len(pieces) == 1 and isinstance(pieces[0], bytes):
+        return pieces[0]
     return b"".join(pieces)
 
 
-def iter_range(conn: Connection, state: StreamState, start: int, end: int) -> Iterator[bytes]:
+def _read_file(files: ChunkFiles | None, stream_id: str, lo: int, hi: int) -> bytes:
+    if files is None:
+        raise OSError(f"stream {stream_id} has chunks in files, but this store keeps no chunk files")
+    return files.read(stream_id, lo, hi - lo)
+
+
+def iter_range(
+    conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
+) -> Iterator[bytes]:
     """Read [start, end) of a stream inside the caller's transaction, in slices."""
     if state.compressed:
         inflater = zlib.decompressobj(31)
@@ -325,7 +359,7 @@ def iter_range(conn: Connection, state: StreamState, start: int, end: int) -> It
         return
     position = start
     while position < end:
-        piece = read_range(conn, state.id, position, min(end, position + CHUNK_TARGET))
+        piece = read_range(conn, state.id, position, min(end, position + CHUNK_TARGET), files)
         if not piece:
             return
         position += len(piece)
@@ -340,7 +374,7 @@ def compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> Non
         return
     begin = 0 if full else row.compact_from
     sizes = conn.execute(
-        select(chunks.c.start, func.length(chunks.c.data))
+        select(chunks.c.start, CHUNK_SIZE)
         .where(chunks.c.stream_id == stream_id, chunks.c.start >= begin)
         .order_by(chunks.c.start)
     ).all()

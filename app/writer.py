@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
+from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from app.models import (
     AppendResult,
     ContentTypeMismatchError,
@@ -185,8 +186,12 @@ class Writer:
         postgres: bool,
         on_change: Callable[[list[Change]], None],
         statements: Statements,
+        files: ChunkFiles | None = None,
     ) -> None:
         self._engine = engine
+        self._files = files
+        # The batch's large appends, written to chunk files (and synced) just before its COMMIT.
+        self._file_writes: list[tuple[str, int, bytes | bytearray]] = []
         self._statements = statements
         self._driver: Any = None
         self._pooled: Any = None
@@ -426,9 +431,9 @@ class Writer:
         try:
             outcomes, changes = self._append_transaction(ops, cursor=cursor)
             if self.may_commit_on_loop(sum(len(op.data) for op in ops)):
-                cursor.execute("COMMIT")
+                self._commit(cursor)
             else:
-                await self._thread.run(cursor.execute, "COMMIT")
+                await self._thread.run(self._commit, cursor)
         except BaseException:
             self._rows.clear()
             with contextlib.suppress(Exception):
@@ -439,6 +444,14 @@ class Writer:
         self._committed()
         self.commits += 1
         return outcomes, changes
+
+    def _commit(self, cursor: Any) -> None:
+        """Sync the batch's chunk files, then commit the rows that refer to them."""
+        if self._file_writes:
+            assert self._files is not None
+            self._files.write(self._file_writes)
+        self._commit_sent = True
+        cursor.execute("COMMIT")
 
     def _cached_rows(self, cursor: Any) -> dict[str, _Record]:
         """The row cache, emptied first if another connection has committed since this one last did."""
@@ -465,6 +478,7 @@ class Writer:
         began = cursor is not None
         cursor = cursor if began else conn.cursor()
         self._commit_sent = False
+        self._file_writes.clear()
         try:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
@@ -508,11 +522,11 @@ class Writer:
             changes = self._write(cursor, pending, states, known, now)
             if began:
                 return outcomes, changes  # the caller commits
-            self._commit_sent = True
             if self._postgres:
+                self._commit_sent = True
                 conn.commit()
             else:
-                cursor.execute("COMMIT")
+                self._commit(cursor)
                 self._committed()
         except BaseException:
             self._rows.clear()
@@ -571,20 +585,25 @@ class Writer:
                 if data:
                     update = sql.update_stream_pending
                     values["data"] = data
-            elif was.waiting:
-                update = sql.update_stream_flushed
-                start = was.tail - was.waiting
-                flushes.append(sql.flush_pending.args({"stream_id": stream_id, "start": start, "data": data}))
-                waiting = 0
-                added = was.waiting + len(data)
             else:
-                update = sql.update_stream
-                if data:
-                    new_chunks.append(
-                        sql.insert_chunk.args({"stream_id": stream_id, "start": was.tail, "data": data})
+                update = sql.update_stream_flushed if was.waiting else sql.update_stream
+                in_file = self._files is not None and len(data) >= FILE_CHUNK_MIN
+                if was.waiting:
+                    start = was.tail - was.waiting
+                    joined = b"" if in_file else data
+                    flushes.append(
+                        sql.flush_pending.args({"stream_id": stream_id, "start": start, "data": joined})
                     )
+                    added = was.waiting + len(joined)
+                if in_file:
+                    self._file_writes.append((stream_id, was.tail, data))
+                    chunk = {"stream_id": stream_id, "start": was.tail, "data": b"", "file_bytes": len(data)}
+                    new_chunks.append(sql.insert_chunk.args(chunk))
+                elif data and not was.waiting:
+                    chunk = {"stream_id": stream_id, "start": was.tail, "data": data, "file_bytes": 0}
+                    new_chunks.append(sql.insert_chunk.args(chunk))
+                    added = len(data)
                 waiting = 0
-                added = len(data)
             if data:
                 self.appends += p.appends
                 self.bytes_appended += len(data)

@@ -12,6 +12,8 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, inspect, select, text, update
 
+from app import chunk_files
+from app.chunk_files import FILE_CHUNK_MIN
 from app.models import (
     ChunkRow,
     GzipChunkRow,
@@ -302,14 +304,114 @@ async def test_a_database_from_before_pending_bytes_is_upgraded(settings: Settin
     with engine.begin() as conn:  # the schema as an earlier version left it
         conn.execute(text("ALTER TABLE streams DROP COLUMN pending"))
         conn.execute(text("CREATE INDEX ix_streams_stored_bytes ON streams (stored_bytes)"))
+        conn.execute(text("ALTER TABLE chunks DROP COLUMN file_bytes"))
     async with Store.open(settings) as store:
         with engine.connect() as conn:
             assert "ix_streams_stored_bytes" not in {i["name"] for i in inspect(conn).get_indexes("streams")}
+            assert "file_bytes" in {c["name"] for c in inspect(conn).get_columns("chunks")}
         engine.dispose()
         assert await content(store, state.id) == b"x" * 5000
         await store.append(state.id, b"small")
         assert pending_bytes(store, state.id) == 5
         assert await content(store, state.id) == b"x" * 5000 + b"small"
+        large = random.Random(5).randbytes(FILE_CHUNK_MIN)
+        await store.append(state.id, large)
+        assert await content(store, state.id) == b"x" * 5000 + b"small" + large
+
+
+def file_chunks(store: Store, stream_id: str) -> list[tuple[int, int, int]]:
+    """The stream's chunks as (start, bytes in the row, bytes in its chunk file)."""
+    c = ChunkRow.__table__.c
+    with store._read_engine.connect() as conn:
+        query = select(c.start, func.length(c.data), c.file_bytes).where(c.stream_id == stream_id)
+        return [tuple(row) for row in conn.execute(query.order_by(c.start))]
+
+
+async def test_large_appends_live_in_a_chunk_file_and_read_at_any_offset(
+    store: Store, settings: Settings
+) -> None:
+    """On SQLite a large append goes to the stream's chunk file; reads mix files, chunks and pending bytes."""
+    rng = random.Random(3)
+    state, _ = await store.create(NewStream(namespace="files"))
+    pieces = [
+        rng.randbytes(100),  # pending
+        rng.randbytes(FILE_CHUNK_MIN),  # the pending bytes make a chunk, this a file chunk
+        rng.randbytes(3 * FILE_CHUNK_MIN + 7),  # right after the last: read together
+        rng.randbytes(PENDING_LIMIT + 1),  # a chunk in the database
+        rng.randbytes(FILE_CHUNK_MIN - 1),  # just too small for a file
+        rng.randbytes(FILE_CHUNK_MIN * 2),
+        rng.randbytes(10),  # pending again
+    ]
+    for piece in pieces:
+        await store.append(state.id, piece)
+    data = b"".join(pieces)
+    rows = file_chunks(store, state.id)
+    in_files = [(start, size) for start, in_row, size in rows if size]
+    if settings.is_sqlite:
+        assert store.files is not None and store.files.path(state.id).exists()
+        ends = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        assert in_files == [(ends[1], len(pieces[1])), (ends[2], len(pieces[2])), (ends[5], len(pieces[5]))]
+        assert all(in_row == 0 for _, in_row, size in rows if size)
+    else:
+        assert in_files == [] and store.files is None
+    bounds = [0, len(data)] + [sum(map(len, pieces[:i])) + d for i in range(1, 7) for d in (-1, 0, 1)]
+    for _ in range(60):
+        lo, hi = sorted(rng.choice(bounds + [rng.randrange(len(data))]) for _ in range(2))
+        assert await store.read(state.id, lo, hi) == data[lo:hi]
+    assert await content(store, state.id) == data
+    async with Store.open(settings) as reopened:
+        assert await content(reopened, state.id) == data
+        fork, _ = await reopened.create(NewStream(namespace="files", fork_from=state.name))
+        assert await content(reopened, fork.id) == data
+    await store.append(state.id, b"", close=True)
+    await store.finish(state.id)  # compaction merges small chunks only
+    assert await content(store, state.id) == data
+    assert [(s, n) for s, _, n in file_chunks(store, state.id) if n] == in_files
+
+
+async def test_bytes_a_failed_commit_left_in_a_chunk_file_are_never_read(tmp_path: Path) -> None:
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="files"))
+        first = random.Random(1).randbytes(FILE_CHUNK_MIN)
+        await store.append(state.id, first)
+        assert store.files is not None
+        store.files.write([(state.id, len(first), b"\xff" * 3 * FILE_CHUNK_MIN)])  # never committed
+        second = random.Random(2).randbytes(FILE_CHUNK_MIN + 5)
+        await store.append(state.id, b"small")
+        await store.append(state.id, second)
+        assert await content(store, state.id) == first + b"small" + second
+
+
+async def test_chunk_files_go_with_their_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting or compressing a stream removes its file after a grace; a start removes leftover files."""
+    monkeypatch.setattr(chunk_files, "REMOVE_GRACE", 0.1)
+    large = random.Random(4).randbytes(2 * FILE_CHUNK_MIN)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        assert store.files is not None
+        deleted, _ = await store.create(NewStream(namespace="files"))
+        packed, _ = await store.create(NewStream(namespace="files"))
+        kept, _ = await store.create(NewStream(namespace="files"))
+        for state in (deleted, packed, kept):
+            await store.append(state.id, large)
+        await store.delete(deleted.id)
+        await store.append(packed.id, b"", close=True, compress=True)
+        await store.finish(packed.id)
+        assert store.files.path(deleted.id).exists(), "a read may still be under way"
+        await asyncio.sleep(0.5)
+        assert not store.files.path(deleted.id).exists()
+        assert not store.files.path(packed.id).exists()
+        assert await content(store, packed.id) == large
+        leftover = store.files.path(new_stream_id())
+        leftover.write_bytes(b"left by a process that stopped")
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        assert store.files is not None
+        assert leftover.exists(), "a new file may belong to a commit under way elsewhere"
+        assert await content(store, kept.id) == large
+    await asyncio.sleep(0.2)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        assert store.files is not None
+        assert not leftover.exists() and store.files.path(kept.id).exists()
+        assert await content(store, kept.id) == large
 
 
 async def test_list_filters_sorts_and_pages(store: Store) -> None:
