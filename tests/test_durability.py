@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.chunk_files import FILE_CHUNK_MIN
 from app.models import parse_offset
 from tests._server import ServerProcess
 
@@ -49,15 +50,23 @@ class MemoryPeak:
         self._thread.join(timeout=5)
 
 
-async def storm(url: str, name: str, writers: int, seconds: float, acknowledged: dict[bytes, int]) -> None:
-    """Concurrent appends until the server dies, noting each acknowledged record with its next offset."""
+async def storm(
+    url: str, name: str, writers: int, seconds: float, acknowledged: dict[bytes, int], large: bool = False
+) -> None:
+    """Concurrent appends until the server dies, noting each acknowledged record with its next offset.
+
+    With `large`, a quarter of the writers send records big enough for chunk files.
+    """
     deadline = time.monotonic() + seconds
 
     async def writer(w: int) -> None:
         async with httpx.AsyncClient(timeout=5) as client:
             seq = 0
             while time.monotonic() < deadline:
-                record = b"<w%d:%d:%s>\n" % (w, seq, b"x" * ((w * 7 + seq * 13) % 90))
+                pad = (w * 7 + seq * 13) % 90
+                if large and w % 4 == 0:
+                    pad += FILE_CHUNK_MIN + seq * 1013 % 40000
+                record = b"<w%d:%d:%s>\n" % (w, seq, b"x" * pad)
                 try:
                     response = await client.post(
                         f"{url}/v1/stream/{name}", content=record, headers={"content-type": "text/plain"}
@@ -72,7 +81,8 @@ async def storm(url: str, name: str, writers: int, seconds: float, acknowledged:
     await asyncio.gather(*(writer(w) for w in range(writers)))
 
 
-async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("large", [False, True], ids=["small", "with-large"])
+async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(tmp_path: Path, large: bool) -> None:
     env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data")}
     with ServerProcess(env=env) as server:
         async with httpx.AsyncClient() as client:
@@ -82,7 +92,7 @@ async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(tmp_path
             assert created.status_code == 201
         loop = asyncio.get_running_loop()
         acknowledged: dict[bytes, int] = {}
-        storming = asyncio.ensure_future(storm(server.url, "crash", 16, 30, acknowledged))
+        storming = asyncio.ensure_future(storm(server.url, "crash", 16, 30, acknowledged, large))
         deadline = time.monotonic() + 20
         while len(acknowledged) < 300 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another task's progress
             await asyncio.sleep(0.05)
@@ -93,6 +103,8 @@ async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(tmp_path
         async with httpx.AsyncClient(timeout=30) as client:
             body = (await client.get(f"{server.url}/v1/stream/crash")).content
 
+    if large:
+        assert any((tmp_path / "data" / "streamhold.db-chunks").iterdir()), "large records are in a file"
     records = RECORD.findall(body)
     assert b"".join(RECORD.sub(b"", body)) == b"", "nothing torn: the content is whole records only"
     last_seq: dict[bytes, int] = {}
