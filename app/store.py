@@ -119,8 +119,8 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             SQLModel.metadata.create_all(conn)
             _upgrade(conn, self.postgres)
-        if self.files is not None:  # left by a process that stopped before removing them
-            self._remove_unused_files(self.files.stream_ids())
+            if self.files is not None:  # left by a process that stopped before removing them
+                transactions.remove_unused_files(conn, self.files, self.files.stream_ids())
 
     def subscribe(self, listener: Callable[[list[Change]], None]) -> None:
         """Call `listener` with the changes of every committed write."""
@@ -154,19 +154,14 @@ class Store:
         if self.files is None or stream_id in self._removals:
             return
 
+        files = self.files
+
         def due() -> None:
             self._removals.pop(stream_id, None)
-            self._follow_up(self._read(self._remove_unused_files, [stream_id]))
+            remove = functools.partial(transactions.remove_unused_files, files=files, stream_ids=[stream_id])
+            self._follow_up(self.writer.call(remove))
 
         self._removals[stream_id] = asyncio.get_running_loop().call_later(chunk_files.REMOVE_GRACE, due)
-
-    def _remove_unused_files(self, stream_ids: list[str]) -> None:
-        assert self.files is not None
-        with self._read_engine.connect() as conn:
-            for stream_id in stream_ids:
-                in_file = chunks.c.stream_id == stream_id, chunks.c.file_bytes > 0
-                if conn.execute(select(chunks.c.start).where(*in_file).limit(1)).first() is None:
-                    self.files.remove(stream_id)
 
     def _follow_up_done(self, task: asyncio.Task[Any]) -> None:
         self._followups.discard(task)

@@ -270,6 +270,21 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
     return (len(changes), list(unfinished)), changes
 
 
+def remove_unused_files(
+    conn: Connection, files: ChunkFiles, stream_ids: list[str]
+) -> tuple[None, list[Change]]:
+    """Remove the chunk files of these streams that no chunk refers to.
+
+    In a write transaction, so that no writer (of any process) is between writing a file and committing
+    the chunk that refers to it.
+    """
+    for stream_id in stream_ids:
+        used = chunks.c.stream_id == stream_id, chunks.c.file_bytes > 0
+        if conn.execute(select(chunks.c.start).where(*used).limit(1)).first() is None:
+            files.remove(stream_id)
+    return None, []
+
+
 def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:
     query = select(*STREAM_STATE).where(column == value)
     if postgres:

@@ -384,7 +384,7 @@ async def test_bytes_a_failed_commit_left_in_a_chunk_file_are_never_read(tmp_pat
 
 async def test_chunk_files_go_with_their_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleting or compressing a stream removes its file after a grace; a start removes leftover files."""
-    monkeypatch.setattr(chunk_files, "REMOVE_GRACE", 0.1)
+    monkeypatch.setattr(chunk_files, "REMOVE_GRACE", 1.0)
     large = random.Random(4).randbytes(2 * FILE_CHUNK_MIN)
     async with Store.open(Settings(data_dir=tmp_path)) as store:
         assert store.files is not None
@@ -394,12 +394,15 @@ async def test_chunk_files_go_with_their_stream(tmp_path: Path, monkeypatch: pyt
         for state in (deleted, packed, kept):
             await store.append(state.id, large)
         await store.delete(deleted.id)
+        assert store.files.path(deleted.id).exists(), "a read may still be under way"
         await store.append(packed.id, b"", close=True, compress=True)
         await store.finish(packed.id)
-        assert store.files.path(deleted.id).exists(), "a read may still be under way"
-        await asyncio.sleep(0.5)
-        assert not store.files.path(deleted.id).exists()
-        assert not store.files.path(packed.id).exists()
+        gone = (store.files.path(deleted.id), store.files.path(packed.id))
+        for _ in range(100):
+            if not any(path.exists() for path in gone):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(path.exists() for path in gone)
         assert await content(store, packed.id) == large
         leftover = store.files.path(new_stream_id())
         leftover.write_bytes(b"left by a process that stopped")
@@ -407,7 +410,7 @@ async def test_chunk_files_go_with_their_stream(tmp_path: Path, monkeypatch: pyt
         assert store.files is not None
         assert leftover.exists(), "a new file may belong to a commit under way elsewhere"
         assert await content(store, kept.id) == large
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(1.1)
     async with Store.open(Settings(data_dir=tmp_path)) as store:
         assert store.files is not None
         assert not leftover.exists() and store.files.path(kept.id).exists()
