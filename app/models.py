@@ -202,7 +202,7 @@ _OFFSET = re.compile(r"^(\d{1,19})_(\d{1,19})$")
 
 def format_offset(position: int) -> str:
     """The protocol's offset token for a byte position: two zero-padded 16-digit numbers."""
-    return f"{0:016d}_{position:016d}"
+    return f"0000000000000000_{position:016d}"
 
 
 def parse_offset(token: str) -> int | None:

@@ -380,7 +380,7 @@ class Store:
         compress: bool = False,
     ) -> asyncio.Future[AppendResult]:
         """Queue an append now (so call order is commit order); the future resolves once it is committed."""
-        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[AppendResult] = self.writer.new_future()
         self.writer.submit(AppendOp(stream_id, data, future, content_type, seq, producer, close, compress))
         return future
 
