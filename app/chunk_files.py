@@ -10,13 +10,10 @@ the next append at that offset, never read.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-log = logging.getLogger("streamhold.chunk_files")
 
 # Appends at least this large go to a file; smaller ones stay in the database, where compaction merges them.
 FILE_CHUNK_MIN = 64 * 1024
@@ -104,7 +101,7 @@ class ChunkFiles:
             pass
 
     def stream_ids(self) -> list[str]:
-        """The streams that have a file not modified for the grace (younger ones may be in a commit)."""
+        """The streams whose file was last written before the grace; newer files wait for a later start."""
         limit = time.time() - REMOVE_GRACE
         found = []
         for entry in os.scandir(self.directory):
