@@ -363,10 +363,14 @@ async def test_large_appends_live_in_a_chunk_file_and_read_at_any_offset(
         assert await content(reopened, state.id) == data
         fork, _ = await reopened.create(NewStream(namespace="files", fork_from=state.name))
         assert await content(reopened, fork.id) == data
+    if store.files is not None:
+        assert store.files.path(state.id).stat().st_size > len(data), "the file grows ahead of its writes"
     await store.append(state.id, b"", close=True)
     await store.finish(state.id)  # compaction merges small chunks only
     assert await content(store, state.id) == data
     assert [(s, n) for s, _, n in file_chunks(store, state.id) if n] == in_files
+    if store.files is not None:
+        assert store.files.path(state.id).stat().st_size <= len(data), "closing gives the spare space back"
 
 
 async def test_bytes_a_failed_commit_left_in_a_chunk_file_are_never_read(tmp_path: Path) -> None:
