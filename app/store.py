@@ -166,8 +166,9 @@ class Store:
     def _follow_up_done(self, task: asyncio.Task[Any]) -> None:
         self._followups.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # Compaction and compression only rearrange stored bytes: the content is unaffected.
-            log.error("background compaction or compression failed", exc_info=task.exception())
+            # Compaction, compression and chunk-file removal only rearrange stored bytes: the content is
+            # unaffected.
+            log.error("background compaction, compression or file removal failed", exc_info=task.exception())
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)

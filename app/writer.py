@@ -148,9 +148,15 @@ class _Thread:
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    def new_future(self) -> asyncio.Future[Any]:
+        """A future on the loop it settles futures on."""
+        # The loop is kept: asyncio.get_running_loop() makes a getpid() system call each time, 2-3% of the
+        # event loop's time under small appends, measured.
         assert self.loop is not None, "the writer has not started"
-        future: asyncio.Future[T] = self.loop.create_future()
+        return self.loop.create_future()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = self.new_future()
         self._jobs.put((future, fn, args))
         return future
 
@@ -203,7 +209,6 @@ class Writer:
         self._wakeup = asyncio.Event()
         self._thread = _Thread("streamhold-writer")
         self._task: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.appends = 0
         self.bytes_appended = 0
@@ -222,10 +227,8 @@ class Writer:
         self.checkpoint_bytes = 0
 
     def start(self) -> None:
-        # Kept, since asyncio.get_running_loop() makes a getpid() system call each time: 2-3% of the event
-        # loop's time under small appends, measured.
-        self.loop = self._thread.loop = asyncio.get_running_loop()
-        self._task = self.loop.create_task(self._run(), name="streamhold-writer")
+        self._thread.loop = asyncio.get_running_loop()
+        self._task = self._thread.loop.create_task(self._run(), name="streamhold-writer")
 
     async def stop(self) -> None:
         """Finish what is queued, then stop."""
@@ -242,8 +245,7 @@ class Writer:
 
     def new_future(self) -> asyncio.Future[Any]:
         """A future on the writer's loop."""
-        assert self.loop is not None, "the writer has not started"
-        return self.loop.create_future()
+        return self._thread.new_future()
 
     def join_last(
         self, stream_id: str, data: bytes, limit: int = 1024 * 1024
