@@ -27,7 +27,7 @@ from app.models import (
 )
 from app.settings import Settings
 from app.store import NewStream, Store
-from app.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT
+from app.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,18 +100,24 @@ async def test_a_lost_postgres_connection_costs_no_append(
         assert await content(store, state.id) == b"before after"
 
 
-async def test_only_large_commits_far_from_a_checkpoint_run_on_the_loop(tmp_path: Path) -> None:
+async def test_quick_or_large_commits_far_from_a_checkpoint_run_on_the_loop(tmp_path: Path) -> None:
     async with Store.open(Settings(data_dir=tmp_path)) as store:
         state, _ = await store.create(NewStream(namespace="big", content_type="application/octet-stream"))
         await store.append(state.id, b"x" * 300_000)
         writer = store.writer
         assert writer.checkpoint_bytes > 64 * 1024 * 1024
+        writer.commit_seconds = 0.0
+        assert writer.may_commit_on_loop(300_000) and writer.may_commit_on_loop(1000)
+        writer.commit_seconds = 0.5  # a slow disk: small batches go to the thread, large ones stay
         assert writer.may_commit_on_loop(300_000) and not writer.may_commit_on_loop(1000)
+        await store.append(state.id, b"w")  # a quick commit eases the estimate by a tenth of the gap
+        assert QUICK_COMMIT_S < writer.commit_seconds < 0.5
         wal = (tmp_path / "streamhold.db-wal").stat().st_size
         writer.checkpoint_bytes = wal + 500_000  # the next 300 KB commit could reach the checkpoint
-        assert not writer.may_commit_on_loop(300_000)
+        writer.commit_seconds = 0.0
+        assert not writer.may_commit_on_loop(300_000) and writer.may_commit_on_loop(1000)
         await store.append(state.id, b"y" * 300_000)
-        assert await store.read(state.id, 299_999, 300_001) == b"xy"
+        assert await store.read(state.id, 299_999, 300_002) == b"xwy"
 
 
 async def test_an_idle_writer_checkpoints_the_wal_so_that_it_starts_over(tmp_path: Path) -> None:
