@@ -125,6 +125,7 @@ def serve(
         lifespan="on",
         access_log=False,
         proxy_headers=False,
+        server_header=False,  # no need to tell every client which HTTP server runs underneath
     )
     # The writer thread needs the GIL to commit a batch; a busy event loop gives it up only every switch
     # interval (5 ms by default), and every append waits for that commit.

@@ -163,6 +163,12 @@ def test_write_large_binary_input_with_progress_and_compression(server: ServerPr
     assert cat.returncode == 0 and cat.stdout == content
 
 
+def test_serve_answers_with_a_date_but_without_naming_its_http_server(server: ServerProcess) -> None:
+    response = httpx.get(f"{server.url}/healthz")
+    assert response.status_code == 200
+    assert "date" in response.headers and "server" not in response.headers
+
+
 def test_cat_prints_bytes_as_they_are(server: ServerProcess) -> None:
     stream_id = make_stream(server, "cli-cat", BINARY)
     result = streamhold("cat", stream_id, server=server.url, key=None)
