@@ -127,8 +127,8 @@ def serve(
         proxy_headers=False,
         server_header=False,  # no need to tell every client which HTTP server runs underneath
     )
-    # The writer thread needs the GIL to commit a batch; a busy event loop gives it up only every switch
-    # interval (5 ms by default), and every append waits for that commit.
+    # The writer thread needs the GIL for the writes it runs (every write but quick commits of appends); a
+    # busy event loop gives it up only every switch interval (5 ms by default), and the write's caller waits.
     sys.setswitchinterval(0.0005)
     server = _Server(config)
     try:
