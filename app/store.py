@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlmodel import SQLModel
 
 from app import chunk_files, transactions
-from app.chunk_files import ChunkFiles
+from app.chunk_files import ChunkFiles, Spool
 from app.engines import make_engines
 from app.models import (
     AppendResult,
@@ -379,11 +379,39 @@ class Store:
         producer: Producer | None = None,
         close: bool = False,
         compress: bool = False,
+        spool: Spool | None = None,
     ) -> asyncio.Future[AppendResult]:
-        """Queue an append now (so call order is commit order); the future resolves once it is committed."""
+        """Queue an append now (so call order is commit order); the future resolves once it is committed.
+
+        A spool holding `data` passes to the writer, which closes it.
+        """
         future: asyncio.Future[AppendResult] = self.writer.new_future()
-        self.writer.submit(AppendOp(stream_id, data, future, content_type, seq, producer, close, compress))
+        op = AppendOp(stream_id, data, future, content_type, seq, producer, close, compress, spool)
+        self.writer.submit(op)
         return future
+
+    async def spool(self, stream_id: str, length: int) -> Spool | None:
+        """A place at the end of the stream's file for a body of `length` bytes that is about to arrive.
+
+        The body is then written to the file while it arrives and the commit only syncs it. None when the
+        store keeps no files, or another writer holds the stream's file: the body then waits in memory.
+        """
+        if self.files is None or not self.files.can_spool():
+            return None
+        claim = self.files.claim(stream_id)
+        if claim is None:
+            return None
+        try:
+            # Read only once the claim is held: no writer can then put bytes past the tail this finds.
+            state = await self.get(stream_id)
+            if state is None or state.closed_at is not None:
+                claim.close()
+                return None
+            claim.grow(state.tail + length)
+        except BaseException:
+            claim.close()
+            raise
+        return Spool(claim, state.tail, length)
 
     def write_nowait(self, stream_id: str, data: bytes) -> asyncio.Future[AppendResult]:
         """Queue a plain write, joined to the previous queued write to the same stream when it can be.

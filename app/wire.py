@@ -14,6 +14,7 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
+from app.chunk_files import Spool
 from app.live import LiveHub
 from app.models import (
     MAX_NAME_LENGTH,
@@ -186,8 +187,13 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     return await receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
-async def receive_body(receive: Receive, declared: str | None, limit: int) -> bytes:
-    """The whole body from an ASGI `receive`; `declared` is the Content-Length header, if any."""
+async def receive_body(
+    receive: Receive, declared: str | None, limit: int, spool: Spool | None = None
+) -> bytes:
+    """The whole body from an ASGI `receive`; `declared` is the Content-Length header, if any.
+
+    With a spool, each piece is also written to the stream's file as it arrives.
+    """
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
     parts: list[bytes] = []
@@ -203,6 +209,8 @@ async def receive_body(receive: Receive, declared: str | None, limit: int) -> by
                 f"an append may be at most {limit} bytes; split it into smaller appends"
             )
         parts.append(part)
+        if spool is not None:
+            spool.add(part)
         if not message.get("more_body"):
             # One copy of a large body, and none again when the writer joins a lone append's parts.
             return b"".join(parts)

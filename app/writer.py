@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles
+from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from app.models import (
     AppendResult,
     ContentTypeMismatchError,
@@ -79,6 +79,7 @@ class AppendOp:
     producer: Producer | None = None
     close: bool = False
     compress: bool = False
+    spool: Spool | None = None  # the body, already in the stream's file; the writer closes it
 
 
 @dataclass(slots=True)
@@ -131,6 +132,7 @@ class _Pending:
     appends: int = 0
     parts: list[bytes] = field(default_factory=list)
     changed: bool = False
+    spool: Spool | None = None
 
 
 def media_type(content_type: str) -> str:
@@ -202,8 +204,11 @@ class Writer:
     ) -> None:
         self._engine = engine
         self._files = files
-        # The batch's large appends, written to chunk files (and synced) just before its COMMIT.
-        self._file_writes: list[tuple[str, int, bytes | bytearray]] = []
+        # The batch's large appends, written to chunk files (and synced) just before its COMMIT; None for
+        # bytes a spool wrote. The claims keep other writers out of the files until the COMMIT is done.
+        self._file_writes: list[tuple[Claim, int, bytes | bytearray | None]] = []
+        self._claims: list[Claim] = []
+        self.spooled = 0  # appends whose body was already in its file when the batch came to write it
         self._statements = statements
         self._driver: Any = None
         self._pooled: Any = None
@@ -270,6 +275,7 @@ class Writer:
             or last.seq is not None
             or last.producer is not None
             or last.content_type is not None
+            or last.spool is not None
             or len(last.data) + len(data) > limit
         ):
             return None
@@ -280,6 +286,8 @@ class Writer:
 
     def submit(self, op: AppendOp | CallOp) -> None:
         if self._closing:
+            if isinstance(op, AppendOp) and op.spool is not None:
+                op.spool.close()
             op.future.set_exception(
                 RuntimeError("the store is shutting down; retry against a running server")
             )
@@ -320,7 +328,9 @@ class Writer:
                 for op in batch:
                     if not op.future.done():
                         op.future.set_exception(exc)
+                _close_spools(batch)
                 continue
+            _close_spools(batch)
             for op, (ok, value) in zip(batch, outcomes, strict=True):
                 if op.future.done():
                     continue
@@ -458,13 +468,16 @@ class Writer:
                 self._commit(cursor)
             else:
                 await self._thread.run(self._commit, cursor)
-        except BaseException:
+        except BaseException as exc:
             self._rows.clear()
             with contextlib.suppress(Exception):
                 cursor.execute("ROLLBACK")
+            if not isinstance(exc, asyncio.CancelledError):  # else the thread may still be using the files
+                self._release_claims()
             raise
         finally:
             cursor.close()
+        self._release_claims()
         self._committed()
         self.commits += 1
         return outcomes, changes
@@ -479,6 +492,11 @@ class Writer:
         cursor.execute("COMMIT")
         took = time.perf_counter() - started
         self.commit_seconds = max(took, self.commit_seconds + (took - self.commit_seconds) / 10)
+
+    def _release_claims(self) -> None:
+        for claim in self._claims:
+            claim.close()
+        self._claims.clear()
 
     def _cached_rows(self, cursor: Any) -> dict[str, _Record]:
         """The row cache, emptied first if another connection has committed since this one last did."""
@@ -506,6 +524,7 @@ class Writer:
         cursor = cursor if began else conn.cursor()
         self._commit_sent = False
         self._file_writes.clear()
+        self._release_claims()
         try:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
@@ -573,6 +592,7 @@ class Writer:
                     with contextlib.suppress(Exception):
                         cursor.execute("PRAGMA busy_timeout=0")
                 cursor.close()
+                self._release_claims()
         self.commits += 1
         return outcomes, changes
 
@@ -614,7 +634,8 @@ class Writer:
                     values["data"] = data
             else:
                 update = sql.update_stream_flushed if was.waiting else sql.update_stream
-                in_file = self._files is not None and len(data) >= FILE_CHUNK_MIN
+                claim = self._claim(stream_id, p.spool) if len(data) >= FILE_CHUNK_MIN else None
+                in_file = claim is not None
                 if was.waiting:
                     start = was.tail - was.waiting
                     joined = b"" if in_file else data
@@ -622,8 +643,10 @@ class Writer:
                         sql.flush_pending.args({"stream_id": stream_id, "start": start, "data": joined})
                     )
                     added = was.waiting + len(joined)
-                if in_file:
-                    self._file_writes.append((stream_id, was.tail, data))
+                if claim is not None:
+                    spooled = p.spool is not None and len(p.parts) == 1 and p.spool.holds(data, was.tail)
+                    self.spooled += spooled
+                    self._file_writes.append((claim, was.tail, None if spooled else data))
                     chunk = {"stream_id": stream_id, "start": was.tail, "data": b"", "file_bytes": len(data)}
                     new_chunks.append(sql.insert_chunk.args(chunk))
                 elif data and not was.waiting:
@@ -664,6 +687,29 @@ class Writer:
             values = {"stream_id": stream_id, "producer_id": producer_id, "epoch": epoch, "seq": seq}
             cursor.execute(statement.sql, statement.args(values))
         return changes
+
+    def _claim(self, stream_id: str, spool: Spool | None) -> Claim | None:
+        """The stream's file for this batch's bytes, or None to keep them in the database.
+
+        A spool of this batch brings its claim. Another writer's claim (a spool still receiving its body,
+        or a store in another process) means the file is busy: the bytes then go into the database, which
+        every reader handles the same, rather than waiting for the other writer while holding the database.
+        """
+        if self._files is None:
+            return None
+        if spool is not None:
+            return spool.claim
+        claim = self._files.claim(stream_id)
+        if claim is not None:
+            self._claims.append(claim)
+        return claim
+
+
+def _close_spools(batch: list[AppendOp | CallOp]) -> None:
+    """Let go of the batch's spooled files, once the writer is done with them (not on cancellation)."""
+    for op in batch:
+        if isinstance(op, AppendOp) and op.spool is not None:
+            op.spool.close()
 
 
 def _apply(
@@ -713,6 +759,8 @@ def _apply(
         p.parts.append(op.data)
         p.tail += len(op.data)
         p.appends += 1
+        if op.spool is not None:
+            p.spool = op.spool
     if op.close:
         p.closed_at = now
         p.compress = p.compress or op.compress

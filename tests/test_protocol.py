@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import threading
@@ -21,6 +22,7 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from app.chunk_files import FILE_CHUNK_MIN
 from app.main import create_app
 from app.sdk import StreamService
 from app.settings import Settings
@@ -45,10 +47,16 @@ class ThreadServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(settings, route_handlers=[write_in_process])
+        self.app = app
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def store(self) -> Store:
+        store: Store = self.app.state.store  # set when the app starts
+        return store
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
@@ -256,6 +264,30 @@ async def test_a_slow_sse_reader_does_not_make_the_server_buffer(tmp_path: Path)
             await asyncio.sleep(2)
             grown = private_mib() - before
     assert grown < 24, f"the server buffered {grown:.0f} MiB for a stalled reader of a 64 MiB stream"
+
+
+async def test_a_large_body_goes_to_disk_as_it_arrives_and_a_cut_one_commits_nothing(tmp_path: Path) -> None:
+    body = random.Random(9).randbytes(4 * FILE_CHUNK_MIN)
+    octets = {"content-type": "application/octet-stream"}
+    with ThreadServer(Settings(data_dir=tmp_path)) as server:
+        async with httpx.AsyncClient(timeout=30) as http:
+            url = f"{server.url}/v1/stream/spooled"
+            await http.put(url, headers=octets)
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                head = b"POST /v1/stream/spooled HTTP/1.1\r\nHost: x\r\n"
+                head += b"Content-Type: application/octet-stream"
+                sock.sendall(head + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
+                await asyncio.sleep(0.2)  # the server has half of the body; then the client goes away
+            cut = 'streamhold_http_responses_total{method="POST",route="/v1/stream",code="400"} 1'
+            deadline = time.monotonic() + 5
+            while cut not in (await http.get(f"{server.url}/metrics")).text:
+                assert time.monotonic() < deadline, "the cut-off append was not answered"
+                await asyncio.sleep(0.05)
+            for _ in range(2):
+                assert (await http.post(url, content=body, headers=octets)).status_code == 204
+            assert server.store.writer.spooled == 2, "both bodies were in the file before their commit"
+            read = await http.get(url, params={"offset": "-1"})
+    assert read.content == body * 2
 
 
 async def test_unicode_names_and_sandboxed_content(

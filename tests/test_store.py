@@ -385,11 +385,81 @@ async def test_bytes_a_failed_commit_left_in_a_chunk_file_are_never_read(tmp_pat
         first = random.Random(1).randbytes(FILE_CHUNK_MIN)
         await store.append(state.id, first)
         assert store.files is not None
-        store.files.write([(state.id, len(first), b"\xff" * 3 * FILE_CHUNK_MIN)])  # never committed
+        claim = store.files.claim(state.id)
+        assert claim is not None
+        store.files.write([(claim, len(first), b"\xff" * 3 * FILE_CHUNK_MIN)])  # never committed
+        claim.close()
         second = random.Random(2).randbytes(FILE_CHUNK_MIN + 5)
         await store.append(state.id, b"small")
         await store.append(state.id, second)
         assert await content(store, state.id) == first + b"small" + second
+
+
+async def test_a_spooled_body_is_only_synced_at_its_commit(tmp_path: Path) -> None:
+    """A body written into the file as it arrived is where its append lands: the commit syncs it."""
+    rng = random.Random(6)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="files"))
+        first = rng.randbytes(100)  # pending in the stream's record: the file starts after it
+        await store.append(state.id, first)
+        body = rng.randbytes(3 * FILE_CHUNK_MIN + 11)
+        spool = await store.spool(state.id, len(body))
+        assert spool is not None and spool.offset == len(first)
+        for start in range(0, len(body), 50_000):
+            spool.add(body[start : start + 50_000])
+        result = await store.append(state.id, body, spool=spool)
+        assert result.tail == len(first) + len(body)
+        assert store.writer.spooled == 1
+        assert spool.claim.fd == -1, "the writer closed the spool"
+        assert [(s, n) for s, _, n in file_chunks(store, state.id) if n] == [(len(first), len(body))]
+        assert await content(store, state.id) == first + body
+        assert await store.read(state.id, 90, 70_000) == (first + body)[90:70_000]
+
+
+async def test_a_spool_overtaken_by_other_appends_lands_after_them(tmp_path: Path) -> None:
+    """Appends that commit while a body arrives come first; the file stays the spool's, so theirs go in the
+    database, and the spooled body is written again where its append lands."""
+    rng = random.Random(7)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="files"))
+        body = rng.randbytes(2 * FILE_CHUNK_MIN)
+        spool = await store.spool(state.id, len(body))
+        assert spool is not None and spool.offset == 0
+        spool.add(body[:FILE_CHUNK_MIN])
+        other = rng.randbytes(FILE_CHUNK_MIN + 3)
+        await store.append(state.id, b"small")
+        await store.append(state.id, other)
+        spool.add(body[FILE_CHUNK_MIN:])
+        await store.append(state.id, body, spool=spool)
+        assert store.writer.spooled == 0
+        start = len(b"small") + len(other)
+        assert [(s, n) for s, _, n in file_chunks(store, state.id) if n] == [(start, len(body))]
+        assert await content(store, state.id) == b"small" + other + body
+        later = rng.randbytes(FILE_CHUNK_MIN)
+        await store.append(state.id, later)  # the spool let go of the file
+        assert file_chunks(store, state.id)[-1][2] == len(later)
+        assert await content(store, state.id) == b"small" + other + body + later
+
+
+async def test_a_spool_keeps_another_store_out_of_the_file(tmp_path: Path) -> None:
+    """Another store (another process) cannot claim a file a spool holds; its large append goes into the
+    database instead of waiting, and each store reads what both wrote."""
+    rng = random.Random(8)
+    settings = Settings(data_dir=tmp_path)
+    async with Store.open(settings) as mine, Store.open(settings) as theirs:
+        state, _ = await mine.create(NewStream(namespace="files"))
+        body = rng.randbytes(FILE_CHUNK_MIN)
+        spool = await mine.spool(state.id, len(body))
+        assert spool is not None
+        assert await theirs.spool(state.id, len(body)) is None
+        spool.add(body)
+        big = rng.randbytes(2 * FILE_CHUNK_MIN)
+        await theirs.append(state.id, big)
+        assert file_chunks(theirs, state.id) == [(0, len(big), 0)]
+        await mine.append(state.id, body, spool=spool)
+        assert file_chunks(mine, state.id)[-1] == (len(big), 0, len(body))
+        assert await content(mine, state.id) == big + body
+        assert await content(theirs, state.id) == big + body
 
 
 async def test_chunk_files_go_with_their_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
