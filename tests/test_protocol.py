@@ -283,11 +283,13 @@ async def test_a_large_body_goes_to_disk_as_it_arrives_and_a_cut_one_commits_not
             while cut not in (await http.get(f"{server.url}/metrics")).text:
                 assert time.monotonic() < deadline, "the cut-off append was not answered"
                 await asyncio.sleep(0.05)
-            for _ in range(2):
-                assert (await http.post(url, content=body, headers=octets)).status_code == 204
+            assert (await http.post(url, content=body, headers=octets)).status_code == 204
+            closing = {**octets, "stream-closed": "true"}
+            assert (await http.post(url, content=body, headers=closing)).status_code == 204
             assert server.store.writer.spooled == 2, "both bodies were in the file before their commit"
             read = await http.get(url, params={"offset": "-1"})
     assert read.content == body * 2
+    assert read.headers["stream-closed"] == "true"
 
 
 async def test_unicode_names_and_sandboxed_content(
