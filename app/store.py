@@ -292,15 +292,11 @@ class Store:
             return [(r.seq, bytes(r.data)) for r in conn.execute(query)]
 
     async def _iter_decompressed(self, stream_id: str, start: int, end: int) -> AsyncIterator[bytes]:
-        inflater = zlib.decompressobj(31)
-        position = 0
+        wanted = transactions.RangeInflater(start, end)
         async for packed in self.iter_gzip(stream_id):
-            data = inflater.decompress(packed)
-            lo, hi = max(start - position, 0), min(end - position, len(data))
-            if lo < hi:
-                yield data[lo:hi]
-            position += len(data)
-            if position >= end:
+            if piece := wanted.feed(packed):
+                yield piece
+            if wanted.done:
                 return
 
     async def list(

@@ -355,22 +355,42 @@ def _read_file(files: ChunkFiles | None, stream_id: str, lo: int, hi: int) -> by
     return files.read(stream_id, lo, hi - lo)
 
 
+class RangeInflater:
+    """The bytes [start, end) of a compressed stream's content, from its gzip pieces in order."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self._inflater = zlib.decompressobj(31)
+        self._start = start
+        self._end = end
+        self._position = 0
+
+    @property
+    def done(self) -> bool:
+        return self._position >= self._end
+
+    def feed(self, packed: bytes) -> bytes:
+        """The wanted part of what the next piece inflates to; empty when it has none."""
+        data = self._inflater.decompress(packed)
+        lo, hi = max(self._start - self._position, 0), min(self._end - self._position, len(data))
+        self._position += len(data)
+        return data[lo:hi] if lo < hi else b""
+
+
 def iter_range(
     conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
 ) -> Iterator[bytes]:
     """Read [start, end) of a stream inside the caller's transaction, in slices."""
     if state.compressed:
-        inflater = zlib.decompressobj(31)
-        position = 0
+        wanted = RangeInflater(start, end)
         rows = conn.execute(
             select(gzip_chunks.c.data).where(gzip_chunks.c.stream_id == state.id).order_by(gzip_chunks.c.seq)
         )
-        for (packed,) in rows:
-            data = inflater.decompress(packed)
-            lo, hi = max(start - position, 0), min(end - position, len(data))
-            if lo < hi:
-                yield data[lo:hi]
-            position += len(data)
+        with rows:
+            for (packed,) in rows:
+                if piece := wanted.feed(packed):
+                    yield piece
+                if wanted.done:
+                    return
         return
     position = start
     while position < end:
