@@ -21,6 +21,7 @@ from app.models import (
     ChunkRow,
     ContentTypeMismatchError,
     GzipChunkRow,
+    InvalidRequestError,
     MetadataRow,
     ProducerRow,
     StreamConflictError,
@@ -161,7 +162,11 @@ def same_fork(
 
 def _fork_point(conn: Connection, new: NewStream, source: StreamState, files: ChunkFiles | None) -> int:
     if new.fork_point is None:
-        return source.tail
+        if new.fork_offset is None:
+            return source.tail
+        if not 0 <= new.fork_offset <= source.tail:
+            raise InvalidRequestError(f"a fork offset must be from 0 to the source's tail, {source.tail}")
+        return new.fork_offset
     return new.fork_point(source, lambda start, end: iter_range(conn, source, start, end, files))
 
 

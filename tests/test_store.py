@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from app.chunk_files import FILE_CHUNK_MIN
 from app.models import (
     ChunkRow,
     GzipChunkRow,
+    InvalidRequestError,
     StreamClosedError,
     StreamFilter,
     StreamNotFoundError,
@@ -571,3 +573,8 @@ async def test_compression_at_close_keeps_content_and_saves_space(store: Store) 
     assert await content(store, state.id) == rows
     middle = b"".join([p async for p in store.iter_content(closed, 1000, 5000)])
     assert middle == rows[1000:5000]
+    forked = NewStream(namespace="export", content_type="text/csv", fork_from=closed.name, fork_offset=5000)
+    fork, _ = await store.create(forked)
+    assert await content(store, fork.id) == rows[:5000]
+    with pytest.raises(InvalidRequestError, match="fork offset"):
+        await store.create(dataclasses.replace(forked, fork_offset=len(rows) + 1))
