@@ -129,16 +129,20 @@ class ChunkFiles:
             raise ValueError(f"not a stream id: {stream_id!r}")
         return self.directory / (stream_id + SUFFIX)
 
-    def claim(self, stream_id: str) -> Claim | None:
+    def claim(self, stream_id: str, create: bool = True) -> Claim | None:
         """The stream's file, opened (created if need be) and locked; None while another writer holds it."""
         path = self.path(stream_id)
-        created = False
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            created = True
-        if _OFD_SETLK is not None:
+        while True:
+            created = False
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                created = True
+            if _OFD_SETLK is None:
+                return Claim(fd, created)
             try:
                 fcntl.fcntl(fd, _OFD_SETLK, _WHOLE_FILE)
             except OSError as exc:
@@ -146,7 +150,9 @@ class ChunkFiles:
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     return None
                 raise
-        return Claim(fd, created)
+            if os.fstat(fd).st_nlink:
+                return Claim(fd, created)
+            os.close(fd)  # removed between the open and the lock: bytes written to it would be lost
 
     @staticmethod
     def can_spool() -> bool:

@@ -281,12 +281,15 @@ def remove_unused_files(
     """Remove the chunk files of these streams that no chunk refers to.
 
     In a write transaction, so that no writer (of any process) is between writing a file and committing
-    the chunk that refers to it.
+    the chunk that refers to it; a file an append is being spooled into is held, and stays.
     """
     for stream_id in stream_ids:
         used = chunks.c.stream_id == stream_id, chunks.c.file_bytes > 0
         if conn.execute(select(chunks.c.start).where(*used).limit(1)).first() is None:
-            files.remove(stream_id)
+            claim = files.claim(stream_id, create=False)
+            if claim is not None:
+                files.remove(stream_id)
+                claim.close()
     return None, []
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import os
 import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, inspect, select, text, update
 
-from app import chunk_files
+from app import chunk_files, transactions
 from app.chunk_files import FILE_CHUNK_MIN
 from app.models import (
     ChunkRow,
@@ -462,6 +465,47 @@ async def test_a_spool_keeps_another_store_out_of_the_file(tmp_path: Path) -> No
         assert file_chunks(mine, state.id)[-1] == (len(big), 0, len(body))
         assert await content(mine, state.id) == big + body
         assert await content(theirs, state.id) == big + body
+
+
+async def test_a_file_being_spooled_into_is_not_removed_as_unused(tmp_path: Path) -> None:
+    """A new stream's file has no chunk until its first large append commits; a removal meanwhile (another
+    process starting) must leave it, or the append would be written to a file no longer there."""
+    body = random.Random(10).randbytes(FILE_CHUNK_MIN)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        assert store.files is not None
+        state, _ = await store.create(NewStream(namespace="files"))
+        spool = await store.spool(state.id, len(body))
+        assert spool is not None
+        spool.add(body)
+        remove = functools.partial(transactions.remove_unused_files, files=store.files, stream_ids=[state.id])
+        await store.writer.call(remove)
+        assert store.files.path(state.id).exists()
+        await store.append(state.id, body, spool=spool)
+        assert store.writer.spooled == 1
+    async with Store.open(Settings(data_dir=tmp_path)) as reopened:
+        assert await content(reopened, state.id) == body
+
+
+def test_a_claim_on_a_file_removed_before_it_was_locked_opens_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = chunk_files.ChunkFiles(tmp_path)
+    stream_id = new_stream_id()
+    files.path(stream_id).write_bytes(b"unused")
+    opened = os.open
+
+    def open_as_a_removal_unlinks_it(path: Any, flags: int, mode: int = 0o777) -> int:
+        fd = opened(path, flags, mode)
+        if not flags & os.O_CREAT:
+            os.unlink(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_as_a_removal_unlinks_it)
+    claim = files.claim(stream_id)
+    monkeypatch.undo()
+    assert claim is not None and claim.created
+    assert os.path.samestat(os.fstat(claim.fd), files.path(stream_id).stat())
+    claim.close()
 
 
 async def test_chunk_files_go_with_their_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
