@@ -31,6 +31,7 @@ REMOVE_GRACE = 10.0
 # allocated earlier took 0.7 to 0.9 ms a MiB, measured, against up to 4.5 ms for a write that extends a file.
 MAX_GROWTH = 16 * 1024 * 1024
 SUFFIX = ".chunks"
+MAX_NAMED = 100_000
 # A spool starts the disk writing each time this much of a body has arrived, so that little is left to sync.
 WRITEBACK_STEP = 256 * 1024
 
@@ -48,15 +49,20 @@ SYNC_FILE_RANGE_WRITE = 2
 class Claim:
     """A stream's chunk file, open and locked against other writers until closed."""
 
-    def __init__(self, fd: int, created: bool) -> None:
+    def __init__(self, stream_id: str, fd: int, created: bool) -> None:
+        self.stream_id = stream_id
         self.fd = fd
-        self.created = created  # the file is new: its name must be synced with the first commit
+        self.created = created  # this claim made the file
 
-    def grow(self, end: int) -> None:
-        """Allocate the file's blocks to `end` and beyond, ahead of the writes that will fill them."""
+    def grow(self, offset: int, end: int) -> None:
+        """Allocate blocks for bytes [offset, end) and beyond, ahead of the writes that will fill them.
+
+        Not below `offset`: a stream's first bytes may be in the database, and the file keeps a hole there.
+        """
         size = os.fstat(self.fd).st_size
         if end > size:
-            os.posix_fallocate(self.fd, size, end + min(end, MAX_GROWTH) - size)
+            start = max(size, offset)
+            os.posix_fallocate(self.fd, start, end + min(end, MAX_GROWTH) - start)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -116,6 +122,9 @@ class ChunkFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        # Streams whose file names this process has synced. Whoever created a file, possibly another process
+        # or a spool that then failed, the first commit here that refers to it syncs the directory once.
+        self._named: set[str] = set()
 
     @classmethod
     def beside(cls, database: str) -> ChunkFiles | None:
@@ -142,7 +151,7 @@ class ChunkFiles:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 created = True
             if _OFD_SETLK is None:
-                return Claim(fd, created)
+                return Claim(stream_id, fd, created)
             try:
                 fcntl.fcntl(fd, _OFD_SETLK, _WHOLE_FILE)
             except OSError as exc:
@@ -151,7 +160,7 @@ class ChunkFiles:
                     return None
                 raise
             if os.fstat(fd).st_nlink:
-                return Claim(fd, created)
+                return Claim(stream_id, fd, created)
             os.close(fd)  # removed between the open and the lock: bytes written to it would be lost
 
     @staticmethod
@@ -161,20 +170,23 @@ class ChunkFiles:
 
     def write(self, pieces: Iterable[tuple[Claim, int, bytes | bytearray | None]]) -> None:
         """Write each (claimed file, offset, bytes) and sync it, before the commit; None: already written."""
-        created = False
+        unnamed = []
         for claim, offset, data in pieces:
             if data is not None:
-                claim.grow(offset + len(data))
+                claim.grow(offset, offset + len(data))
                 claim.write(offset, data)
             os.fdatasync(claim.fd)
-            created = created or claim.created
-            claim.created = False
-        if created:  # a new file's name must be durable too
+            if claim.stream_id not in self._named:
+                unnamed.append(claim.stream_id)
+        if unnamed:  # a file's name must be durable too
             dir_fd = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+            if len(self._named) > MAX_NAMED:
+                self._named.clear()
+            self._named.update(unnamed)
 
     def read(self, stream_id: str, offset: int, length: int) -> bytes:
         """Bytes [offset, offset + length) of a stream's file, all of them or an error."""

@@ -156,10 +156,14 @@ class Store:
 
         files = self.files
 
+        async def remove() -> None:
+            unused = functools.partial(transactions.remove_unused_files, files=files, stream_ids=[stream_id])
+            if await self.writer.call(unused):  # an append arriving into it holds it: try again later
+                self._remove_file_later(stream_id)
+
         def due() -> None:
             self._removals.pop(stream_id, None)
-            remove = functools.partial(transactions.remove_unused_files, files=files, stream_ids=[stream_id])
-            self._follow_up(self.writer.call(remove))
+            self._follow_up(remove())
 
         self._removals[stream_id] = asyncio.get_running_loop().call_later(chunk_files.REMOVE_GRACE, due)
 
@@ -400,14 +404,18 @@ class Store:
         try:
             # Read only once the claim is held: no writer can then put bytes past the tail this finds.
             state = await self.get(stream_id)
-            if state is None or state.closed_at is not None:
-                claim.close()
-                return None
-            claim.grow(state.tail + length)
+            if state is not None and state.closed_at is None and not state.deleted:
+                claim.grow(state.tail, state.tail + length)
+                return Spool(claim, state.tail, length)
+        except OSError:
+            log.warning("could not make room for an append in %s", self.files.path(stream_id), exc_info=True)
         except BaseException:
             claim.close()
             raise
-        return Spool(claim, state.tail, length)
+        if claim.created:  # for a stream that cannot take the append: leave no file behind
+            self.files.remove(stream_id)
+        claim.close()
+        return None
 
     def write_nowait(self, stream_id: str, data: bytes) -> asyncio.Future[AppendResult]:
         """Queue a plain write, joined to the previous queued write to the same stream when it can be.

@@ -277,20 +277,23 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
 
 def remove_unused_files(
     conn: Connection, files: ChunkFiles, stream_ids: list[str]
-) -> tuple[None, list[Change]]:
-    """Remove the chunk files of these streams that no chunk refers to.
+) -> tuple[list[str], list[Change]]:
+    """Remove the chunk files of these streams that no chunk refers to; returns those still held.
 
     In a write transaction, so that no writer (of any process) is between writing a file and committing
-    the chunk that refers to it; a file an append is being spooled into is held, and stays.
+    the chunk that refers to it; a file an append is being spooled into is held, and stays for now.
     """
+    held = []
     for stream_id in stream_ids:
         used = chunks.c.stream_id == stream_id, chunks.c.file_bytes > 0
         if conn.execute(select(chunks.c.start).where(*used).limit(1)).first() is None:
             claim = files.claim(stream_id, create=False)
-            if claim is not None:
-                files.remove(stream_id)
-                claim.close()
-    return None, []
+            if claim is None:
+                held.append(stream_id)
+                continue
+            files.remove(stream_id)
+            claim.close()
+    return held, []
 
 
 def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import os
 import random
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -484,6 +485,77 @@ async def test_a_file_being_spooled_into_is_not_removed_as_unused(tmp_path: Path
         assert store.writer.spooled == 1
     async with Store.open(Settings(data_dir=tmp_path)) as reopened:
         assert await content(reopened, state.id) == body
+
+
+async def test_a_held_file_of_a_deleted_stream_is_removed_once_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream deleted while a large append arrives keeps its file only until that append lets go of it;
+    a spool for a stream that cannot take the append leaves no file behind."""
+    monkeypatch.setattr(chunk_files, "REMOVE_GRACE", 0.2)
+    body = random.Random(11).randbytes(FILE_CHUNK_MIN)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        assert store.files is not None
+        state, _ = await store.create(NewStream(namespace="files"))
+        await store.append(state.id, body)
+        spool = await store.spool(state.id, len(body))
+        assert spool is not None
+        await store.delete(state.id)
+        await asyncio.sleep(0.6)
+        assert store.files.path(state.id).exists(), "held by the append still arriving"
+        spool.close()  # the append then fails: its stream was deleted
+        for _ in range(100):
+            if not store.files.path(state.id).exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not store.files.path(state.id).exists()
+        assert await store.spool(state.id, len(body)) is None
+        assert not store.files.path(state.id).exists()
+
+
+async def test_the_first_commit_into_a_file_syncs_its_name_whoever_made_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool that creates a file and then fails leaves the file's name unsynced: the first commit that
+    refers to it syncs the directory, once."""
+    rng = random.Random(12)
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(fd)
+        fsync(fd)
+
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="files"))
+        spool = await store.spool(state.id, FILE_CHUNK_MIN)
+        assert spool is not None and spool.claim.created
+        spool.close()  # its client went away
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        first, second = rng.randbytes(FILE_CHUNK_MIN), rng.randbytes(FILE_CHUNK_MIN)
+        await store.append(state.id, first)
+        assert len(synced) == 1
+        await store.append(state.id, second)
+        assert len(synced) == 1
+        assert await content(store, state.id) == first + second
+
+
+async def test_a_file_holds_no_blocks_for_bytes_kept_in_the_database(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        assert store.files is not None
+        state, _ = await store.create(NewStream(namespace="files"))
+        prefix = [rng.randbytes(4096) for _ in range(256)]  # 1 MiB in the database
+        for piece in prefix:
+            await store.append(state.id, piece)
+        body = rng.randbytes(FILE_CHUNK_MIN)
+        await store.append(state.id, body)
+        assert file_chunks(store, state.id)[-1] == (1 << 20, 0, len(body))
+        allocated = store.files.path(state.id).stat().st_blocks * 512
+        end = (1 << 20) + len(body)
+        assert allocated <= 2 * end - (1 << 20), "nothing allocated below the file's first chunk"
+        assert await content(store, state.id) == b"".join(prefix) + body
 
 
 def test_a_claim_on_a_file_removed_before_it_was_locked_opens_a_new_one(
