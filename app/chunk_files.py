@@ -31,6 +31,7 @@ REMOVE_GRACE = 10.0
 # allocated earlier took 0.7 to 0.9 ms a MiB, measured, against up to 4.5 ms for a write that extends a file.
 MAX_GROWTH = 16 * 1024 * 1024
 SUFFIX = ".chunks"
+# Past this many file names synced, a process forgets them and syncs the directory again for each.
 MAX_NAMED = 100_000
 # A spool starts the disk writing each time this much of a body has arrived, so that little is left to sync.
 WRITEBACK_STEP = 256 * 1024
