@@ -123,9 +123,11 @@ class ChunkFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        # Streams whose file names this process has synced. Whoever created a file, possibly another process
-        # or a spool that then failed, the first commit here that refers to it syncs the directory once.
+        # Streams whose file names are durable: a commit of this process that refers to the file has
+        # succeeded since the directory was synced. Whoever created a file, possibly another process or a
+        # spool that then failed, the first commit here that refers to it syncs the directory.
         self._named: set[str] = set()
+        self._naming: list[str] = []
 
     @classmethod
     def beside(cls, database: str) -> ChunkFiles | None:
@@ -140,7 +142,10 @@ class ChunkFiles:
         return self.directory / (stream_id + SUFFIX)
 
     def claim(self, stream_id: str, create: bool = True) -> Claim | None:
-        """The stream's file, opened (created if need be) and locked; None while another writer holds it."""
+        """The stream's file, opened (created if need be) and locked; None while another writer holds it.
+
+        Without `create`, a missing file raises FileNotFoundError.
+        """
         path = self.path(stream_id)
         while True:
             created = False
@@ -148,7 +153,7 @@ class ChunkFiles:
                 fd = os.open(path, os.O_RDWR)
             except FileNotFoundError:
                 if not create:
-                    return None
+                    raise
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 created = True
             if _OFD_SETLK is None:
@@ -171,23 +176,27 @@ class ChunkFiles:
 
     def write(self, pieces: Iterable[tuple[Claim, int, bytes | bytearray | None]]) -> None:
         """Write each (claimed file, offset, bytes) and sync it, before the commit; None: already written."""
-        unnamed = []
+        self._naming = []
         for claim, offset, data in pieces:
             if data is not None:
                 claim.grow(offset, offset + len(data))
                 claim.write(offset, data)
             os.fdatasync(claim.fd)
-            if claim.stream_id not in self._named:
-                unnamed.append(claim.stream_id)
-        if unnamed:  # a file's name must be durable too
+            if claim.created or claim.stream_id not in self._named:
+                self._naming.append(claim.stream_id)
+        if self._naming:  # a file's name must be durable too
             dir_fd = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            if len(self._named) > MAX_NAMED:
-                self._named.clear()
-            self._named.update(unnamed)
+
+    def committed(self) -> None:
+        """The commit after the last `write` succeeded: the names it synced stay durable."""
+        if len(self._named) > MAX_NAMED:
+            self._named.clear()
+        self._named.update(self._naming)
+        self._naming = []
 
     def read(self, stream_id: str, offset: int, length: int) -> bytes:
         """Bytes [offset, offset + length) of a stream's file, all of them or an error."""

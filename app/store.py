@@ -85,6 +85,7 @@ class Store:
         self._compressing: dict[str, asyncio.Future[None]] = {}
         self._followups: set[asyncio.Task[Any]] = set()
         self._removals: dict[str, asyncio.TimerHandle] = {}
+        self._closing = False
         database = "" if self.postgres else self._write_engine.url.database or ""
         self.files = ChunkFiles.beside(database)
         self.writer = Writer(self._write_engine, self.postgres, self._changed, self.statements, self.files)
@@ -103,6 +104,7 @@ class Store:
             await store.close()
 
     async def close(self) -> None:
+        self._closing = True
         for handle in self._removals.values():  # what they would remove goes at the next start
             handle.cancel()
         if self._followups:
@@ -151,7 +153,7 @@ class Store:
 
     def _remove_file_later(self, stream_id: str) -> None:
         """Remove a stream's chunk file once no chunk refers to it and reads that may have begun are over."""
-        if self.files is None or stream_id in self._removals:
+        if self.files is None or stream_id in self._removals or self._closing:
             return
 
         files = self.files
@@ -412,9 +414,11 @@ class Store:
         except BaseException:
             claim.close()
             raise
-        if claim.created:  # for a stream that cannot take the append: leave no file behind
-            self.files.remove(stream_id)
-        claim.close()
+        try:
+            if claim.created:  # for a stream that cannot take the append: leave no file behind
+                self.files.remove(stream_id)
+        finally:
+            claim.close()
         return None
 
     def write_nowait(self, stream_id: str, data: bytes) -> asyncio.Future[AppendResult]:

@@ -287,12 +287,17 @@ def remove_unused_files(
     for stream_id in stream_ids:
         used = chunks.c.stream_id == stream_id, chunks.c.file_bytes > 0
         if conn.execute(select(chunks.c.start).where(*used).limit(1)).first() is None:
-            claim = files.claim(stream_id, create=False)
+            try:
+                claim = files.claim(stream_id, create=False)
+            except FileNotFoundError:
+                continue
             if claim is None:
                 held.append(stream_id)
                 continue
-            files.remove(stream_id)
-            claim.close()
+            try:
+                files.remove(stream_id)
+            finally:
+                claim.close()
     return held, []
 
 

@@ -491,6 +491,9 @@ class Writer:
         started = time.perf_counter()
         cursor.execute("COMMIT")
         took = time.perf_counter() - started
+        if self._file_writes:
+            assert self._files is not None
+            self._files.committed()
         self.commit_seconds = max(took, self.commit_seconds + (took - self.commit_seconds) / 10)
 
     def _release_claims(self) -> None:

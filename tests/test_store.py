@@ -558,6 +558,76 @@ async def test_a_file_holds_no_blocks_for_bytes_kept_in_the_database(tmp_path: P
         assert await content(store, state.id) == b"".join(prefix) + body
 
 
+async def test_a_stream_without_a_file_is_not_looked_at_again_after_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chunk_files, "REMOVE_GRACE", 0.05)
+    calls: list[list[str]] = []
+    remove = transactions.remove_unused_files
+
+    def counted(conn: Any, files: chunk_files.ChunkFiles, stream_ids: list[str]) -> Any:
+        calls.append(stream_ids)
+        return remove(conn, files, stream_ids)
+
+    monkeypatch.setattr(transactions, "remove_unused_files", counted)
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="files"))
+        await store.append(state.id, b"small")
+        await store.delete(state.id)
+        await asyncio.sleep(0.5)
+    assert [ids for ids in calls if ids] == [[state.id]], "a missing file is not a held one"
+
+
+def test_a_removal_that_fails_lets_go_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = chunk_files.ChunkFiles(tmp_path)
+    stream_id = new_stream_id()
+    files.path(stream_id).write_bytes(b"unused")
+
+    def refused(stream_id: str) -> None:
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(files, "remove", refused)
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    ChunkRow.__table__.create(engine)
+    with engine.begin() as conn, pytest.raises(PermissionError):
+        transactions.remove_unused_files(conn, files, [stream_id])
+    claim = files.claim(stream_id)
+    assert claim is not None, "the lock was released"
+    claim.close()
+
+
+def test_a_file_made_anew_has_its_name_synced_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = chunk_files.ChunkFiles(tmp_path)
+    stream_id = new_stream_id()
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+
+    def commit(committed: bool) -> None:
+        claim = files.claim(stream_id)
+        assert claim is not None
+        files.write([(claim, 0, b"bytes")])
+        if committed:
+            files.committed()
+        claim.close()
+
+    commit(False)  # made the file and synced its name, but the commit failed
+    assert len(synced) == 1
+    commit(True)  # so the next commit that refers to the file syncs its name again
+    assert len(synced) == 2
+    commit(True)
+    assert len(synced) == 2, "a name stays durable once a commit referring to it has succeeded"
+    files.remove(stream_id)
+    commit(True)  # a file made anew has its name synced, whatever this process synced before
+    assert len(synced) == 3
+
+
 def test_a_claim_on_a_file_removed_before_it_was_locked_opens_a_new_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
