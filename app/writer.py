@@ -484,16 +484,15 @@ class Writer:
 
     def _commit(self, cursor: Any) -> None:
         """Sync the batch's chunk files, then commit the rows that refer to them."""
-        if self._file_writes:
-            assert self._files is not None
-            self._files.write(self._file_writes)
+        files = self._files if self._file_writes else None
+        if files is not None:
+            files.write(self._file_writes)
         self._commit_sent = True
         started = time.perf_counter()
         cursor.execute("COMMIT")
         took = time.perf_counter() - started
-        if self._file_writes:
-            assert self._files is not None
-            self._files.committed()
+        if files is not None:
+            files.committed()
         self.commit_seconds = max(took, self.commit_seconds + (took - self.commit_seconds) / 10)
 
     def _release_claims(self) -> None:
@@ -527,7 +526,6 @@ class Writer:
         cursor = cursor if began else conn.cursor()
         self._commit_sent = False
         self._file_writes.clear()
-        self._release_claims()
         try:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")

@@ -513,12 +513,8 @@ async def test_a_held_file_of_a_deleted_stream_is_removed_once_let_go(
         assert not store.files.path(state.id).exists()
 
 
-async def test_the_first_commit_into_a_file_syncs_its_name_whoever_made_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A spool that creates a file and then fails leaves the file's name unsynced: the first commit that
-    refers to it syncs the directory, once."""
-    rng = random.Random(12)
+def record_directory_syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the descriptors of the directories that are fsynced, in order."""
     synced: list[int] = []
     fsync = os.fsync
 
@@ -527,12 +523,22 @@ async def test_the_first_commit_into_a_file_syncs_its_name_whoever_made_it(
             synced.append(fd)
         fsync(fd)
 
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+async def test_the_first_commit_into_a_file_syncs_its_name_whoever_made_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool that creates a file and then fails leaves the file's name unsynced: the first commit that
+    refers to it syncs the directory, once."""
+    rng = random.Random(12)
     async with Store.open(Settings(data_dir=tmp_path)) as store:
         state, _ = await store.create(NewStream(namespace="files"))
         spool = await store.spool(state.id, FILE_CHUNK_MIN)
         assert spool is not None and spool.claim.created
         spool.close()  # its client went away
-        monkeypatch.setattr(os, "fsync", recording_fsync)
+        synced = record_directory_syncs(monkeypatch)
         first, second = rng.randbytes(FILE_CHUNK_MIN), rng.randbytes(FILE_CHUNK_MIN)
         await store.append(state.id, first)
         assert len(synced) == 1
@@ -599,15 +605,7 @@ def test_a_removal_that_fails_lets_go_of_the_file(tmp_path: Path, monkeypatch: p
 def test_a_file_made_anew_has_its_name_synced_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = chunk_files.ChunkFiles(tmp_path)
     stream_id = new_stream_id()
-    synced: list[int] = []
-    fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            synced.append(fd)
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_directory_syncs(monkeypatch)
 
     def commit(committed: bool) -> None:
         claim = files.claim(stream_id)
