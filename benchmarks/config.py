@@ -15,6 +15,7 @@ class Sizes:
     appends_per_writer: int = 1000
     small_append_bytes: int = 64
     large_total_mib: int = 128
+    disk_rounds: int = 4
     catch_up_rounds: int = 3
     small_stream_appends: int = 20_000
     small_read_rounds: int = 5
@@ -32,6 +33,7 @@ FULL = Sizes()
 QUICK = Sizes(
     appends_per_writer=100,
     large_total_mib=16,
+    disk_rounds=1,
     catch_up_rounds=2,
     small_stream_appends=2_000,
     small_read_rounds=3,

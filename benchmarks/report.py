@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 # Checks whose value must be exactly this; anything else is printed under the table.
@@ -54,15 +55,39 @@ def _status(line: dict[str, Any] | None) -> str | None:
     return None
 
 
+def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's rounds of one scenario as one line: the median of each numeric metric over the rounds
+    that ran; an error if any round failed."""
+    if len(rounds) == 1:
+        return rounds[0]
+    failed = [line for line in rounds if line.get("error")]
+    if failed:
+        return failed[0]
+    ran = [line for line in rounds if not line.get("skipped")]
+    if not ran:
+        return rounds[0]
+    metrics: dict[str, Any] = {}
+    for name in ran[0].get("metrics") or {}:
+        values = [line["metrics"].get(name) for line in ran]
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        metrics[name] = statistics.median(numbers) if len(numbers) == len(values) else values[0]
+    metrics["rounds"] = len(ran)
+    return {**ran[0], "metrics": metrics}
+
+
 def table(lines: list[dict[str, Any]], servers: list[str]) -> str:
-    """One row per (scenario, metric), one column per server, and the first/second ratio."""
+    """One row per (scenario, metric), one column per server, and the first/second ratio. A scenario run in
+    several rounds shows each server's median."""
     keys: list[str] = []
-    by_key: dict[str, dict[str, dict[str, Any]]] = {}
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for line in lines:
-        if line["key"] not in by_key:
+        if line["key"] not in grouped:
             keys.append(line["key"])
-            by_key[line["key"]] = {}
-        by_key[line["key"]][line["server"]] = line
+            grouped[line["key"]] = {}
+        grouped[line["key"]].setdefault(line["server"], []).append(line)
+    by_key = {
+        key: {server: combined(rounds) for server, rounds in per.items()} for key, per in grouped.items()
+    }
     header = ["scenario", "metric", *servers]
     if len(servers) == 2:
         header.append(f"ratio {servers[0]}/{servers[1]}")
@@ -84,7 +109,7 @@ def table(lines: list[dict[str, Any]], servers: list[str]) -> str:
                 values.append(status if status else (line or {}).get("metrics", {}).get(name))
             row = [key, name, *(_cell(v) for v in values)]
             if len(servers) == 2:
-                row.append(_ratio(values[0], values[1]))
+                row.append("" if name == "rounds" else _ratio(values[0], values[1]))
             rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
