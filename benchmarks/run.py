@@ -31,7 +31,7 @@ STARTERS: dict[str, Callable[[], servers.Server]] = {
     "reference": servers.start_reference,
 }
 RESULTS = Path(__file__).resolve().parent / "results"  # ignored by the repo's .gitignore
-GROUPS = ("append", "append-large", "catch-up", "catch-up-small", "ttfb", "fanout", "resume", "sdk")
+GROUPS = ("append", "append-large", "catch-up", "catch-up-small", "ttfb", "fanout", "resume", "mixed", "sdk")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ def specs(sizes: Sizes) -> list[Spec]:
         Spec("ttfb", "ttfb", live.ttfb, 90.0),
         *fanouts,
         Spec("resume", "resume", live.resume, 120.0),
+        Spec("mixed", "mixed", writes.mixed, 120.0),
         Spec("sdk", "sdk", None, 120.0),
     ]
 

@@ -14,9 +14,14 @@ from benchmarks.stats import MIB, latency_ms, rate
 LARGE_APPEND = MIB
 
 
+def small_payload(sizes: Sizes) -> bytes:
+    """An LLM-token-sized append of printable random bytes."""
+    return os.urandom(sizes.small_append_bytes // 2).hex().encode()[: sizes.small_append_bytes]
+
+
 async def append(target: Target, sizes: Sizes) -> dict[str, Any]:
     """16 writers, each to its own stream, each making sequential 64-byte appends."""
-    payload = os.urandom(sizes.small_append_bytes // 2).hex().encode()[: sizes.small_append_bytes]
+    payload = small_payload(sizes)
     names = [target.stream_name("append", str(i)) for i in range(sizes.writers)]
     writers = [Streams(target.origin) for _ in names]
     await asyncio.gather(*(w.create(n) for w, n in zip(writers, names, strict=True)))
@@ -74,5 +79,63 @@ async def append_large(target: Target, sizes: Sizes) -> dict[str, Any]:
         "params": {"append_bytes": LARGE_APPEND, "total_mib": sizes.large_total_mib},
         "metrics": {"mib_per_s": rate(sizes.large_total_mib, elapsed), **latency_ms(times)},
         "checks": {"bytes_ok": size == sizes.large_total_mib * LARGE_APPEND},
+        "elapsed_s": round(elapsed, 3),
+    }
+
+
+async def _probe(
+    streams: Streams, name: str, payload: bytes, interval_s: float, until: asyncio.Event
+) -> list[float]:
+    latencies = []
+    while not until.is_set():
+        t0 = time.monotonic()
+        await streams.append(name, payload)
+        latencies.append(time.monotonic() - t0)
+        await asyncio.sleep(interval_s)
+    return latencies
+
+
+async def mixed(target: Target, sizes: Sizes) -> dict[str, Any]:
+    """A small append every few ms to one stream: first alone, then while one writer makes 1 MiB appends to
+    another. How much one stream's large writes slow another stream's small ones."""
+    payload = small_payload(sizes)
+    small, large = target.stream_name("mixed", "small"), target.stream_name("mixed", "large")
+    prober, writer = Streams(target.origin), Streams(target.origin, timeout=120.0)
+    await prober.create(small)
+    await writer.create(large)
+    until = asyncio.Event()
+    probing = asyncio.create_task(_probe(prober, small, payload, sizes.probe_interval_s, until))
+    await asyncio.sleep(sizes.probe_alone_s)
+    until.set()
+    alone = await probing
+    until.clear()
+    probing = asyncio.create_task(_probe(prober, small, payload, sizes.probe_interval_s, until))
+    t0 = time.monotonic()
+    try:
+        await fill_large(writer, large, sizes.mixed_total_mib)
+    finally:
+        until.set()
+        loaded = await probing
+    elapsed = time.monotonic() - t0
+    small_size = (await prober.catch_up(small)).size
+    large_size = (await writer.catch_up(large)).size
+    prober.client.close()
+    writer.client.close()
+    return {
+        "params": {
+            "probe_interval_ms": sizes.probe_interval_s * 1000,
+            "append_bytes": len(payload),
+            "large_total_mib": sizes.mixed_total_mib,
+        },
+        "metrics": {
+            **{f"alone_{k}": v for k, v in latency_ms(alone).items()},
+            **{f"loaded_{k}": v for k, v in latency_ms(loaded).items()},
+            "loaded_probes": len(loaded),
+            "large_mib_per_s": rate(sizes.mixed_total_mib, elapsed),
+        },
+        "checks": {
+            "bytes_ok": small_size == (len(alone) + len(loaded)) * len(payload)
+            and large_size == sizes.mixed_total_mib * LARGE_APPEND
+        },
         "elapsed_s": round(elapsed, 3),
     }
