@@ -91,6 +91,7 @@ class Spool:
         self.length = length
         self.written = 0
         self.broken = False
+        self.released = False
         self._flushed = 0
 
     def add(self, piece: bytes) -> None:
@@ -112,6 +113,11 @@ class Spool:
     def holds(self, data: bytes | bytearray, offset: int) -> bool:
         """Whether these bytes are already in the file at `offset`, written by this spool."""
         return not self.broken and offset == self.offset and self.written == self.length == len(data)
+
+    def release(self) -> None:
+        """Give up the file before the body is whole; the append then goes to the writer without a spool."""
+        self.released = self.broken = True
+        self.claim.close()
 
     def close(self) -> None:
         self.claim.close()

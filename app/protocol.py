@@ -234,6 +234,8 @@ async def _append(
     spool = await _spool(store, stream, declared, given_type, settings.max_append_bytes)
     try:
         body = await receive_body(receive, declared, settings.max_append_bytes, spool)
+        if spool is not None and spool.released:
+            spool = None
         if not body and not close:
             raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
         if body and not given_type:

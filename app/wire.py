@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import random
@@ -38,6 +39,7 @@ CATCHUP_LIMIT = 32 * 1024 * 1024
 JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024
 SSE_SLICE = 256 * 1024
+SPOOL_PATIENCE_S = 5.0  # a spooled body that sends nothing for this long lets go of its stream's file
 MAX_SAFE_INTEGER = 2**53 - 1
 CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z, the protocol's cursor epoch
 CURSOR_INTERVAL = 20.0
@@ -192,14 +194,24 @@ async def receive_body(
 ) -> bytes:
     """The whole body from an ASGI `receive`; `declared` is the Content-Length header, if any.
 
-    With a spool, each piece is also written to the stream's file as it arrives.
+    With a spool, each piece is also written to the stream's file as it arrives, until the client pauses
+    for SPOOL_PATIENCE_S; the spool then lets go of the file and the body is kept in memory.
     """
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
     parts: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        if spool is None or spool.released:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout(SPOOL_PATIENCE_S):
+                    message = await receive()
+            except TimeoutError:
+                # A stalled client must not keep the stream's other large appends out of its file.
+                spool.release()
+                continue
         if message["type"] == "http.disconnect":
             raise InvalidRequestError("the client went away before sending the whole body")
         part = message.get("body", b"")

@@ -22,6 +22,7 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from app import wire
 from app.chunk_files import FILE_CHUNK_MIN
 from app.main import create_app
 from app.sdk import StreamService
@@ -290,6 +291,35 @@ async def test_a_large_body_goes_to_disk_as_it_arrives_and_a_cut_one_commits_not
             read = await http.get(url, params={"offset": "-1"})
     assert read.content == body * 2
     assert read.headers["stream-closed"] == "true"
+
+
+async def test_a_stalled_large_body_lets_go_of_its_stream_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a client pauses mid-body, the stream's other large appends still go to its file; the stalled
+    append, once whole, lands after them."""
+    monkeypatch.setattr(wire, "SPOOL_PATIENCE_S", 0.2)
+    stalled, other = (
+        random.Random(10).randbytes(2 * FILE_CHUNK_MIN),
+        random.Random(11).randbytes(FILE_CHUNK_MIN),
+    )
+    octets = {"content-type": "application/octet-stream"}
+    with ThreadServer(Settings(data_dir=tmp_path)) as server:
+        async with httpx.AsyncClient(timeout=30) as http:
+            url = f"{server.url}/v1/stream/stalled"
+            await http.put(url, headers=octets)
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                head = (
+                    b"POST /v1/stream/stalled HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+                )
+                sock.sendall(head + b"\r\nContent-Length: %d\r\n\r\n" % len(stalled) + stalled[:1000])
+                await asyncio.sleep(0.6)
+                assert (await http.post(url, content=other, headers=octets)).status_code == 204
+                assert server.store.writer.spooled == 1, "the other append's body went to the file as it came"
+                sock.sendall(stalled[1000:])
+                assert sock.recv(1024).startswith(b"HTTP/1.1 204")
+            read = await http.get(url, params={"offset": "-1"})
+    assert read.content == other + stalled
 
 
 async def test_unicode_names_and_sandboxed_content(
