@@ -267,6 +267,14 @@ async def test_a_slow_sse_reader_does_not_make_the_server_buffer(tmp_path: Path)
     assert grown < 24, f"the server buffered {grown:.0f} MiB for a stalled reader of a 64 MiB stream"
 
 
+def _octets_head(name: str, length: int) -> bytes:
+    """The request line and headers of a raw HTTP append of `length` bytes, for a client that may stall."""
+    return (
+        f"POST /v1/stream/{name} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
 async def test_a_large_body_goes_to_disk_as_it_arrives_and_a_cut_one_commits_nothing(tmp_path: Path) -> None:
     body = random.Random(9).randbytes(4 * FILE_CHUNK_MIN)
     octets = {"content-type": "application/octet-stream"}
@@ -275,9 +283,7 @@ async def test_a_large_body_goes_to_disk_as_it_arrives_and_a_cut_one_commits_not
             url = f"{server.url}/v1/stream/spooled"
             await http.put(url, headers=octets)
             with socket.create_connection(("127.0.0.1", server.port)) as sock:
-                head = b"POST /v1/stream/spooled HTTP/1.1\r\nHost: x\r\n"
-                head += b"Content-Type: application/octet-stream"
-                sock.sendall(head + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])
+                sock.sendall(_octets_head("spooled", len(body)) + body[: len(body) // 2])
                 await asyncio.sleep(0.2)  # the server has half of the body; then the client goes away
             cut = 'streamhold_http_responses_total{method="POST",route="/v1/stream",code="400"} 1'
             deadline = time.monotonic() + 5
@@ -309,10 +315,7 @@ async def test_a_stalled_large_body_lets_go_of_its_stream_file(
             url = f"{server.url}/v1/stream/stalled"
             await http.put(url, headers=octets)
             with socket.create_connection(("127.0.0.1", server.port)) as sock:
-                head = (
-                    b"POST /v1/stream/stalled HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
-                )
-                sock.sendall(head + b"\r\nContent-Length: %d\r\n\r\n" % len(stalled) + stalled[:1000])
+                sock.sendall(_octets_head("stalled", len(stalled)) + stalled[:1000])
                 await asyncio.sleep(0.6)
                 assert (await http.post(url, content=other, headers=octets)).status_code == 204
                 assert server.store.writer.spooled == 1, "the other append's body went to the file as it came"
