@@ -39,7 +39,10 @@ CATCHUP_LIMIT = 32 * 1024 * 1024
 JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024
 SSE_SLICE = 256 * 1024
-SPOOL_PATIENCE_S = 5.0  # a spooled body that sends nothing for this long lets go of its stream's file
+# A spooled body lets go of its stream's file when its client sends nothing for SPOOL_PATIENCE_S, or has not
+# sent it all within SPOOL_HOLD_S; other large appends to the stream go to the database until then.
+SPOOL_PATIENCE_S = 5.0
+SPOOL_HOLD_S = 30.0
 MAX_SAFE_INTEGER = 2**53 - 1
 CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z, the protocol's cursor epoch
 CURSOR_INTERVAL = 20.0
@@ -194,22 +197,25 @@ async def receive_body(
 ) -> bytes:
     """The whole body from an ASGI `receive`; `declared` is the Content-Length header, if any.
 
-    With a spool, each piece is also written to the stream's file as it arrives, until the client pauses
-    for SPOOL_PATIENCE_S; the spool then lets go of the file and the body is kept in memory.
+    With a spool, each piece is also written to the stream's file as it arrives, until the client is too
+    slow (SPOOL_PATIENCE_S, SPOOL_HOLD_S); the spool then lets go of the file, and the writer writes the
+    body once it is whole, as for any append.
     """
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
     parts: list[bytes] = []
     size = 0
+    loop = asyncio.get_running_loop()
+    hold_until = loop.time() + SPOOL_HOLD_S
     while True:
         if spool is None or spool.released:
             message = await receive()
         else:
             try:
-                async with asyncio.timeout(SPOOL_PATIENCE_S):
+                # Cancelling uvicorn's receive loses nothing: it only waits for the body to arrive.
+                async with asyncio.timeout_at(min(loop.time() + SPOOL_PATIENCE_S, hold_until)):
                     message = await receive()
             except TimeoutError:
-                # A stalled client must not keep the stream's other large appends out of its file.
                 spool.release()
                 continue
         if message["type"] == "http.disconnect":

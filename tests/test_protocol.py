@@ -299,30 +299,36 @@ async def test_a_large_body_goes_to_disk_as_it_arrives_and_a_cut_one_commits_not
     assert read.headers["stream-closed"] == "true"
 
 
+@pytest.mark.parametrize("client", ["silent", "trickling"])
 async def test_a_stalled_large_body_lets_go_of_its_stream_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: str
 ) -> None:
-    """While a client pauses mid-body, the stream's other large appends still go to its file; the stalled
-    append, once whole, lands after them."""
-    monkeypatch.setattr(wire, "SPOOL_PATIENCE_S", 0.2)
-    stalled, other = (
-        random.Random(10).randbytes(2 * FILE_CHUNK_MIN),
-        random.Random(11).randbytes(FILE_CHUNK_MIN),
-    )
+    """While a client pauses mid-body, or sends it too slowly, the stream's other large appends still go to
+    its file; the slow append, once whole, lands after them."""
+    if client == "silent":
+        monkeypatch.setattr(wire, "SPOOL_PATIENCE_S", 0.2)
+    else:
+        monkeypatch.setattr(wire, "SPOOL_HOLD_S", 0.3)
+    slow, other = random.Random(10).randbytes(2 * FILE_CHUNK_MIN), random.Random(11).randbytes(FILE_CHUNK_MIN)
     octets = {"content-type": "application/octet-stream"}
     with ThreadServer(Settings(data_dir=tmp_path)) as server:
         async with httpx.AsyncClient(timeout=30) as http:
-            url = f"{server.url}/v1/stream/stalled"
+            url = f"{server.url}/v1/stream/slow"
             await http.put(url, headers=octets)
             with socket.create_connection(("127.0.0.1", server.port)) as sock:
-                sock.sendall(_octets_head("stalled", len(stalled)) + stalled[:1000])
-                await asyncio.sleep(0.6)
+                sock.sendall(_octets_head("slow", len(slow)) + slow[:1000])
+                sent = 1000
+                for _ in range(12):  # 0.6 s
+                    await asyncio.sleep(0.05)
+                    if client == "trickling":
+                        sock.sendall(slow[sent : sent + 10])
+                        sent += 10
                 assert (await http.post(url, content=other, headers=octets)).status_code == 204
                 assert server.store.writer.spooled == 1, "the other append's body went to the file as it came"
-                sock.sendall(stalled[1000:])
+                sock.sendall(slow[sent:])
                 assert sock.recv(1024).startswith(b"HTTP/1.1 204")
             read = await http.get(url, params={"offset": "-1"})
-    assert read.content == other + stalled
+    assert read.content == other + slow
 
 
 async def test_unicode_names_and_sandboxed_content(
