@@ -16,8 +16,8 @@ class Sizes:
     small_append_bytes: int = 64
     large_total_mib: int = 128
     disk_rounds: int = 4
-    mixed_total_mib: int = 384
-    probe_interval_s: float = 0.002
+    mixed_total_mib: int = 512
+    probe_interval_s: float = 0.004
     probe_alone_s: float = 2.0
     catch_up_rounds: int = 3
     small_stream_appends: int = 20_000

@@ -55,29 +55,42 @@ def _status(line: dict[str, Any] | None) -> str | None:
     return None
 
 
-def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One server's rounds of one scenario as one line: the median of each numeric metric over the rounds
-    that ran; an error if any round failed."""
+def combined(rounds: list[dict[str, Any]], keep: set[int] | None = None) -> dict[str, Any]:
+    """One server's rounds of one scenario as one line: over the rounds that ran (and are in `keep`), the
+    median of each numeric metric, or the largest for maxima and peaks; an error if any round failed."""
     if len(rounds) == 1:
         return rounds[0]
     failed = [line for line in rounds if line.get("error")]
     if failed:
         return failed[0]
-    ran = [line for line in rounds if not line.get("skipped")]
+    ran = [line for line in rounds if not line.get("skipped") and (keep is None or line.get("round") in keep)]
     if not ran:
         return rounds[0]
     metrics: dict[str, Any] = {}
     for name in ran[0].get("metrics") or {}:
         values = [line["metrics"].get(name) for line in ran]
         numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-        metrics[name] = statistics.median(numbers) if len(numbers) == len(values) else values[0]
+        if len(numbers) != len(values):
+            metrics[name] = values[0]
+        elif name.startswith("max_") or "peak" in name:
+            metrics[name] = max(numbers)
+        else:
+            metrics[name] = statistics.median(numbers)
     metrics["rounds"] = len(ran)
     return {**ran[0], "metrics": metrics}
 
 
+def _shared_rounds(per_server: dict[str, list[dict[str, Any]]]) -> set[int]:
+    """The rounds that every server that ran at all ran, so that no median leans on rounds another server
+    did not get to (when the run's budget ends partway)."""
+    ran = [{line.get("round") for line in lines if not line.get("skipped")} for lines in per_server.values()]
+    ran = [rounds for rounds in ran if rounds]
+    return set.intersection(*ran) if ran else set()
+
+
 def table(lines: list[dict[str, Any]], servers: list[str]) -> str:
     """One row per (scenario, metric), one column per server, and the first/second ratio. A scenario run in
-    several rounds shows each server's median."""
+    several rounds shows each server's median over the rounds that every server ran."""
     keys: list[str] = []
     grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for line in lines:
@@ -86,7 +99,8 @@ def table(lines: list[dict[str, Any]], servers: list[str]) -> str:
             grouped[line["key"]] = {}
         grouped[line["key"]].setdefault(line["server"], []).append(line)
     by_key = {
-        key: {server: combined(rounds) for server, rounds in per.items()} for key, per in grouped.items()
+        key: {server: combined(rounds, _shared_rounds(per)) for server, rounds in per.items()}
+        for key, per in grouped.items()
     }
     header = ["scenario", "metric", *servers]
     if len(servers) == 2:
@@ -126,6 +140,8 @@ def problems(lines: list[dict[str, Any]]) -> list[str]:
     found = []
     for line in lines:
         where = f"{line['server']} / {line['key']}"
+        if line.get("round"):
+            where += f" (round {line['round']})"
         if line.get("error"):
             found.append(f"{where}: error: {line['error']}")
             continue

@@ -86,18 +86,26 @@ async def append_large(target: Target, sizes: Sizes) -> dict[str, Any]:
 async def _probe(
     streams: Streams, name: str, payload: bytes, interval_s: float, until: asyncio.Event
 ) -> list[float]:
+    """Appends on a fixed schedule. One that is sent late because an earlier one took long counts from when
+    it was due, so a stall weighs in every append it delays, not once."""
     latencies = []
+    due = time.monotonic()
     while not until.is_set():
-        t0 = time.monotonic()
+        now = time.monotonic()
+        if now < due:
+            await asyncio.sleep(due - now)
+            now = time.monotonic()  # a timer that wakes late is the load generator's delay, not the server's
+        else:
+            now = due
         await streams.append(name, payload)
-        latencies.append(time.monotonic() - t0)
-        await asyncio.sleep(interval_s)
+        latencies.append(time.monotonic() - now)
+        due += interval_s
     return latencies
 
 
 async def mixed(target: Target, sizes: Sizes) -> dict[str, Any]:
-    """A small append every few ms to one stream: first alone, then while one writer makes 1 MiB appends to
-    another. How much one stream's large writes slow another stream's small ones."""
+    """Small appends on a fixed schedule to one stream: first alone, then while one writer makes 1 MiB appends
+    to another. How much one stream's large writes slow another stream's small ones."""
     payload = small_payload(sizes)
     small, large = target.stream_name("mixed", "small"), target.stream_name("mixed", "large")
     prober, writer = Streams(target.origin), Streams(target.origin, timeout=120.0)
