@@ -205,15 +205,16 @@ async def receive_body(
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
     parts: list[bytes] = []
     size = 0
-    loop = asyncio.get_running_loop()
-    hold_until = loop.time() + SPOOL_HOLD_S
+    hold_until: float | None = None  # only a spooled body is timed
     while True:
         if spool is None or spool.released:
             message = await receive()
         else:
+            now = asyncio.get_running_loop().time()
+            hold_until = hold_until or now + SPOOL_HOLD_S
             try:
                 # Cancelling uvicorn's receive loses nothing: it only waits for the body to arrive.
-                async with asyncio.timeout_at(min(loop.time() + SPOOL_PATIENCE_S, hold_until)):
+                async with asyncio.timeout_at(min(now + SPOOL_PATIENCE_S, hold_until)):
                     message = await receive()
             except TimeoutError:
                 spool.release()
