@@ -45,6 +45,7 @@ CHUNK_TARGET = 1024 * 1024
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
 SWEEP_LOCK = 0x53575045  # advisory lock key: one process sweeps at a time
+CREATE_LOCK = 0x4E414D45  # advisory lock class for (this, hash of a name): one create of a name at a time
 
 
 @dataclass
@@ -73,6 +74,13 @@ def create(
     now = time.time()
     changes: list[Change] = []
     if new.name is not None:
+        if postgres:
+            # SELECT ... FOR UPDATE locks no row for a name not yet taken: without this, two processes
+            # creating one name both insert it and one fails on the unique name.
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), hashtext(:name))"),
+                {"c": CREATE_LOCK, "name": new.name},
+            )
         existing = _locked(conn, streams.c.name, new.name, postgres)
         if existing is not None:
             if existing.expired(now):
