@@ -205,9 +205,12 @@ class Store:
         return await self._hot_read(self._get_sync, self.statements.stream_by_name, {"name": name})
 
     async def resolve(self, name: str, fresh: bool = False) -> StreamState | None:
-        """The stream named `name` for a write: cached, since the writer checks its state again anyway."""
+        """The stream named `name` for a write: cached, since the writer checks its state again anyway.
+
+        A cached copy that looks expired or deleted is read again: a refusal is never taken from the cache.
+        """
         cached = None if fresh else self._names.get(name)
-        if cached is not None:
+        if cached is not None and not cached.expired() and not cached.deleted:
             return cached
         state = await self.get_by_name(name)
         if state is not None and not state.expired() and not state.deleted:
@@ -216,6 +219,8 @@ class Store:
                 self._ids.clear()
             self._names[name] = state
             self._ids[state.id] = name
+        elif name in self._names:
+            self._ids.pop(self._names.pop(name).id, None)
         return state
 
     def _refresh_cached(self, change: Change) -> None:

@@ -4,14 +4,72 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from litestar.testing import AsyncTestClient
 
+from app.main import create_app
 from app.models import StreamConflictError
 from app.settings import Settings
 from app.store import NewStream, Store
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def two_apps(settings: Settings) -> AsyncIterator[tuple[AsyncTestClient[Any], AsyncTestClient[Any]]]:
+    """Two apps on one database, as two server processes would be (each with its own store and cache)."""
+    fast = dataclasses.replace(settings, sweep_interval=0.2)
+    async with AsyncTestClient(create_app(fast)) as one, AsyncTestClient(create_app(fast)) as two:
+        yield one, two
+
+
+async def test_a_sliding_ttl_stream_being_written_stays_alive(
+    two_apps: tuple[AsyncTestClient[Any], AsyncTestClient[Any]],
+) -> None:
+    client = two_apps[0]
+    url = "/v1/stream/slide/live"
+    made = await client.put(url, headers={"content-type": "text/plain", "stream-ttl": "1"})
+    assert made.status_code == 201
+    statuses = []
+    for i in range(10):  # 2.5 s of appends, each well within the 1 s TTL of the one before
+        await asyncio.sleep(0.25)
+        answer = await client.post(url, content=b"%d;" % i, headers={"content-type": "text/plain"})
+        statuses.append(answer.status_code)
+    assert statuses == [204] * 10
+    assert (await client.head(url)).status_code == 200
+    assert (await client.get(url, params={"offset": "-1"})).content == b"".join(b"%d;" % i for i in range(10))
+    await asyncio.sleep(1.5)  # no writes: now it expires, and the sweeper removes it
+    assert (await client.head(url)).status_code == 404
+    assert (
+        await client.post(url, content=b"late", headers={"content-type": "text/plain"})
+    ).status_code == 404
+
+
+async def test_a_name_recreated_by_another_process_takes_appends_at_once(
+    two_apps: tuple[AsyncTestClient[Any], AsyncTestClient[Any]],
+) -> None:
+    one, two = two_apps
+    plain, as_json = {"content-type": "text/plain"}, {"content-type": "application/json"}
+    # Deleted and made again with another content type: the first app's cached copy says text/plain.
+    assert (await one.put("/v1/stream/again/typed", headers=plain)).status_code == 201
+    assert (await one.post("/v1/stream/again/typed", content=b"a", headers=plain)).status_code == 204
+    assert (await two.delete("/v1/stream/again/typed")).status_code == 204
+    assert (await two.put("/v1/stream/again/typed", headers=as_json)).status_code == 201
+    answer = await one.post("/v1/stream/again/typed", content=b'{"n": 1}', headers=as_json)
+    assert answer.status_code == 204, answer.text
+    # Expired and made again: the first app's cached copy has the old expiry.
+    ttl = {**plain, "stream-ttl": "1"}
+    assert (await one.put("/v1/stream/again/timed", headers=ttl)).status_code == 201
+    assert (await one.post("/v1/stream/again/timed", content=b"a", headers=plain)).status_code == 204
+    await asyncio.sleep(1.2)
+    assert (await two.put("/v1/stream/again/timed", headers=plain)).status_code == 201
+    answer = await one.post("/v1/stream/again/timed", content=b"b", headers=plain)
+    assert answer.status_code == 204, answer.text
+    read = await two.get("/v1/stream/again/timed", params={"offset": "-1"})
+    assert read.content == b"b"
 
 
 @pytest.mark.parametrize("settings", ["postgres"], indirect=True)
