@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy import update
 
 from app.main import create_app
-from app.models import StreamConflictError
+from app.models import StreamConflictError, StreamFilter, StreamRow
 from app.settings import Settings
 from app.store import NewStream, Store
 
 pytestmark = pytest.mark.timeout(60)
+
+DAY = 86400.0
 
 
 @pytest.fixture
@@ -24,6 +30,17 @@ async def two_apps(settings: Settings) -> AsyncIterator[tuple[AsyncTestClient[An
     fast = dataclasses.replace(settings, sweep_interval=0.2)
     async with AsyncTestClient(create_app(fast)) as one, AsyncTestClient(create_app(fast)) as two:
         yield one, two
+
+
+@pytest.fixture
+def skewed(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Set this process's wall clock `by` seconds away from the true time."""
+    real = time.time
+
+    def skew(by: float) -> None:
+        monkeypatch.setattr(time, "time", lambda: real() + by)
+
+    return skew
 
 
 async def test_a_sliding_ttl_stream_being_written_stays_alive(
@@ -89,3 +106,58 @@ async def test_concurrent_creates_of_one_name_on_postgres(settings: Settings) ->
             conflicts = [r for r in results if isinstance(r, StreamConflictError)]
             assert len(conflicts) == 1, results
             assert [r[1] for r in results if isinstance(r, tuple)] == [True]
+
+
+@pytest.mark.parametrize("settings", ["postgres"], indirect=True)
+async def test_a_fast_clock_on_one_postgres_process_neither_refuses_nor_purges(
+    settings: Settings, skewed: Any
+) -> None:
+    async with Store.open(settings) as right:
+        state, _ = await right.create(NewStream(namespace="clock", name="clock/live", ttl_seconds=3600))
+        await right.append(state.id, b"kept")
+        gone, _ = await right.create(NewStream(namespace="clock", name="clock/gone", ttl_seconds=3600))
+        with right._write_engine.begin() as conn:  # expired by the database's clock
+            table = StreamRow.__table__
+            conn.execute(update(table).where(table.c.id == gone.id).values(expires_at=time.time() - 5))
+        skewed(DAY)  # the other process's clock runs a day ahead
+        async with Store.open(settings) as fast:
+            assert await fast.sweep() == 1
+            assert await fast.get(gone.id) is None
+            found = await fast.resolve("clock/live")
+            assert found is not None and not found.expired()
+            assert (await fast.append(state.id, b" and written")).tail == len(b"kept and written")
+            assert (await fast.list(StreamFilter(namespace="clock")))[0] == 1
+        assert await right.get(state.id) is not None
+
+
+async def test_a_clock_step_on_sqlite_does_not_purge_a_live_stream(tmp_path: Path, skewed: Any) -> None:
+    async with Store.open(Settings(data_dir=tmp_path)) as store:
+        state, _ = await store.create(NewStream(namespace="step", name="step/live", ttl_seconds=3600))
+        for step in (DAY, -DAY, 0.0):
+            skewed(step)
+            assert await store.sweep() == 0, f"a clock step of {step} s purged a live stream"
+            found = await store.resolve("step/live")
+            assert found is not None and not found.expired()
+            await store.append(state.id, b"x")
+        with store._write_engine.begin() as conn:
+            table = StreamRow.__table__
+            conn.execute(update(table).where(table.c.id == state.id).values(expires_at=1.0))
+        assert await store.sweep() == 1
+
+
+@pytest.mark.parametrize("settings", ["postgres"], indirect=True)
+async def test_the_sweep_spares_a_stream_whose_expiry_is_being_slid(settings: Settings) -> None:
+    async with Store.open(settings) as store:
+        state, _ = await store.create(NewStream(namespace="slid", name="slid/live", ttl_seconds=3600))
+        table = StreamRow.__table__
+        with store._write_engine.begin() as conn:  # as last committed: just expired
+            conn.execute(update(table).where(table.c.id == state.id).values(expires_at=time.time() - 1))
+        with psycopg.connect(settings.database_url.replace("+psycopg", "")) as other:
+            # Another process's writer slides the expiry: its transaction holds the row, not yet committed.
+            other.execute("UPDATE streams SET expires_at = %s WHERE id = %s", (time.time() + 3600, state.id))
+            sweep = asyncio.ensure_future(store.sweep())
+            await asyncio.sleep(0.5)
+            other.commit()
+        assert await sweep == 0
+        kept = await store.get(state.id)
+        assert kept is not None and not kept.expired()
