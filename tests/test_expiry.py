@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
@@ -18,6 +21,8 @@ from app.main import create_app
 from app.models import StreamConflictError, StreamFilter, StreamRow
 from app.settings import Settings
 from app.store import NewStream, Store
+from tests._cluster import server_env, server_errors
+from tests._server import HOST, ServerProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,3 +166,58 @@ async def test_the_sweep_spares_a_stream_whose_expiry_is_being_slid(settings: Se
         assert await sweep == 0
         kept = await store.get(state.id)
         assert kept is not None and not kept.expired()
+
+
+# A server whose wall clock runs a day ahead of the database's, as a badly set machine's would.
+FAST_CLOCK = (
+    "import runpy, time; real = time.time; time.time = lambda: real() + 86400; "
+    "runpy.run_module('app.cli', run_name='__main__')"
+)
+
+
+def fast_clock_command(port: int) -> list[str]:
+    return [sys.executable, "-c", FAST_CLOCK, "serve", "--host", HOST, "--port", str(port)]
+
+
+@pytest.fixture
+def two_servers(pg_url: str, tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two server processes on one PostgreSQL database; the second one's clock is a day fast."""
+    env = server_env(pg_url, "", tmp_path, sweep_interval=0.2)
+    with ServerProcess(env, startup_timeout=30) as right:
+        with ServerProcess(env, command=fast_clock_command, startup_timeout=30) as fast:
+            yield right, fast
+            assert server_errors(right) == [] and server_errors(fast) == []
+
+
+async def test_a_server_with_a_fast_clock_neither_refuses_nor_purges(
+    two_servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    right, fast = two_servers
+    plain = {"content-type": "text/plain"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for name, server in (("by-right", right), ("by-fast", fast)):
+            made = await client.put(
+                f"{server.url}/v1/stream/clock/{name}", headers={**plain, "stream-ttl": "3600"}
+            )
+            assert made.status_code == 201
+        await asyncio.sleep(1.0)  # both servers sweep several times meanwhile
+        for name in ("by-right", "by-fast"):
+            for server in (fast, right):
+                url = f"{server.url}/v1/stream/clock/{name}"
+                assert (await client.post(url, content=b"x", headers=plain)).status_code == 204
+                assert (await client.head(url)).status_code == 200
+        listed = (await client.post(f"{right.url}/stream/list", json={"name": "clock"})).json()["streams"]
+        expiries = [datetime.fromisoformat(s["expires_at"]).timestamp() - time.time() for s in listed]
+        assert len(expiries) == 2 and all(3500 < left <= 3600 for left in expiries), expiries
+
+
+async def test_servers_creating_one_name_at_once_both_succeed(
+    two_servers: tuple[ServerProcess, ServerProcess],
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        for i in range(20):
+            urls = [f"{server.url}/v1/stream/race/{i}" for server in two_servers]
+            answers = await asyncio.gather(
+                *(client.put(url, headers={"content-type": "text/plain"}) for url in urls)
+            )
+            assert sorted(a.status_code for a in answers) == [200, 201], [a.text for a in answers]
