@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
+from app import clock
+
 DEFAULT_TTL = 30 * 86400
 MIN_TTL = 60
 MAX_TTL = 90 * 86400
@@ -131,7 +133,8 @@ class StreamState:
         return self.closed_at is not None
 
     def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and self.expires_at <= (time.time() if now is None else now)
+        """Whether it has expired by `now`, or else by the clock expiry is judged by (app/clock.py)."""
+        return self.expires_at is not None and self.expires_at <= (clock.now() if now is None else now)
 
     @classmethod
     def from_row(cls, row: Any) -> StreamState:

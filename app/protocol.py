@@ -233,22 +233,21 @@ async def _append(
     given_type = headers.get("content-type")
     spool = await _spool(store, stream, declared, given_type, settings.max_append_bytes)
     try:
-        body = await receive_body(receive, declared, settings.max_append_bytes, spool)
+        raw = await receive_body(receive, declared, settings.max_append_bytes, spool)
         if spool is not None and spool.released:
             spool = None
-        if not body and not close:
-            raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
-        if body and not given_type:
-            raise InvalidRequestError(
-                f"an append needs a Content-Type; this stream takes {stream.content_type}"
-            )
-        if body and not stream.closed and media_type(given_type or "") != media_type(stream.content_type):
-            given = media_type(given_type or "")
-            raise ContentTypeMismatchError(
-                f"Content-Type {given} does not match the stream's {stream.content_type}"
-            )
-        if body and stream.json_mode and not stream.closed:
-            body = frame_json(body, allow_empty_array=False)
+        try:
+            body = _checked_body(stream, raw, given_type, close)
+        except StreamError:
+            # Checked against a cached copy: the name may have been made again elsewhere since.
+            fresh = live_state(await store.resolve(name, fresh=True))
+            if fresh.id == stream.id:
+                raise
+            if spool is not None:
+                spool.close()
+                spool = None
+            stream = fresh
+            body = _checked_body(stream, raw, given_type, close)
     except BaseException:
         if spool is not None:
             spool.close()
@@ -266,9 +265,25 @@ async def _append(
         fresh = live_state(await store.resolve(name, fresh=True))
         if fresh.id == stream.id:
             raise
-        result = await store.append(fresh.id, body, **options)
+        result = await store.append(fresh.id, _checked_body(fresh, raw, given_type, close), **options)
     status = 200 if producer is not None and body and not result.duplicate else 204
     return status, _append_headers(result), b""
+
+
+def _checked_body(stream: StreamState, body: bytes, given_type: str | None, close: bool) -> bytes:
+    """The body to append to `stream`, framed if it is a JSON stream; raises if the stream cannot take it."""
+    if not body and not close:
+        raise InvalidRequestError("an append needs a body (or Stream-Closed: true to close the stream)")
+    if body and not given_type:
+        raise InvalidRequestError(f"an append needs a Content-Type; this stream takes {stream.content_type}")
+    if body and not stream.closed and media_type(given_type or "") != media_type(stream.content_type):
+        given = media_type(given_type or "")
+        raise ContentTypeMismatchError(
+            f"Content-Type {given} does not match the stream's {stream.content_type}"
+        )
+    if body and stream.json_mode and not stream.closed:
+        return frame_json(body, allow_empty_array=False)
+    return body
 
 
 async def _spool(

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlmodel import SQLModel
 
-from app import chunk_files, transactions
+from app import chunk_files, clock, transactions
 from app.chunk_files import ChunkFiles, Spool
 from app.engines import make_engines
 from app.models import (
@@ -121,6 +121,10 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             SQLModel.metadata.create_all(conn)
             _upgrade(conn, self.postgres)
+            if self.postgres:
+                clock.set_to(float(conn.execute(text(f"SELECT {transactions.DATABASE_NOW}")).scalar_one()))
+            else:
+                clock.set_to(time.time())
             if self.files is not None:  # left by a process that stopped before removing them
                 transactions.remove_unused_files(conn, self.files, self.files.stream_ids())
 
@@ -205,9 +209,12 @@ class Store:
         return await self._hot_read(self._get_sync, self.statements.stream_by_name, {"name": name})
 
     async def resolve(self, name: str, fresh: bool = False) -> StreamState | None:
-        """The stream named `name` for a write: cached, since the writer checks its state again anyway."""
+        """The stream named `name` for a write: cached, since the writer checks its state again anyway.
+
+        A cached copy that looks expired or deleted is read again: a refusal is never taken from the cache.
+        """
         cached = None if fresh else self._names.get(name)
-        if cached is not None:
+        if cached is not None and not cached.expired() and not cached.deleted:
             return cached
         state = await self.get_by_name(name)
         if state is not None and not state.expired() and not state.deleted:
@@ -216,6 +223,8 @@ class Store:
                 self._ids.clear()
             self._names[name] = state
             self._ids[state.id] = name
+        elif name in self._names:
+            self._ids.pop(self._names.pop(name).id, None)
         return state
 
     def _refresh_cached(self, change: Change) -> None:
@@ -328,7 +337,7 @@ class Store:
     def _list_sync(
         self, where: StreamFilter, sort: str, direction: str, limit: int, offset: int
     ) -> tuple[int, list[StreamState]]:
-        conditions = _filter_conditions(where, time.time())
+        conditions = _filter_conditions(where, clock.now())
         column = streams.c[SORTS[sort]]
         order = [column.desc() if direction == "desc" else column.asc(), streams.c.id.desc()]
         with self._read_engine.connect() as conn:
@@ -343,7 +352,7 @@ class Store:
         return await self._read(self._summary_sync, where or StreamFilter())
 
     def _summary_sync(self, where: StreamFilter) -> dict[str, Any]:
-        conditions = _filter_conditions(where, time.time())
+        conditions = _filter_conditions(where, clock.now())
         with self._read_engine.connect() as conn:
             totals = conn.execute(
                 select(
@@ -515,7 +524,7 @@ class Store:
         """Slide a sliding TTL forward on a read; writes at most once per tenth of the TTL."""
         if not state.sliding or not state.ttl_seconds or state.expires_at is None:
             return
-        now = time.time()
+        now = clock.now()
         if now + state.ttl_seconds - state.expires_at < state.ttl_seconds / 10:
             return
 

@@ -7,15 +7,15 @@ doorbells announce. Appends are batched in app/writer.py.
 from __future__ import annotations
 
 import json
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, or_, select, text, update
+from sqlalchemy import Connection, func, insert, literal_column, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
+from app import clock
 from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from app.models import (
     ChunkRow,
@@ -45,6 +45,8 @@ CHUNK_TARGET = 1024 * 1024
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
 SWEEP_LOCK = 0x53575045  # advisory lock key: one process sweeps at a time
+CREATE_LOCK = 0x4E414D45  # advisory lock class for (this, hash of a name): one create of a name at a time
+DATABASE_NOW = "extract(epoch from clock_timestamp())"
 
 
 @dataclass
@@ -70,9 +72,16 @@ class NewStream:
 def create(
     conn: Connection, new: NewStream, postgres: bool, files: ChunkFiles | None
 ) -> tuple[tuple[StreamState, bool], list[Change]]:
-    now = time.time()
+    now = clock.now()
     changes: list[Change] = []
     if new.name is not None:
+        if postgres:
+            # SELECT ... FOR UPDATE locks no row for a name not yet taken: without this, two processes
+            # creating one name both insert it and one fails on the unique name.
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), hashtext(:name))"),
+                {"c": CREATE_LOCK, "name": new.name},
+            )
         existing = _locked(conn, streams.c.name, new.name, postgres)
         if existing is not None:
             if existing.expired(now):
@@ -247,15 +256,24 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
     The streams to compress are closed streams whose compression never finished (the process doing it
     stopped): only the process that holds the sweep lock gets them, so only one redoes each.
     """
-    if (
-        postgres
-        and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar()
-    ):
-        return (0, []), []
-    now = time.time()
-    expired = conn.execute(
-        select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now).limit(500)
-    ).all()
+    if postgres:
+        # Every process sets its clock by the database's at each sweep, whether or not it sweeps.
+        now = float(conn.execute(text(f"SELECT {DATABASE_NOW}")).scalar_one())
+        clock.set_to(now)
+        if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar():
+            return (0, []), []
+        # Judged by the database's clock on each row's current expiry, locked until the purge commits:
+        # a writer that slid the expiry has committed first; a row being written now waits for a later sweep.
+        expiring = streams.c.expires_at <= literal_column(DATABASE_NOW)
+        query = select(streams.c.id, streams.c.tail).where(expiring).limit(500)
+        expired = conn.execute(query.with_for_update(skip_locked=True)).all()
+    else:
+        # The writer's lock (BEGIN IMMEDIATE) is held: no other process slides an expiry meanwhile.
+        clock.follow_wall()
+        now = clock.now()
+        expired = conn.execute(
+            select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now).limit(500)
+        ).all()
     orphans = conn.execute(
         select(streams.c.id, streams.c.tail)
         .where(streams.c.deleted.is_(True))
@@ -324,7 +342,7 @@ def _fork_of(stream_id_column: Any) -> Any:
 
 
 def _has_forks(conn: Connection, stream_id: str) -> bool:
-    now = time.time()
+    now = clock.now()
     query = select(streams.c.id).where(
         streams.c.fork_source == stream_id, or_(streams.c.expires_at.is_(None), streams.c.expires_at > now)
     )

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
+from app import clock
 from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from app.models import (
     AppendResult,
@@ -519,7 +520,7 @@ class Writer:
     def _append_transaction(
         self, ops: list[AppendOp], cursor: Any = None
     ) -> tuple[list[tuple[bool, Any]], list[Change]]:
-        now = time.time()
+        now = clock.now()
         conn = self._driver_connection()
         sql = self._statements
         began = cursor is not None
