@@ -138,8 +138,8 @@ def signin_url(next_url: str) -> str:
 def safe_next(next_url: str) -> str:
     """A path on this server to return to after sign-in; anything else (another host, a scheme) becomes `/`.
 
-    Browsers drop tabs and newlines from URLs and read `\\` as `/`, so `/\t/evil.example` would lead
-    to `//evil.example`: such characters are refused, not cleaned.
+    Browsers drop tabs and newlines from URLs and read a backslash as a slash, so `/<tab>/evil.example`
+    would lead to `//evil.example`: such characters are refused, not cleaned.
     """
     if not next_url.startswith("/") or len(next_url) > MAX_NEXT:
         return "/"

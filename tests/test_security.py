@@ -371,3 +371,41 @@ def test_ids_made_in_one_millisecond_are_not_neighbours() -> None:
         assert (after - before) > 2**32, "an id is its neighbour plus a small step"
     low = [value & (2**62 - 1) for value in ids]
     assert len({value >> 52 for value in low}) > 900, "the low bits are random, not a counter"
+
+
+def test_a_real_server_sandboxes_every_spelling_on_the_wire(tmp_path: Path) -> None:
+    """The same attack through uvicorn, with the path bytes exactly as an attacker's link sends them."""
+    import http.client
+
+    from tests._server import ServerProcess
+
+    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(tmp_path)}) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+
+        def request(method: str, path: str, body: bytes = b"", **headers: str) -> http.client.HTTPResponse:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            return response
+
+        made = request(
+            "PUT", "/v1/stream/evil/page", PAGE, **{"content-type": "text/html", "stream-closed": "true"}
+        )
+        assert made.status == 201
+        served = 0
+        for path in (
+            "/v1/%73tream/evil/page?offset=-1",
+            "//v1/stream/evil/page?offset=-1",
+            "/%761/stream/evil/page",
+        ):
+            response = request("GET", path)
+            served += response.status == 200
+            assert "sandbox" in (response.getheader("content-security-policy") or ""), path
+            assert response.getheader("x-content-type-options") == "nosniff", path
+            if response.status == 200:
+                assert (response.getheader("content-disposition") or "").startswith("attachment"), path
+        assert served >= 2, "the spellings reach the content, so they must carry the headers"
+        rebound = request("GET", "/v1/stream/evil/page?offset=-1", host=f"evil.example:{port}")
+        assert rebound.status == 421
