@@ -19,7 +19,7 @@ from app import session
 from app.headers import answers_to, is_active
 from app.main import create_app
 from app.models import new_stream_id
-from app.settings import Settings
+from app.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -409,3 +409,17 @@ def test_a_real_server_sandboxes_every_spelling_on_the_wire(tmp_path: Path) -> N
         assert served >= 2, "the spellings reach the content, so they must carry the headers"
         rebound = request("GET", "/v1/stream/evil/page?offset=-1", host=f"evil.example:{port}")
         assert rebound.status == 421
+
+
+def test_the_content_origin_and_cors_origins_are_read_and_checked() -> None:
+    env = {
+        "STREAMHOLD_PUBLIC_URL": "https://streams.example.org",
+        "STREAMHOLD_CONTENT_ORIGIN": "https://content.example.org/",
+        "STREAMHOLD_CORS_ORIGINS": "https://app.example, https://other.example/",
+    }
+    read = Settings.from_env(env)
+    assert read.content_origin == "https://content.example.org"
+    assert read.cors_origins == ("https://app.example", "https://other.example")
+    for wrong in ("content.example.org", "https://streams.example.org"):
+        with pytest.raises(SettingsError, match="STREAMHOLD_CONTENT_ORIGIN"):
+            Settings.from_env({**env, "STREAMHOLD_CONTENT_ORIGIN": wrong})
