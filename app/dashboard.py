@@ -272,8 +272,10 @@ def _target(request: Request[Any, Any, Any]) -> str:
     return request.headers.get("hx-target", "")
 
 
-def _change_allowed(request: Request[Any, Any, Any], settings: Settings) -> Response[str] | session.Session:
-    current = session.current(request, settings)
+async def _change_allowed(
+    request: Request[Any, Any, Any], settings: Settings
+) -> Response[str] | session.Session:
+    current = await session.current(request, settings)
     if current is None:
         return session.denied(request, change=True)
     if not session.csrf_ok(request, settings, current):
@@ -289,7 +291,7 @@ async def dashboard(
     settings: NamedDependency[Settings],
 ) -> Response[str]:
     """The dashboard page, or the table (`HX-Target: streams`) or filters and table (`board`) alone."""
-    current = session.current(request, settings)
+    current = await session.current(request, settings)
     if current is None:
         return session.denied(request, change=False)
     target = _target(request)
@@ -307,7 +309,7 @@ async def delete_stream(
     settings: NamedDependency[Settings],
 ) -> Response[str]:
     """Delete one stream (its live readers end, its bytes are purged) and answer with the refreshed board."""
-    allowed = _change_allowed(request, settings)
+    allowed = await _change_allowed(request, settings)
     if isinstance(allowed, Response):
         return allowed
     state = await store.get(stream_id)
@@ -327,7 +329,7 @@ async def delete_filtered(
     settings: NamedDependency[Settings],
 ) -> Response[str]:
     """Delete every stream of the current filter, unless it now matches more than the confirmed count."""
-    allowed = _change_allowed(request, settings)
+    allowed = await _change_allowed(request, settings)
     if isinstance(allowed, Response):
         return allowed
     view = View.from_query(request.url.query)
@@ -364,13 +366,15 @@ async def signin_form(
     request: Request[Any, Any, Any], settings: NamedDependency[Settings], next: FromQuery[str] = "/"
 ) -> Response[str]:
     """The sign-in form (only when API keys are configured)."""
-    if not settings.api_keys or session.current(request, settings) is not None:
+    if not settings.api_keys or await session.current(request, settings) is not None:
         return Response("", status_code=303, headers={"location": session.safe_next(next)})
     return html(render(request, "signin.html", next=session.safe_next(next), error=""))
 
 
 @post("/signin", status_code=303)
-async def signin(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> Response[str]:
+async def signin(
+    request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
+) -> Response[str]:
     """Check an API key and start a session: an HttpOnly, SameSite=Strict signed cookie."""
     form = await request.form()
     target = session.safe_next(str(form.get("next", "/")))
@@ -382,17 +386,21 @@ async def signin(request: Request[Any, Any, Any], settings: NamedDependency[Sett
     if not session.check_key(key, settings):
         error = "That key is not one of this server's API keys." if key else "Enter an API key."
         return html(render(request, "signin.html", next=target, error=error), status=401)
-    cookie = session.session_cookie(request, settings, session.issue(key))
+    cookie = session.session_cookie(request, settings, await session.start(store, key))
     return Response("", status_code=303, headers={"location": target}, cookies=[cookie])
 
 
 @post("/signout", status_code=303)
-async def signout(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> Response[str]:
-    """End the session (CSRF-checked, so another site cannot sign you out)."""
-    current = session.current(request, settings)
+async def signout(
+    request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
+) -> Response[str]:
+    """End the session everywhere (CSRF-checked, so another site cannot sign you out)."""
+    current = await session.current(request, settings)
     token = str((await request.form()).get(session.CSRF_FIELD, ""))
     if current is not None and not session.csrf_ok(request, settings, current, token):
         return session.forbidden()
+    if current is not None and current.signed_in:
+        await session.end(request, store)
     location = session.SIGNIN_PATH if settings.api_keys else "/"
     cookie = session.cleared_cookie(request, settings)
     return Response("", status_code=303, headers={"location": location}, cookies=[cookie])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
@@ -18,66 +18,84 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import dashboard, ops, protocol, service, viewer
+from app import dashboard, guard, headers, ops, protocol, service, viewer
 from app.live import LiveHub
 from app.models import StreamError
 from app.sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
 from app.settings import Settings
 from app.store import Store
-from app.wire import API_RESPONSE_HEADERS, CORS
 
 log = logging.getLogger("streamhold")
 
 HERE = Path(__file__).parent
 
 
-API_PREFIXES = ("/v1/stream/", "/stream/")
-PREFLIGHT_HEADERS = [(k.encode(), v.encode()) for k, v in CORS.items()]
 APPEND_PATH = protocol.PREFIX + "/"
 
 
 class Streamhold(Litestar):
     """The app: protocol appends go straight to their handler; everything else through the framework."""
 
+    streamhold_settings: Settings
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH):
-            await protocol.append_asgi(self.state, scope, receive, send)
-            return
+        if scope["type"] == "http":
+            refusal = guard.refusal(scope, self.streamhold_settings)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+            if scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH):
+                if guard.on_content_origin(scope, self.streamhold_settings):
+                    await guard.not_found()(scope, receive, send)
+                    return
+                await protocol.append_asgi(self.state, scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 
-def security_headers(app: ASGIApp) -> ASGIApp:
-    """`X-Content-Type-Options: nosniff` on every response; CORS and preflight answers on the stream APIs."""
+def security_headers(settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
+    """Security headers decided by the route that answers, never by how its path was spelled.
 
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        # The path as sent: the router rewrites scope["path"] for mounted handlers.
-        raw = scope.get("raw_path")
-        path = raw.decode("latin-1").split("?", 1)[0] if raw else scope["path"]
-        api = path.startswith(API_PREFIXES) or path == "/stream"
-        if api and scope["method"] == "OPTIONS":
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 204,
-                    "headers": [*PREFLIGHT_HEADERS, (b"x-content-type-options", b"nosniff")],
-                }
-            )
-            await send({"type": "http.response.body", "body": b""})
-            return
+    Stream content gets the sandbox (app.headers), the stream APIs CORS, everything `nosniff`; the
+    content origin answers stream content only.
+    """
 
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.extend(API_RESPONSE_HEADERS if api else [(b"x-content-type-options", b"nosniff")])
-                message = {**message, "headers": headers}
-            await send(message)
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            handler = scope.get("route_handler")
+            opt = handler.opt if handler is not None else {}
+            content = bool(opt.get("stream_content"))
+            api = content or bool(opt.get("stream_api"))
+            inline = guard.on_content_origin(scope, settings)
+            if inline and not (content and scope["method"] in headers.SAFE_METHODS):
+                await guard.not_found()(scope, receive, send)
+                return
+            if api and scope["method"] == "OPTIONS":
+                await guard.preflight(scope, settings)(scope, receive, send)
+                return
 
-        await app(scope, receive, send_wrapper)
+            async def send_wrapper(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    sent = list(message.get("headers", []))
+                    if content:
+                        kind = next((v for k, v in sent if k.lower() == b"content-type"), b"")
+                        sent.extend(headers.content_headers(kind.decode("latin-1"), inline=inline))
+                        sent.extend(headers.API_CORS_HEADERS)
+                    elif api:
+                        sent.extend(headers.API_RESPONSE_HEADERS)
+                    elif not any(k.lower() == headers.NOSNIFF[0] for k, _ in sent):
+                        sent.append(headers.NOSNIFF)
+                    message = {**message, "headers": sent}
+                await send(message)
 
-    return middleware
+            await app(scope, receive, send_wrapper)
+
+        return middleware
+
+    return wrap
 
 
 def _stream_error(request: Request[Any, Any, Any], exc: StreamError) -> Response[Any]:
@@ -138,9 +156,8 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
         return AgentContext(state.runtime)
 
     routes: list[Any] = [
-        *protocol.routes,
+        Router("/", route_handlers=[*protocol.routes, *service.routes], opt={"stream_api": True}),
         *ops.routes,
-        *service.routes,
         *dashboard.routes,
         *viewer.routes,
         *route_handlers,
@@ -155,7 +172,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
 
         template_config = TemplateConfig(directory=templates, engine=JinjaTemplateEngine)
 
-    return Streamhold(
+    app = Streamhold(
         route_handlers=routes,
         lifespan=[lifespan],
         dependencies={
@@ -166,9 +183,11 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
             "ctx": Provide(provide_ctx, sync_to_thread=False),
         },
         exception_handlers={StreamError: _stream_error, HTTPException: _http_error},
-        middleware=[ops.request_timing, security_headers],
+        middleware=[ops.request_timing, security_headers(settings)],
         template_config=template_config,
         request_max_body_size=settings.max_append_bytes + 65536,
         openapi_config=None,
         logging_config=None,
     )
+    app.streamhold_settings = settings
+    return app

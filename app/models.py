@@ -99,6 +99,15 @@ class ProducerRow(SQLModel, table=True):
     seq: int = Field(sa_type=BigInteger)
 
 
+class SessionRow(SQLModel, table=True):
+    """A signed-in dashboard session, so that signing out ends it on every process."""
+
+    __tablename__ = "sessions"
+
+    id_hash: str = Field(primary_key=True, max_length=64)  # sha256 of the id in the cookie
+    expires_at: float = Field(index=True)
+
+
 # --- value types ---------------------------------------------------------------------------------
 
 
@@ -215,21 +224,28 @@ def parse_offset(token: str) -> int | None:
 
 
 _last_ms = 0
-_last_rand = 0
+_last_counter = 0
+COUNTER_BITS = 10  # of UUIDv7's 74 random bits: the other 64 are random in every id
 
 
 def new_stream_id() -> str:
-    """`stream_` and the 32 hex digits of a UUIDv7, so ids sort by creation time."""
-    global _last_ms, _last_rand
+    """`stream_` and the 32 hex digits of a UUIDv7, so ids sort by creation time.
+
+    Ids made in one millisecond step a 10-bit counter that starts at random (RFC 9562 method 1) and
+    keep 64 fresh random bits each, so an id tells nothing about its neighbours.
+    """
+    global _last_ms, _last_counter
     ms = time.time_ns() // 1_000_000
     if ms <= _last_ms:
-        # Keep ids strictly increasing within a millisecond (RFC 9562 method 2).
-        ms, rand = _last_ms, _last_rand + 1
+        ms, counter = _last_ms, _last_counter + 1
+        if counter >= 1 << COUNTER_BITS:  # the counter ran out: borrow the next millisecond
+            ms, counter = ms + 1, 0
     else:
-        rand = int.from_bytes(os.urandom(10), "big") >> 6
-    _last_ms, _last_rand = ms, rand
-    rand_a = (rand >> 62) & 0xFFF
-    rand_b = rand & ((1 << 62) - 1)
+        counter = int.from_bytes(os.urandom(2), "big") >> (16 - COUNTER_BITS + 1)  # the lower half
+    _last_ms, _last_counter = ms, counter
+    random_bits = int.from_bytes(os.urandom(8), "big")
+    rand_a = counter << 2 | random_bits >> 62
+    rand_b = random_bits & ((1 << 62) - 1)
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | rand_a << 64 | 0b10 << 62 | rand_b
     return "stream_" + f"{value:032x}"
 

@@ -372,7 +372,7 @@ HANDLERS = {
 }
 
 
-@asgi(PREFIX, is_mount=True, copy_scope=False)
+@asgi(PREFIX, is_mount=True, copy_scope=False, opt={"stream_content": True})
 async def protocol_app(scope: Scope, receive: Receive, send: Send) -> None:
     """Every protocol request, dispatched by method.
 

@@ -405,7 +405,7 @@ async def _read(
         return _error(exc, head)
 
 
-@get("/stream/{stream_id:str}")
+@get("/stream/{stream_id:str}", opt={"stream_content": True})
 async def read_content(
     stream_id: FromPath[str],
     request: Request[Any, Any, Any],
@@ -417,7 +417,7 @@ async def read_content(
     return await _read(stream_id, request, store, hub, settings, head=False)
 
 
-@route("/stream/{stream_id:str}", http_method=["HEAD"])
+@route("/stream/{stream_id:str}", http_method=["HEAD"], opt={"stream_content": True})
 async def head_content(
     stream_id: FromPath[str],
     request: Request[Any, Any, Any],
@@ -429,7 +429,7 @@ async def head_content(
     return await _read(stream_id, request, store, hub, settings, head=True)
 
 
-@route("/{stream_id:str}", http_method=["GET", "HEAD"])
+@route("/{stream_id:str}", http_method=["GET", "HEAD"], opt={"stream_content": True})
 async def content_at_root(stream_id: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
     """The root-level content URL of the SDK's default base: a permanent redirect to /stream/{id}.
 

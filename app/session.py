@@ -13,14 +13,17 @@ from urllib.parse import quote, urlsplit
 from litestar import Request, Response
 from litestar.datastructures import Cookie
 
+from app import guard
 from app.auth import key_is_valid
 from app.settings import Settings
+from app.store import Store
 
 COOKIE = "streamhold_session"
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf"
 SESSION_SECONDS = 12 * 3600
 SIGNIN_PATH = "/signin"
+MAX_NEXT = 2048
 
 # Without API keys there is nothing to derive a secret from; a per-process one still ties the CSRF token to
 # pages this process served (such a server listens on loopback only, so one process is the usual case).
@@ -54,6 +57,26 @@ def _secret_for(key: str) -> bytes:
     return hmac.new(key.encode(), b"streamhold dashboard session v1", hashlib.sha256).digest()
 
 
+def _id_hash(value: str) -> str:
+    """What the database keeps of a session: a digest of the cookie's random id, never the id itself."""
+    parts = value.split(".")
+    return hashlib.sha256(parts[2].encode()).hexdigest() if len(parts) == 4 else ""
+
+
+async def start(store: Store, key: str) -> str:
+    """A new session's cookie value, recorded so that signing out can end it on every process."""
+    value = issue(key)
+    await store.add_session(_id_hash(value), float(value.split(".")[1]))
+    return value
+
+
+async def end(request: Request[Any, Any, Any], store: Store) -> None:
+    """Forget the request's session, so its cookie no longer signs anyone in."""
+    value = request.cookies.get(COOKIE)
+    if value and _id_hash(value):
+        await store.end_session(_id_hash(value))
+
+
 def issue(key: str, now: float | None = None) -> str:
     """A cookie value for a session signed in with `key` (which the caller has checked)."""
     expires = int((time.time() if now is None else now) + SESSION_SECONDS)
@@ -78,20 +101,25 @@ def verify(value: str, settings: Settings, now: float | None = None) -> Session 
     return Session(parts[2], found, expires, True) if found is not None else None
 
 
-def current(request: Request[Any, Any, Any], settings: Settings) -> Session | None:
+async def current(request: Request[Any, Any, Any], settings: Settings) -> Session | None:
     """The request's session; without API keys every request has an anonymous one."""
     if not settings.api_keys:
         return Session("open", _PROCESS_SECRET, 0, False)
     value = request.cookies.get(COOKIE)
-    return verify(value, settings) if value else None
+    found = verify(value, settings) if value else None
+    if found is None or not await request.app.state.store.session_alive(_id_hash(str(value))):
+        return None
+    return found
 
 
 def same_origin(request: Request[Any, Any, Any], settings: Settings) -> bool:
-    """False when the browser says the request came from another site (Origin, else Sec-Fetch-Site)."""
+    """False when the browser says the request came from another site (Origin, else Sec-Fetch-Site).
+
+    The Origin is compared whole (scheme, host, port): an http:// page is not the https:// dashboard.
+    """
     origin = request.headers.get("origin")
     if origin is not None:
-        allowed = {request.headers.get("host", ""), urlsplit(settings.public_url).netloc} - {""}
-        return urlsplit(origin).netloc in allowed
+        return guard.same_origin(request.scope, settings, origin)
     return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
 
@@ -108,10 +136,19 @@ def signin_url(next_url: str) -> str:
 
 
 def safe_next(next_url: str) -> str:
-    """A local path to return to after sign-in; anything else (another host, a scheme) becomes `/`."""
-    if not next_url.startswith("/") or next_url.startswith("//") or "\\" in next_url:
+    """A path on this server to return to after sign-in; anything else (another host, a scheme) becomes `/`.
+
+    Browsers drop tabs and newlines from URLs and read a backslash as a slash, so `/<tab>/evil.example`
+    would lead to `//evil.example`: such characters are refused, not cleaned.
+    """
+    if not next_url.startswith("/") or len(next_url) > MAX_NEXT:
         return "/"
-    return next_url
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F or c == "\\" or c.isspace() for c in next_url):
+        return "/"
+    if next_url.startswith("//"):
+        return "/"
+    # Header values are Latin-1: non-ASCII characters travel percent-encoded.
+    return quote(next_url, safe="".join(chr(c) for c in range(0x21, 0x7F)))
 
 
 def denied(request: Request[Any, Any, Any], *, change: bool) -> Response[str]:

@@ -30,6 +30,8 @@ class Settings:
     llm_base_url: str = ""
     llm_api_key: str = field(default="", repr=False)
     llm_model: str = ""
+    content_origin: str = ""
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -52,11 +54,24 @@ class Settings:
             return value
 
         keys = tuple(k.strip() for k in text("API_KEYS").split(",") if k.strip())
+        content_origin = text("CONTENT_ORIGIN").rstrip("/")
+        if content_origin and not content_origin.startswith(("http://", "https://")):
+            raise SettingsError(
+                f"STREAMHOLD_CONTENT_ORIGIN must be an origin such as https://content.example.org, "
+                f"got {content_origin!r}"
+            )
+        public_url = text("PUBLIC_URL").rstrip("/")
+        if content_origin and content_origin.split("://", 1)[1] == public_url.partition("://")[2]:
+            raise SettingsError(
+                "STREAMHOLD_CONTENT_ORIGIN must be another host than STREAMHOLD_PUBLIC_URL: it serves stream "
+                "content only, so that content never shares the dashboard's origin"
+            )
+        cors = tuple(o.strip().rstrip("/") for o in text("CORS_ORIGINS").split(",") if o.strip())
         return cls(
             data_dir=Path(text("DATA_DIR", "data")),
             database_url=text("DATABASE_URL"),
             channels_url=text("CHANNELS_URL"),
-            public_url=text("PUBLIC_URL").rstrip("/"),
+            public_url=public_url,
             max_append_bytes=int(number("MAX_APPEND_BYTES", 5 * MIB, 1)),
             long_poll_timeout=number("LONG_POLL_TIMEOUT", 20.0, 0.05),
             sse_keepalive=number("SSE_KEEPALIVE", 15.0, 0.05),
@@ -65,6 +80,8 @@ class Settings:
             llm_base_url=text("LLM_BASE_URL").rstrip("/"),
             llm_api_key=text("LLM_API_KEY"),
             llm_model=text("LLM_MODEL"),
+            content_origin=content_origin,
+            cors_origins=cors,
         )
 
     @property

@@ -35,6 +35,7 @@ from app.models import (
     MetadataRow,
     Producer,
     ProducerRow,
+    SessionRow,
     StreamFilter,
     StreamRow,
     StreamState,
@@ -51,6 +52,7 @@ chunks = ChunkRow.__table__
 gzip_chunks = GzipChunkRow.__table__
 metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
+sessions = SessionRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
@@ -551,6 +553,37 @@ class Store:
         for stream_id in unfinished:
             self._follow_up(self.finish(stream_id))
         return int(swept)
+
+    # --- dashboard sessions ----------------------------------------------------------------------
+
+    async def add_session(self, id_hash: str, expires_at: float) -> None:
+        """Record a signed-in session (and forget the ones that have expired)."""
+
+        def add(conn: Connection) -> tuple[None, list[Change]]:
+            conn.execute(sessions.delete().where(sessions.c.expires_at <= time.time()))
+            conn.execute(sessions.insert().values(id_hash=id_hash, expires_at=expires_at))
+            return None, []
+
+        await self.writer.call(add)
+
+    async def session_alive(self, id_hash: str) -> bool:
+        """Whether a session is recorded and unexpired, read fresh, so a sign-out anywhere counts at once."""
+
+        def alive() -> bool:
+            with self._read_engine.connect() as conn:
+                found = conn.execute(
+                    select(sessions.c.id_hash).where(
+                        sessions.c.id_hash == id_hash, sessions.c.expires_at > time.time()
+                    )
+                ).first()
+            return found is not None
+
+        return await self._read(alive)
+
+    async def end_session(self, id_hash: str) -> None:
+        await self.writer.call(
+            lambda conn: (conn.execute(sessions.delete().where(sessions.c.id_hash == id_hash)), [])
+        )
 
 
 def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:

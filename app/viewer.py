@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
@@ -22,12 +23,13 @@ from markupsafe import Markup, escape
 
 from app import demo, session
 from app.auth import bearer, require_key
+from app.headers import content_headers
 from app.models import StreamError, StreamState, iso
 from app.protocol_reads import whole_utf8 as protocol_whole_utf8
 from app.sdk import AgentContext
 from app.settings import Settings
 from app.store import Store
-from app.wire import is_text, live_state, stream_name
+from app.wire import PREFIX, is_text, live_state, stream_name
 from app.writer import media_type
 
 WINDOW = 256 * 1024
@@ -179,8 +181,17 @@ def page(context: dict[str, Any], status: int = 200) -> Template:
     return Template("watch.html", context=context, status_code=status, headers=headers)
 
 
-async def watch_context(store: Store, state: StreamState) -> dict[str, Any]:
-    """Everything the watch page shows of a live stream."""
+def raw_url(settings: Settings, state: StreamState) -> str:
+    """The stream's bytes on the content origin, when there is one (the page itself reads them here)."""
+    if not settings.content_origin:
+        return ""
+    return f"{settings.content_origin}{PREFIX}/{quote(state.name, safe='/')}?offset=-1"
+
+
+async def watch_context(
+    store: Store, state: StreamState, settings: Settings, show_metadata: bool
+) -> dict[str, Any]:
+    """Everything the watch page shows of a live stream; metadata only to those the API shows it to."""
     kind = view_kind(state.content_type)
     now = time.time()
     head = b""
@@ -189,7 +200,8 @@ async def watch_context(store: Store, state: StreamState) -> dict[str, Any]:
         window = Window(0, state.tail, "")
     else:
         window = await read_window(store, state, kind, state.tail)
-    links = {k: v for k, v in state.metadata.items() if STREAM_ID.match(v)}
+    metadata = state.metadata if show_metadata else {}
+    links = {k: v for k, v in metadata.items() if STREAM_ID.match(v)}
     return {
         "state": state,
         "kind": kind,
@@ -208,7 +220,8 @@ async def watch_context(store: Store, state: StreamState) -> dict[str, Any]:
         "expires": relative(state.expires_at, now),
         "expires_iso": iso(state.expires_at),
         "closed_ago": relative(state.closed_at, now) if state.closed_at else "",
-        "metadata": sorted(state.metadata.items()),
+        "metadata": sorted(metadata.items()),
+        "raw_url": raw_url(settings, state),
         "links": links,
         "download_name": download_name(state),
     }
@@ -224,7 +237,7 @@ async def watch(
     download: FromQuery[bool] = False,
 ) -> Response[Any]:
     """The live viewer; `?download=1` saves the content so far, `?before=N` is an earlier JSON-mode range."""
-    current = session.current(request, settings)
+    current = await session.current(request, settings)
     demo_csrf = current.csrf if current is not None else ""
     try:
         state = live_state(await store.get_by_name(stream_name(name)))
@@ -235,8 +248,8 @@ async def watch(
             _content(store, state, state.tail),
             media_type="application/x-ndjson" if state.json_mode else state.content_type,
             headers={
+                **{k.decode(): v.decode() for k, v in content_headers(state.content_type, inline=False)},
                 "content-disposition": f'attachment; filename="{download_name(state)}"',
-                "content-security-policy": "sandbox",
                 "content-length": str(state.tail),
             },
         )
@@ -248,7 +261,8 @@ async def watch(
             media_type="text/plain; charset=utf-8",
             headers={"stream-range-start": str(window.start), "stream-range-end": str(window.end)},
         )
-    context = await watch_context(store, state)
+    operator = not settings.api_keys or (current is not None and current.signed_in)
+    context = await watch_context(store, state, settings, show_metadata=operator)
     return page({**context, "gone": False, "name": state.name, "demo_csrf": demo_csrf})
 
 
@@ -262,7 +276,7 @@ async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> 
     if bearer(request):
         require_key(request, settings)
         return None
-    current = session.current(request, settings)
+    current = await session.current(request, settings)
     if current is None:
         return session.denied(request, change=True)
     if not settings.api_keys:

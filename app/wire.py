@@ -16,6 +16,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
 from app.chunk_files import Spool
+from app.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
 from app.live import LiveHub
 from app.models import (
     MAX_NAME_LENGTH,
@@ -48,37 +49,6 @@ CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z, the protocol's cursor epoch
 CURSOR_INTERVAL = 20.0
 DIGITS = re.compile(r"^(0|[1-9][0-9]*)$")
 PLAIN_DIGITS = re.compile(r"^[0-9]+$")
-
-CORS = {
-    "access-control-allow-origin": "*",
-    "access-control-allow-methods": "GET, POST, PUT, DELETE, HEAD, OPTIONS",
-    "access-control-allow-headers": (
-        "content-type, authorization, if-none-match, last-event-id, stream-ttl, stream-expires-at, "
-        "stream-closed, stream-seq, producer-id, producer-epoch, producer-seq, stream-forked-from, "
-        "stream-fork-offset, stream-fork-sub-offset"
-    ),
-    "access-control-expose-headers": (
-        "stream-next-offset, stream-cursor, stream-up-to-date, stream-closed, stream-ttl, stream-expires-at, "
-        "stream-sse-data-encoding, producer-epoch, producer-seq, producer-expected-seq, "
-        "producer-received-seq, etag, content-type, content-encoding, location"
-    ),
-    "access-control-max-age": "86400",
-}
-
-
-# Added to every response on the stream APIs (see main.security_headers).
-API_RESPONSE_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    *(
-        (k.encode(), v.encode())
-        for k, v in CORS.items()
-        if k in ("access-control-allow-origin", "access-control-expose-headers")
-    ),
-    (b"cross-origin-resource-policy", b"cross-origin"),
-    # Stream content is anyone's bytes: opened in a browser it must not run as our origin.
-    (b"content-security-policy", b"sandbox"),
-]
-
 
 def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Settings]:
     """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.timeout(60)
 
 README = Path(__file__).parent.parent / "README.md"
 
+# A keyless server answers only to loopback names (DNS rebinding): tests reach it by one.
+LOOPBACK = "http://127.0.0.1"
+
 
 def readme_examples() -> dict[str, Any]:
     """Execute every ```python block marked `<!-- example -->` in the README; returns their names."""
@@ -60,7 +63,7 @@ async def test_readme_handlers_run(settings: Settings) -> None:
     examples = readme_examples()
     handlers = [v for v in examples.values() if isinstance(v, HTTPRouteHandler)]
     app = create_app(settings, route_handlers=handlers)
-    async with AsyncTestClient(app) as client:
+    async with AsyncTestClient(app, base_url=LOOPBACK) as client:
         users = [{"name": "Ada", "email": "ada@example.com", "created": "2026-01-02"}]
         exported = (await client.post("/export", json={"user_id": "u1", "users": users})).json()
         csv_id = stream_id(exported["url"])
@@ -121,7 +124,7 @@ async def test_shutdown_awaits_background_work(tmp_path: Path) -> None:
         ctx.wait_until(work)
         return {"id": stream.id}
 
-    async with AsyncTestClient(create_app(settings, route_handlers=[slow])) as client:
+    async with AsyncTestClient(create_app(settings, route_handlers=[slow]), base_url=LOOPBACK) as client:
         made = (await client.post("/slow")).json()
         assert started.wait(5)
     # The client's exit ran the app's shutdown, which had to wait for the work.
@@ -141,7 +144,9 @@ async def test_background_errors_are_logged(tmp_path: Path, caplog: pytest.LogCa
         return {"ok": True}
 
     with caplog.at_level(logging.ERROR, logger="streamhold.agent"):
-        async with AsyncTestClient(create_app(Settings(data_dir=tmp_path), route_handlers=[fails])) as client:
+        async with AsyncTestClient(
+            create_app(Settings(data_dir=tmp_path), route_handlers=[fails]), base_url=LOOPBACK
+        ) as client:
             assert (await client.post("/fails")).json() == {"ok": True}
     assert any("background work failed" in r.message and r.exc_info for r in caplog.records)
 

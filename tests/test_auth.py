@@ -24,10 +24,15 @@ pytestmark = pytest.mark.timeout(60)
 KEY = "key-for-tests-7f3a9c"
 OTHER = "second-key-19bd04"
 
+# A keyless server answers only to loopback names (DNS rebinding): tests reach it by one.
+LOOPBACK = "http://127.0.0.1"
+
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[AsyncTestClient[Any]]:
-    async with AsyncTestClient(create_app(Settings(data_dir=tmp_path, api_keys=(KEY, OTHER)))) as client:
+    async with AsyncTestClient(
+        create_app(Settings(data_dir=tmp_path, api_keys=(KEY, OTHER))), base_url=LOOPBACK
+    ) as client:
         yield client
 
 

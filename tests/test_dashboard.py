@@ -43,9 +43,7 @@ async def serve(settings: Settings) -> AsyncIterator[Client]:
     """The app with its lifespan entered, in this task (Litestar's lifespan must exit where it started)."""
     app = create_app(settings)
     async with app.lifespan():
-        async with Client(
-            transport=httpx.ASGITransport(app=app), base_url="http://testserver.local"
-        ) as client:
+        async with Client(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
             client.app = app
             yield client
 
@@ -301,7 +299,7 @@ async def test_changes_need_the_csrf_token_even_without_keys(settings: Settings)
         cross = {**BOARD, "x-csrf-token": csrf_of(page), "origin": "https://evil.example"}
         assert (await client.delete(f"/dashboard/streams/{state.id}", headers=cross)).status_code == 403
         assert await client.app.state.store.get(state.id) is not None
-        same = {**BOARD, "x-csrf-token": csrf_of(page), "origin": "http://testserver.local"}
+        same = {**BOARD, "x-csrf-token": csrf_of(page), "origin": "http://127.0.0.1"}
         assert (await client.delete(f"/dashboard/streams/{state.id}", headers=same)).status_code == 200
         assert (await client.get("/signin")).headers["location"] == "/"
 
@@ -315,7 +313,7 @@ async def test_keys_require_a_session(settings: Settings) -> None:
         page = await keyed.get("/?namespace=x")
         assert page.status_code == 303 and page.headers["location"] == "/signin?next=/%3Fnamespace%3Dx"
         partial = await keyed.get(
-            "/?namespace=x", headers={**POLL, "hx-current-url": "http://testserver.local/?namespace=x"}
+            "/?namespace=x", headers={**POLL, "hx-current-url": "http://127.0.0.1/?namespace=x"}
         )
         assert (
             partial.status_code == 401 and partial.headers["hx-redirect"] == "/signin?next=/%3Fnamespace%3Dx"

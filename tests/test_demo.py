@@ -31,6 +31,9 @@ pytestmark = pytest.mark.timeout(60)
 SHIPPED_RATE = demo.SIMULATED_RATE
 DELTAS = ["# Real", " answer\n\n", "- from the ", "model ", "é\n", "```py\nprint(1)\n```\n"]
 
+# A keyless server answers only to loopback names (DNS rebinding): tests reach it by one.
+LOOPBACK = "http://127.0.0.1"
+
 
 class FakeOpenAI:
     """A tiny OpenAI-compatible `/chat/completions` server on 127.0.0.1 that streams `deltas`."""
@@ -165,7 +168,7 @@ async def test_openai_tokens_parse_the_streamed_deltas(fake: FakeOpenAI) -> None
 async def test_demo_streams_the_configured_model(local: Settings, fake: FakeOpenAI) -> None:
     settings = dataclasses.replace(local, llm_base_url=fake.url, llm_model="tiny-model", llm_api_key="sk")
     assert demo.token_source(settings)[0] == "tiny-model"
-    async with AsyncTestClient(create_app(settings)) as client:
+    async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
         response = await client.post("/demo", headers={"accept": "application/json"})
         started = response.json()
         assert response.status_code == 201 and started["source"] == "tiny-model"
@@ -190,7 +193,7 @@ async def test_a_failing_model_is_reported_in_both_streams(local: Settings) -> N
 
 async def test_too_many_demos_at_once_are_refused(local: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo, "MAX_RUNNING", 0)
-    async with AsyncTestClient(create_app(local)) as client:
+    async with AsyncTestClient(create_app(local), base_url=LOOPBACK) as client:
         response = await client.post("/demo")
     assert response.status_code == 429 and response.headers["retry-after"] == "5"
 

@@ -260,7 +260,7 @@ async def test_a_slow_sse_reader_does_not_make_the_server_buffer(tmp_path: Path)
         before = private_mib()
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(b"GET /v1/stream/slow?offset=-1&live=sse HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /v1/stream/slow?offset=-1&live=sse HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             sock.recv(1024)  # then read nothing more: a reader that has stalled
             await asyncio.sleep(2)
             grown = private_mib() - before
@@ -270,7 +270,7 @@ async def test_a_slow_sse_reader_does_not_make_the_server_buffer(tmp_path: Path)
 def _octets_head(name: str, length: int) -> bytes:
     """The request line and headers of a raw HTTP append of `length` bytes, for a client that may stall."""
     return (
-        f"POST /v1/stream/{name} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        f"POST /v1/stream/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
         f"Content-Length: {length}\r\n\r\n"
     ).encode()
 

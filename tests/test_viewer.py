@@ -25,6 +25,9 @@ pytestmark = pytest.mark.timeout(60)
 Client = AsyncTestClient[Any]
 HOSTILE = '<script>alert(1)</script><img src=x onerror="alert(2)"></pre><svg onload=alert(3)>&amp;'
 
+# A keyless server answers only to loopback names (DNS rebinding): tests reach it by one.
+LOOPBACK = "http://127.0.0.1"
+
 
 @pytest.fixture(autouse=True)
 def fast_demo(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,7 +42,7 @@ def local_settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def client(local_settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
-    async with AsyncTestClient(create_app(local_settings)) as client:
+    async with AsyncTestClient(create_app(local_settings), base_url=LOOPBACK) as client:
         yield client
 
 
@@ -155,7 +158,7 @@ async def test_sdk_json_stream_is_text_and_viewer_url_opens_it(local_settings: S
         await stream.close()
         info = await ctx.stream.get(stream.id)
     assert stream.viewer_url == info.viewer_url == f"http://sh.test/watch/{stream.id}"
-    async with AsyncTestClient(create_app(local_settings)) as client:
+    async with AsyncTestClient(create_app(local_settings), base_url=LOOPBACK) as client:
         page = (await client.get(stream.viewer_url.removeprefix("http://sh.test"))).text
     assert attr(page, "encoding") == "text" and raw_text(page) == '{"event":"a"}{"event":"b"}'
 
@@ -175,7 +178,7 @@ async def test_binary_shows_size_hex_and_download(client: Client) -> None:
 async def test_large_stream_shows_the_last_window_from_a_line_start(settings: Settings) -> None:
     lines = [f"line {n:06d} " + "x" * 90 + "\n" for n in range(6000)]
     body = "".join(lines).encode()
-    async with AsyncTestClient(create_app(settings)) as client:
+    async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
         await put(client, "big/log", "text/plain")
         for at in range(0, len(body), 256 * 1024):
             await post(client, "big/log", "text/plain", body[at : at + 256 * 1024])
@@ -244,11 +247,11 @@ async def test_demo_redirects_to_the_viewer(client: Client) -> None:
 
 
 async def test_demo_refuses_other_sites_and_missing_keys(local_settings: Settings) -> None:
-    async with AsyncTestClient(create_app(local_settings)) as client:
+    async with AsyncTestClient(create_app(local_settings), base_url=LOOPBACK) as client:
         response = await client.post("/demo", headers={"origin": "http://evil.example"})
         assert response.status_code == 403
     keyed = dataclasses.replace(local_settings, api_keys=("k1",))
-    async with AsyncTestClient(create_app(keyed)) as client:
+    async with AsyncTestClient(create_app(keyed), base_url=LOOPBACK) as client:
         assert (await client.post("/demo")).status_code == 401
         assert (await client.post("/demo", headers={"authorization": "Bearer nope"})).status_code == 401
         page = (await client.get("/watch/nothing")).text

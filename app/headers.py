@@ -1,0 +1,114 @@
+"""Security headers in one place: stream content's sandbox, nosniff, CORS, and which hosts a server answers.
+
+Stream bytes are anyone's bytes. Wherever they are served they carry `Content-Security-Policy: sandbox`
+and `nosniff`, and types a browser would run (HTML, SVG, XML) are sent as attachments, except from the
+content origin (STREAMHOLD_CONTENT_ORIGIN), a host that serves nothing but stream content.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+SANDBOX = (b"content-security-policy", b"sandbox")
+ATTACHMENT = (b"content-disposition", b"attachment")
+
+CORS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "GET, POST, PUT, DELETE, HEAD, OPTIONS",
+    "access-control-allow-headers": (
+        "content-type, authorization, if-none-match, last-event-id, stream-ttl, stream-expires-at, "
+        "stream-closed, stream-seq, producer-id, producer-epoch, producer-seq, stream-forked-from, "
+        "stream-fork-offset, stream-fork-sub-offset"
+    ),
+    "access-control-expose-headers": (
+        "stream-next-offset, stream-cursor, stream-up-to-date, stream-closed, stream-ttl, stream-expires-at, "
+        "stream-sse-data-encoding, producer-epoch, producer-seq, producer-expected-seq, "
+        "producer-received-seq, etag, content-type, content-encoding, location"
+    ),
+    "access-control-max-age": "86400",
+}
+PREFLIGHT_HEADERS = [(k.encode(), v.encode()) for k, v in CORS.items()]
+
+API_CORS_HEADERS = [
+    (k.encode(), v.encode())
+    for k, v in CORS.items()
+    if k in ("access-control-allow-origin", "access-control-expose-headers")
+]
+# Added to every response on the stream APIs.
+API_RESPONSE_HEADERS = [
+    NOSNIFF,
+    *API_CORS_HEADERS,
+    (b"cross-origin-resource-policy", b"cross-origin"),
+    # Stream content is anyone's bytes: opened in a browser it must not run as our origin.
+    SANDBOX,
+]
+
+# Types a browser renders as a document that can run script (XML can carry XHTML, and with it script).
+ACTIVE_TYPES = frozenset(
+    {
+        "text/html",
+        "application/xhtml+xml",
+        "image/svg+xml",
+        "text/xml",
+        "application/xml",
+        "text/xsl",
+        "application/xslt+xml",
+        "multipart/x-mixed-replace",
+        "application/x-shockwave-flash",
+        "text/vnd.wap.wml",
+    }
+)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def is_active(content_type: str) -> bool:
+    """True for a type a browser may run as a page (HTML, SVG, any XML), or one it cannot parse."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if "/" not in kind:
+        return True
+    return kind in ACTIVE_TYPES or kind.endswith(("+xml", "/xml"))
+
+
+def content_headers(content_type: str, *, inline: bool) -> list[tuple[bytes, bytes]]:
+    """The headers every response carrying stream bytes gets; `inline` only on the content origin."""
+    headers = [NOSNIFF, SANDBOX, (b"cross-origin-resource-policy", b"cross-origin")]
+    if not inline and is_active(content_type):
+        headers.append(ATTACHMENT)
+    return headers
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header or URL netloc, lower-cased, without port or IPv6 brackets."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def url_host(url: str) -> str:
+    return host_name(urlsplit(url).netloc) if url else ""
+
+
+def answers_to(host: str, own_names: frozenset[str]) -> bool:
+    """Whether a keyless server answers a request for `host`.
+
+    A DNS-rebinding page reaches a loopback server under the attacker's own name; IP literals and
+    loopback names cannot be rebound, and the configured public names are the operator's.
+    """
+    name = host_name(host)
+    if not name or name in LOOPBACK_NAMES or name.endswith(".localhost") or name in own_names:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def origin_of(url: str) -> str:
+    """`scheme://host[:port]` of a URL, lower-cased, for comparing origins."""
+    parts = urlsplit(url.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower() if parts.scheme and parts.netloc else ""
