@@ -24,6 +24,8 @@ from app.store import NewStream, Store
 from tests._cluster import server_env, server_errors
 from tests._server import HOST, ServerProcess
 
+LOOPBACK = f"http://{HOST}"
+
 pytestmark = pytest.mark.timeout(60)
 
 DAY = 86400.0
@@ -33,7 +35,10 @@ DAY = 86400.0
 async def two_apps(settings: Settings) -> AsyncIterator[tuple[AsyncTestClient[Any], AsyncTestClient[Any]]]:
     """Two apps on one database, as two server processes would be (each with its own store and cache)."""
     fast = dataclasses.replace(settings, sweep_interval=0.2)
-    async with AsyncTestClient(create_app(fast)) as one, AsyncTestClient(create_app(fast)) as two:
+    async with (
+        AsyncTestClient(create_app(fast), base_url=LOOPBACK) as one,
+        AsyncTestClient(create_app(fast), base_url=LOOPBACK) as two,
+    ):
         yield one, two
 
 
