@@ -224,6 +224,7 @@ class Writer:
         self._closing = False
         self.appends = 0
         self.bytes_appended = 0
+        self._uncommitted = [0, 0]  # appends and bytes of the batch being written, counted once committed
         self.commits = 0
         self.after_close: Callable[[str, bool], None] | None = None
         # SQLite only: stream rows (and their pending byte counts) as this connection's last commit left
@@ -556,7 +557,7 @@ class Writer:
             cursor.close()
         self._release_claims()
         self._committed()
-        self.commits += 1
+        self._count_commit()
         return outcomes, changes
 
     def _commit(self, cursor: Any) -> None:
@@ -571,6 +572,12 @@ class Writer:
         if files is not None:
             files.committed()
         self.commit_seconds = max(took, self.commit_seconds + (took - self.commit_seconds) / 10)
+
+    def _count_commit(self) -> None:
+        self.commits += 1
+        self.appends += self._uncommitted[0]
+        self.bytes_appended += self._uncommitted[1]
+        self._uncommitted = [0, 0]
 
     def _release_claims(self) -> None:
         for claim in self._claims:
@@ -603,6 +610,7 @@ class Writer:
         cursor = cursor if began else conn.cursor()
         self._commit_sent = False
         self._file_writes.clear()
+        self._uncommitted = [0, 0]
         try:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
@@ -671,7 +679,7 @@ class Writer:
                         cursor.execute("PRAGMA busy_timeout=0")
                 cursor.close()
                 self._release_claims()
-        self.commits += 1
+        self._count_commit()
         return outcomes, changes
 
     def _write(
@@ -733,8 +741,8 @@ class Writer:
                     added = len(data)
                 waiting = 0
             if data:
-                self.appends += p.appends
-                self.bytes_appended += len(data)
+                self._uncommitted[0] += p.appends
+                self._uncommitted[1] += len(data)
             updates.setdefault(update, []).append(update.args(values))
             if p.expires_at != was.expires_at:
                 expiry = {"_id": stream_id, "expires_at": p.expires_at}

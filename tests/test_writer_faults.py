@@ -168,6 +168,7 @@ async def test_a_failing_stream_does_not_fail_other_streams_in_its_batch(store: 
         raise disk_full()
 
     poison_writes(store, {bad}, fail)
+    committed = store.writer.appends
     futures = {
         stream_id: [store.append_nowait(stream_id, f"{stream_id[-4:]}-{i};".encode()) for i in range(3)]
         for stream_id in (good, bad, other)
@@ -182,6 +183,7 @@ async def test_a_failing_stream_does_not_fail_other_streams_in_its_batch(store: 
         expected = b"".join(f"{stream_id[-4:]}-{i};".encode() for i in range(3))
         assert await content(store, stream_id) == expected
     assert await content(store, bad) == b""
+    assert store.writer.appends - committed == 6  # counted once, and only once committed
 
 
 async def test_a_full_disk_for_one_chunk_file_fails_only_its_stream(
