@@ -132,8 +132,12 @@ class Store:
         for change in changes:
             self._refresh_cached(change)
             if change.gone:
+                self._small_chunks.pop(change.stream_id, None)
                 self._remove_file_later(change.stream_id)
             if not change.gone and not change.closed and 0 < change.added_chunk < transactions.SMALL_CHUNK:
+                if change.stream_id not in self._small_chunks and len(self._small_chunks) >= NAME_CACHE:
+                    # Streams deleted by another process leave their counts here: start counting afresh.
+                    self._small_chunks.clear()
                 count = self._small_chunks.get(change.stream_id, 0) + 1
                 self._small_chunks[change.stream_id] = count
                 if count >= COMPACT_AFTER:
