@@ -230,11 +230,12 @@ class ChunkFiles:
         except FileNotFoundError:
             pass
 
-    def stream_ids(self) -> list[str]:
-        """The streams whose file was last written before the grace; newer files wait for a later start."""
+    def stream_ids(self) -> tuple[list[str], list[str]]:
+        """The streams that have a file: (last written before the grace, written within it)."""
         limit = time.time() - REMOVE_GRACE
-        found = []
+        old: list[str] = []
+        recent: list[str] = []
         for entry in os.scandir(self.directory):
-            if entry.name.endswith(SUFFIX) and entry.stat().st_mtime < limit:
-                found.append(entry.name[: -len(SUFFIX)])
-        return found
+            if entry.name.endswith(SUFFIX):
+                (old if entry.stat().st_mtime < limit else recent).append(entry.name[: -len(SUFFIX)])
+        return old, recent

@@ -85,6 +85,7 @@ class Store:
         self._compressing: dict[str, asyncio.Future[None]] = {}
         self._followups: set[asyncio.Task[Any]] = set()
         self._removals: dict[str, asyncio.TimerHandle] = {}
+        self._recent_files: list[str] = []
         self._closing = False
         database = "" if self.postgres else self._write_engine.url.database or ""
         self.files = ChunkFiles.beside(database)
@@ -98,6 +99,8 @@ class Store:
         store = cls(settings)
         await asyncio.get_running_loop().run_in_executor(store._readers, store._create_schema)
         store.writer.start()
+        for stream_id in store._recent_files:  # a read may still be using them: removed after the grace
+            store._remove_file_later(stream_id)
         try:
             yield store
         finally:
@@ -122,7 +125,8 @@ class Store:
             SQLModel.metadata.create_all(conn)
             _upgrade(conn, self.postgres)
             if self.files is not None:  # left by a process that stopped before removing them
-                transactions.remove_unused_files(conn, self.files, self.files.stream_ids())
+                old, self._recent_files = self.files.stream_ids()
+                transactions.remove_unused_files(conn, self.files, old)
 
     def subscribe(self, listener: Callable[[list[Change]], None]) -> None:
         """Call `listener` with the changes of every committed write."""
