@@ -35,6 +35,7 @@ from app.models import (
     MetadataRow,
     Producer,
     ProducerRow,
+    StreamClosedError,
     StreamFilter,
     StreamRow,
     StreamState,
@@ -440,7 +441,13 @@ class Store:
 
     async def append(self, stream_id: str, data: bytes, **options: Any) -> AppendResult:
         """Append (and optionally close); returns after the commit. Closing coalesces chunks afterwards."""
-        result = await self.append_nowait(stream_id, data, **options)
+        try:
+            result = await self.append_nowait(stream_id, data, **options)
+        except StreamClosedError:
+            if self.files is not None and len(data) >= chunk_files.FILE_CHUNK_MIN:
+                # Its body may have been spooled into the file after the close trimmed it: trim it again.
+                self._follow_up(self._trim(stream_id))
+            raise
         if options.get("close") and not result.duplicate:
             self._follow_up(self.finish(stream_id))
         return result
@@ -448,9 +455,7 @@ class Store:
     async def finish(self, stream_id: str) -> None:
         """Coalesce a closed stream's chunks and compress it if that was asked for."""
         await self.compact(stream_id, full=True)
-        state = await self.get(stream_id)
-        if state is not None and self.files is not None:
-            await self._read(self.files.trim, stream_id, state.tail)
+        state = await self._trim(stream_id)
         if state is None or not state.compress or state.compressed:
             return
         running = self._compressing.get(stream_id)
@@ -458,6 +463,13 @@ class Store:
             running = self._compressing[stream_id] = asyncio.ensure_future(self._compress(state))
             running.add_done_callback(lambda done: self._compression_done(stream_id, done))
         await asyncio.shield(running)
+
+    async def _trim(self, stream_id: str) -> StreamState | None:
+        """Give back the file space past a closed stream's tail; returns the stream as found."""
+        state = await self.get(stream_id)
+        if state is not None and state.closed and self.files is not None:
+            await self._read(self.files.trim, stream_id, state.tail)
+        return state
 
     def _compression_done(self, stream_id: str, done: asyncio.Future[None]) -> None:
         self._compressing.pop(stream_id, None)
