@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import functools
 import logging
+import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -87,6 +89,7 @@ class Store:
         self._followups: set[asyncio.Task[Any]] = set()
         self._removals: dict[str, asyncio.TimerHandle] = {}
         self._recent_files: list[str] = []
+        self._sweep_lock = -1  # the descriptor of the SQLite sweep lock file, once held
         self._closing = False
         database = "" if self.postgres else self._write_engine.url.database or ""
         self.files = ChunkFiles.beside(database)
@@ -115,6 +118,9 @@ class Store:
             await asyncio.gather(*self._followups, return_exceptions=True)
         await self.writer.stop()
         self._readers.shutdown(wait=True)
+        if self._sweep_lock >= 0:
+            os.close(self._sweep_lock)
+            self._sweep_lock = -1
         self._driver.close()
         self._write_engine.dispose()
         self._read_engine.dispose()
@@ -549,6 +555,22 @@ class Store:
 
         await self.writer.call(slide)
 
+    def _holds_sweep_lock(self) -> bool:
+        """Whether this process redoes stale compressions: on SQLite, the one holding the sweep lock file.
+
+        PostgreSQL's sweep takes an advisory lock; SQLite processes share a lock file beside the database.
+        """
+        if self.files is None or self._sweep_lock >= 0:
+            return True
+        fd = os.open(f"{self._write_engine.url.database}-sweep", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process holds it, until it stops
+            os.close(fd)
+            return False
+        self._sweep_lock = fd
+        return True
+
     async def compact(self, stream_id: str, full: bool = False) -> None:
         """Merge small chunks into larger ones so that reads need few rows; the content is unchanged."""
         await self.writer.call(lambda conn: (transactions.compact(conn, stream_id, full, self.postgres), []))
@@ -559,6 +581,8 @@ class Store:
         Closed streams whose compression never finished are handed to `finish` again, in the background.
         """
         swept, unfinished = await self.writer.call(lambda conn: transactions.sweep(conn, self.postgres))
+        if unfinished and not self._holds_sweep_lock():
+            unfinished = []
         for stream_id in unfinished:
             self._follow_up(self.finish(stream_id))
         return int(swept)
