@@ -396,7 +396,9 @@ class Writer:
         """Whether a failed transaction of appends is known not to have committed, and may be run again."""
         if self._commit_sent:  # PostgreSQL may have committed it; SQLite's COMMIT may have been busy
             return False
-        # Waiting for another process's lock is the whole database's trouble, not one stream's.
+        # A lost connection, or waiting for another process's lock, is the whole database's trouble.
+        if self._postgres:
+            return self._driver is not None
         return not (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc))
 
     def _fail_queued(self, failed: dict[str, Exception]) -> None:
