@@ -37,7 +37,6 @@ from app.models import (
     MetadataRow,
     Producer,
     ProducerRow,
-    StreamClosedError,
     StreamFilter,
     StreamRow,
     StreamState,
@@ -56,6 +55,7 @@ metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
+TRIM_RETRY_S = 1.0  # a closed stream's file held by a spooled body is trimmed again this much later
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
@@ -447,13 +447,7 @@ class Store:
 
     async def append(self, stream_id: str, data: bytes, **options: Any) -> AppendResult:
         """Append (and optionally close); returns after the commit. Closing coalesces chunks afterwards."""
-        try:
-            result = await self.append_nowait(stream_id, data, **options)
-        except StreamClosedError:
-            if self.files is not None and len(data) >= chunk_files.FILE_CHUNK_MIN:
-                # Its body may have been spooled into the file after the close trimmed it: trim it again.
-                self._follow_up(self._trim(stream_id))
-            raise
+        result = await self.append_nowait(stream_id, data, **options)
         if options.get("close") and not result.duplicate:
             self._follow_up(self.finish(stream_id))
         return result
@@ -471,10 +465,22 @@ class Store:
         await asyncio.shield(running)
 
     async def _trim(self, stream_id: str) -> StreamState | None:
-        """Give back the file space past a closed stream's tail; returns the stream as found."""
+        """Give back the file space past a closed stream's tail; returns the stream as found.
+
+        A body spooled into the file while the close committed holds the file, and may write past the tail
+        until it lets go: the trim then waits for that, and tries again.
+        """
         state = await self.get(stream_id)
-        if state is not None and state.closed and self.files is not None:
-            await self._read(self.files.trim, stream_id, state.tail)
+        files = self.files
+        if state is None or not state.closed or files is None:
+            return state
+        if not await self._read(_trim_unheld, files, stream_id, state.tail):
+
+            def retry() -> None:
+                if not self._closing:
+                    self._follow_up(self._trim(stream_id))
+
+            asyncio.get_running_loop().call_later(TRIM_RETRY_S, retry)
         return state
 
     def _compression_done(self, stream_id: str, done: asyncio.Future[None]) -> None:
@@ -586,6 +592,21 @@ class Store:
         for stream_id in unfinished:
             self._follow_up(self.finish(stream_id))
         return int(swept)
+
+
+def _trim_unheld(files: ChunkFiles, stream_id: str, tail: int) -> bool:
+    """Trim a stream's file to its tail unless a writer holds the file; whether it was not held."""
+    try:
+        claim = files.claim(stream_id, create=False)
+    except FileNotFoundError:
+        return True
+    if claim is None:
+        return False
+    try:
+        files.trim(stream_id, tail)
+    finally:
+        claim.close()
+    return True
 
 
 def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:
