@@ -369,9 +369,7 @@ class Writer:
     async def _bisect(
         self, ops: list[AppendOp], streams: list[str], error: Exception, budget: list[int]
     ) -> tuple[list[tuple[bool, Any]], list[Change]]:
-        if len(streams) < 2 or budget[0] <= 0:
-            if len(streams) > 1:
-                log.error("gave up committing a failed batch's streams apart", exc_info=error)
+        if len(streams) < 2:
             return [(False, error)] * len(ops), []
         results: dict[int, tuple[bool, Any]] = {}
         changes: list[Change] = []
@@ -379,6 +377,12 @@ class Writer:
         for part in (streams[:half], streams[half:]):
             chosen = set(part)
             some = [op for op in ops if op.stream_id in chosen]
+            if budget[0] <= 0:
+                if budget[0] == 0:
+                    budget[0] = -1  # logged once
+                    log.error("gave up committing a failed batch's streams apart", exc_info=error)
+                results.update((id(op), (False, error)) for op in some)
+                continue
             budget[0] -= 1
             try:
                 outcomes, done = await self._appends(some)
@@ -394,7 +398,9 @@ class Writer:
 
     def _may_retry(self, exc: Exception) -> bool:
         """Whether a failed transaction of appends is known not to have committed, and may be run again."""
-        if self._commit_sent:  # PostgreSQL may have committed it; SQLite's COMMIT may have been busy
+        # Once COMMIT is sent the batch may be committed (on PostgreSQL, or on SQLite if a sync failed
+        # after its commit frame was written): doing it again would append twice.
+        if self._commit_sent:
             return False
         # A lost connection, or waiting for another process's lock, is the whole database's trouble.
         if self._postgres:

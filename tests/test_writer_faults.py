@@ -16,6 +16,7 @@ from app.sdk import LocalStreams
 from app.settings import Settings
 from app.store import Store
 from app.transactions import NewStream
+from app.writer import ISOLATION_TRANSACTIONS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -184,6 +185,20 @@ async def test_a_failing_stream_does_not_fail_other_streams_in_its_batch(store: 
         assert await content(store, stream_id) == expected
     assert await content(store, bad) == b""
     assert store.writer.appends - committed == 6  # counted once, and only once committed
+
+
+async def test_a_failure_of_every_stream_is_not_retried_without_end(store: Store) -> None:
+    ids = [await new_stream(store, f"all-{i}") for i in range(64)]
+    attempts = [0]
+
+    def fail() -> None:
+        attempts[0] += 1
+        raise disk_full()
+
+    poison_writes(store, set(ids), fail)
+    results = await asyncio.gather(*[store.append_nowait(i, b"x") for i in ids], return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results)
+    assert attempts[0] <= 1 + ISOLATION_TRANSACTIONS
 
 
 async def test_a_full_disk_for_one_chunk_file_fails_only_its_stream(
