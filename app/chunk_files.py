@@ -49,7 +49,7 @@ SYNC_FILE_RANGE_WRITE = 2
 
 def make_directory(path: Path) -> None:
     """Create `path` and its missing parents, each name synced into its parent so that a crash keeps it."""
-    missing = []
+    missing: list[Path] = []
     at = path
     while not at.is_dir() and at.parent != at:
         missing.append(at)
