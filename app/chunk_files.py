@@ -47,6 +47,27 @@ if _sync_file_range is not None:
 SYNC_FILE_RANGE_WRITE = 2
 
 
+def make_directory(path: Path) -> None:
+    """Create `path` and its missing parents, each name synced into its parent so that a crash keeps it."""
+    missing: list[Path] = []
+    at = path
+    while not at.is_dir() and at.parent != at:
+        missing.append(at)
+        at = at.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)  # another process may make it too; syncing it again is harmless
+        sync_directory(directory.parent)
+
+
+def sync_directory(path: Path) -> None:
+    """Make the names in a directory durable: a file's data is synced apart from its name."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class Claim:
     """A stream's chunk file, open and locked against other writers until closed."""
 
@@ -128,7 +149,7 @@ class ChunkFiles:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
         # Streams whose file names are durable: a commit of this process that refers to the file has
         # succeeded since the directory was synced. Whoever created a file, possibly another process or a
         # spool that then failed, the first commit here that refers to it syncs the directory.
@@ -191,11 +212,7 @@ class ChunkFiles:
             if claim.created or claim.stream_id not in self._named:
                 self._naming.append(claim.stream_id)
         if self._naming:  # a file's name must be durable too
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            sync_directory(self.directory)
 
     def committed(self) -> None:
         """The commit after the last `write` succeeded: the names it synced stay durable."""
@@ -230,11 +247,12 @@ class ChunkFiles:
         except FileNotFoundError:
             pass
 
-    def stream_ids(self) -> list[str]:
-        """The streams whose file was last written before the grace; newer files wait for a later start."""
+    def stream_ids(self) -> tuple[list[str], list[str]]:
+        """The streams that have a file: (last written before the grace, written within it)."""
         limit = time.time() - REMOVE_GRACE
-        found = []
+        old: list[str] = []
+        recent: list[str] = []
         for entry in os.scandir(self.directory):
-            if entry.name.endswith(SUFFIX) and entry.stat().st_mtime < limit:
-                found.append(entry.name[: -len(SUFFIX)])
-        return found
+            if entry.name.endswith(SUFFIX):
+                (old if entry.stat().st_mtime < limit else recent).append(entry.name[: -len(SUFFIX)])
+        return old, recent

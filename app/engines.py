@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 
+from app.chunk_files import make_directory
 from app.settings import Settings
 
 
@@ -14,7 +15,7 @@ def make_engines(settings: Settings) -> tuple[Engine, Engine]:
     if not settings.is_sqlite:
         engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         return engine, engine
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(settings.data_dir)
     # Two writer connections, used by the one writer thread in turn: its appends and its other operations.
     writer = create_engine(url, connect_args={"check_same_thread": False}, pool_size=2, max_overflow=0)
     reader = create_engine(url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=8)

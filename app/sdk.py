@@ -151,11 +151,16 @@ class Stream:
         self._closed = False
         self._pending: set[asyncio.Future[Any]] = set()
         self._error: BaseException | None = None
+        self._last: asyncio.Future[Any] | None = None  # the future of the latest write
 
     def write(self, data: Any) -> asyncio.Future[Any]:
         """Queue `data` now; await the result to know it is committed."""
         if self._closed:
             raise StreamClosedError(f"stream {self.id} is closed; create a new stream to write more")
+        last = self._last
+        if self._error is None and last is not None and last.done() and not last.cancelled():
+            # Failed, but its callback has not run yet: a write now would land after the hole.
+            self._error = last.exception()
         if self._error is not None:
             raise self._error
         chunk = encode_chunk(data)
@@ -164,6 +169,7 @@ class Stream:
             future.set_result(None)
             return future
         future = self._send(chunk)
+        self._last = future
         self.bytes_written += len(chunk)
         if future not in self._pending:  # writes that joined a queued append share its future
             self._pending.add(future)

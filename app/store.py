@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import functools
 import logging
+import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -55,6 +57,7 @@ producers = ProducerRow.__table__
 sessions = SessionRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
+TRIM_RETRY_S = 1.0  # a closed stream's file held by a spooled body is trimmed again this much later
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
@@ -87,6 +90,8 @@ class Store:
         self._compressing: dict[str, asyncio.Future[None]] = {}
         self._followups: set[asyncio.Task[Any]] = set()
         self._removals: dict[str, asyncio.TimerHandle] = {}
+        self._recent_files: list[str] = []
+        self._sweep_lock = -1  # the descriptor of the SQLite sweep lock file, once held
         self._closing = False
         database = "" if self.postgres else self._write_engine.url.database or ""
         self.files = ChunkFiles.beside(database)
@@ -100,6 +105,8 @@ class Store:
         store = cls(settings)
         await asyncio.get_running_loop().run_in_executor(store._readers, store._create_schema)
         store.writer.start()
+        for stream_id in store._recent_files:  # a read may still be using them: removed after the grace
+            store._remove_file_later(stream_id)
         try:
             yield store
         finally:
@@ -113,6 +120,9 @@ class Store:
             await asyncio.gather(*self._followups, return_exceptions=True)
         await self.writer.stop()
         self._readers.shutdown(wait=True)
+        if self._sweep_lock >= 0:
+            os.close(self._sweep_lock)
+            self._sweep_lock = -1
         self._driver.close()
         self._write_engine.dispose()
         self._read_engine.dispose()
@@ -128,7 +138,8 @@ class Store:
             else:
                 clock.set_to(time.time())
             if self.files is not None:  # left by a process that stopped before removing them
-                transactions.remove_unused_files(conn, self.files, self.files.stream_ids())
+                old, self._recent_files = self.files.stream_ids()
+                transactions.remove_unused_files(conn, self.files, old)
 
     def subscribe(self, listener: Callable[[list[Change]], None]) -> None:
         """Call `listener` with the changes of every committed write."""
@@ -138,8 +149,12 @@ class Store:
         for change in changes:
             self._refresh_cached(change)
             if change.gone:
+                self._small_chunks.pop(change.stream_id, None)
                 self._remove_file_later(change.stream_id)
             if not change.gone and not change.closed and 0 < change.added_chunk < transactions.SMALL_CHUNK:
+                if change.stream_id not in self._small_chunks and len(self._small_chunks) >= NAME_CACHE:
+                    # Streams deleted by another process leave their counts here: start counting afresh.
+                    self._small_chunks.clear()
                 count = self._small_chunks.get(change.stream_id, 0) + 1
                 self._small_chunks[change.stream_id] = count
                 if count >= COMPACT_AFTER:
@@ -451,9 +466,7 @@ class Store:
     async def finish(self, stream_id: str) -> None:
         """Coalesce a closed stream's chunks and compress it if that was asked for."""
         await self.compact(stream_id, full=True)
-        state = await self.get(stream_id)
-        if state is not None and self.files is not None:
-            await self._read(self.files.trim, stream_id, state.tail)
+        state = await self._trim(stream_id)
         if state is None or not state.compress or state.compressed:
             return
         running = self._compressing.get(stream_id)
@@ -461,6 +474,25 @@ class Store:
             running = self._compressing[stream_id] = asyncio.ensure_future(self._compress(state))
             running.add_done_callback(lambda done: self._compression_done(stream_id, done))
         await asyncio.shield(running)
+
+    async def _trim(self, stream_id: str) -> StreamState | None:
+        """Give back the file space past a closed stream's tail; returns the stream as found.
+
+        A body spooled into the file while the close committed holds the file, and may write past the tail
+        until it lets go: the trim then waits for that, and tries again.
+        """
+        state = await self.get(stream_id)
+        files = self.files
+        if state is None or not state.closed or files is None:
+            return state
+        if not await self._read(_trim_unheld, files, stream_id, state.tail):
+
+            def retry() -> None:
+                if not self._closing:
+                    self._follow_up(self._trim(stream_id))
+
+            asyncio.get_running_loop().call_later(TRIM_RETRY_S, retry)
+        return state
 
     def _compression_done(self, stream_id: str, done: asyncio.Future[None]) -> None:
         self._compressing.pop(stream_id, None)
@@ -540,6 +572,22 @@ class Store:
 
         await self.writer.call(slide)
 
+    def _holds_sweep_lock(self) -> bool:
+        """Whether this process redoes stale compressions: on SQLite, the one holding the sweep lock file.
+
+        PostgreSQL's sweep takes an advisory lock; SQLite processes share a lock file beside the database.
+        """
+        if self.files is None or self._sweep_lock >= 0:
+            return True
+        fd = os.open(f"{self._write_engine.url.database}-sweep", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process holds it, until it stops
+            os.close(fd)
+            return False
+        self._sweep_lock = fd
+        return True
+
     async def compact(self, stream_id: str, full: bool = False) -> None:
         """Merge small chunks into larger ones so that reads need few rows; the content is unchanged."""
         await self.writer.call(lambda conn: (transactions.compact(conn, stream_id, full, self.postgres), []))
@@ -550,6 +598,8 @@ class Store:
         Closed streams whose compression never finished are handed to `finish` again, in the background.
         """
         swept, unfinished = await self.writer.call(lambda conn: transactions.sweep(conn, self.postgres))
+        if unfinished and not self._holds_sweep_lock():
+            unfinished = []
         for stream_id in unfinished:
             self._follow_up(self.finish(stream_id))
         return int(swept)
@@ -584,6 +634,21 @@ class Store:
         await self.writer.call(
             lambda conn: (conn.execute(sessions.delete().where(sessions.c.id_hash == id_hash)), [])
         )
+
+
+def _trim_unheld(files: ChunkFiles, stream_id: str, tail: int) -> bool:
+    """Trim a stream's file to its tail unless a writer holds the file; whether it was not held."""
+    try:
+        claim = files.claim(stream_id, create=False)
+    except FileNotFoundError:
+        return True
+    if claim is None:
+        return False
+    try:
+        files.trim(stream_id, tail)
+    finally:
+        claim.close()
+    return True
 
 
 def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:

@@ -55,6 +55,9 @@ WAL_FRAME_HEADER = 24
 # an index entry per stream, scattered over as many pages: measured, 2 to 3 times fewer pages a commit.
 PENDING_LIMIT = 2048
 IDLE_CHECKPOINT_S = 0.5
+# A failed batch of appends to several streams is retried in parts by stream, in at most this many
+# transactions: enough to find one failing stream among the 4096 a batch may hold.
+ISOLATION_TRANSACTIONS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +225,7 @@ class Writer:
         self._closing = False
         self.appends = 0
         self.bytes_appended = 0
+        self._uncommitted = [0, 0]  # appends and bytes of the batch being written, counted once committed
         self.commits = 0
         self.after_close: Callable[[str, bool], None] | None = None
         # SQLite only: stream rows (and their pending byte counts) as this connection's last commit left
@@ -318,29 +322,111 @@ class Writer:
                     outcomes: list[tuple[bool, Any]] = [outcome[0]]
                     changes = outcome[1]
                 else:
-                    appends: list[AppendOp] = batch  # type: ignore[assignment]
-                    if self._postgres:
-                        work = self._run_appends
-                        outcomes, changes = await self._thread.run(work, appends)
-                    else:
-                        outcomes, changes = await self._sqlite_appends(appends)
+                    outcomes, changes = await self._isolated_appends(batch)  # type: ignore[arg-type]
             except Exception as exc:  # the transaction failed as a whole
                 log.exception("write transaction failed")
                 for op in batch:
                     if not op.future.done():
                         op.future.set_exception(exc)
                 _close_spools(batch)
+                self._fail_queued({op.stream_id: exc for op in batch if isinstance(op, AppendOp)})
                 continue
             _close_spools(batch)
+            failed: dict[str, Exception] = {}
             for op, (ok, value) in zip(batch, outcomes, strict=True):
+                if not ok and isinstance(op, AppendOp) and not isinstance(value, StreamError):
+                    failed.setdefault(op.stream_id, value)
                 if op.future.done():
                     continue
                 if ok:
                     op.future.set_result(value)
                 else:
                     op.future.set_exception(value)
+            self._fail_queued(failed)
             if changes:
                 self._on_change(changes)
+
+    async def _appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        if self._postgres:
+            return await self._thread.run(self._run_appends, ops)
+        return await self._sqlite_appends(ops)
+
+    async def _isolated_appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        """Commit a batch of appends; if it fails, commit its streams apart, so only the failing ones fail.
+
+        A failure that can be one stream's (its chunk file's disk is full, a statement on its rows fails)
+        then fails only that stream's appends: the batch is split in halves by stream, again and again
+        while a half fails, within a budget of transactions, so a failure of the whole database ends soon.
+        """
+        try:
+            return await self._appends(ops)
+        except Exception as exc:
+            streams = list(dict.fromkeys(op.stream_id for op in ops))
+            if len(streams) < 2 or not self._may_retry(exc):
+                raise
+            log.warning("a batch of appends to %d streams failed; committing them apart", len(streams))
+            return await self._bisect(ops, streams, exc, [ISOLATION_TRANSACTIONS])
+
+    async def _bisect(
+        self, ops: list[AppendOp], streams: list[str], error: Exception, budget: list[int]
+    ) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        if len(streams) < 2:
+            return [(False, error)] * len(ops), []
+        results: dict[int, tuple[bool, Any]] = {}
+        changes: list[Change] = []
+        half = len(streams) // 2
+        for part in (streams[:half], streams[half:]):
+            chosen = set(part)
+            some = [op for op in ops if op.stream_id in chosen]
+            if budget[0] <= 0:
+                if budget[0] == 0:
+                    budget[0] = -1  # logged once
+                    log.error("gave up committing a failed batch's streams apart", exc_info=error)
+                results.update((id(op), (False, error)) for op in some)
+                continue
+            budget[0] -= 1
+            try:
+                outcomes, done = await self._appends(some)
+            except Exception as exc:
+                if self._may_retry(exc):
+                    outcomes, done = await self._bisect(some, part, exc, budget)
+                else:
+                    log.error("write transaction failed", exc_info=exc)
+                    outcomes, done = [(False, exc)] * len(some), []
+            results.update(zip(map(id, some), outcomes, strict=True))
+            changes += done
+        return [results[id(op)] for op in ops], changes
+
+    def _may_retry(self, exc: Exception) -> bool:
+        """Whether a failed transaction of appends is known not to have committed, and may be run again."""
+        # Once COMMIT is sent the batch may be committed (on PostgreSQL, or on SQLite if a sync failed
+        # after its commit frame was written): doing it again would append twice.
+        if self._commit_sent:
+            return False
+        # A lost connection, or waiting for another process's lock, is the whole database's trouble.
+        if self._postgres:
+            return self._driver is not None
+        return not (isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc))
+
+    def _fail_queued(self, failed: dict[str, Exception]) -> None:
+        """Fail the queued appends to streams whose write just failed, with the same error."""
+        # Nothing after a failed write is committed to its stream. An append queued while the failed write
+        # was under way was sent before its failure was known, and may follow on from it (the Python API's
+        # unawaited writes, a client's concurrent appends): committed, it would leave a hole. An append
+        # queued after this point answers the failure, such as a retry of the failed bytes, and goes ahead.
+        if not failed or not self._queue:
+            return
+        kept: collections.deque[AppendOp | CallOp] = collections.deque()
+        for op in self._queue:
+            if isinstance(op, AppendOp) and op.stream_id in failed:
+                if op.spool is not None:
+                    op.spool.close()
+                if not op.future.done():
+                    op.future.set_exception(failed[op.stream_id])
+            else:
+                kept.append(op)
+        self._queue.clear()
+        self._queue.extend(kept)
 
     async def _idle(self) -> None:
         """Wait for work; once idle a moment after commits, checkpoint the WAL in the background.
@@ -480,7 +566,7 @@ class Writer:
             cursor.close()
         self._release_claims()
         self._committed()
-        self.commits += 1
+        self._count_commit()
         return outcomes, changes
 
     def _commit(self, cursor: Any) -> None:
@@ -495,6 +581,12 @@ class Writer:
         if files is not None:
             files.committed()
         self.commit_seconds = max(took, self.commit_seconds + (took - self.commit_seconds) / 10)
+
+    def _count_commit(self) -> None:
+        self.commits += 1
+        self.appends += self._uncommitted[0]
+        self.bytes_appended += self._uncommitted[1]
+        self._uncommitted = [0, 0]
 
     def _release_claims(self) -> None:
         for claim in self._claims:
@@ -527,6 +619,7 @@ class Writer:
         cursor = cursor if began else conn.cursor()
         self._commit_sent = False
         self._file_writes.clear()
+        self._uncommitted = [0, 0]
         try:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
@@ -595,7 +688,7 @@ class Writer:
                         cursor.execute("PRAGMA busy_timeout=0")
                 cursor.close()
                 self._release_claims()
-        self.commits += 1
+        self._count_commit()
         return outcomes, changes
 
     def _write(
@@ -657,8 +750,8 @@ class Writer:
                     added = len(data)
                 waiting = 0
             if data:
-                self.appends += p.appends
-                self.bytes_appended += len(data)
+                self._uncommitted[0] += p.appends
+                self._uncommitted[1] += len(data)
             updates.setdefault(update, []).append(update.args(values))
             if p.expires_at != was.expires_at:
                 expiry = {"_id": stream_id, "expires_at": p.expires_at}

@@ -1,0 +1,228 @@
+"""A failing write: nothing after it is committed to its stream, and other streams' appends are unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from app import chunk_files
+from app.live import LiveHub
+from app.sdk import LocalStreams
+from app.settings import Settings
+from app.store import Store
+from app.transactions import NewStream
+from app.writer import ISOLATION_TRANSACTIONS
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def disk_full() -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+class _FaultyCursor:
+    """The writer's real cursor, except that a write naming the poisoned stream calls `fault` first."""
+
+    def __init__(self, cursor: Any, poisoned: set[str], fault: Callable[[], None]) -> None:
+        self._cursor = cursor
+        self._poisoned = poisoned
+        self._fault = fault
+
+    def _check(self, sql: str, rows: list[Any]) -> None:
+        if not sql.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            return
+        for row in rows:
+            values = row.values() if isinstance(row, dict) else row
+            if any(isinstance(v, str) and v in self._poisoned for v in values):
+                self._fault()
+
+    def execute(self, sql: str, args: Any = ()) -> Any:
+        self._check(sql, [args])
+        self._cursor.execute(sql, args)
+        return self
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        rows = list(rows)
+        self._check(sql, rows)
+        self._cursor.executemany(sql, rows)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+class _FaultyConnection:
+    def __init__(self, conn: Any, poisoned: set[str], fault: Callable[[], None]) -> None:
+        self._conn = conn
+        self._poisoned = poisoned
+        self._fault = fault
+
+    def cursor(self, *args: Any, **kwargs: Any) -> _FaultyCursor:
+        return _FaultyCursor(self._conn.cursor(*args, **kwargs), self._poisoned, self._fault)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def poison_writes(store: Store, poisoned: set[str], fault: Callable[[], None]) -> None:
+    """Make the writer's statements that write rows of the `poisoned` streams call `fault` (which raises)."""
+    writer = store.writer
+    real = writer._driver_connection
+
+    def faulty() -> Any:
+        return _FaultyConnection(real(), poisoned, fault)
+
+    writer._driver_connection = faulty  # type: ignore[method-assign]
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    async with Store.open(settings) as opened:
+        yield opened
+
+
+async def new_stream(store: Store, name: str) -> str:
+    state, _ = await store.create(NewStream("faults", "text/plain", name=name))
+    return state.id
+
+
+async def content(store: Store, stream_id: str) -> bytes:
+    state = await store.get(stream_id)
+    assert state is not None
+    return await store.read(stream_id, 0, state.tail)
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
+    """Call `fn` on the loop, whether the fault fires on the loop or on the writer thread."""
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+
+    async def call() -> Any:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(10)
+
+
+async def test_api_writes_queued_behind_a_failed_write_fail_too(settings: Settings) -> None:
+    async with Store.open(settings) as store, LiveHub.open(store, settings) as hub:
+        streams = LocalStreams(store, hub, settings)
+        stream = await streams.create("export", content_type="text/plain")
+        await stream.write(b"A" * 100)
+        loop = asyncio.get_running_loop()
+        later: list[asyncio.Future[Any]] = []
+        armed = [True]
+
+        def fail_once_after_queueing_c() -> None:
+            if armed[0]:
+                armed[0] = False
+                # C is written while B's commit is under way, before its failure is known.
+                later.append(run_on_loop(loop, lambda: stream.write(b"C" * 100)))
+                raise disk_full()
+
+        poison_writes(store, {stream.id}, fail_once_after_queueing_c)
+        b = stream.write(b"B" * 100)
+        with pytest.raises(OSError) as failed:
+            await b
+        assert later, "the fault never fired"
+        with pytest.raises(OSError) as queued:
+            await later[0]
+        assert queued.value is failed.value
+        with pytest.raises(OSError):
+            stream.write(b"D")
+        assert await content(store, stream.id) == b"A" * 100
+
+
+async def test_appends_queued_behind_a_failed_append_fail_and_a_retry_succeeds(store: Store) -> None:
+    stream_id = await new_stream(store, "holes")
+    await store.append(stream_id, b"A")
+    loop = asyncio.get_running_loop()
+    later: list[asyncio.Future[Any]] = []
+    armed = [True]
+
+    def fail_once_after_queueing_c() -> None:
+        if armed[0]:
+            armed[0] = False
+            later.append(run_on_loop(loop, lambda: store.append_nowait(stream_id, b"C")))
+            raise disk_full()
+
+    poison_writes(store, {stream_id}, fail_once_after_queueing_c)
+    with pytest.raises(OSError):
+        await store.append_nowait(stream_id, b"B")
+    with pytest.raises(OSError):
+        await later[0]
+    assert await content(store, stream_id) == b"A"
+    # Once the failure is known, the client may retry: B, then C, land in order.
+    assert (await store.append(stream_id, b"B")).tail == 2
+    assert (await store.append(stream_id, b"C")).tail == 3
+    assert await content(store, stream_id) == b"ABC"
+
+
+async def test_a_failing_stream_does_not_fail_other_streams_in_its_batch(store: Store) -> None:
+    bad, good, other = [await new_stream(store, name) for name in ("bad", "good", "other")]
+
+    def fail() -> None:
+        raise disk_full()
+
+    poison_writes(store, {bad}, fail)
+    committed = store.writer.appends
+    futures = {
+        stream_id: [store.append_nowait(stream_id, f"{stream_id[-4:]}-{i};".encode()) for i in range(3)]
+        for stream_id in (good, bad, other)
+    }
+    results = {
+        stream_id: await asyncio.gather(*pending, return_exceptions=True)
+        for stream_id, pending in futures.items()
+    }
+    assert all(isinstance(r, OSError) for r in results[bad])
+    for stream_id in (good, other):
+        assert not any(isinstance(r, BaseException) for r in results[stream_id]), results[stream_id]
+        expected = b"".join(f"{stream_id[-4:]}-{i};".encode() for i in range(3))
+        assert await content(store, stream_id) == expected
+    assert await content(store, bad) == b""
+    assert store.writer.appends - committed == 6  # counted once, and only once committed
+
+
+async def test_a_failure_of_every_stream_is_not_retried_without_end(store: Store) -> None:
+    ids = [await new_stream(store, f"all-{i}") for i in range(64)]
+    attempts = [0]
+
+    def fail() -> None:
+        attempts[0] += 1
+        raise disk_full()
+
+    poison_writes(store, set(ids), fail)
+    results = await asyncio.gather(*[store.append_nowait(i, b"x") for i in ids], return_exceptions=True)
+    assert all(isinstance(r, OSError) for r in results)
+    assert attempts[0] <= 1 + ISOLATION_TRANSACTIONS
+
+
+async def test_a_full_disk_for_one_chunk_file_fails_only_its_stream(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(data_dir=tmp_path, long_poll_timeout=2.0, public_url="http://sh.test")
+    async with Store.open(settings) as store:
+        assert store.files is not None
+        bad, good = await new_stream(store, "bad"), await new_stream(store, "good")
+        real_write = chunk_files.Claim.write
+
+        def write(self: chunk_files.Claim, offset: int, data: Any) -> None:
+            if self.stream_id == bad:
+                raise disk_full()
+            real_write(self, offset, data)
+
+        monkeypatch.setattr(chunk_files.Claim, "write", write)
+        large = chunk_files.FILE_CHUNK_MIN * 2
+        small = store.append_nowait(good, b"s" * 10)
+        failing = store.append_nowait(bad, b"b" * large)
+        big = store.append_nowait(good, b"g" * large)
+        assert (await small).tail == 10
+        assert (await big).tail == 10 + large
+        with pytest.raises(OSError):
+            await failing
+        assert await content(store, good) == b"s" * 10 + b"g" * large
+        assert await content(store, bad) == b""
