@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, func, insert, literal, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
 from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles
@@ -76,8 +76,7 @@ def create(
         existing = _locked(conn, streams.c.name, new.name, postgres)
         if existing is not None:
             if existing.expired(now):
-                _purge(conn, existing.id)
-                changes.append(Change(existing.id, existing.tail, True, gone=True))
+                changes.append(_retire(conn, existing))
             elif existing.deleted:
                 raise StreamConflictError(
                     "this stream was deleted while forks of it remain; use another name"
@@ -107,11 +106,10 @@ def create(
         prefix_source = source
     if ttl and expires_at is None:
         expires_at = now + ttl
-    tail = 0
-    if prefix_source is not None:
-        for piece in iter_range(conn, prefix_source, 0, fork_offset or 0, files):
-            conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=piece))
-            tail += len(piece)
+    # A fork copies nothing: its bytes below the fork offset are read from its source (iter_range), which
+    # outlives its own delete or expiry while a live fork needs it (delete, _retire). Copying, even in
+    # slices between other writes, would cost as much again in storage and WAL for every fork.
+    tail = fork_offset or 0
     if new.initial:
         conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=new.initial))
         tail += len(new.initial)
@@ -126,7 +124,7 @@ def create(
         "updated_at": now,
         "closed_at": now if new.closed else None,
         "tail": tail,
-        "stored_bytes": tail,
+        "stored_bytes": len(new.initial),
         "appends": 1 if new.initial else 0,
         "compact_from": 0,
         "compress": False,
@@ -253,19 +251,23 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
     ):
         return (0, []), []
     now = time.time()
+    forked = select(1).where(_fork_of(streams.c.id, now)).exists()
     expired = conn.execute(
-        select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now).limit(500)
+        select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now, ~forked).limit(500)
     ).all()
     orphans = conn.execute(
-        select(streams.c.id, streams.c.tail)
-        .where(streams.c.deleted.is_(True))
-        .where(~select(1).where(_fork_of(streams.c.id)).exists())
-        .limit(500)
+        select(streams.c.id, streams.c.tail).where(streams.c.deleted.is_(True), ~forked).limit(500)
     ).all()
     changes = []
     for stream_id, tail in {*expired, *orphans}:
         _purge(conn, stream_id)
         changes.append(Change(stream_id, tail, True, gone=True))
+    retiring = conn.execute(
+        select(*STREAM_STATE)
+        .where(streams.c.expires_at <= now, streams.c.deleted.is_(False), forked)
+        .limit(500)
+    ).all()
+    changes += [_retire(conn, StreamState.from_row(row)) for row in retiring]
     unfinished = conn.scalars(
         select(streams.c.id)
         .where(streams.c.compress.is_(True), streams.c.compressed.is_(False), streams.c.deleted.is_(False))
@@ -318,17 +320,28 @@ def _same_config(existing: StreamState, new: NewStream) -> bool:
     )
 
 
-def _fork_of(stream_id_column: Any) -> Any:
+def _fork_of(stream_id_column: Any, now: float) -> Any:
+    """A live fork of the stream: an expired fork is never read again, so it holds no source."""
     forks = streams.alias("forks")
-    return forks.c.fork_source == stream_id_column
+    return and_(
+        forks.c.fork_source == stream_id_column,
+        or_(forks.c.expires_at.is_(None), forks.c.expires_at > now),
+    )
 
 
 def _has_forks(conn: Connection, stream_id: str) -> bool:
-    now = time.time()
-    query = select(streams.c.id).where(
-        streams.c.fork_source == stream_id, or_(streams.c.expires_at.is_(None), streams.c.expires_at > now)
+    return (
+        conn.execute(select(1).where(_fork_of(literal(stream_id), time.time())).limit(1)).first() is not None
     )
-    return conn.execute(query.limit(1)).first() is not None
+
+
+def _retire(conn: Connection, state: StreamState) -> Change:
+    """Purge an expired stream, or keep its bytes for the live forks that read them and free its name."""
+    if _has_forks(conn, state.id):
+        conn.execute(update(streams).where(streams.c.id == state.id).values(deleted=True, name=state.id))
+    else:
+        _purge(conn, state.id)
+    return Change(state.id, state.tail, True, gone=True)
 
 
 def _purge(conn: Connection, stream_id: str) -> None:
@@ -395,7 +408,38 @@ class RangeInflater:
 def iter_range(
     conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
 ) -> Iterator[bytes]:
-    """Read [start, end) of a stream inside the caller's transaction, in slices."""
+    """Read [start, end) of a stream inside the caller's transaction, in slices.
+
+    A fork's bytes below its fork offset are its source's, up a chain of forks; it ends short if one is gone.
+    """
+    for owner, lo, hi in _owners(conn, state, start, end):
+        position = lo
+        for piece in _iter_own(conn, owner, lo, hi, files):
+            position += len(piece)
+            yield piece
+        if position < hi:
+            return
+
+
+def _owners(conn: Connection, state: StreamState, start: int, end: int) -> list[tuple[StreamState, int, int]]:
+    """Which stream of a fork chain holds which part of [start, end), in order."""
+    parts: list[tuple[StreamState, int, int]] = []
+    # A compressed fork's gzip body holds all of its content, from offset 0.
+    while state.fork_source is not None and not state.compressed and start < (state.fork_offset or 0):
+        if end > (state.fork_offset or 0):
+            parts.append((state, state.fork_offset or 0, end))
+            end = state.fork_offset or 0
+        row = conn.execute(select(*STREAM_STATE).where(streams.c.id == state.fork_source)).first()
+        if row is None:
+            return []
+        state = StreamState.from_row(row)
+    parts.append((state, start, end))
+    return parts[::-1]
+
+
+def _iter_own(
+    conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
+) -> Iterator[bytes]:
     if state.compressed:
         wanted = RangeInflater(start, end)
         rows = conn.execute(
