@@ -278,17 +278,28 @@ class Store:
     ) -> AsyncIterator[bytes]:
         """The uncompressed content [start, end) in slices, whether it is stored compressed or not."""
         end = state.tail if end is None else min(end, state.tail)
-        if state.compressed:
-            async for piece in self._iter_decompressed(state.id, start, end):
+        parts = [(state, start, end)]
+        if state.fork_source is not None and not state.compressed and start < (state.fork_offset or 0):
+            # Read each source's part in one pass: a compressed one is then inflated once, not per slice.
+            parts = await self._read(self._fork_parts, state, start, end)
+        for owner, lo, hi in parts:
+            position = lo
+            if owner.compressed:
+                async for piece in self._iter_decompressed(owner.id, lo, hi):
+                    position += len(piece)
+                    yield piece
+                if position < hi:
+                    return
+            while position < hi:
+                piece = await self.read(owner.id, position, min(hi, position + slice_size))
+                if not piece:
+                    return
+                position += len(piece)
                 yield piece
-            return
-        position = start
-        while position < end:
-            piece = await self.read(state.id, position, min(end, position + slice_size))
-            if not piece:
-                return
-            position += len(piece)
-            yield piece
+
+    def _fork_parts(self, state: StreamState, start: int, end: int) -> list[tuple[StreamState, int, int]]:
+        with self._read_engine.connect() as conn:
+            return transactions.fork_parts(conn, state, start, end)
 
     async def iter_gzip(self, stream_id: str) -> AsyncIterator[bytes]:
         """The stored gzip body of a compressed stream."""

@@ -412,7 +412,7 @@ def iter_range(
 
     A fork's bytes below its fork offset are its source's, up a chain of forks; it ends short if one is gone.
     """
-    for owner, lo, hi in _owners(conn, state, start, end):
+    for owner, lo, hi in fork_parts(conn, state, start, end):
         position = lo
         for piece in _iter_own(conn, owner, lo, hi, files):
             position += len(piece)
@@ -421,7 +421,9 @@ def iter_range(
             return
 
 
-def _owners(conn: Connection, state: StreamState, start: int, end: int) -> list[tuple[StreamState, int, int]]:
+def fork_parts(
+    conn: Connection, state: StreamState, start: int, end: int
+) -> list[tuple[StreamState, int, int]]:
     """Which stream of a fork chain holds which part of [start, end), in order."""
     parts: list[tuple[StreamState, int, int]] = []
     # A compressed fork's gzip body holds all of its content, from offset 0.

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy import func, select, update
 
-from app import chunk_files
+from app import chunk_files, transactions
 from app.models import ChunkRow, StreamRow
 from app.settings import Settings
 from app.store import NewStream, Store
@@ -169,3 +169,31 @@ async def test_forks_of_forks_read_through_every_level_after_deletes(store: Stor
     for stream_id in (root_id, one.id, two.id):
         assert await store.get(stream_id) is None and stored(store, stream_id) == (0, 0)
     assert len(expected_one) > MIB
+
+
+async def test_reading_a_fork_of_a_compressed_source_inflates_it_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = b"".join(b"row %d of the export\n" % i for i in range(400_000))  # about 9 MiB
+    state, _ = await store.create(NewStream(namespace="forks", name="gz", content_type="text/plain"))
+    for start in range(0, len(text), MIB):
+        await store.append(state.id, text[start : start + MIB])
+    await store.append(state.id, b"", close=True, compress=True)
+    await store.finish(state.id)
+    fork, _ = await store.create(
+        NewStream(namespace="forks", name="gz-fork", content_type="text/plain", fork_from="gz")
+    )
+    await store.append(fork.id, b"more\n")
+    inflaters = []
+
+    class Counted(transactions.RangeInflater):
+        def __init__(self, start: int, end: int) -> None:
+            inflaters.append((start, end))
+            super().__init__(start, end)
+
+    monkeypatch.setattr(transactions, "RangeInflater", Counted)
+    forked = await store.get(fork.id)
+    assert forked is not None
+    read = b"".join([piece async for piece in store.iter_content(forked, 10, slice_size=MIB)])
+    assert read == (text + b"more\n")[10:]
+    assert len(inflaters) == 1, "the source was inflated again for every slice"
