@@ -185,6 +185,7 @@ def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list
         if source is None or not source.deleted or _has_forks(conn, source_id):
             break
         _purge(conn, source_id)
+        changes.append(Change(source_id, source.tail, True, gone=True))  # its chunk file goes too
         source_id = source.fork_source
     return None, changes
 

@@ -92,10 +92,17 @@ async def test_a_fork_outlives_its_deleted_source(store: Store) -> None:
     await store.sweep()
     await asyncio.sleep(0.3)  # a removal of the source's chunk file would have happened by now
     await reads_match(store, fork.id, expected, [2 * MIB + 1, MIB])
+    assert store.files is None or store.files.path(source_id).exists()
     await store.delete(fork.id)
     await store.sweep()
     assert await store.get(source_id) is None, "the deleted source was kept after its last fork went"
     assert stored(store, source_id) == (0, 0) and stored(store, fork.id) == (0, 0)
+    if store.files is not None:
+        for _ in range(100):
+            if not store.files.path(source_id).exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not store.files.path(source_id).exists(), "the source's chunk file outlived it"
 
 
 async def test_a_source_that_expires_stays_readable_through_its_fork(store: Store) -> None:
