@@ -253,22 +253,23 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
         return (0, []), []
     now = time.time()
     forked = select(1).where(_fork_of(streams.c.id, now)).exists()
-    expired = conn.execute(
-        select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now, ~forked).limit(500)
-    ).all()
-    orphans = conn.execute(
-        select(streams.c.id, streams.c.tail).where(streams.c.deleted.is_(True), ~forked).limit(500)
-    ).all()
-    changes = []
-    for stream_id, tail in {*expired, *orphans}:
-        _purge(conn, stream_id)
-        changes.append(Change(stream_id, tail, True, gone=True))
-    retiring = conn.execute(
-        select(*STREAM_STATE)
-        .where(streams.c.expires_at <= now, streams.c.deleted.is_(False), forked)
+    found = conn.scalars(
+        select(streams.c.id)
+        .where(
+            or_(
+                and_(streams.c.expires_at <= now, ~forked),
+                and_(streams.c.deleted.is_(True), ~forked),
+                and_(streams.c.expires_at <= now, streams.c.deleted.is_(False), forked),
+            )
+        )
         .limit(500)
     ).all()
-    changes += [_retire(conn, StreamState.from_row(row)) for row in retiring]
+    changes = []
+    for stream_id in found:
+        # Locked and asked again: a fork of it may have been committed since the query above.
+        state = _locked(conn, streams.c.id, stream_id, postgres)
+        if state is not None and (not state.deleted or not _has_forks(conn, stream_id)):
+            changes.append(_retire(conn, state))
     unfinished = conn.scalars(
         select(streams.c.id)
         .where(streams.c.compress.is_(True), streams.c.compressed.is_(False), streams.c.deleted.is_(False))
@@ -337,7 +338,7 @@ def _has_forks(conn: Connection, stream_id: str) -> bool:
 
 
 def _retire(conn: Connection, state: StreamState) -> Change:
-    """Purge an expired stream, or keep its bytes for the live forks that read them and free its name."""
+    """Purge an expired or deleted stream, or keep its bytes under its id for live forks."""
     if _has_forks(conn, state.id):
         conn.execute(update(streams).where(streams.c.id == state.id).values(deleted=True, name=state.id))
     else:

@@ -204,3 +204,25 @@ async def test_reading_a_fork_of_a_compressed_source_inflates_it_once(
     read = b"".join([piece async for piece in store.iter_content(forked, 10, slice_size=MIB)])
     assert read == (text + b"more\n")[10:]
     assert len(inflaters) == 1, "the source was inflated again for every slice"
+
+
+async def test_a_fork_committed_while_the_sweep_looks_keeps_its_expiring_source(
+    store: Store, settings: Settings
+) -> None:
+    """A fork made by another process as its source expires: the sweep must not purge the source."""
+    if settings.is_sqlite:
+        pytest.skip("on SQLite one writer at a time: no sweep runs while another process creates")
+    source_id, body = await large_stream(store, "brief", MIB // 2, 5)
+    table = StreamRow.__table__
+    with store._write_engine.begin() as conn:
+        conn.execute(update(table).where(table.c.id == source_id).values(expires_at=time.time() + 1.0))
+    with store._write_engine.connect() as other:
+        creating = other.begin()
+        new = NewStream(namespace="forks", name="caught", fork_from="brief", ttl_seconds=3600)
+        (fork, _), _ = transactions.create(other, new, True, None)
+        await asyncio.sleep(1.2)  # the source expires while the fork is not yet committed
+        sweeping = asyncio.create_task(store.sweep())
+        await asyncio.sleep(0.5)
+        creating.commit()
+    await sweeping
+    assert await content(store, fork.id) == body
