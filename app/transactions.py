@@ -412,7 +412,8 @@ def iter_range(
 ) -> Iterator[bytes]:
     """Read [start, end) of a stream inside the caller's transaction, in slices.
 
-    A fork's bytes below its fork offset are its source's, up a chain of forks; it ends short if one is gone.
+    A fork's bytes below its fork offset are its source's, up a chain of forks; it ends short if it cannot
+    read them.
     """
     for owner, lo, hi in fork_parts(conn, state, start, end):
         position = lo
@@ -434,8 +435,8 @@ def fork_parts(
             parts.append((state, state.fork_offset or 0, end))
             end = state.fork_offset or 0
         row = conn.execute(select(*STREAM_STATE).where(streams.c.id == state.fork_source)).first()
-        if row is None:
-            return []
+        if row is None:  # gone: a fork made when forks copied their prefix still has its own copy
+            break
         state = StreamState.from_row(row)
     parts.append((state, start, end))
     return parts[::-1]

@@ -226,3 +226,18 @@ async def test_a_fork_committed_while_the_sweep_looks_keeps_its_expiring_source(
         creating.commit()
     await sweeping
     assert await content(store, fork.id) == body
+
+
+async def test_a_fork_that_holds_a_copy_of_its_prefix_reads_it_when_its_source_is_gone(store: Store) -> None:
+    """Forks made before forks shared their source's bytes hold a copy; their source may have been purged."""
+    source_id, body = await large_stream(store, "first", MIB + 3, 6)
+    fork, _ = await store.create(
+        NewStream(namespace="forks", name="copied", fork_from="first", fork_offset=MIB)
+    )
+    await store.append(fork.id, b"own")
+    chunk_table, stream_table = ChunkRow.__table__, StreamRow.__table__
+    with store._write_engine.begin() as conn:
+        conn.execute(chunk_table.insert().values(stream_id=fork.id, start=0, data=body[:MIB], file_bytes=0))
+        conn.execute(chunk_table.delete().where(chunk_table.c.stream_id == source_id))
+        conn.execute(stream_table.delete().where(stream_table.c.id == source_id))
+    await reads_match(store, fork.id, body[:MIB] + b"own", [MIB, 100])
