@@ -265,7 +265,7 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
         .limit(500)
     ).all()
     changes = []
-    for stream_id in found:
+    for stream_id in sorted(found):  # the writers' locking order, so processes never deadlock
         # Locked and asked again: a fork of it may have been committed since the query above.
         state = _locked(conn, streams.c.id, stream_id, postgres)
         if state is not None and (not state.deleted or not _has_forks(conn, stream_id)):
