@@ -278,28 +278,54 @@ class Store:
         """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail."""
         if end <= start:
             return b""
-        return await self._hot_read(self._read_sync, stream_id, start, end)
+        data = await self._hot_read(self._read_sync, stream_id, start, end)
+        if data is None:  # inflating a compressed source may take a while: not on the event loop
+            data = await self._read(self._read_forked, stream_id, start, end)
+        return data
 
-    def _read_sync(self, stream_id: str, start: int, end: int) -> bytes:
+    def _read_sync(self, stream_id: str, start: int, end: int) -> bytes | None:
         rows = self._driver_query(self.statements.chunk_range, {"id": stream_id, "lo": start, "hi": end})
+        if not rows or rows[0][0] > start:  # no chunk of its own holds `start`: it may be in a fork's source
+            return None
         return transactions.slice_rows(rows, stream_id, start, end, self.files)
+
+    def _read_forked(self, stream_id: str, start: int, end: int) -> bytes:
+        """Read [start, end) of a stream and of the sources it forked from, in one snapshot."""
+        with self._read_engine.connect() as conn:
+            if self.postgres:  # so that a source compressed or deleted meanwhile is seen whole or not at all
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            row = conn.execute(select(*STREAM_STATE).where(streams.c.id == stream_id)).first()
+            if row is None:
+                return b""
+            return b"".join(transactions.iter_range(conn, StreamState.from_row(row), start, end, self.files))
 
     async def iter_content(
         self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
     ) -> AsyncIterator[bytes]:
         """The uncompressed content [start, end) in slices, whether it is stored compressed or not."""
         end = state.tail if end is None else min(end, state.tail)
-        if state.compressed:
-            async for piece in self._iter_decompressed(state.id, start, end):
+        parts = [(state, start, end)]
+        if state.fork_source is not None and not state.compressed and start < (state.fork_offset or 0):
+            # Read each source's part in one pass: a compressed one is then inflated once, not per slice.
+            parts = await self._read(self._fork_parts, state, start, end)
+        for owner, lo, hi in parts:
+            position = lo
+            if owner.compressed:
+                async for piece in self._iter_decompressed(owner.id, lo, hi):
+                    position += len(piece)
+                    yield piece
+                if position < hi:
+                    return
+            while position < hi:
+                piece = await self.read(owner.id, position, min(hi, position + slice_size))
+                if not piece:
+                    return
+                position += len(piece)
                 yield piece
-            return
-        position = start
-        while position < end:
-            piece = await self.read(state.id, position, min(end, position + slice_size))
-            if not piece:
-                return
-            position += len(piece)
-            yield piece
+
+    def _fork_parts(self, state: StreamState, start: int, end: int) -> list[tuple[StreamState, int, int]]:
+        with self._read_engine.connect() as conn:
+            return transactions.fork_parts(conn, state, start, end)
 
     async def iter_gzip(self, stream_id: str) -> AsyncIterator[bytes]:
         """The stored gzip body of a compressed stream."""

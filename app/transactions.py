@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, literal_column, or_, select, text, update
+from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
 from app import clock
@@ -85,8 +85,7 @@ def create(
         existing = _locked(conn, streams.c.name, new.name, postgres)
         if existing is not None:
             if existing.expired(now):
-                _purge(conn, existing.id)
-                changes.append(Change(existing.id, existing.tail, True, gone=True))
+                changes.append(_retire(conn, existing))
             elif existing.deleted:
                 raise StreamConflictError(
                     "this stream was deleted while forks of it remain; use another name"
@@ -116,11 +115,10 @@ def create(
         prefix_source = source
     if ttl and expires_at is None:
         expires_at = now + ttl
-    tail = 0
-    if prefix_source is not None:
-        for piece in iter_range(conn, prefix_source, 0, fork_offset or 0, files):
-            conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=piece))
-            tail += len(piece)
+    # A fork copies nothing: its bytes below the fork offset are read from its source (iter_range), which
+    # outlives its own delete or expiry while a live fork needs it (delete, _retire). Copying, even in
+    # slices between other writes, would cost as much again in storage and WAL for every fork.
+    tail = fork_offset or 0
     if new.initial:
         conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=new.initial))
         tail += len(new.initial)
@@ -135,7 +133,7 @@ def create(
         "updated_at": now,
         "closed_at": now if new.closed else None,
         "tail": tail,
-        "stored_bytes": tail,
+        "stored_bytes": len(new.initial),
         "appends": 1 if new.initial else 0,
         "compact_from": 0,
         "compress": False,
@@ -196,6 +194,7 @@ def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list
         if source is None or not source.deleted or _has_forks(conn, source_id):
             break
         _purge(conn, source_id)
+        changes.append(Change(source_id, source.tail, True, gone=True))  # its chunk file goes too
         source_id = source.fork_source
     return None, changes
 
@@ -262,28 +261,33 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
         clock.set_to(now)
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar():
             return (0, []), []
-        # Judged by the database's clock on each row's current expiry, locked until the purge commits:
-        # a writer that slid the expiry has committed first; a row being written now waits for a later sweep.
         expiring = streams.c.expires_at <= literal_column(DATABASE_NOW)
-        query = select(streams.c.id, streams.c.tail).where(expiring).limit(500)
-        expired = conn.execute(query.with_for_update(skip_locked=True)).all()
     else:
         # The writer's lock (BEGIN IMMEDIATE) is held: no other process slides an expiry meanwhile.
         clock.follow_wall()
         now = clock.now()
-        expired = conn.execute(
-            select(streams.c.id, streams.c.tail).where(streams.c.expires_at <= now).limit(500)
-        ).all()
-    orphans = conn.execute(
-        select(streams.c.id, streams.c.tail)
-        .where(streams.c.deleted.is_(True))
-        .where(~select(1).where(_fork_of(streams.c.id)).exists())
+        expiring = streams.c.expires_at <= now
+    forked = select(1).where(_fork_of(streams.c.id, now)).exists()
+    found = conn.scalars(
+        select(streams.c.id)
+        .where(
+            or_(
+                and_(expiring, ~forked),
+                and_(streams.c.deleted.is_(True), ~forked),
+                and_(expiring, streams.c.deleted.is_(False), forked),
+            )
+        )
         .limit(500)
     ).all()
     changes = []
-    for stream_id, tail in {*expired, *orphans}:
-        _purge(conn, stream_id)
-        changes.append(Change(stream_id, tail, True, gone=True))
+    for stream_id in sorted(found):  # the writers' locking order, so processes never deadlock
+        # Locked and asked again: a fork of it may have been committed, or its expiry slid, since the
+        # query above. A row being written now is skipped and judged by a later sweep.
+        state = _locked(conn, streams.c.id, stream_id, postgres, skip_locked=True)
+        if state is None:
+            continue
+        if (state.deleted and not _has_forks(conn, stream_id)) or (not state.deleted and state.expired(now)):
+            changes.append(_retire(conn, state))
     unfinished = conn.scalars(
         select(streams.c.id)
         .where(streams.c.compress.is_(True), streams.c.compressed.is_(False), streams.c.deleted.is_(False))
@@ -319,10 +323,12 @@ def remove_unused_files(
     return held, []
 
 
-def _locked(conn: Connection, column: Any, value: str, postgres: bool) -> StreamState | None:
+def _locked(
+    conn: Connection, column: Any, value: str, postgres: bool, skip_locked: bool = False
+) -> StreamState | None:
     query = select(*STREAM_STATE).where(column == value)
     if postgres:
-        query = query.with_for_update()
+        query = query.with_for_update(skip_locked=skip_locked)
     row = conn.execute(query).first()
     return StreamState.from_row(row) if row is not None else None
 
@@ -336,17 +342,28 @@ def _same_config(existing: StreamState, new: NewStream) -> bool:
     )
 
 
-def _fork_of(stream_id_column: Any) -> Any:
+def _fork_of(stream_id_column: Any, now: float) -> Any:
+    """A live fork of the stream: an expired fork is never read again, so it holds no source."""
     forks = streams.alias("forks")
-    return forks.c.fork_source == stream_id_column
+    return and_(
+        forks.c.fork_source == stream_id_column,
+        or_(forks.c.expires_at.is_(None), forks.c.expires_at > now),
+    )
 
 
 def _has_forks(conn: Connection, stream_id: str) -> bool:
-    now = clock.now()
-    query = select(streams.c.id).where(
-        streams.c.fork_source == stream_id, or_(streams.c.expires_at.is_(None), streams.c.expires_at > now)
+    return (
+        conn.execute(select(1).where(_fork_of(literal(stream_id), clock.now())).limit(1)).first() is not None
     )
-    return conn.execute(query.limit(1)).first() is not None
+
+
+def _retire(conn: Connection, state: StreamState) -> Change:
+    """Purge an expired or deleted stream, or keep its bytes under its id for live forks."""
+    if _has_forks(conn, state.id):
+        conn.execute(update(streams).where(streams.c.id == state.id).values(deleted=True, name=state.id))
+    else:
+        _purge(conn, state.id)
+    return Change(state.id, state.tail, True, gone=True)
 
 
 def _purge(conn: Connection, stream_id: str) -> None:
@@ -413,7 +430,41 @@ class RangeInflater:
 def iter_range(
     conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
 ) -> Iterator[bytes]:
-    """Read [start, end) of a stream inside the caller's transaction, in slices."""
+    """Read [start, end) of a stream inside the caller's transaction, in slices.
+
+    A fork's bytes below its fork offset are its source's, up a chain of forks; it ends short if it cannot
+    read them.
+    """
+    for owner, lo, hi in fork_parts(conn, state, start, end):
+        position = lo
+        for piece in _iter_own(conn, owner, lo, hi, files):
+            position += len(piece)
+            yield piece
+        if position < hi:
+            return
+
+
+def fork_parts(
+    conn: Connection, state: StreamState, start: int, end: int
+) -> list[tuple[StreamState, int, int]]:
+    """Which stream of a fork chain holds which part of [start, end), in order."""
+    parts: list[tuple[StreamState, int, int]] = []
+    # A compressed fork's gzip body holds all of its content, from offset 0.
+    while state.fork_source is not None and not state.compressed and start < (state.fork_offset or 0):
+        if end > (state.fork_offset or 0):
+            parts.append((state, state.fork_offset or 0, end))
+            end = state.fork_offset or 0
+        row = conn.execute(select(*STREAM_STATE).where(streams.c.id == state.fork_source)).first()
+        if row is None:  # gone: a fork made when forks copied their prefix still has its own copy
+            break
+        state = StreamState.from_row(row)
+    parts.append((state, start, end))
+    return parts[::-1]
+
+
+def _iter_own(
+    conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
+) -> Iterator[bytes]:
     if state.compressed:
         wanted = RangeInflater(start, end)
         rows = conn.execute(
