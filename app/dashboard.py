@@ -369,7 +369,7 @@ async def signin_form(
     return html(render(request, "signin.html", next=session.safe_next(next), error=""))
 
 
-@post("/signin", status_code=303)
+@post("/signin", status_code=303, request_max_body_size=session.FORM_LIMIT)
 async def signin(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> Response[str]:
     """Check an API key and start a session: an HttpOnly, SameSite=Strict signed cookie."""
     form = await request.form()
@@ -386,7 +386,7 @@ async def signin(request: Request[Any, Any, Any], settings: NamedDependency[Sett
     return Response("", status_code=303, headers={"location": target}, cookies=[cookie])
 
 
-@post("/signout", status_code=303)
+@post("/signout", status_code=303, request_max_body_size=session.FORM_LIMIT)
 async def signout(request: Request[Any, Any, Any], settings: NamedDependency[Settings]) -> Response[str]:
     """End the session (CSRF-checked, so another site cannot sign you out)."""
     current = session.current(request, settings)

@@ -278,7 +278,7 @@ class Store:
     async def iter_gzip(self, stream_id: str, seq: int = 0) -> AsyncIterator[bytes]:
         """The stored gzip body of a compressed stream, from its piece `seq` on."""
         while True:
-            rows = await self._read(self._gzip_rows, stream_id, seq, 8)
+            rows = await self._read(self._gzip_rows, stream_id, seq, 2)
             if not rows:
                 return
             for _, data in rows:

@@ -272,7 +272,7 @@ async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> 
     return None if session.csrf_ok(request, settings, current, token) else session.forbidden()
 
 
-@post("/demo", status_code=303)
+@post("/demo", status_code=303, request_max_body_size=session.FORM_LIMIT)
 async def start_demo(
     request: Request[Any, Any, Any], ctx: NamedDependency[AgentContext], settings: NamedDependency[Settings]
 ) -> Response[Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import random
+import resource
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -188,3 +190,202 @@ async def test_a_gzip_body_stored_without_seek_points_still_reads(store: Store) 
         )
     assert await _read(store, state.id, 0, len(body)) == body
     assert await _read(store, state.id, 2 * MIB, len(body)) == body[2 * MIB :]
+
+
+async def _plain_stream(data_dir: Path, size: int) -> str:
+    """A closed, uncompressed stream of `size` bytes; its id."""
+    async with Store.open(Settings(data_dir=data_dir)) as store:
+        state, _ = await store.create(NewStream(namespace="bounds", content_type="application/octet-stream"))
+        for at in range(0, size, 4 * MIB):
+            await store.append(state.id, bytes(min(4 * MIB, size - at)))
+        await store.append(state.id, b"", close=True)
+        return state.id
+
+
+def _stalled_reader(server: ServerProcess, path: str) -> socket.socket:
+    """A client that asks for `path` and never reads the answer, with a small receive buffer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n".encode())
+    return sock
+
+
+def _settled_rss(pid: int, limit: float = 15.0) -> int:
+    """The process's resident memory once it stops growing for a second (or after `limit` seconds)."""
+    process = psutil.Process(pid)
+    last, steady, deadline = process.memory_info().rss, 0, time.monotonic() + limit
+    while time.monotonic() < deadline and steady < 5:
+        time.sleep(0.2)
+        now = process.memory_info().rss
+        steady = steady + 1 if now - last < MIB else 0
+        last = max(last, now)
+    return last
+
+
+def _drain(sock: socket.socket, limit: float) -> tuple[int, bool]:
+    """Read what the server sent, for at most `limit` seconds: (bytes received, whether it closed)."""
+    sock.settimeout(0.5)
+    received, deadline = 0, time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(1024 * 1024)
+        except TimeoutError:
+            return received, False
+        except ConnectionResetError:
+            return received, True
+        if not data:
+            return received, True
+        received += len(data)
+    return received, False
+
+
+def test_clients_that_never_read_hold_little_memory(tmp_path: Path) -> None:
+    stream_id = asyncio.run(_plain_stream(tmp_path, 32 * MIB))
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_SEND_TIMEOUT": "60"}
+    with ServerProcess(env=env) as server:
+        httpx.get(f"{server.url}/stream/{stream_id}", headers={"range": "bytes=0-9"})
+        before = _settled_rss(server.pid, 2)
+        readers = [_stalled_reader(server, f"/stream/{stream_id}") for _ in range(300)]
+        try:
+            grown = _settled_rss(server.pid) - before
+            assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        finally:
+            for sock in readers:
+                sock.close()
+    assert grown < 100 * MIB, f"300 clients that never read grew the server by {grown / MIB:.0f} MiB"
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(tmp_path: Path) -> None:
+    stream_id = asyncio.run(_plain_stream(tmp_path, 32 * MIB))
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_SEND_TIMEOUT": "1"}
+    with ServerProcess(env=env) as server:
+        with _stalled_reader(server, f"/stream/{stream_id}") as sock:
+            time.sleep(3)
+            received, closed = _drain(sock, 20)
+    assert closed and received < 32 * MIB, f"got {received} bytes; the connection was {closed=}"
+
+
+def test_sign_in_and_out_refuse_a_large_form_before_reading_it(tmp_path: Path) -> None:
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_API_KEYS": "k" * 32}
+    body = b"key=" + b"x" * (5 * 1000 * 1000)
+    with ServerProcess(env=env) as server:
+        for path in ("/signin", "/signout"):
+            response = httpx.post(
+                f"{server.url}{path}",
+                content=body,
+                headers={"content-type": "application/x-www-form-urlencoded", "origin": server.url},
+            )
+            assert response.status_code == 413, (path, response.status_code)
+        small = httpx.post(
+            f"{server.url}/signin",
+            data={"key": "k" * 32, "next": "/"},
+            headers={"origin": server.url},
+        )
+        assert small.status_code == 303 and "set-cookie" in small.headers
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except BlockingIOError:
+        return False
+
+
+def test_idle_and_slow_header_connections_are_closed(tmp_path: Path) -> None:
+    env = {
+        "STREAMHOLD_DATA_DIR": str(tmp_path),
+        "STREAMHOLD_HEADER_TIMEOUT": "1",
+        "STREAMHOLD_IDLE_TIMEOUT": "1",
+    }
+    with ServerProcess(env=env) as server:
+        address = ("127.0.0.1", server.port)
+        silent = socket.create_connection(address)
+        slow = socket.create_connection(address)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        kept = socket.create_connection(address)
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept.recv(65536)
+        socks = (silent, slow, kept)
+        for sock in socks:
+            sock.setblocking(False)
+        for _ in range(8):  # a header line every 0.4 s: slow, but never done
+            time.sleep(0.4)
+            try:
+                slow.sendall(b"X-Trickle: 1\r\n")
+            except OSError:
+                break
+        closed = [_closed_by_server(sock) for sock in socks]
+        for sock in socks:
+            sock.close()
+    assert closed == [True, True, True], "(silent, slow headers, idle keep-alive) closed"
+
+
+def test_live_reads_outlast_the_idle_timeout(tmp_path: Path) -> None:
+    env = {
+        "STREAMHOLD_DATA_DIR": str(tmp_path),
+        "STREAMHOLD_HEADER_TIMEOUT": "1",
+        "STREAMHOLD_IDLE_TIMEOUT": "1",
+        "STREAMHOLD_LONG_POLL_TIMEOUT": "5",
+        "STREAMHOLD_SSE_KEEPALIVE": "5",
+    }
+    with ServerProcess(env=env) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.put("/v1/stream/quiet", headers={"content-type": "text/plain"}).status_code == 201
+        results: dict[str, object] = {}
+
+        def long_poll() -> None:
+            results["poll"] = client.get("/v1/stream/quiet", params={"offset": "now", "live": "long-poll"})
+
+        def sse() -> None:
+            with client.stream("GET", "/v1/stream/quiet", params={"offset": "now", "live": "sse"}) as events:
+                for line in events.iter_lines():
+                    if line.startswith("data:") and "late" in line:
+                        results["sse"] = line
+                        return
+
+        threads = [threading.Thread(target=long_poll), threading.Thread(target=sse)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.5)
+        late = client.post("/v1/stream/quiet", content=b"late", headers={"content-type": "text/plain"})
+        assert late.is_success
+        for thread in threads:
+            thread.join(10)
+    poll = results.get("poll")
+    assert isinstance(poll, httpx.Response) and poll.status_code == 200 and poll.content == b"late"
+    assert str(results.get("sse")).removeprefix("data:").strip() == "late"
+
+
+def test_connections_past_the_cap_are_answered_503_with_retry_after(tmp_path: Path) -> None:
+    env = {
+        "STREAMHOLD_DATA_DIR": str(tmp_path),
+        "STREAMHOLD_MAX_CONNECTIONS": "20",
+        "STREAMHOLD_HEADER_TIMEOUT": "30",
+    }
+    with ServerProcess(env=env) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(25)]
+        try:
+            time.sleep(0.3)
+            refused = httpx.get(f"{server.url}/healthz", timeout=5)
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.3)
+        again = httpx.get(f"{server.url}/healthz", timeout=5)
+    assert refused.status_code == 503 and refused.headers.get("retry-after"), refused
+    assert again.status_code == 200
+
+
+def test_the_server_raises_its_open_file_limit(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip("needs a finite hard limit on open files above 512")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # the server inherits it
+    try:
+        with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(tmp_path)}) as server:
+            limits = psutil.Process(server.pid).rlimit(psutil.RLIMIT_NOFILE)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert limits == (hard, hard)
