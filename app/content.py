@@ -22,11 +22,9 @@ from app.live import LiveHub
 from app.models import InvalidRequestError, StreamError, StreamState
 from app.settings import Settings
 from app.store import Store
-from app.wire import parse_query, respond, single
+from app.wire import BODY_SLICE, parse_query, respond, single
 
 TAIL_SLICE = 256 * 1024
-# A body is read and sent this much at a time: what a client that stops reading holds in the server.
-BODY_SLICE = 64 * 1024
 SHORT_READS = 3
 
 
