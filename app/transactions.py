@@ -45,7 +45,7 @@ CHUNK_TARGET = 1024 * 1024
 # bytes, so that a read from deep inside it inflates at most this much it does not send.
 SEEK_STEP = 1024 * 1024
 # Inflating yields at most this much at once, whatever the compression ratio.
-INFLATE_SLICE = 128 * 1024
+INFLATE_SLICE = 64 * 1024
 # Compaction merges only chunks smaller than this, so never one held in a chunk file.
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
