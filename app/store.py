@@ -53,6 +53,9 @@ metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
+# A read of a gzip body fetches its pieces this many at most, and no more bytes than this unless one piece is.
+GZIP_BATCH_ROWS = 64
+GZIP_BATCH_BYTES = 256 * 1024
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
@@ -278,7 +281,7 @@ class Store:
     async def iter_gzip(self, stream_id: str, seq: int = 0) -> AsyncIterator[bytes]:
         """The stored gzip body of a compressed stream, from its piece `seq` on."""
         while True:
-            rows = await self._read(self._gzip_rows, stream_id, seq, 2)
+            rows = await self._read(self._gzip_rows, stream_id, seq)
             if not rows:
                 return
             for _, data in rows:
@@ -286,15 +289,25 @@ class Store:
             seq = rows[-1][0]
             seq += 1
 
-    def _gzip_rows(self, stream_id: str, seq: int, limit: int) -> list[tuple[int, bytes]]:
+    def _gzip_rows(self, stream_id: str, seq: int) -> list[tuple[int, bytes]]:
+        """The next pieces from `seq`: as many as fit in GZIP_BATCH_BYTES, at least one."""
+        after = gzip_chunks.c.stream_id == stream_id, gzip_chunks.c.seq >= seq
         with self._read_engine.connect() as conn:
-            query = (
-                select(gzip_chunks.c.seq, gzip_chunks.c.data)
-                .where(gzip_chunks.c.stream_id == stream_id, gzip_chunks.c.seq >= seq)
+            sizes = conn.execute(
+                select(gzip_chunks.c.seq, func.length(gzip_chunks.c.data))
+                .where(*after)
                 .order_by(gzip_chunks.c.seq)
-                .limit(limit)
-            )
-            return [(r.seq, bytes(r.data)) for r in conn.execute(query)]
+                .limit(GZIP_BATCH_ROWS)
+            ).all()
+            if not sizes:
+                return []
+            last, total = sizes[0][0], 0
+            for row_seq, size in sizes:
+                if total and total + size > GZIP_BATCH_BYTES:
+                    break
+                last, total = row_seq, total + size
+            query = select(gzip_chunks.c.seq, gzip_chunks.c.data).where(*after, gzip_chunks.c.seq <= last)
+            return [(r.seq, bytes(r.data)) for r in conn.execute(query.order_by(gzip_chunks.c.seq))]
 
     def _seek_point(self, stream_id: str, start: int) -> tuple[int, int]:
         with self._read_engine.connect() as conn:
@@ -472,19 +485,20 @@ class Store:
         postgres = self.postgres
         deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
         staged: list[transactions.GzipPiece] = []
-        seq = stored = position = piece_start = 0
+        seq = stored = position = piece_start = staged_from = 0
         buffer = bytearray()
 
         async def cut(plain_start: int, final: bool) -> bool:
-            nonlocal seq, stored, buffer
+            nonlocal seq, stored, buffer, staged_from
             # A full flush makes the next piece inflatable on its own: a seek point.
             buffer += deflater.flush() if final else deflater.flush(zlib.Z_FULL_FLUSH)
             staged.append(transactions.GzipPiece(seq, bytes(buffer), plain_start))
             seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
-            if final or sum(len(p.data) for p in staged) >= transactions.CHUNK_TARGET:
+            if final or stored - staged_from >= transactions.CHUNK_TARGET:
                 if not await self._stage(state.id, staged):
                     return False
                 staged.clear()
+                staged_from = stored
             return True
 
         async for piece in self.iter_content(state):
