@@ -73,7 +73,7 @@ async def _zeros_stream(data_dir: Path) -> str:
     """A closed stream of ZEROS zero bytes, compressed at close; its id."""
     async with Store.open(Settings(data_dir=data_dir)) as store:
         state, _ = await store.create(NewStream(namespace="bounds", content_type="application/octet-stream"))
-        block = bytes(4 * MIB)
+        block = bytes(32 * MIB)
         for _ in range(ZEROS // len(block)):
             await store.append(state.id, block)
         await store.append(state.id, b"", close=True, compress=True)
@@ -196,8 +196,8 @@ async def _plain_stream(data_dir: Path, size: int) -> str:
     """A closed, uncompressed stream of `size` bytes; its id."""
     async with Store.open(Settings(data_dir=data_dir)) as store:
         state, _ = await store.create(NewStream(namespace="bounds", content_type="application/octet-stream"))
-        for at in range(0, size, 4 * MIB):
-            await store.append(state.id, bytes(min(4 * MIB, size - at)))
+        for at in range(0, size, 32 * MIB):
+            await store.append(state.id, bytes(min(32 * MIB, size - at)))
         await store.append(state.id, b"", close=True)
         return state.id
 
