@@ -27,7 +27,7 @@ from app.protocol_reads import whole_utf8 as protocol_whole_utf8
 from app.sdk import AgentContext
 from app.settings import Settings
 from app.store import Store
-from app.wire import is_text, live_state, stream_name
+from app.wire import BODY_SLICE, is_text, live_state, stream_name
 from app.writer import media_type
 
 WINDOW = 256 * 1024
@@ -253,7 +253,7 @@ async def watch(
 
 
 async def _content(store: Store, state: StreamState, end: int) -> AsyncIterator[bytes]:
-    async for piece in store.iter_content(state, 0, end):
+    async for piece in store.iter_content(state, 0, end, BODY_SLICE):
         yield piece
 
 

@@ -246,8 +246,12 @@ def test_clients_that_never_read_hold_little_memory(tmp_path: Path) -> None:
     with ServerProcess(env=env) as server:
         httpx.get(f"{server.url}/stream/{stream_id}", headers={"range": "bytes=0-9"})
         before = _settled_rss(server.pid, 2)
-        paths = [f"/stream/{stream_id}", f"/v1/stream/{stream_id}?offset=-1"]  # content, and protocol
-        readers = [_stalled_reader(server, paths[i % 2]) for i in range(300)]
+        paths = [  # the content URL, a protocol catch-up, the viewer's download
+            f"/stream/{stream_id}",
+            f"/v1/stream/{stream_id}?offset=-1",
+            f"/watch/{stream_id}?download=1",
+        ]
+        readers = [_stalled_reader(server, paths[i % 3]) for i in range(300)]
         try:
             grown = _settled_rss(server.pid) - before
             assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
