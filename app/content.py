@@ -24,7 +24,7 @@ from app.settings import Settings
 from app.store import Store
 from app.wire import BODY_SLICE, parse_query, respond, single
 
-TAIL_SLICE = 256 * 1024
+TAIL_SLICE = 64 * 1024
 SHORT_READS = 3
 
 

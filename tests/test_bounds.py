@@ -192,13 +192,14 @@ async def test_a_gzip_body_stored_without_seek_points_still_reads(store: Store) 
     assert await _read(store, state.id, 2 * MIB, len(body)) == body[2 * MIB :]
 
 
-async def _plain_stream(data_dir: Path, size: int) -> str:
-    """A closed, uncompressed stream of `size` bytes; its id."""
+async def _plain_stream(data_dir: Path, size: int, close: bool = True) -> str:
+    """An uncompressed stream of `size` bytes, closed unless asked; its id."""
     async with Store.open(Settings(data_dir=data_dir)) as store:
         state, _ = await store.create(NewStream(namespace="bounds", content_type="application/octet-stream"))
         for at in range(0, size, 32 * MIB):
             await store.append(state.id, bytes(min(32 * MIB, size - at)))
-        await store.append(state.id, b"", close=True)
+        if close:
+            await store.append(state.id, b"", close=True)
         return state.id
 
 
@@ -241,7 +242,9 @@ def _drain(sock: socket.socket, limit: float) -> tuple[int, bool]:
 
 
 def test_clients_that_never_read_hold_little_memory(tmp_path: Path) -> None:
+    """300 clients ask for a 32 MiB stream (by each way of reading it) and never read a byte."""
     stream_id = asyncio.run(_plain_stream(tmp_path, 32 * MIB))
+    open_id = asyncio.run(_plain_stream(tmp_path, 32 * MIB, close=False))
     env = {"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_SEND_TIMEOUT": "60"}
     with ServerProcess(env=env) as server:
         httpx.get(f"{server.url}/stream/{stream_id}", headers={"range": "bytes=0-9"})
@@ -250,8 +253,9 @@ def test_clients_that_never_read_hold_little_memory(tmp_path: Path) -> None:
             f"/stream/{stream_id}",
             f"/v1/stream/{stream_id}?offset=-1",
             f"/watch/{stream_id}?download=1",
+            f"/stream/{open_id}",  # tailed
         ]
-        readers = [_stalled_reader(server, paths[i % 3]) for i in range(300)]
+        readers = [_stalled_reader(server, paths[i % len(paths)]) for i in range(300)]
         try:
             grown = _settled_rss(server.pid) - before
             assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
