@@ -114,6 +114,11 @@ class _Protocol(HttpToolsProtocol):
         self._stop_timers()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:  # bytes of the next request's head
+            self._start_header_timer()
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._start_header_timer()
