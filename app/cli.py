@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import resource
 import socket
 import sys
 import threading
@@ -34,6 +35,7 @@ READ_SIZE = 1024 * 1024
 MAX_IN_FLIGHT = 8 * 1024 * 1024
 PROGRESS_FROM = 1024 * 1024
 BODY_BUFFER = 1024 * 1024
+FILES_KEPT = 128  # open files kept free of connections, for the database, chunk files and logs
 
 
 def _is_loopback(host: str) -> bool:
@@ -67,12 +69,72 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-class _Protocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol, buffering up to 1 MiB of a request body before it stops reading.
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    """What one connection may cost: seconds to send headers, to take some of a response; connections."""
 
-    At uvicorn's 64 KiB, a 1 MiB append reached the app in six or more pieces, each waiting for the app to
-    take the last: 0.5-1 ms more per append, measured.
+    header_timeout: float = 10.0
+    send_timeout: float = 60.0
+    max_connections: int = 10_000
+
+
+async def _busy(scope: Any, receive: Any, send: Any) -> None:
+    """The answer past the connection cap: 503, try again shortly, and the connection closes."""
+    body = b"the server has too many open connections; try again in a few seconds\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"5"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, with a larger body buffer and bounds on what a connection may hold.
+
+    At uvicorn's 64 KiB body buffer, a 1 MiB append reached the app in six or more pieces, each waiting for
+    the app to take the last: 0.5-1 ms more per append, measured; it buffers up to 1 MiB.
+
+    uvicorn 0.54 has no header-read timeout (its keep-alive timer runs only after a response), no limit on
+    a write the client never takes, and its `limit_concurrency` answers 503 without `Retry-After`; these
+    are added here through its `connections`, `transport`, `flow`, `app` and parser callbacks.
     """
+
+    limits = _Limits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._start_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:  # bytes of the next request's head
+            self._start_header_timer()
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._start_header_timer()
+
+    def on_headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if len(self.connections) <= self.limits.max_connections:
+            super().on_headers_complete()
+            return
+        app, self.app = self.app, _busy
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def on_body(self, body: bytes) -> None:
         if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
@@ -81,6 +143,59 @@ class _Protocol(HttpToolsProtocol):
         if len(self.cycle.body) > BODY_BUFFER:
             self.flow.pause_reading()
         self.cycle.message_event.set()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_send(self.transport.get_write_buffer_size())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _start_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.limits.header_timeout, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _watch_send(self, waiting: int) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+        self._send_timer = self.loop.call_later(self.limits.send_timeout, self._check_send, waiting)
+
+    def _check_send(self, waiting: int) -> None:
+        """Close the connection if nothing of what waits to be sent went out since the last check."""
+        self._send_timer = None
+        if not self.flow.write_paused or self.transport.is_closing():
+            return
+        now = self.transport.get_write_buffer_size()
+        if now >= waiting:
+            self.transport.abort()
+        else:
+            self._watch_send(now)
+
+    def _stop_timers(self) -> None:
+        for timer in (self._header_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._send_timer = None
+
+
+def _raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (each connection is one); the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 @click.group(invoke_without_command=True)
@@ -115,12 +230,17 @@ def serve(
         settings = dataclasses.replace(settings, public_url=f"http://{shown}:{port}")
     from app.main import create_app
 
+    open_files = _raise_open_file_limit()
+    # Connections past the cap still take a file each until answered; the database and chunk files need some.
+    cap = max(1, min(settings.max_connections, open_files - FILES_KEPT))
+    limits = _Limits(settings.header_timeout, settings.send_timeout, cap)
     config = uvicorn.Config(
         create_app(settings),
         host=host,
         port=port,
         log_level=log_level,
-        http=_Protocol,
+        http=type("_Protocol", (_Protocol,), {"limits": limits}),
+        timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]  # a float works; typed int
         timeout_graceful_shutdown=2,
         lifespan="on",
         access_log=False,

@@ -22,9 +22,9 @@ from app.live import LiveHub
 from app.models import InvalidRequestError, StreamError, StreamState
 from app.settings import Settings
 from app.store import Store
-from app.wire import parse_query, respond, single
+from app.wire import BODY_SLICE, parse_query, respond, single
 
-TAIL_SLICE = 256 * 1024
+TAIL_SLICE = 64 * 1024
 SHORT_READS = 3
 
 
@@ -58,6 +58,10 @@ class _Body(ASGIStreamingResponse):
                         "more_body": True,
                     }
                     await send(event)
+                    # The server waits for the client to take what it was sent before writing more, not
+                    # before it is handed more: this empty write waits there, so that a client that stops
+                    # reading holds one slice, not two.
+                    await send({"type": "http.response.body", "body": b"", "more_body": True})
             except _Cut:
                 pass
             else:
@@ -69,7 +73,7 @@ async def _plain(store: Store, state: StreamState, start: int, end: int) -> Asyn
     """Uncompressed bytes [start, end), even if the stream gets compressed (its chunks replaced) meanwhile."""
     position = start
     for _ in range(SHORT_READS):
-        async for piece in store.iter_content(state, position, end):
+        async for piece in store.iter_content(state, position, end, BODY_SLICE):
             position += len(piece)
             yield piece
         if position >= end:
@@ -86,8 +90,8 @@ async def _gzipped(store: Store, stream_id: str, start: int, end: int) -> AsyncI
     position = 0
     async for packed in store.iter_gzip(stream_id):
         lo, hi = max(start - position, 0), min(end - position, len(packed))
-        if lo < hi:
-            yield packed[lo:hi]
+        for at in range(lo, hi, BODY_SLICE):
+            yield packed[at : min(at + BODY_SLICE, hi)]
         position += len(packed)
         if position >= end:
             return

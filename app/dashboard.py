@@ -371,7 +371,7 @@ async def signin_form(
     return html(render(request, "signin.html", next=session.safe_next(next), error=""))
 
 
-@post("/signin", status_code=303)
+@post("/signin", status_code=303, request_max_body_size=session.FORM_LIMIT)
 async def signin(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> Response[str]:
@@ -390,7 +390,7 @@ async def signin(
     return Response("", status_code=303, headers={"location": target}, cookies=[cookie])
 
 
-@post("/signout", status_code=303)
+@post("/signout", status_code=303, request_max_body_size=session.FORM_LIMIT)
 async def signout(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> Response[str]:

@@ -75,6 +75,9 @@ class GzipChunkRow(SQLModel, table=True):
     stream_id: str = Field(primary_key=True, max_length=64)
     seq: int = Field(primary_key=True)
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # The offset in the plain content where this piece's deflate data begins after a full flush, so that
+    # inflating can start here; None in bodies written without flush points, which inflate from the start.
+    plain_start: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class MetadataRow(SQLModel, table=True):

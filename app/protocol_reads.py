@@ -26,6 +26,7 @@ from app.models import (
 from app.settings import Settings
 from app.store import Store
 from app.wire import (
+    BODY_SLICE,
     CATCHUP_LIMIT,
     INLINE_LIMIT,
     JSON_CATCHUP_LIMIT,
@@ -71,7 +72,7 @@ def _position(token: str, state: StreamState, last_event_id: str | None = None) 
 
 
 async def _body_iter(store: Store, state: StreamState, start: int, end: int) -> AsyncIterator[bytes]:
-    async for piece in store.iter_content(state, start, end):
+    async for piece in store.iter_content(state, start, end, BODY_SLICE):
         yield piece
 
 

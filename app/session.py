@@ -24,6 +24,7 @@ CSRF_FIELD = "csrf"
 SESSION_SECONDS = 12 * 3600
 SIGNIN_PATH = "/signin"
 MAX_NEXT = 2048
+FORM_LIMIT = 8 * 1024  # bytes of a sign-in, sign-out or demo form: a key, a CSRF token and a path fit
 
 # Without API keys there is nothing to derive a secret from; a per-process one still ties the CSRF token to
 # pages this process served (such a server listens on loopback only, so one process is the usual case).

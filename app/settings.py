@@ -26,6 +26,10 @@ class Settings:
     long_poll_timeout: float = 20.0
     sse_keepalive: float = 15.0
     sweep_interval: float = 30.0
+    send_timeout: float = 60.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 5.0
+    max_connections: int = 10_000
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     llm_base_url: str = ""
     llm_api_key: str = field(default="", repr=False)
@@ -76,6 +80,10 @@ class Settings:
             long_poll_timeout=number("LONG_POLL_TIMEOUT", 20.0, 0.05),
             sse_keepalive=number("SSE_KEEPALIVE", 15.0, 0.05),
             sweep_interval=number("SWEEP_INTERVAL", 30.0, 0.05),
+            send_timeout=number("SEND_TIMEOUT", 60.0, 0.05),
+            header_timeout=number("HEADER_TIMEOUT", 10.0, 0.05),
+            idle_timeout=number("IDLE_TIMEOUT", 5.0, 0.05),
+            max_connections=int(number("MAX_CONNECTIONS", 10_000, 1)),
             api_keys=keys,
             llm_base_url=text("LLM_BASE_URL").rstrip("/"),
             llm_api_key=text("LLM_API_KEY"),

@@ -58,6 +58,9 @@ sessions = SessionRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
 TRIM_RETRY_S = 1.0  # a closed stream's file held by a spooled body is trimmed again this much later
+# A read of a gzip body fetches its pieces this many at most, and no more bytes than this unless one piece is.
+GZIP_BATCH_ROWS = 64
+GZIP_BATCH_BYTES = 256 * 1024
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
@@ -327,11 +330,10 @@ class Store:
         with self._read_engine.connect() as conn:
             return transactions.fork_parts(conn, state, start, end)
 
-    async def iter_gzip(self, stream_id: str) -> AsyncIterator[bytes]:
-        """The stored gzip body of a compressed stream."""
-        seq = 0
+    async def iter_gzip(self, stream_id: str, seq: int = 0) -> AsyncIterator[bytes]:
+        """The stored gzip body of a compressed stream, from its piece `seq` on."""
         while True:
-            rows = await self._read(self._gzip_rows, stream_id, seq, 8)
+            rows = await self._read(self._gzip_rows, stream_id, seq)
             if not rows:
                 return
             for _, data in rows:
@@ -339,21 +341,39 @@ class Store:
             seq = rows[-1][0]
             seq += 1
 
-    def _gzip_rows(self, stream_id: str, seq: int, limit: int) -> list[tuple[int, bytes]]:
+    def _gzip_rows(self, stream_id: str, seq: int) -> list[tuple[int, bytes]]:
+        """The next pieces from `seq`: as many as fit in GZIP_BATCH_BYTES, at least one."""
+        after = gzip_chunks.c.stream_id == stream_id, gzip_chunks.c.seq >= seq
         with self._read_engine.connect() as conn:
-            query = (
-                select(gzip_chunks.c.seq, gzip_chunks.c.data)
-                .where(gzip_chunks.c.stream_id == stream_id, gzip_chunks.c.seq >= seq)
+            sizes = conn.execute(
+                select(gzip_chunks.c.seq, func.length(gzip_chunks.c.data))
+                .where(*after)
                 .order_by(gzip_chunks.c.seq)
-                .limit(limit)
-            )
-            return [(r.seq, bytes(r.data)) for r in conn.execute(query)]
+                .limit(GZIP_BATCH_ROWS)
+            ).all()
+            if not sizes:
+                return []
+            last, total = sizes[0][0], 0
+            for row_seq, size in sizes:
+                if total and total + size > GZIP_BATCH_BYTES:
+                    break
+                last, total = row_seq, total + size
+            query = select(gzip_chunks.c.seq, gzip_chunks.c.data).where(*after, gzip_chunks.c.seq <= last)
+            return [(r.seq, bytes(r.data)) for r in conn.execute(query.order_by(gzip_chunks.c.seq))]
+
+    def _seek_point(self, stream_id: str, start: int) -> tuple[int, int]:
+        with self._read_engine.connect() as conn:
+            return transactions.seek_point(conn, stream_id, start)
 
     async def _iter_decompressed(self, stream_id: str, start: int, end: int) -> AsyncIterator[bytes]:
-        wanted = transactions.RangeInflater(start, end)
-        async for packed in self.iter_gzip(stream_id):
-            if piece := wanted.feed(packed):
-                yield piece
+        seq, position = await self._read(self._seek_point, stream_id, start)
+        wanted = transactions.RangeInflater(start, end, position, raw=seq > 0)
+        async for packed in self.iter_gzip(stream_id, seq):
+            for piece in wanted.feed(packed):
+                if piece:
+                    yield piece
+                # Each slice costs a fraction of a millisecond; other requests run between them.
+                await asyncio.sleep(0)
             if wanted.done:
                 return
 
@@ -533,28 +553,46 @@ class Store:
         """
         postgres = self.postgres
         deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
-        seq = stored = 0
+        staged: list[transactions.GzipPiece] = []
+        seq = stored = position = piece_start = staged_from = 0
         buffer = bytearray()
+
+        async def cut(plain_start: int, final: bool) -> bool:
+            nonlocal seq, stored, buffer, staged_from
+            # A full flush makes the next piece inflatable on its own: a seek point.
+            buffer += deflater.flush() if final else deflater.flush(zlib.Z_FULL_FLUSH)
+            staged.append(transactions.GzipPiece(seq, bytes(buffer), plain_start))
+            seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
+            if final or stored - staged_from >= transactions.CHUNK_TARGET:
+                if not await self._stage(state.id, staged):
+                    return False
+                staged.clear()
+                staged_from = stored
+            return True
+
         async for piece in self.iter_content(state):
-            buffer += await asyncio.to_thread(deflater.compress, piece)
-            if len(buffer) >= transactions.CHUNK_TARGET:
-                if not await self._stage(state.id, seq, bytes(buffer)):
-                    return
-                seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
-        buffer += deflater.flush()
-        if not await self._stage(state.id, seq, bytes(buffer)):
+            view = memoryview(piece)
+            while view:
+                part = view[: transactions.SEEK_STEP - (position - piece_start)]
+                buffer += await asyncio.to_thread(deflater.compress, part)
+                view, position = view[len(part) :], position + len(part)
+                if position - piece_start == transactions.SEEK_STEP:
+                    if not await cut(piece_start, final=False):
+                        return
+                    piece_start = position
+        if not await cut(piece_start, final=True):
             return
-        pieces, stored = seq + 1, stored + len(buffer)
         swapped = await self.writer.call(
-            lambda conn: transactions.swap_in_gzip(conn, state.id, pieces, stored, postgres)
+            lambda conn: transactions.swap_in_gzip(conn, state.id, seq, stored, postgres)
         )
         if swapped:
             self._remove_file_later(state.id)
 
-    async def _stage(self, stream_id: str, seq: int, data: bytes) -> bool:
+    async def _stage(self, stream_id: str, pieces: list[transactions.GzipPiece]) -> bool:
         postgres = self.postgres
+        batch = list(pieces)
         staged: bool = await self.writer.call(
-            lambda conn: transactions.stage_gzip(conn, stream_id, seq, data, postgres)
+            lambda conn: transactions.stage_gzip(conn, stream_id, batch, postgres)
         )
         return staged
 
@@ -721,3 +759,5 @@ def _upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text("DROP INDEX ix_streams_stored_bytes"))
     if "file_bytes" not in {c["name"] for c in found.get_columns("chunks")}:
         conn.execute(text("ALTER TABLE chunks ADD COLUMN file_bytes BIGINT NOT NULL DEFAULT 0"))
+    if "plain_start" not in {c["name"] for c in found.get_columns("gzip_chunks")}:
+        conn.execute(text("ALTER TABLE gzip_chunks ADD COLUMN plain_start BIGINT"))

@@ -41,6 +41,11 @@ metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
 
 CHUNK_TARGET = 1024 * 1024
+# A compressed stream's gzip body has a full flush point (where inflating can begin) every this many plain
+# bytes, so that a read from deep inside it inflates at most this much it does not send.
+SEEK_STEP = 1024 * 1024
+# Inflating yields at most this much at once, whatever the compression ratio.
+INFLATE_SLICE = 64 * 1024
 # Compaction merges only chunks smaller than this, so never one held in a chunk file.
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
@@ -212,18 +217,23 @@ def delete_many(conn: Connection, stream_ids: list[str], postgres: bool) -> tupl
 
 
 def stage_gzip(
-    conn: Connection, stream_id: str, seq: int, data: bytes, postgres: bool
+    conn: Connection, stream_id: str, pieces: list[GzipPiece], postgres: bool
 ) -> tuple[bool, list[Change]]:
-    """Store piece `seq` of a closed stream's gzip body; readers ignore it until `swap_in_gzip`.
+    """Store pieces of a closed stream's gzip body; readers ignore them until `swap_in_gzip`.
 
     False (nothing stored) once the stream is gone, compressed or not closed: the compression stops.
     """
     state = _locked(conn, streams.c.id, stream_id, postgres)
     if state is None or state.compressed or not state.closed:
         return False, []
-    if seq == 0:  # pieces left by a compression that was interrupted
+    if pieces and pieces[0].seq == 0:  # pieces left by a compression that was interrupted
         conn.execute(sql_delete(gzip_chunks).where(gzip_chunks.c.stream_id == stream_id))
-    conn.execute(insert(gzip_chunks).values(stream_id=stream_id, seq=seq, data=data))
+    for piece in pieces:
+        conn.execute(
+            insert(gzip_chunks).values(
+                stream_id=stream_id, seq=piece.seq, data=piece.data, plain_start=piece.plain_start
+            )
+        )
     return True, []
 
 
@@ -406,25 +416,64 @@ def _read_file(files: ChunkFiles | None, stream_id: str, lo: int, hi: int) -> by
     return files.read(stream_id, lo, hi - lo)
 
 
-class RangeInflater:
-    """The bytes [start, end) of a compressed stream's content, from its gzip pieces in order."""
+@dataclass
+class GzipPiece:
+    """A piece of a gzip body; `plain_start` is set when inflating can begin at it (a full flush point)."""
 
-    def __init__(self, start: int, end: int) -> None:
-        self._inflater = zlib.decompressobj(31)
+    seq: int
+    data: bytes
+    plain_start: int | None
+
+
+class RangeInflater:
+    """The bytes [start, end) of a compressed stream's content, inflated a bounded slice at a time.
+
+    It begins at the gzip body's start, or at a seek point: a piece starting after a full flush, whose
+    deflate data stands alone (raw, no header), `position` plain bytes into the content.
+    """
+
+    def __init__(self, start: int, end: int, position: int = 0, raw: bool = False) -> None:
+        self._inflater = zlib.decompressobj(-15 if raw else 31)
         self._start = start
         self._end = end
-        self._position = 0
+        self._position = position
 
     @property
     def done(self) -> bool:
-        return self._position >= self._end
+        return self._position >= self._end or self._inflater.eof
 
-    def feed(self, packed: bytes) -> bytes:
-        """The wanted part of what the next piece inflates to; empty when it has none."""
-        data = self._inflater.decompress(packed)
+    def feed(self, packed: bytes) -> Iterator[bytes]:
+        """The wanted parts of what the next piece inflates to, each at most INFLATE_SLICE; some empty.
+
+        Every slice is yielded, wanted or not, so that a caller can let others run between slices.
+        """
+        data = packed
+        while not self.done:
+            out = self._inflater.decompress(data, INFLATE_SLICE)
+            data = self._inflater.unconsumed_tail
+            if not out and not data:
+                return
+            yield self._wanted(out)
+
+    def _wanted(self, data: bytes) -> bytes:
         lo, hi = max(self._start - self._position, 0), min(self._end - self._position, len(data))
         self._position += len(data)
         return data[lo:hi] if lo < hi else b""
+
+
+def seek_point(conn: Connection, stream_id: str, start: int) -> tuple[int, int]:
+    """The (seq, plain offset) of the last gzip piece at which inflating can begin, at or before `start`."""
+    row = conn.execute(
+        select(gzip_chunks.c.seq, gzip_chunks.c.plain_start)
+        .where(
+            gzip_chunks.c.stream_id == stream_id,
+            gzip_chunks.c.plain_start.is_not(None),
+            gzip_chunks.c.plain_start <= start,
+        )
+        .order_by(gzip_chunks.c.seq.desc())
+        .limit(1)
+    ).first()
+    return (row.seq, row.plain_start) if row is not None else (0, 0)
 
 
 def iter_range(
@@ -466,14 +515,18 @@ def _iter_own(
     conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
 ) -> Iterator[bytes]:
     if state.compressed:
-        wanted = RangeInflater(start, end)
+        seq, position = seek_point(conn, state.id, start)
+        wanted = RangeInflater(start, end, position, raw=seq > 0)
         rows = conn.execute(
-            select(gzip_chunks.c.data).where(gzip_chunks.c.stream_id == state.id).order_by(gzip_chunks.c.seq)
+            select(gzip_chunks.c.data)
+            .where(gzip_chunks.c.stream_id == state.id, gzip_chunks.c.seq >= seq)
+            .order_by(gzip_chunks.c.seq)
         )
         with rows:
             for (packed,) in rows:
-                if piece := wanted.feed(packed):
-                    yield piece
+                for piece in wanted.feed(packed):
+                    if piece:
+                        yield piece
                 if wanted.done:
                     return
         return

@@ -29,7 +29,7 @@ from app.protocol_reads import whole_utf8 as protocol_whole_utf8
 from app.sdk import AgentContext
 from app.settings import Settings
 from app.store import Store
-from app.wire import PREFIX, is_text, live_state, stream_name
+from app.wire import BODY_SLICE, PREFIX, is_text, live_state, stream_name
 from app.writer import media_type
 
 WINDOW = 256 * 1024
@@ -267,7 +267,7 @@ async def watch(
 
 
 async def _content(store: Store, state: StreamState, end: int) -> AsyncIterator[bytes]:
-    async for piece in store.iter_content(state, 0, end):
+    async for piece in store.iter_content(state, 0, end, BODY_SLICE):
         yield piece
 
 
@@ -286,7 +286,7 @@ async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> 
     return None if session.csrf_ok(request, settings, current, token) else session.forbidden()
 
 
-@post("/demo", status_code=303)
+@post("/demo", status_code=303, request_max_body_size=session.FORM_LIMIT)
 async def start_demo(
     request: Request[Any, Any, Any], ctx: NamedDependency[AgentContext], settings: NamedDependency[Settings]
 ) -> Response[Any]:

@@ -40,6 +40,8 @@ CATCHUP_LIMIT = 32 * 1024 * 1024
 JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024
 SSE_SLICE = 256 * 1024
+# A body is read and sent this much at a time: what a client that stops reading holds in the server.
+BODY_SLICE = 64 * 1024
 # A spooled body lets go of its stream's file when its client sends nothing for SPOOL_PATIENCE_S, or has not
 # sent it all within SPOOL_HOLD_S; other large appends to the stream go to the database until then.
 SPOOL_PATIENCE_S = 5.0
