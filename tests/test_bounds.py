@@ -208,7 +208,7 @@ def _stalled_reader(server: ServerProcess, path: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: identity\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: identity\r\n\r\n".encode())
     return sock
 
 
@@ -317,12 +317,12 @@ def test_idle_and_slow_header_connections_are_closed(tmp_path: Path) -> None:
         address = ("127.0.0.1", server.port)
         silent = socket.create_connection(address)
         slow = socket.create_connection(address)
-        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         kept = socket.create_connection(address)
-        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         kept.recv(65536)
         blank = socket.create_connection(address)  # blank lines between requests start none
-        blank.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        blank.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         blank.recv(65536)
         blank.sendall(b"\r\n")
         socks = (silent, slow, kept, blank)
