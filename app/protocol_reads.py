@@ -8,12 +8,15 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from app.content import _Body as CutOffBody
+from app.content import _Cut as Cut
 from app.live import LiveHub
 from app.models import (
     InvalidRequestError,
@@ -70,9 +73,13 @@ def _position(token: str, state: StreamState, last_event_id: str | None = None) 
     return position
 
 
-async def _body_iter(store: Store, state: StreamState, start: int, end: int) -> AsyncIterator[bytes]:
-    async for piece in store.iter_content(state, start, end):
-        yield piece
+async def _body_iter(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    try:
+        async for piece in rest:
+            yield piece
+    except StreamError as exc:  # deleted mid-body: cut it off, so the client sees it is short
+        raise Cut from exc
 
 
 async def _catch_up(
@@ -114,7 +121,10 @@ async def _catch_up(
     if data is not None:
         return respond(200, headers, json_body(data) if state.json_mode else data)
     headers = {**headers, "content-length": str(end - start)}
-    return ASGIStreamingResponse(iterator=_body_iter(store, state, start, end), headers=headers)
+    # The first slice is read before the status is sent: a stream deleted by then is a 404.
+    pieces = store.iter_content(state, start, end)
+    first = await anext(pieces)
+    return CutOffBody(_body_iter(first, pieces), headers)
 
 
 async def _long_poll(
@@ -221,6 +231,17 @@ def _sse_data(state: StreamState, data: bytes, next_offset: int) -> str:
 
 
 async def _sse_events(
+    store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int, client_cursor: str | None
+) -> AsyncIterator[str | bytes]:
+    async with aclosing(_sse_follow(store, hub, settings, state, start, client_cursor)) as events:
+        try:
+            async for event in events:
+                yield event
+        except StreamError:  # the stream was deleted: end the connection cleanly, claiming nothing more
+            return
+
+
+async def _sse_follow(
     store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int, client_cursor: str | None
 ) -> AsyncIterator[str | bytes]:
     position = start

@@ -36,6 +36,7 @@ from app.models import (
     Producer,
     ProducerRow,
     StreamFilter,
+    StreamNotFoundError,
     StreamRow,
     StreamState,
 )
@@ -53,6 +54,7 @@ metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
 
 READ_SLICE = 4 * 1024 * 1024
+SHORT_READS = 3  # a read that comes back short looks at the stream again this many times
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
@@ -249,10 +251,25 @@ class Store:
         raise AssertionError("unreachable")
 
     async def read(self, stream_id: str, start: int, end: int) -> bytes:
-        """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail."""
+        """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail.
+
+        All of them, or StreamNotFoundError if the stream was deleted meanwhile: never fewer.
+        """
         if end <= start:
             return b""
-        return await self._hot_read(self._read_sync, stream_id, start, end)
+        data = await self._hot_read(self._read_sync, stream_id, start, end)
+        if len(data) == end - start:
+            return data
+        # Short: the stream was compressed (its chunks replaced) or deleted since the caller read its state.
+        state = await self._still_there(stream_id)
+        return b"".join([piece async for piece in self.iter_content(state, start, end)])
+
+    async def _still_there(self, stream_id: str) -> StreamState:
+        """The stream's state now, for a read that came back short; raises if it was deleted."""
+        state = await self.get(stream_id)
+        if state is None or state.deleted:
+            raise StreamNotFoundError("the stream was deleted while it was being read")
+        return state
 
     def _read_sync(self, stream_id: str, start: int, end: int) -> bytes:
         rows = self._driver_query(self.statements.chunk_range, {"id": stream_id, "lo": start, "hi": end})
@@ -261,19 +278,28 @@ class Store:
     async def iter_content(
         self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
     ) -> AsyncIterator[bytes]:
-        """The uncompressed content [start, end) in slices, whether it is stored compressed or not."""
+        """The uncompressed content [start, end) in slices, whether it is stored compressed or not.
+
+        All of it, even if the stream is compressed meanwhile; StreamNotFoundError if it is deleted.
+        """
         end = state.tail if end is None else min(end, state.tail)
-        if state.compressed:
-            async for piece in self._iter_decompressed(state.id, start, end):
-                yield piece
-            return
         position = start
-        while position < end:
-            piece = await self.read(state.id, position, min(end, position + slice_size))
-            if not piece:
+        for _ in range(SHORT_READS):
+            if state.compressed:
+                async for piece in self._iter_decompressed(state.id, position, end):
+                    position += len(piece)
+                    yield piece
+            while position < end and not state.compressed:
+                want = min(end, position + slice_size)
+                piece = await self._hot_read(self._read_sync, state.id, position, want)
+                if len(piece) < want - position:
+                    break
+                position = want
+                yield piece
+            if position >= end:
                 return
-            position += len(piece)
-            yield piece
+            state = await self._still_there(state.id)
+        raise StreamNotFoundError("the stream kept changing while it was being read; read it again")
 
     async def iter_gzip(self, stream_id: str) -> AsyncIterator[bytes]:
         """The stored gzip body of a compressed stream."""
@@ -466,12 +492,15 @@ class Store:
         deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
         seq = stored = 0
         buffer = bytearray()
-        async for piece in self.iter_content(state):
-            buffer += await asyncio.to_thread(deflater.compress, piece)
-            if len(buffer) >= transactions.CHUNK_TARGET:
-                if not await self._stage(state.id, seq, bytes(buffer)):
-                    return
-                seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
+        try:
+            async for piece in self.iter_content(state):
+                buffer += await asyncio.to_thread(deflater.compress, piece)
+                if len(buffer) >= transactions.CHUNK_TARGET:
+                    if not await self._stage(state.id, seq, bytes(buffer)):
+                        return
+                    seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
+        except StreamNotFoundError:  # deleted meanwhile: nothing left to compress
+            return
         buffer += deflater.flush()
         if not await self._stage(state.id, seq, bytes(buffer)):
             return

@@ -230,6 +230,15 @@ async def watch(
         state = live_state(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
+    try:
+        return await _watch_response(store, state, demo_csrf, before, download)
+    except StreamError:  # deleted while it was read
+        return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
+
+
+async def _watch_response(
+    store: Store, state: StreamState, demo_csrf: str, before: int | None, download: bool
+) -> Response[Any]:
     if download:
         return Stream(
             _content(store, state, state.tail),
@@ -253,8 +262,11 @@ async def watch(
 
 
 async def _content(store: Store, state: StreamState, end: int) -> AsyncIterator[bytes]:
-    async for piece in store.iter_content(state, 0, end):
-        yield piece
+    try:
+        async for piece in store.iter_content(state, 0, end):
+            yield piece
+    except StreamError:  # deleted meanwhile: the body stops short of its Content-Length
+        return
 
 
 async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> Response[Any] | None:

@@ -1,0 +1,235 @@
+"""A read never claims an offset it did not deliver: gzip-at-close and delete racing every read path."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from app.main import create_app
+from app.models import StreamNotFoundError, StreamState, parse_offset
+from app.settings import Settings
+from app.store import Store
+from app.transactions import NewStream
+
+pytestmark = pytest.mark.timeout(90)
+
+SMALL = b"".join(b"line %05d of a closed stream\n" % i for i in range(2000))  # inline catch-up
+LARGE = SMALL * 40  # over the inline limit: a streamed catch-up body
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    quick = dataclasses.replace(settings, sse_keepalive=0.3, long_poll_timeout=0.5)
+    async with AsyncTestClient(create_app(quick)) as client:
+        yield client
+
+
+def store_of(client: AsyncTestClient[Any]) -> Store:
+    store: Store = client.app.state.store
+    return store
+
+
+async def in_app(client: AsyncTestClient[Any], fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run a store coroutine on the app's own event loop (the test client serves it from another thread)."""
+    return await asyncio.to_thread(client.blocking_portal.call, fn, *args)
+
+
+async def closed_stream(client: AsyncTestClient[Any], name: str, data: bytes) -> StreamState:
+    """A closed stream marked for compression whose gzip body is not swapped in yet."""
+    store = store_of(client)
+
+    async def make() -> StreamState | None:
+        state, _ = await store.create(NewStream(namespace="race", name=name, content_type="text/plain"))
+        await store.append_nowait(state.id, data, close=True, compress=True)
+        return await store.get(state.id)
+
+    fresh = await in_app(client, make)
+    assert fresh is not None and fresh.closed and not fresh.compressed
+    return fresh
+
+
+def between_state_and_bytes(
+    monkeypatch: pytest.MonkeyPatch, store: Store, action: Callable[[str], Awaitable[None]]
+) -> None:
+    """Run `action` (a gzip swap, a delete) right after the next read of a stream's state by name."""
+    original = store.get_by_name
+    fired = False
+
+    async def racing(name: str) -> StreamState | None:
+        nonlocal fired
+        state = await original(name)
+        if state is not None and not fired:
+            fired = True
+            await action(state.id)
+        return state
+
+    monkeypatch.setattr(store, "get_by_name", racing)
+
+
+def compress(store: Store) -> Callable[[str], Awaitable[None]]:
+    async def run(stream_id: str) -> None:
+        await store.finish(stream_id)
+        state = await store.get(stream_id)
+        assert state is not None and state.compressed
+
+    return run
+
+
+def claimed(response: Any) -> int:
+    position = parse_offset(response.headers["stream-next-offset"])
+    assert position is not None
+    return position
+
+
+@pytest.mark.parametrize("data", [SMALL, LARGE], ids=["inline", "streamed"])
+async def test_catch_up_racing_the_gzip_swap_delivers_every_claimed_byte(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch, data: bytes
+) -> None:
+    store = store_of(client)
+    await closed_stream(client, "swap", data)
+    between_state_and_bytes(monkeypatch, store, compress(store))
+    response = await client.get("/v1/stream/swap", params={"offset": "-1"})
+    assert response.status_code == 200
+    assert claimed(response) == len(response.content)
+    assert response.content == data[: claimed(response)]
+
+
+@pytest.mark.parametrize("data", [SMALL, LARGE], ids=["inline", "streamed"])
+async def test_catch_up_racing_a_delete_is_404_not_a_short_200(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch, data: bytes
+) -> None:
+    store = store_of(client)
+    await closed_stream(client, "gone", data)
+    between_state_and_bytes(monkeypatch, store, store.delete)
+    try:
+        response = await client.get("/v1/stream/gone", params={"offset": "-1"})
+    except Exception:  # a streamed body cut off mid-way: the client sees an incomplete transfer
+        return
+    assert response.status_code == 404, (response.status_code, len(response.content), response.headers)
+
+
+async def test_long_poll_racing_the_gzip_swap_delivers_every_claimed_byte(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_of(client)
+    await closed_stream(client, "poll", SMALL)
+    between_state_and_bytes(monkeypatch, store, compress(store))
+    response = await client.get("/v1/stream/poll", params={"offset": "-1", "live": "long-poll"})
+    assert response.status_code == 200
+    assert response.content == SMALL and claimed(response) == len(SMALL)
+
+
+def sse_controls(text: str) -> list[tuple[dict[str, Any], int]]:
+    """Each control event with the number of data bytes delivered before it."""
+    delivered, controls = 0, []
+    for event in text.split("\n\n"):
+        lines = event.split("\n")
+        if lines[0] == "event: data":
+            delivered += len("\n".join(line[5:] for line in lines[1:] if line.startswith("data:")).encode())
+        elif lines[0] == "event: control":
+            controls.append((json.loads("".join(line[5:] for line in lines[1:])), delivered))
+    return controls
+
+
+async def test_sse_racing_the_gzip_swap_never_claims_an_offset_it_did_not_send(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_of(client)
+    await closed_stream(client, "sse", SMALL)
+    between_state_and_bytes(monkeypatch, store, compress(store))
+    response = await client.get("/v1/stream/sse", params={"offset": "-1", "live": "sse"})
+    controls = sse_controls(response.text)
+    assert controls, response.text
+    for control, delivered in controls:
+        assert parse_offset(control["streamNextOffset"]) == delivered, controls
+        if control.get("upToDate"):  # the stream is closed: up to date only at its end
+            assert delivered == len(SMALL), controls
+    assert controls[-1][0].get("streamClosed") and controls[-1][1] == len(SMALL)
+
+
+async def test_watch_page_racing_the_gzip_swap_shows_the_content(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_of(client)
+    await closed_stream(client, "page", SMALL)
+    between_state_and_bytes(monkeypatch, store, compress(store))
+    response = await client.get("/watch/page")
+    assert response.status_code == 200
+    assert "line 01999 of a closed stream" in response.text
+    assert f'data-offset="{len(SMALL)}"' in response.text
+
+
+async def test_watch_page_racing_a_delete_is_the_gone_page(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_of(client)
+    await closed_stream(client, "page-gone", SMALL)
+    between_state_and_bytes(monkeypatch, store, store.delete)
+    response = await client.get("/watch/page-gone")
+    assert response.status_code == 404
+
+
+async def test_store_reads_racing_a_delete_raise_not_found(client: AsyncTestClient[Any]) -> None:
+    store = store_of(client)
+    state = await closed_stream(client, "direct", SMALL)
+    await in_app(client, store.delete, state.id)
+
+    async def whole() -> bytes:
+        return b"".join([piece async for piece in store.iter_content(state)])
+
+    with pytest.raises(StreamNotFoundError):
+        await in_app(client, store.read, state.id, 0, len(SMALL))
+    with pytest.raises(StreamNotFoundError):
+        await in_app(client, whole)
+
+
+async def test_readers_polling_through_gzip_swaps_and_deletes_get_whole_bodies(
+    client: AsyncTestClient[Any],
+) -> None:
+    """Real races: readers poll `offset=-1` while streams are closed with gzip and deleted."""
+    store = store_of(client)
+    checked = {"200": 0, "404": 0}
+    stop = asyncio.Event()
+
+    async def reader() -> None:
+        while not stop.is_set():
+            response = await client.get("/v1/stream/loop", params={"offset": "-1"})
+            if response.status_code == 200:
+                assert claimed(response) == len(response.content), "a short 200"
+                checked["200"] += 1
+            else:
+                assert response.status_code == 404, response.status_code
+                checked["404"] += 1
+            await asyncio.sleep(0)
+
+    async def churn() -> None:
+        rng = random.Random(7)
+        deadline = time.monotonic() + 3
+        for _ in range(40):
+            if time.monotonic() > deadline:
+                break
+            state = await closed_stream(client, "loop", SMALL[: rng.randrange(1000, len(SMALL))])
+            await asyncio.sleep(rng.random() / 100)
+            if rng.random() < 0.5:
+                await in_app(client, store.finish, state.id)
+                await asyncio.sleep(rng.random() / 100)
+            await in_app(client, store.delete, state.id)
+        stop.set()
+
+    readers = [asyncio.ensure_future(reader()) for _ in range(6)]
+    try:
+        await churn()
+        await asyncio.gather(*readers)
+    finally:
+        stop.set()
+        for task in readers:
+            task.cancel()
+    assert checked["200"] > 0
