@@ -20,11 +20,13 @@ from app.content import _Cut as Cut
 from app.live import LiveHub
 from app.models import (
     InvalidRequestError,
+    OffsetGoneError,
     StreamError,
     StreamNotFoundError,
     StreamState,
     format_offset,
     parse_offset,
+    split_offset,
 )
 from app.settings import Settings
 from app.store import Store
@@ -60,16 +62,26 @@ def _start_offset(query: dict[str, list[str]], live: str | None) -> str:
     raise InvalidRequestError("offset must be -1, now, or an offset returned in Stream-Next-Offset")
 
 
-def _position(token: str, state: StreamState, last_event_id: str | None = None) -> int:
+async def _position(store: Store, token: str, state: StreamState, last_event_id: str | None = None) -> int:
     if token == "now":
         return state.tail
-    position = 0 if token == "-1" else parse_offset(token) or 0
-    if last_event_id:
-        resumed = parse_offset(last_event_id)
-        if resumed is not None and position <= resumed <= state.tail:
+    position = 0 if token == "-1" else await _own_position(store, state, token)
+    if last_event_id and split_offset(last_event_id) is not None:
+        resumed = await _own_position(store, state, last_event_id)
+        if position <= resumed <= state.tail:
             position = resumed
     if position > state.tail:
         raise InvalidRequestError("offset is beyond the end of the stream")
+    return position
+
+
+async def _own_position(store: Store, state: StreamState, token: str) -> int:
+    """The byte position of an offset token, if this stream (not a deleted one of its name) handed it out."""
+    generation, position = split_offset(token) or (0, 0)
+    if not await store.offset_belongs(state, generation, position):
+        raise OffsetGoneError(
+            "this offset is from an earlier stream of this name, which was deleted: read again from offset=-1"
+        )
     return position
 
 
@@ -208,9 +220,14 @@ def _sse_event(kind: str, payload: str) -> str:
 
 
 def _control(
-    tail: int, closed: bool, up_to_date: bool, client_cursor: str | None, interval: str | None = None
+    state: StreamState,
+    tail: int,
+    closed: bool,
+    up_to_date: bool,
+    client_cursor: str | None,
+    interval: str | None = None,
 ) -> str:
-    control: dict[str, Any] = {"streamNextOffset": format_offset(tail)}
+    control: dict[str, Any] = {"streamNextOffset": format_offset(tail, state.generation)}
     if closed:
         control["streamClosed"] = True
     else:
@@ -227,7 +244,7 @@ def _sse_data(state: StreamState, data: bytes, next_offset: int) -> str:
         payload = data.decode("utf-8", errors="replace")
     else:
         payload = base64.b64encode(data).decode()
-    return _sse_event("data", payload)[:-1] + f"id:{format_offset(next_offset)}\n\n"
+    return _sse_event("data", payload)[:-1] + f"id:{format_offset(next_offset, state.generation)}\n\n"
 
 
 async def _sse_events(
@@ -257,10 +274,10 @@ async def _sse_follow(
                 sent_any = True
             if state.closed and position >= state.tail:
                 if not sent_any:
-                    yield _control(position, True, True, client_cursor)
+                    yield _control(state, position, True, True, client_cursor)
                 return
             if not sent_any:
-                yield _control(position, False, True, client_cursor)
+                yield _control(state, position, False, True, client_cursor)
                 sent_any = True
             if hub.stopping:
                 return
@@ -313,7 +330,7 @@ async def _next_block(
     # One write per data event and its control event, so readers never see one without the other.
     block = (
         _sse_data(state, data, after)
-        + _control(after, state.closed and at_tail, at_tail, client_cursor, interval)
+        + _control(state, after, state.closed and at_tail, at_tail, client_cursor, interval)
     ).encode()
     return hub.sse_blocks.put(key, (block, after))
 
@@ -347,7 +364,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
             await store.touch(state)
         extra: dict[str, str] = {}
         if live == "sse":
-            start = _position(token, state, request.headers.get("last-event-id"))
+            start = await _position(store, token, state, request.headers.get("last-event-id"))
             headers = {
                 "content-type": "text/event-stream",
                 "cache-control": "no-cache",
@@ -357,7 +374,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
                 headers["stream-sse-data-encoding"] = "base64"
             events = _sse_events(store, hub, settings, state, start, single(query, "cursor"))
             return ASGIStreamingResponse(iterator=events, headers=headers)
-        start = _position(token, state)
+        start = await _position(store, token, state)
         if live == "long-poll":
             return await _long_poll(request, store, hub, settings, state, start, extra)
         return await _catch_up(request, store, state, start, token, extra)

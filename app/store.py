@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     func,
+    insert,
     inspect,
     or_,
     select,
@@ -39,6 +40,7 @@ from app.models import (
     StreamNotFoundError,
     StreamRow,
     StreamState,
+    offset_belongs,
 )
 from app.settings import Settings
 from app.statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
@@ -123,6 +125,11 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             SQLModel.metadata.create_all(conn)
             _upgrade(conn, self.postgres)
+            found = select(transactions.counters.c.name).where(
+                transactions.counters.c.name == transactions.GENERATION
+            )
+            if conn.execute(found).first() is None:
+                conn.execute(insert(transactions.counters).values(name=transactions.GENERATION, value=0))
             if self.files is not None:  # left by a process that stopped before removing them
                 transactions.remove_unused_files(conn, self.files, self.files.stream_ids())
 
@@ -263,6 +270,16 @@ class Store:
         # Short: the stream was compressed (its chunks replaced) or deleted since the caller read its state.
         state = await self._still_there(stream_id)
         return b"".join([piece async for piece in self.iter_content(state, start, end)])
+
+    async def offset_belongs(self, state: StreamState, generation: int, position: int) -> bool:
+        """Whether an offset of `generation` may be read from `position` in this stream (see models)."""
+        if generation == state.generation:
+            return True
+
+        def by_id(stream_id: str) -> StreamState | None:
+            return self._get_sync(self.statements.stream_by_id, {"id": stream_id})
+
+        return await self._read(offset_belongs, state, generation, position, by_id)
 
     async def _still_there(self, stream_id: str) -> StreamState:
         """The stream's state now, for a read that came back short; raises if it was deleted."""
@@ -617,3 +634,5 @@ def _upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text("DROP INDEX ix_streams_stored_bytes"))
     if "file_bytes" not in {c["name"] for c in found.get_columns("chunks")}:
         conn.execute(text("ALTER TABLE chunks ADD COLUMN file_bytes BIGINT NOT NULL DEFAULT 0"))
+    if "generation" not in {c["name"] for c in found.get_columns("streams")}:
+        conn.execute(text("ALTER TABLE streams ADD COLUMN generation BIGINT NOT NULL DEFAULT 0"))

@@ -233,3 +233,79 @@ async def test_readers_polling_through_gzip_swaps_and_deletes_get_whole_bodies(
         for task in readers:
             task.cancel()
     assert checked["200"] > 0
+
+
+# --- offsets of a deleted stream -----------------------------------------------------------------
+
+
+def generation_of(offset: str) -> int:
+    return int(offset.split("_")[0])
+
+
+async def test_an_offset_of_a_deleted_stream_is_410_in_the_next_stream_of_its_name(
+    client: AsyncTestClient[Any],
+) -> None:
+    url, plain = "/v1/stream/reused", {"content-type": "text/plain"}
+    assert (await client.put(url, headers=plain, content=b"old stream ")).status_code == 201
+    old = (await client.get(url, params={"offset": "-1"})).headers["stream-next-offset"]
+    assert (await client.delete(url)).status_code == 204
+    created = await client.put(url, headers=plain, content=b"a new stream, longer than the old one")
+    assert created.status_code == 201
+    new = created.headers["stream-next-offset"]
+    for mode in ({}, {"live": "long-poll"}, {"live": "sse"}):
+        stale = await client.get(url, params={"offset": old, **mode})
+        assert stale.status_code == 410, (mode, stale.status_code, stale.text)
+        assert "offset=-1" in stale.json()["error"]
+    assert generation_of(new) > generation_of(old)
+    resumed = await client.get(url, params={"offset": "-1", "live": "sse"}, headers={"last-event-id": old})
+    assert resumed.status_code == 410
+    whole = await client.get(url, params={"offset": "-1"})
+    assert whole.content == b"a new stream, longer than the old one"
+    assert whole.headers["stream-next-offset"] == new
+    again = await client.get(url, params={"offset": new})
+    assert again.status_code == 200 and again.content == b""
+    start = await client.get(url, params={"offset": "0000000000000000_0000000000000000"})
+    assert start.content == whole.content  # the all-zero offset is every stream's start
+
+
+async def test_a_closed_stream_answers_appends_with_its_own_final_offset(
+    client: AsyncTestClient[Any],
+) -> None:
+    url, plain = "/v1/stream/final", {"content-type": "text/plain"}
+    created = await client.put(url, headers={**plain, "stream-closed": "true"}, content=b"done")
+    refused = await client.post(url, headers=plain, content=b"more")
+    assert refused.status_code == 409
+    assert refused.headers["stream-next-offset"] == created.headers["stream-next-offset"]
+    assert generation_of(refused.headers["stream-next-offset"]) > 0
+
+
+async def test_generations_rise_across_expiry_and_across_stores_of_one_database(settings: Settings) -> None:
+    async with Store.open(settings) as first, Store.open(settings) as second:
+        seen = []
+        for store in (first, second, first, second):
+            state, created = await store.create(
+                NewStream(namespace="gen", name="gen/one", expires_at=time.time() + 0.3)
+            )
+            assert created
+            seen.append(state.generation)
+            await asyncio.sleep(0.35)  # expired: the next create of the name replaces it
+        assert seen == sorted(seen) and len(set(seen)) == len(seen) and seen[0] > 0
+
+
+async def test_a_database_from_before_generations_keeps_its_offsets(tmp_path: Any) -> None:
+    from sqlalchemy import create_engine, text
+
+    settings = Settings(data_dir=tmp_path, public_url="http://sh.test")
+    async with Store.open(settings) as store:
+        old, _ = await store.create(NewStream(namespace="up", name="up/old", initial=b"kept"))
+    engine = create_engine(f"sqlite:///{tmp_path / 'streamhold.db'}")
+    with engine.begin() as conn:  # the schema as it was before generations
+        conn.execute(text("DROP TABLE counters"))
+        conn.execute(text("ALTER TABLE streams DROP COLUMN generation"))
+    engine.dispose()
+    async with AsyncTestClient(create_app(settings)) as client:
+        read = await client.get("/v1/stream/up/old", params={"offset": "0000000000000000_0000000000000002"})
+        assert read.status_code == 200 and read.content == b"pt"
+        assert read.headers["stream-next-offset"] == "0000000000000000_0000000000000004"
+        created = await client.put("/v1/stream/up/new", headers={"content-type": "text/plain"})
+        assert generation_of(created.headers["stream-next-offset"]) > 0
