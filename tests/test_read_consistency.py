@@ -116,6 +116,34 @@ async def test_catch_up_racing_a_delete_is_404_not_a_short_200(
     assert response.status_code == 404, (response.status_code, len(response.content), response.headers)
 
 
+async def test_a_streamed_catch_up_finishes_across_a_gzip_swap_in_its_middle(
+    client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_of(client)
+    await closed_stream(client, "mid", LARGE)
+    original = store.iter_content
+    fired = False
+
+    def swapping(
+        state: StreamState, start: int = 0, end: int | None = None, **_: Any
+    ) -> AsyncIterator[bytes]:
+        async def pieces() -> AsyncIterator[bytes]:
+            nonlocal fired
+            async for piece in original(state, start, end, slice_size=64 * 1024):
+                yield piece
+                if not fired:  # once, after the first slice (the compression reads the stream too)
+                    fired = True
+                    await compress(store)(state.id)
+
+        return pieces()
+
+    monkeypatch.setattr(store, "iter_content", swapping)
+    response = await client.get("/v1/stream/mid", params={"offset": "-1"})
+    assert response.status_code == 200
+    assert len(response.content) == claimed(response) == len(LARGE)
+    assert response.content == LARGE
+
+
 async def test_long_poll_racing_the_gzip_swap_delivers_every_claimed_byte(
     client: AsyncTestClient[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
