@@ -16,13 +16,14 @@ from typing import Any, TypeVar
 from sqlalchemy import (
     Connection,
     func,
-    insert,
     inspect,
     or_,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
 from app import chunk_files, transactions
@@ -125,11 +126,12 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             SQLModel.metadata.create_all(conn)
             _upgrade(conn, self.postgres)
-            found = select(transactions.counters.c.name).where(
-                transactions.counters.c.name == transactions.GENERATION
-            )
-            if conn.execute(found).first() is None:
-                conn.execute(insert(transactions.counters).values(name=transactions.GENERATION, value=0))
+            counter = {"name": transactions.GENERATION, "value": 0}
+            # Another process may be starting too: the first to insert the counter wins.
+            if self.postgres:
+                conn.execute(postgresql_insert(transactions.counters).values(counter).on_conflict_do_nothing())
+            else:
+                conn.execute(sqlite_insert(transactions.counters).values(counter).on_conflict_do_nothing())
             if self.files is not None:  # left by a process that stopped before removing them
                 transactions.remove_unused_files(conn, self.files, self.files.stream_ids())
 
