@@ -337,3 +337,19 @@ async def test_a_database_from_before_generations_keeps_its_offsets(tmp_path: An
         assert read.headers["stream-next-offset"] == "0000000000000000_0000000000000004"
         created = await client.put("/v1/stream/up/new", headers={"content-type": "text/plain"})
         assert generation_of(created.headers["stream-next-offset"]) > 0
+
+
+async def test_a_fork_takes_its_source_offsets_only_up_to_the_fork_point(
+    client: AsyncTestClient[Any],
+) -> None:
+    plain = {"content-type": "text/plain"}
+    source = await client.put("/v1/stream/src", headers=plain, content=b"abc")
+    at_fork = source.headers["stream-next-offset"]
+    forked = await client.put("/v1/stream/fork", headers={**plain, "stream-forked-from": "/v1/stream/src"})
+    assert forked.status_code == 201
+    appended = await client.post("/v1/stream/src", headers=plain, content=b"def")
+    past_fork = appended.headers["stream-next-offset"]
+    await client.post("/v1/stream/fork", headers=plain, content=b"XYZ")
+    inherited = await client.get("/v1/stream/fork", params={"offset": at_fork})
+    assert inherited.status_code == 200 and inherited.content == b"XYZ"
+    assert (await client.get("/v1/stream/fork", params={"offset": past_fork})).status_code == 410
