@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -71,18 +72,11 @@ class _Body(ASGIStreamingResponse):
 
 async def _plain(store: Store, state: StreamState, start: int, end: int) -> AsyncIterator[bytes]:
     """Uncompressed bytes [start, end), even if the stream gets compressed (its chunks replaced) meanwhile."""
-    position = start
-    for _ in range(SHORT_READS):
-        async for piece in store.iter_content(state, position, end, BODY_SLICE):
-            position += len(piece)
+    try:
+        async for piece in store.iter_content(state, start, end, BODY_SLICE):
             yield piece
-        if position >= end:
-            return
-        fresh = await store.get(state.id)
-        if fresh is None or fresh.deleted:
-            break
-        state = fresh
-    raise _Cut
+    except StreamError as exc:  # deleted meanwhile
+        raise _Cut from exc
 
 
 async def _gzipped(store: Store, stream_id: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -102,6 +96,17 @@ async def tail(
     store: Store, hub: LiveHub, settings: Settings, stream_id: str, start: int
 ) -> AsyncIterator[bytes]:
     """Send from `start` what exists, then each commit as it lands, until the stream is closed."""
+    async with aclosing(_follow(store, hub, settings, stream_id, start)) as pieces:
+        try:
+            async for piece in pieces:
+                yield piece
+        except StreamError as exc:  # deleted while it was read
+            raise _Cut from exc
+
+
+async def _follow(
+    store: Store, hub: LiveHub, settings: Settings, stream_id: str, start: int
+) -> AsyncIterator[bytes]:
     position = start
     with hub.watch(stream_id, "http") as waiter:
         # Read the state after registering, so that no commit can slip between the read and the wait.

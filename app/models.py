@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +53,18 @@ class StreamRow(SQLModel, table=True):
     # The stream's last bytes, [tail - len(pending), tail), until they fill a chunk (writer.PENDING_LIMIT):
     # a small append then rewrites only this row, instead of adding a chunk and an index entry as well.
     pending: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False, default=b""))
+    # Which incarnation of its name this stream is: the first field of its offsets, so that an offset of a
+    # deleted stream is never read inside a later one of the same name. 0 for streams made before it existed.
+    generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+
+
+class CounterRow(SQLModel, table=True):
+    """A counter that only goes up, such as the last stream generation handed out."""
+
+    __tablename__ = "counters"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: int = Field(default=0, sa_type=BigInteger)
 
 
 class ChunkRow(SQLModel, table=True):
@@ -139,6 +152,7 @@ class StreamState:
     fork_source: str | None
     fork_offset: int | None
     deleted: bool
+    generation: int = 0
 
     @property
     def closed(self) -> bool:
@@ -177,6 +191,7 @@ class StreamState:
             fork_source=get("fork_source"),
             fork_offset=get("fork_offset"),
             deleted=bool(get("deleted")),
+            generation=get("generation") or 0,
         )
 
 
@@ -215,15 +230,46 @@ class StreamFilter:
 _OFFSET = re.compile(r"^(\d{1,19})_(\d{1,19})$")
 
 
-def format_offset(position: int) -> str:
-    """The protocol's offset token for a byte position: two zero-padded 16-digit numbers."""
-    return f"0000000000000000_{position:016d}"
+def format_offset(position: int, generation: int = 0) -> str:
+    """The protocol's offset token: the stream's generation and a byte position, each of 16 digits."""
+    return f"{generation:016d}_{position:016d}"
 
 
 def parse_offset(token: str) -> int | None:
     """The byte position of an offset token, or None when the token is malformed."""
     match = _OFFSET.match(token)
     return int(match.group(2)) if match else None
+
+
+def split_offset(token: str) -> tuple[int, int] | None:
+    """The (generation, byte position) of an offset token, or None when the token is malformed."""
+    match = _OFFSET.match(token)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+MAX_FORK_DEPTH = 64
+
+
+def offset_belongs(
+    state: StreamState, generation: int, position: int, stream_by_id: Callable[[str], StreamState | None]
+) -> bool:
+    """Whether an offset minted with `generation` may be read from `position` in this stream.
+
+    Its own generation, the all-zero start, or (for a fork) a source's generation at or before the fork
+    point, since a fork shares its source's bytes and offsets up to there.
+    """
+    if generation == state.generation or (generation == 0 and position == 0):
+        return True
+    current: StreamState | None = state
+    for _ in range(MAX_FORK_DEPTH):
+        if current is None or current.fork_source is None or current.fork_offset is None:
+            return False
+        if position > current.fork_offset:
+            return False
+        current = stream_by_id(current.fork_source)
+        if current is not None and current.generation == generation:
+            return True
+    return False
 
 
 _last_ms = 0
@@ -286,12 +332,19 @@ class StreamGoneError(StreamError):
     status = 410
 
 
+class OffsetGoneError(StreamError):
+    """The offset was handed out by an earlier stream of this name, which has been deleted."""
+
+    status = 410
+
+
 class StreamClosedError(StreamError):
     status = 409
 
-    def __init__(self, message: str, tail: int = 0) -> None:
+    def __init__(self, message: str, tail: int = 0, generation: int = 0) -> None:
         super().__init__(message)
         self.tail = tail
+        self.generation = generation
 
 
 class StreamConflictError(StreamError):

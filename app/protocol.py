@@ -24,11 +24,13 @@ from app.models import (
     ContentTypeMismatchError,
     InvalidRequestError,
     Producer,
+    StreamClosedError,
     StreamError,
     StreamNotFoundError,
     StreamState,
     format_offset,
-    parse_offset,
+    offset_belongs,
+    split_offset,
 )
 from app.protocol_reads import read_stream
 from app.settings import Settings
@@ -85,7 +87,7 @@ def _ttl_and_expiry(request: Request[Any, Any, Any]) -> tuple[int | None, float 
     return None, None
 
 
-def _fork_options(request: Request[Any, Any, Any]) -> tuple[str | None, int | None, int]:
+def _fork_options(request: Request[Any, Any, Any]) -> tuple[str | None, tuple[int, int] | None, int]:
     source = request.headers.get("stream-forked-from")
     offset_raw = request.headers.get("stream-fork-offset")
     sub_raw = request.headers.get("stream-fork-sub-offset")
@@ -99,7 +101,7 @@ def _fork_options(request: Request[Any, Any, Any]) -> tuple[str | None, int | No
     name = stream_name(path[len(PREFIX) :])
     offset = None
     if offset_raw is not None:
-        offset = parse_offset(offset_raw)
+        offset = split_offset(offset_raw)
         if offset is None:
             raise InvalidRequestError("Stream-Fork-Offset is not a valid offset")
     sub = 0
@@ -112,9 +114,14 @@ def _fork_options(request: Request[Any, Any, Any]) -> tuple[str | None, int | No
     return name, offset, sub
 
 
-def _fork_point(offset: int | None, sub: int) -> Any:
+def _fork_point(offset: tuple[int, int] | None, sub: int) -> Any:
     def resolve(source: StreamState, read: Callable[[int, int], Iterator[bytes]]) -> int:
-        base = source.tail if offset is None else offset
+        if offset is not None and not offset_belongs(source, *offset, lambda _: None):
+            raise InvalidRequestError(
+                "Stream-Fork-Offset is not an offset of the source stream (it may be of a deleted "
+                "stream of that name): take one from the source's own responses"
+            )
+        base = source.tail if offset is None else offset[1]
         if base > source.tail:
             raise InvalidRequestError("Stream-Fork-Offset is beyond the end of the source stream")
         if sub == 0:
@@ -165,7 +172,7 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
                 closed=request.headers.get("stream-closed", "").lower() == "true",
                 initial=initial,
                 fork_from=fork_from,
-                fork_offset=fork_offset,
+                fork_offset=fork_offset[1] if fork_offset is not None else None,
                 fork_point=_fork_point(fork_offset, sub) if fork_from is not None else None,
             )
         )
@@ -197,8 +204,8 @@ def _producer(headers: dict[str, str]) -> Producer | None:
     return Producer(producer_id, int(epoch), int(seq))
 
 
-def _append_headers(result: AppendResult) -> dict[str, str]:
-    headers = {"stream-next-offset": format_offset(result.tail)}
+def _append_headers(result: AppendResult, generation: int) -> dict[str, str]:
+    headers = {"stream-next-offset": format_offset(result.tail, generation)}
     if result.closed:
         headers["stream-closed"] = "true"
     if result.producer_epoch is not None:
@@ -259,15 +266,20 @@ async def _append(
         "close": close,
     }
     try:
-        result = await store.append(stream.id, body, spool=spool, **options)
-    except StreamNotFoundError:
-        # The name may have been deleted and created again since it was cached: look once more.
-        fresh = live_state(await store.resolve(name, fresh=True))
-        if fresh.id == stream.id:
-            raise
-        result = await store.append(fresh.id, _checked_body(fresh, raw, given_type, close), **options)
+        try:
+            result = await store.append(stream.id, body, spool=spool, **options)
+        except StreamNotFoundError:
+            # The name may have been deleted and created again since it was cached: look once more.
+            fresh = live_state(await store.resolve(name, fresh=True))
+            if fresh.id == stream.id:
+                raise
+            stream = fresh
+            result = await store.append(fresh.id, _checked_body(fresh, raw, given_type, close), **options)
+    except StreamClosedError as exc:
+        exc.generation = stream.generation  # its final offset is one of this stream's
+        raise
     status = 200 if producer is not None and body and not result.duplicate else 204
-    return status, _append_headers(result), b""
+    return status, _append_headers(result, stream.generation), b""
 
 
 def _checked_body(stream: StreamState, body: bytes, given_type: str | None, close: bool) -> bytes:

@@ -8,20 +8,25 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from app.content import _Body as CutOffBody
+from app.content import _Cut as Cut
 from app.live import LiveHub
 from app.models import (
     InvalidRequestError,
+    OffsetGoneError,
     StreamError,
     StreamNotFoundError,
     StreamState,
     format_offset,
     parse_offset,
+    split_offset,
 )
 from app.settings import Settings
 from app.store import Store
@@ -58,22 +63,36 @@ def _start_offset(query: dict[str, list[str]], live: str | None) -> str:
     raise InvalidRequestError("offset must be -1, now, or an offset returned in Stream-Next-Offset")
 
 
-def _position(token: str, state: StreamState, last_event_id: str | None = None) -> int:
+async def _position(store: Store, token: str, state: StreamState, last_event_id: str | None = None) -> int:
     if token == "now":
         return state.tail
-    position = 0 if token == "-1" else parse_offset(token) or 0
-    if last_event_id:
-        resumed = parse_offset(last_event_id)
-        if resumed is not None and position <= resumed <= state.tail:
+    position = 0 if token == "-1" else await _own_position(store, state, token)
+    if last_event_id and split_offset(last_event_id) is not None:
+        resumed = await _own_position(store, state, last_event_id)
+        if position <= resumed <= state.tail:
             position = resumed
     if position > state.tail:
         raise InvalidRequestError("offset is beyond the end of the stream")
     return position
 
 
-async def _body_iter(store: Store, state: StreamState, start: int, end: int) -> AsyncIterator[bytes]:
-    async for piece in store.iter_content(state, start, end, BODY_SLICE):
-        yield piece
+async def _own_position(store: Store, state: StreamState, token: str) -> int:
+    """The byte position of an offset token, if this stream (not a deleted one of its name) handed it out."""
+    generation, position = split_offset(token) or (0, 0)
+    if not await store.offset_belongs(state, generation, position):
+        raise OffsetGoneError(
+            "this offset is from an earlier stream of this name, which was deleted: read again from offset=-1"
+        )
+    return position
+
+
+async def _body_iter(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    try:
+        async for piece in rest:
+            yield piece
+    except StreamError as exc:  # deleted mid-body: cut it off, so the client sees it is short
+        raise Cut from exc
 
 
 async def _catch_up(
@@ -115,7 +134,10 @@ async def _catch_up(
     if data is not None:
         return respond(200, headers, json_body(data) if state.json_mode else data)
     headers = {**headers, "content-length": str(end - start)}
-    return ASGIStreamingResponse(iterator=_body_iter(store, state, start, end), headers=headers)
+    # The first slice is read before the status is sent: a stream deleted by then is a 404.
+    pieces = store.iter_content(state, start, end, BODY_SLICE)
+    first = await anext(pieces)
+    return CutOffBody(_body_iter(first, pieces), headers)
 
 
 async def _long_poll(
@@ -199,9 +221,14 @@ def _sse_event(kind: str, payload: str) -> str:
 
 
 def _control(
-    tail: int, closed: bool, up_to_date: bool, client_cursor: str | None, interval: str | None = None
+    state: StreamState,
+    tail: int,
+    closed: bool,
+    up_to_date: bool,
+    client_cursor: str | None,
+    interval: str | None = None,
 ) -> str:
-    control: dict[str, Any] = {"streamNextOffset": format_offset(tail)}
+    control: dict[str, Any] = {"streamNextOffset": format_offset(tail, state.generation)}
     if closed:
         control["streamClosed"] = True
     else:
@@ -218,10 +245,21 @@ def _sse_data(state: StreamState, data: bytes, next_offset: int) -> str:
         payload = data.decode("utf-8", errors="replace")
     else:
         payload = base64.b64encode(data).decode()
-    return _sse_event("data", payload)[:-1] + f"id:{format_offset(next_offset)}\n\n"
+    return _sse_event("data", payload)[:-1] + f"id:{format_offset(next_offset, state.generation)}\n\n"
 
 
 async def _sse_events(
+    store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int, client_cursor: str | None
+) -> AsyncIterator[str | bytes]:
+    async with aclosing(_sse_follow(store, hub, settings, state, start, client_cursor)) as events:
+        try:
+            async for event in events:
+                yield event
+        except StreamError:  # the stream was deleted: end the connection cleanly, claiming nothing more
+            return
+
+
+async def _sse_follow(
     store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int, client_cursor: str | None
 ) -> AsyncIterator[str | bytes]:
     position = start
@@ -237,10 +275,10 @@ async def _sse_events(
                 sent_any = True
             if state.closed and position >= state.tail:
                 if not sent_any:
-                    yield _control(position, True, True, client_cursor)
+                    yield _control(state, position, True, True, client_cursor)
                 return
             if not sent_any:
-                yield _control(position, False, True, client_cursor)
+                yield _control(state, position, False, True, client_cursor)
                 sent_any = True
             if hub.stopping:
                 return
@@ -293,7 +331,7 @@ async def _next_block(
     # One write per data event and its control event, so readers never see one without the other.
     block = (
         _sse_data(state, data, after)
-        + _control(after, state.closed and at_tail, at_tail, client_cursor, interval)
+        + _control(state, after, state.closed and at_tail, at_tail, client_cursor, interval)
     ).encode()
     return hub.sse_blocks.put(key, (block, after))
 
@@ -327,7 +365,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
             await store.touch(state)
         extra: dict[str, str] = {}
         if live == "sse":
-            start = _position(token, state, request.headers.get("last-event-id"))
+            start = await _position(store, token, state, request.headers.get("last-event-id"))
             headers = {
                 "content-type": "text/event-stream",
                 "cache-control": "no-cache",
@@ -337,7 +375,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
                 headers["stream-sse-data-encoding"] = "base64"
             events = _sse_events(store, hub, settings, state, start, single(query, "cursor"))
             return ASGIStreamingResponse(iterator=events, headers=headers)
-        start = _position(token, state)
+        start = await _position(store, token, state)
         if live == "long-poll":
             return await _long_poll(request, store, hub, settings, state, start, extra)
         return await _catch_up(request, store, state, start, token, extra)

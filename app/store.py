@@ -24,6 +24,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
 from app import chunk_files, clock, transactions
@@ -39,8 +41,10 @@ from app.models import (
     ProducerRow,
     SessionRow,
     StreamFilter,
+    StreamNotFoundError,
     StreamRow,
     StreamState,
+    offset_belongs,
 )
 from app.settings import Settings
 from app.statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
@@ -61,6 +65,7 @@ TRIM_RETRY_S = 1.0  # a closed stream's file held by a spooled body is trimmed a
 # A read of a gzip body fetches its pieces this many at most, and no more bytes than this unless one piece is.
 GZIP_BATCH_ROWS = 64
 GZIP_BATCH_BYTES = 256 * 1024
+SHORT_READS = 3  # a read that comes back short looks at the stream again this many times
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
@@ -140,6 +145,12 @@ class Store:
                 clock.set_to(float(conn.execute(text(f"SELECT {transactions.DATABASE_NOW}")).scalar_one()))
             else:
                 clock.set_to(time.time())
+            counter = {"name": transactions.GENERATION, "value": 0}
+            # Another process may be starting too: the first to insert the counter wins.
+            if self.postgres:
+                conn.execute(postgresql_insert(transactions.counters).values(counter).on_conflict_do_nothing())
+            else:
+                conn.execute(sqlite_insert(transactions.counters).values(counter).on_conflict_do_nothing())
             if self.files is not None:  # left by a process that stopped before removing them
                 old, self._recent_files = self.files.stream_ids()
                 transactions.remove_unused_files(conn, self.files, old)
@@ -278,13 +289,37 @@ class Store:
         raise AssertionError("unreachable")
 
     async def read(self, stream_id: str, start: int, end: int) -> bytes:
-        """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail."""
+        """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail.
+
+        All of them, or StreamNotFoundError if the stream was deleted meanwhile: never fewer.
+        """
         if end <= start:
             return b""
         data = await self._hot_read(self._read_sync, stream_id, start, end)
         if data is None:  # inflating a compressed source may take a while: not on the event loop
             data = await self._read(self._read_forked, stream_id, start, end)
-        return data
+        if len(data) == end - start:
+            return data
+        # Short: the stream was compressed (its chunks replaced) or deleted since the caller read its state.
+        state = await self._still_there(stream_id)
+        return b"".join([piece async for piece in self.iter_content(state, start, end)])
+
+    async def offset_belongs(self, state: StreamState, generation: int, position: int) -> bool:
+        """Whether an offset of `generation` may be read from `position` in this stream (see models)."""
+        if generation == state.generation:
+            return True
+
+        def by_id(stream_id: str) -> StreamState | None:
+            return self._get_sync(self.statements.stream_by_id, {"id": stream_id})
+
+        return await self._read(offset_belongs, state, generation, position, by_id)
+
+    async def _still_there(self, stream_id: str) -> StreamState:
+        """The stream's state now, for a read that came back short; raises if it was deleted."""
+        state = await self.get(stream_id)
+        if state is None or state.deleted:
+            raise StreamNotFoundError("the stream was deleted while it was being read")
+        return state
 
     def _read_sync(self, stream_id: str, start: int, end: int) -> bytes | None:
         rows = self._driver_query(self.statements.chunk_range, {"id": stream_id, "lo": start, "hi": end})
@@ -305,26 +340,35 @@ class Store:
     async def iter_content(
         self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
     ) -> AsyncIterator[bytes]:
-        """The uncompressed content [start, end) in slices, whether it is stored compressed or not."""
+        """The uncompressed content [start, end) in slices, whether it is stored compressed or not.
+
+        All of it, even if the stream is compressed meanwhile; StreamNotFoundError if it is deleted.
+        """
         end = state.tail if end is None else min(end, state.tail)
-        parts = [(state, start, end)]
-        if state.fork_source is not None and not state.compressed and start < (state.fork_offset or 0):
-            # Read each source's part in one pass: a compressed one is then inflated once, not per slice.
-            parts = await self._read(self._fork_parts, state, start, end)
-        for owner, lo, hi in parts:
-            position = lo
-            if owner.compressed:
-                async for piece in self._iter_decompressed(owner.id, lo, hi):
-                    position += len(piece)
+        position = start
+        for _ in range(SHORT_READS):
+            parts = [(state, position, end)]
+            if state.fork_source is not None and not state.compressed and position < (state.fork_offset or 0):
+                # Read each source's part in one pass: a compressed one is then inflated once, not per slice.
+                parts = await self._read(self._fork_parts, state, position, end)
+            for owner, _, hi in parts:
+                if owner.compressed:
+                    async for piece in self._iter_decompressed(owner.id, position, hi):
+                        position += len(piece)
+                        yield piece
+                while position < hi and not owner.compressed:
+                    want = min(hi, position + slice_size)
+                    piece = await self._hot_read(self._read_sync, owner.id, position, want)
+                    if piece is None or len(piece) < want - position:
+                        break
+                    position = want
                     yield piece
                 if position < hi:
-                    return
-            while position < hi:
-                piece = await self.read(owner.id, position, min(hi, position + slice_size))
-                if not piece:
-                    return
-                position += len(piece)
-                yield piece
+                    break
+            if position >= end:
+                return
+            state = await self._still_there(state.id)
+        raise StreamNotFoundError("the stream kept changing while it was being read; read it again")
 
     def _fork_parts(self, state: StreamState, start: int, end: int) -> list[tuple[StreamState, int, int]]:
         with self._read_engine.connect() as conn:
@@ -570,16 +614,19 @@ class Store:
                 staged_from = stored
             return True
 
-        async for piece in self.iter_content(state):
-            view = memoryview(piece)
-            while view:
-                part = view[: transactions.SEEK_STEP - (position - piece_start)]
-                buffer += await asyncio.to_thread(deflater.compress, part)
-                view, position = view[len(part) :], position + len(part)
-                if position - piece_start == transactions.SEEK_STEP:
-                    if not await cut(piece_start, final=False):
-                        return
-                    piece_start = position
+        try:
+            async for piece in self.iter_content(state):
+                view = memoryview(piece)
+                while view:
+                    part = view[: transactions.SEEK_STEP - (position - piece_start)]
+                    buffer += await asyncio.to_thread(deflater.compress, part)
+                    view, position = view[len(part) :], position + len(part)
+                    if position - piece_start == transactions.SEEK_STEP:
+                        if not await cut(piece_start, final=False):
+                            return
+                        piece_start = position
+        except StreamNotFoundError:  # deleted meanwhile: nothing left to compress
+            return
         if not await cut(piece_start, final=True):
             return
         swapped = await self.writer.call(
@@ -761,3 +808,5 @@ def _upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text("ALTER TABLE chunks ADD COLUMN file_bytes BIGINT NOT NULL DEFAULT 0"))
     if "plain_start" not in {c["name"] for c in found.get_columns("gzip_chunks")}:
         conn.execute(text("ALTER TABLE gzip_chunks ADD COLUMN plain_start BIGINT"))
+    if "generation" not in {c["name"] for c in found.get_columns("streams")}:
+        conn.execute(text("ALTER TABLE streams ADD COLUMN generation BIGINT NOT NULL DEFAULT 0"))

@@ -20,6 +20,7 @@ from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from app.models import (
     ChunkRow,
     ContentTypeMismatchError,
+    CounterRow,
     GzipChunkRow,
     InvalidRequestError,
     MetadataRow,
@@ -39,6 +40,8 @@ chunks = ChunkRow.__table__
 gzip_chunks = GzipChunkRow.__table__
 metadata_pairs = MetadataRow.__table__
 producers = ProducerRow.__table__
+counters = CounterRow.__table__
+GENERATION = "stream_generation"  # the counters row of the last generation a created stream got
 
 CHUNK_TARGET = 1024 * 1024
 # A compressed stream's gzip body has a full flush point (where inflating can begin) every this many plain
@@ -127,6 +130,7 @@ def create(
     if new.initial:
         conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=new.initial))
         tail += len(new.initial)
+    generation = _next_generation(conn)
     row = {
         "id": stream_id,
         "name": new.name or stream_id,
@@ -150,6 +154,7 @@ def create(
         "fork_source": prefix_source.id if prefix_source is not None else None,
         "fork_offset": fork_offset,
         "deleted": False,
+        "generation": generation,
     }
     conn.execute(insert(streams).values(row))
     if new.metadata:
@@ -159,6 +164,13 @@ def create(
         )
     state = StreamState.from_row(row)
     return (state, True), changes
+
+
+def _next_generation(conn: Connection) -> int:
+    """A generation higher than any handed out before, in this database, whatever process asks."""
+    where = counters.c.name == GENERATION
+    conn.execute(update(counters).where(where).values(value=counters.c.value + 1))
+    return int(conn.execute(select(counters.c.value).where(where)).scalar_one())
 
 
 def same_fork(

@@ -243,6 +243,22 @@ async def watch(
         state = live_state(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
+    operator = not settings.api_keys or (current is not None and current.signed_in)
+    try:
+        return await _watch_response(store, settings, state, demo_csrf, operator, before, download)
+    except StreamError:  # deleted while it was read
+        return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
+
+
+async def _watch_response(
+    store: Store,
+    settings: Settings,
+    state: StreamState,
+    demo_csrf: str,
+    operator: bool,
+    before: int | None,
+    download: bool,
+) -> Response[Any]:
     if download:
         return Stream(
             _content(store, state, state.tail),
@@ -261,14 +277,16 @@ async def watch(
             media_type="text/plain; charset=utf-8",
             headers={"stream-range-start": str(window.start), "stream-range-end": str(window.end)},
         )
-    operator = not settings.api_keys or (current is not None and current.signed_in)
     context = await watch_context(store, state, settings, show_metadata=operator)
     return page({**context, "gone": False, "name": state.name, "demo_csrf": demo_csrf})
 
 
 async def _content(store: Store, state: StreamState, end: int) -> AsyncIterator[bytes]:
-    async for piece in store.iter_content(state, 0, end, BODY_SLICE):
-        yield piece
+    try:
+        async for piece in store.iter_content(state, 0, end, BODY_SLICE):
+            yield piece
+    except StreamError:  # deleted meanwhile: the body stops short of its Content-Length
+        return
 
 
 async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> Response[Any] | None:

@@ -78,7 +78,8 @@ def error_parts(exc: StreamError, extra: dict[str, str] | None = None) -> tuple[
     """An error's status, headers and JSON body."""
     headers = {"content-type": "application/json", **(extra or {})}
     if isinstance(exc, StreamClosedError):
-        headers.update({"stream-closed": "true", "stream-next-offset": format_offset(exc.tail)})
+        final = format_offset(exc.tail, exc.generation)
+        headers.update({"stream-closed": "true", "stream-next-offset": final})
     elif isinstance(exc, StaleEpochError):
         headers["producer-epoch"] = str(exc.current)
     elif isinstance(exc, ProducerSeqGapError):
@@ -237,7 +238,8 @@ def live_state(state: StreamState | None) -> StreamState:
 
 
 def state_headers(state: StreamState, tail: int, closed: bool) -> dict[str, str]:
-    headers = {"content-type": state.content_type, "stream-next-offset": format_offset(tail)}
+    offset = format_offset(tail, state.generation)
+    headers = {"content-type": state.content_type, "stream-next-offset": offset}
     if closed:
         headers["stream-closed"] = "true"
     return headers

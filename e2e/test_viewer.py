@@ -390,6 +390,20 @@ def test_json_records_and_a_deleted_stream(shared_server: ServerProcess, context
     expect(page.locator(".gone-note")).to_be_visible()
 
 
+def test_a_stream_deleted_and_created_again_is_not_continued(
+    shared_server: ServerProcess, context: BrowserContext
+) -> None:
+    base = shared_server.url
+    create(base, "e2e/reborn", "text/plain", "first life\n")
+    page = context.new_page()
+    page.goto(f"{base}/watch/e2e/reborn")
+    wait_state(page, "live")
+    httpx.delete(f"{base}/v1/stream/e2e/reborn").raise_for_status()
+    create(base, "e2e/reborn", "text/plain", "a second life, longer than the first one\n")
+    wait_state(page, "gone")
+    assert raw(page) == "first life\n"  # nothing of the new stream joined the old one's text
+
+
 def test_binary_stream_shows_size_and_hex(shared_server: ServerProcess, context: BrowserContext) -> None:
     base = shared_server.url
     httpx.put(f"{base}/v1/stream/e2e/blob", content=b"\x89PNG\r\n", headers={"content-type": "image/png"})

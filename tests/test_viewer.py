@@ -278,5 +278,6 @@ async def test_a_signed_in_browser_starts_the_demo_with_its_csrf_token(local_set
 
 
 def test_offsets_in_the_page_are_plain_byte_positions() -> None:
-    # watch.js builds the protocol's token from data-offset; keep the two shapes in step.
+    # watch.js builds the protocol's token from data-generation and data-offset; keep the shapes in step.
     assert format_offset(1234) == "0000000000000000_0000000000001234"
+    assert format_offset(1234, generation=7) == "0000000000000007_0000000000001234"

@@ -40,7 +40,10 @@
   });
   renderer.reset(chunks[0].text, { lineStart: true, atStreamStart: start === 0 });
 
-  const token = (n) => `${"0".repeat(16)}_${String(n).padStart(16, "0")}`;
+  // The first field is the stream's generation: a stream deleted and created again under this name refuses
+  // this page's offsets (410) rather than continuing it with another stream's bytes.
+  const generation = String(d.generation || "0").padStart(16, "0");
+  const token = (n) => `${generation}_${String(n).padStart(16, "0")}`;
   const parseOffset = (t) => {
     const m = /^\d+_(\d+)$/.exec(t || "");
     return m ? Number(m[1]) : -1;
@@ -299,7 +302,12 @@
       retryLater();
       return;
     }
-    const tail = parseOffset(response.headers.get("stream-next-offset"));
+    const next = response.headers.get("stream-next-offset") || "";
+    if (!next.startsWith(`${generation}_`)) {  // deleted and created again: not the stream on this page
+      setGone();
+      return;
+    }
+    const tail = parseOffset(next);
     size = Math.max(size, tail);
     if (response.headers.get("stream-closed") === "true" && offset >= tail) finish();
     else connect();
