@@ -22,9 +22,7 @@ from app.models import StreamConflictError, StreamFilter, StreamRow
 from app.settings import Settings
 from app.store import NewStream, Store
 from tests._cluster import server_env, server_errors
-from tests._server import HOST, ServerProcess
-
-LOOPBACK = f"http://{HOST}"
+from tests._server import HOST, LOOPBACK, ServerProcess
 
 pytestmark = pytest.mark.timeout(60)
 

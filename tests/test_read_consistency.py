@@ -18,6 +18,7 @@ from app.models import StreamNotFoundError, StreamState, parse_offset
 from app.settings import Settings
 from app.store import Store
 from app.transactions import NewStream
+from tests._server import LOOPBACK
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,7 +29,7 @@ LARGE = SMALL * 40  # over the inline limit: a streamed catch-up body
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
     quick = dataclasses.replace(settings, sse_keepalive=0.3, long_poll_timeout=0.5)
-    async with AsyncTestClient(create_app(quick)) as client:
+    async with AsyncTestClient(create_app(quick), base_url=LOOPBACK) as client:
         yield client
 
 
@@ -125,7 +126,7 @@ async def test_a_streamed_catch_up_finishes_across_a_gzip_swap_in_its_middle(
     fired = False
 
     def swapping(
-        state: StreamState, start: int = 0, end: int | None = None, **_: Any
+        state: StreamState, start: int = 0, end: int | None = None, *_: Any, **__: Any
     ) -> AsyncIterator[bytes]:
         async def pieces() -> AsyncIterator[bytes]:
             nonlocal fired
@@ -331,7 +332,7 @@ async def test_a_database_from_before_generations_keeps_its_offsets(tmp_path: An
         conn.execute(text("DROP TABLE counters"))
         conn.execute(text("ALTER TABLE streams DROP COLUMN generation"))
     engine.dispose()
-    async with AsyncTestClient(create_app(settings)) as client:
+    async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
         read = await client.get("/v1/stream/up/old", params={"offset": "0000000000000000_0000000000000002"})
         assert read.status_code == 200 and read.content == b"pt"
         assert read.headers["stream-next-offset"] == "0000000000000000_0000000000000004"
