@@ -312,7 +312,7 @@ def test_info_and_rm(server: ServerProcess) -> None:
             KEY,
             "Error: --ttl takes seconds or a duration (30m, 12h, 7d) or never",
         ),
-        (["ls", "--limit", "0"], KEY, "Error: limit must be an integer from 1 to 1000"),
+        (["ls", "--limit", "0"], KEY, "Error: limit must be a whole number from 1 to 1000"),
         (["cat", "http://example.invalid/watch/x"], KEY, "Error: not a stream URL: expected .../stream/<id>"),
     ],
 )
