@@ -6,11 +6,15 @@ of digits, thousands of metadata pairs, header values of kilobytes, control char
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from app.live import LiveHub
@@ -291,3 +295,67 @@ async def test_the_sdk_and_the_http_api_refuse_with_the_same_message(
         over_http = await http.post("/stream", json=body)
     assert over_http.status_code == 400 and over_http.json()["error"] == str(raised.value)
     assert not any(ord(c) < 0x20 for c in str(raised.value)), "the message does not echo control characters"
+
+
+# --- abuse under load ---------------------------------------------------------------------------
+
+
+def _abuse(base: str, stream_id: str, rounds: int, stop: threading.Event, statuses: list[int]) -> None:
+    """Every hostile request above, again and again, from one client."""
+    deep = nested(DEEP).encode()
+    pairs = json.dumps({"metadata": {f"k{i}": "v" for i in range(5000)}}).encode()
+    json_type = {"content-type": "application/json"}
+    with httpx.Client(base_url=base, timeout=10) as client:
+        client.put("/v1/stream/abuse-json", headers=json_type)
+        for _ in range(rounds):
+            if stop.is_set():
+                return
+            for method, url, options in (
+                ("POST", "/stream", {"content": deep, "headers": json_type}),
+                ("POST", "/stream/list", {"content": pairs, "headers": json_type}),
+                ("PUT", "/v1/stream/abuse-ttl", {"headers": {"stream-ttl": HUGE}}),
+                ("POST", "/v1/stream/abuse-json", {"content": deep, "headers": json_type}),
+                ("GET", f"/stream/{stream_id}?offset={HUGE}", {}),
+                ("GET", f"/stream/{stream_id}", {"headers": {"range": f"bytes={HUGE}-"}}),
+                ("GET", f"/?page={HUGE}", {}),
+            ):
+                statuses.append(client.request(method, url, **options).status_code)
+
+
+def test_abuse_leaves_health_checks_fast_and_memory_flat(server: ServerProcess, stream_id: str) -> None:
+    process = psutil.Process(server.pid)
+    before = process.memory_info().rss
+    stop = threading.Event()
+    statuses: list[int] = []
+    workers = [
+        threading.Thread(target=_abuse, args=(server.url, stream_id, 15, stop, statuses)) for _ in range(2)
+    ]
+    latencies: list[float] = []
+    for worker in workers:
+        worker.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=5) as probe:
+            deadline = time.monotonic() + 30
+            while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+                started = time.perf_counter()
+                assert probe.get("/healthz").status_code == 200
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    grown = process.memory_info().rss - before
+    latencies.sort()
+    print(
+        f"\nabuse: {len(statuses)} requests, /healthz x{len(latencies)}: "
+        f"median {latencies[len(latencies) // 2] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms, "
+        f"RSS {before / 2**20:.0f} MiB -> +{grown / 2**20:.1f} MiB"
+    )
+    assert statuses and all(status < 500 for status in statuses), sorted(set(statuses))
+    assert len(latencies) >= 10
+    # Nine in ten within 100 ms: on a busy shared machine the scheduler alone can delay one answer.
+    slow = latencies[len(latencies) * 9 // 10]
+    assert slow < 0.1, f"one /healthz in ten took {slow * 1000:.0f} ms or more during the abuse"
+    assert latencies[-1] < 2, f"/healthz took {latencies[-1] * 1000:.0f} ms during the abuse"
+    assert grown < 64 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
