@@ -57,6 +57,11 @@ def short_text(value: str, label: str, limit: int = MAX_TEXT) -> str:
     return value
 
 
+def printable(text: str) -> bool:
+    """True when `text` has no control characters (C0, DEL, C1) and no lone surrogates."""
+    return _UNPRINTABLE.search(text) is None
+
+
 def namespace(value: Any) -> str:
     if (
         not isinstance(value, str)

@@ -149,7 +149,7 @@ def stream_name(raw: str) -> str:
     segments = name.split("/")
     if any(s in ("", ".", "..") for s in segments):
         raise InvalidRequestError("a stream name may not have empty, '.' or '..' segments")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if not checks.printable(name):
         raise InvalidRequestError("a stream name may not contain control characters")
     return name
 

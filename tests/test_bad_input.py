@@ -159,6 +159,11 @@ def test_a_range_of_thousands_of_digits_gets_an_answer_not_an_error(
 # --- the protocol --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["a%00b", "a%1B%5B31m", "a%C2%9B31m", "a%C2%85b", "a%7Fb"])
+def test_control_characters_in_a_stream_name_are_refused(http: httpx.Client, name: str) -> None:
+    refused(http.put(f"/v1/stream/{name}"), "control characters")
+
+
 def test_a_content_type_of_ten_thousand_characters_is_refused(http: httpx.Client) -> None:
     response = http.put("/v1/stream/long-type", headers={"content-type": "text/plain;x=" + "a" * 10_000})
     refused(response, "Content-Type")
