@@ -128,6 +128,9 @@ def check_list(limit: Any, offset: Any, namespace: Any = None, metadata: Any = N
 def check_id(stream_id: Any) -> str:
     if not isinstance(stream_id, str) or not stream_id.strip():
         raise ValueError("a stream id is required and must be a non-empty string")
+    # The remote API puts the id in a URL path: a slash or `?` there would reach another endpoint.
+    if len(stream_id) > 255 or not checks.printable(stream_id) or any(c in stream_id for c in "/?#%\\"):
+        raise checks.InvalidInputError(f"{stream_id[:80]!r} is not a stream id, such as stream_0123…")
     return stream_id
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from app.live import LiveHub
 from app.sdk import LocalStreams
+from app.sdk_remote import RemoteStreams
 from app.settings import Settings
 from app.store import Store
 from tests._server import ServerProcess
@@ -364,3 +365,18 @@ def test_abuse_leaves_health_checks_fast_and_memory_flat(server: ServerProcess, 
     assert slow < 0.1, f"one /healthz in ten took {slow * 1000:.0f} ms or more during the abuse"
     assert latencies[-1] < 2, f"/healthz took {latencies[-1] * 1000:.0f} ms during the abuse"
     assert grown < 64 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("stream_id", ["../list", "x/../../v1/stream/y", "a?b=1", "a#b", "%2e%2e", "a\x1b"])
+async def test_the_remote_sdk_keeps_a_stream_id_in_its_path(server: ServerProcess, stream_id: str) -> None:
+    seen: list[str] = []
+
+    async def record(request: httpx.Request) -> None:
+        seen.append(request.url.raw_path.decode())
+
+    async with RemoteStreams(server.url) as streams:
+        streams._client.event_hooks["request"].append(record)
+        for call in (streams.get, streams.delete):
+            with pytest.raises(ValueError, match="is not a stream id"):
+                await call(stream_id)
+    assert seen == []
