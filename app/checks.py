@@ -62,6 +62,11 @@ def printable(text: str) -> bool:
     return _UNPRINTABLE.search(text) is None
 
 
+def shown(text: str) -> str:
+    """`text` with control characters and lone surrogates written as escapes, safe to print to a terminal."""
+    return _UNPRINTABLE.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
+
+
 def namespace(value: Any) -> str:
     if (
         not isinstance(value, str)

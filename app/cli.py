@@ -24,6 +24,7 @@ import httpx
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.checks import shown
 from app.models import StreamError
 from app.sdk import UNSET, StreamInfo
 from app.sdk_remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
@@ -186,8 +187,8 @@ def _run(work: Coroutine[Any, Any, T], key: str | None) -> T:
         raise click.ClickException(
             f"{exc}; start it with `streamhold serve` or point --server / STREAMHOLD_URL at it"
         ) from None
-    except (StreamError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (StreamError, ValueError) as exc:  # a message may quote what a server sent
+        raise click.ClickException(shown(str(exc))) from None
 
 
 def _pairs(items: tuple[str, ...], option: str = "--meta") -> dict[str, str]:
@@ -418,9 +419,9 @@ def list_command(
     for info in page.streams:
         rows.append(
             (
-                info.id,
-                info.namespace,
-                info.content_type,
+                shown(info.id),
+                shown(info.namespace),
+                shown(info.content_type),
                 _size(info.size_bytes),
                 _state(info),
                 _when(info.created_at),
@@ -465,7 +466,7 @@ def info(stream_id: str, as_json: bool, server: str, key: str | None) -> None:
         ("metadata", ", ".join(f"{k}={v}" for k, v in found.metadata.items()) or "-"),
     ]
     for label, value in lines:
-        click.echo(f"{label + ':':<14}{value}")
+        click.echo(f"{label + ':':<14}{shown(value)}")
 
 
 @main.command()

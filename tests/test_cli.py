@@ -448,3 +448,45 @@ def test_the_key_goes_to_the_configured_origin_but_never_with_cat(
     runner.invoke(main, ["cat", "stream_x"])
     runner.invoke(main, ["cat", f"{configured.url}/stream/stream_x"])
     assert configured.seen and all(auth is None for _, _, auth in configured.seen), configured.seen
+
+
+class _HostileHandler(_RecordingHandler):
+    """Answers every call with a stream record full of terminal control sequences."""
+
+    def _answer(self) -> None:
+        self.server.seen.append((self.command, self.path, self.headers.get("authorization")))
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        record = {
+            "id": "stream_x\x1b[2J",
+            "name": "\x1b]0;owned\x07",
+            "metadata": {"k\x9b31m": "\x1b[31mred"},
+            "url": "http://127.0.0.1/stream/x\x08",
+            "content_type": "text/plain\x1b[8m",
+            "size_bytes": 1,
+        }
+        body = json.dumps(record if "/info" in self.path else {"streams": [record], "total": 1}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+
+def test_ls_and_info_print_control_characters_escaped() -> None:
+    hostile = _Recorder()
+    hostile.RequestHandlerClass = _HostileHandler
+    thread = threading.Thread(target=hostile.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        runner = CliRunner(env={"STREAMHOLD_URL": hostile.url, "STREAMHOLD_API_KEY": KEY})
+        for args in (["ls"], ["info", "stream_x"]):
+            result = runner.invoke(main, args)
+            assert result.exit_code == 0, result.output
+            assert not any(c in result.stdout for c in "\x1b\x07\x08\x9b"), repr(result.stdout)
+            assert "\\u001b" in result.stdout
+    finally:
+        hostile.shutdown()
+        hostile.server_close()
+        thread.join(5)
