@@ -21,9 +21,11 @@ from types import FrameType
 from typing import Any, BinaryIO, TypeVar
 
 import click
+import httpx
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.checks import shown
 from app.models import StreamError
 from app.sdk import UNSET, StreamInfo
 from app.sdk_remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
@@ -282,7 +284,7 @@ def _client_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "--key",
         envvar="STREAMHOLD_API_KEY",
         show_envvar=True,
-        help="API key, sent as Authorization: Bearer <key>.",
+        help="API key, sent as Authorization: Bearer <key> to --server only (never by cat).",
     )(command)
     return click.option(
         "--server",
@@ -305,8 +307,8 @@ def _run(work: Coroutine[Any, Any, T], key: str | None) -> T:
         raise click.ClickException(
             f"{exc}; start it with `streamhold serve` or point --server / STREAMHOLD_URL at it"
         ) from None
-    except (StreamError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (StreamError, ValueError) as exc:  # a message may quote what a server sent
+        raise click.ClickException(shown(str(exc))) from None
 
 
 def _pairs(items: tuple[str, ...], option: str = "--meta") -> dict[str, str]:
@@ -441,15 +443,27 @@ def write(
     _run(_write(server, key, namespace, options, sys.stdin.buffer), key)
 
 
-def _target(target: str, server: str) -> tuple[str, str]:
-    """(server, id) from an id, or from a stream URL such as http://host:8000/stream/<id>."""
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host, parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+
+
+def _target(target: str, server: str, key: str | None) -> tuple[str, str, str | None]:
+    """(server, id, key) from an id, or from a stream URL such as http://host:8000/stream/<id>.
+
+    The key goes only to the configured server's origin: a URL naming another host gets none.
+    """
     if "://" not in target:
-        return server, target
+        return server, target, key
     base, sep, rest = target.partition("/stream/")
     stream_id = rest.split("?", 1)[0].split("#", 1)[0].strip("/")
     if not sep or not stream_id or "/" in stream_id:
         raise click.ClickException(f"not a stream URL: expected .../stream/<id>, got {target}")
-    return base, stream_id
+    try:
+        same_origin = _origin(base) == _origin(server)
+    except httpx.InvalidURL:
+        raise click.ClickException(f"not a stream URL: expected .../stream/<id>, got {target}") from None
+    return base, stream_id, key if same_origin else None
 
 
 async def _cat(server: str, key: str | None, stream_id: str, follow: bool, retry_for: float) -> None:
@@ -467,9 +481,10 @@ async def _cat(server: str, key: str | None, stream_id: str, follow: bool, retry
 @_client_options
 def cat(target: str, follow: bool, retry_for: float, server: str, key: str | None) -> None:
     """Print a stream's content to standard output (bytes as they are)."""
-    server, stream_id = _target(target, server)
+    # Content is public: reading it never needs the key, so it is never sent.
+    server, stream_id, _ = _target(target, server, None)
     try:
-        _run(_cat(server, key, stream_id, follow, retry_for), key)
+        _run(_cat(server, None, stream_id, follow, retry_for), key)
     except BrokenPipeError:
         # The reader went away (`| head`); point stdout at nothing so the exit does not complain again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -524,9 +539,9 @@ def list_command(
     for info in page.streams:
         rows.append(
             (
-                info.id,
-                info.namespace,
-                info.content_type,
+                shown(info.id),
+                shown(info.namespace),
+                shown(info.content_type),
                 _size(info.size_bytes),
                 _state(info),
                 _when(info.created_at),
@@ -547,7 +562,7 @@ def list_command(
 @_client_options
 def info(stream_id: str, as_json: bool, server: str, key: str | None) -> None:
     """Show one stream's record."""
-    server, stream_id = _target(stream_id, server)
+    server, stream_id, key = _target(stream_id, server, key)
 
     async def fetch() -> StreamInfo:
         async with RemoteStreams(server, key) as streams:
@@ -571,7 +586,7 @@ def info(stream_id: str, as_json: bool, server: str, key: str | None) -> None:
         ("metadata", ", ".join(f"{k}={v}" for k, v in found.metadata.items()) or "-"),
     ]
     for label, value in lines:
-        click.echo(f"{label + ':':<14}{value}")
+        click.echo(f"{label + ':':<14}{shown(value)}")
 
 
 @main.command()
@@ -582,8 +597,8 @@ def rm(stream_ids: tuple[str, ...], server: str, key: str | None) -> None:
 
     async def remove() -> None:
         for target in stream_ids:
-            where, stream_id = _target(target, server)
-            async with RemoteStreams(where, key) as streams:
+            where, stream_id, where_key = _target(target, server, key)
+            async with RemoteStreams(where, where_key) as streams:
                 await streams.delete(stream_id)
             click.echo(f"deleted {stream_id}")
 

@@ -19,6 +19,7 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
+from app.checks import count
 from app.live import LiveHub
 from app.models import InvalidRequestError, StreamError, StreamState
 from app.settings import Settings
@@ -204,17 +205,18 @@ def _byte_range(
     if unit.strip().lower() != "bytes" or "," in spec or not dash:
         return None
     unsatisfiable = RangeNotSatisfiableError(
-        f"the range {spec.strip()} is outside the {length} bytes", length
+        f"the range {spec.strip()[:60]} is outside the {length} bytes", length
     )
+    begin, finish = count(first), count(last)
     if not first:
-        if not last.isdigit():
+        if finish is None:
             return None
-        if int(last) == 0 or length == 0:
+        if finish == 0 or length == 0:
             raise unsatisfiable
-        return max(length - int(last), 0), length - 1
-    if not first.isdigit() or (last and not last.isdigit()):
+        return max(length - finish, 0), length - 1
+    if begin is None or (last and finish is None):
         return None
-    begin, finish = int(first), int(last) if last else length - 1
+    finish = length - 1 if finish is None else finish
     if last and finish < begin:
         return None
     if begin >= length:
@@ -228,9 +230,10 @@ def _read_options(request: Request[Any, Any, Any]) -> tuple[bool, int | None]:
     if follow not in ("true", "false", "1", "0"):
         raise InvalidRequestError("follow must be true (tail an open stream) or false (send what exists)")
     offset = single(query, "offset")
-    if offset is not None and not offset.isdigit():
+    position = None if offset is None else count(offset)
+    if offset is not None and position is None:
         raise InvalidRequestError("offset must be a byte position such as 1024")
-    return follow in ("true", "1"), int(offset) if offset is not None else None
+    return follow in ("true", "1"), position
 
 
 async def respond_with_content(

@@ -20,6 +20,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
 from app import session
+from app.checks import count
 from app.dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
 from app.live import LiveHub
 from app.models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
@@ -31,6 +32,7 @@ SORTS = {"created": "desc", "size": "desc", "namespace": "asc"}
 STATES = {"open": "Open", "closed": "Closed", "expiring": "Expiring < 24 h"}
 MAX_META_PAIRS = 8
 MAX_TEXT = 512
+MAX_PAGE = 10**9
 # The dashboard loads nothing from elsewhere and runs no inline script or eval, so even a rendering bug
 # cannot run a stream's name or metadata as code; frame-ancestors keeps its delete buttons out of frames.
 CSP = (
@@ -84,7 +86,8 @@ class View:
         direction = one("dir") or SORTS[sort]
         if direction not in ("asc", "desc"):
             direction = SORTS[sort]
-        page = int(one("page")) if one("page").isdigit() else 1
+        # Past the last page shows the last page; a page number of many digits is just that.
+        page = min(count(one("page")) or 1, MAX_PAGE)
         return cls(
             one("namespace"),
             tuple(meta),

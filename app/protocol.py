@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
+from app import checks
 from app.auth import check_key, require_key
 from app.chunk_files import FILE_CHUNK_MIN, Spool
 from app.metrics import request_metrics
@@ -37,9 +38,6 @@ from app.settings import Settings
 from app.store import NewStream, Store
 from app.wire import (
     API_RESPONSE_HEADERS,
-    DIGITS,
-    MAX_SAFE_INTEGER,
-    PLAIN_DIGITS,
     PREFIX,
     absolute_url,
     components,
@@ -71,9 +69,10 @@ def _ttl_and_expiry(request: Request[Any, Any, Any]) -> tuple[int | None, float 
     if ttl_raw is not None and expires_raw is not None:
         raise InvalidRequestError("give Stream-TTL or Stream-Expires-At, not both")
     if ttl_raw is not None:
-        if not DIGITS.match(ttl_raw):
-            raise InvalidRequestError("Stream-TTL must be a whole number of seconds, such as 3600")
-        return int(ttl_raw) or None, None
+        seconds = checks.whole_number(
+            ttl_raw, "Stream-TTL (seconds)", checks.MAX_TTL_SECONDS, leading_zeros=False
+        )
+        return seconds or None, None
     if expires_raw is not None:
         try:
             moment = datetime.fromisoformat(expires_raw.replace("Z", "+00:00"))
@@ -83,7 +82,13 @@ def _ttl_and_expiry(request: Request[Any, Any, Any]) -> tuple[int | None, float 
             ) from None
         if moment.tzinfo is None:
             raise InvalidRequestError("Stream-Expires-At needs a time zone, such as Z or +00:00")
-        return None, moment.timestamp()
+        try:
+            timestamp = moment.timestamp()
+        except (OverflowError, ValueError):
+            timestamp = -1.0
+        if not 0 <= timestamp <= checks.MAX_TIMESTAMP:
+            raise InvalidRequestError("Stream-Expires-At must be a time from 1970 to 9000")
+        return None, timestamp
     return None, None
 
 
@@ -106,9 +111,7 @@ def _fork_options(request: Request[Any, Any, Any]) -> tuple[str | None, tuple[in
             raise InvalidRequestError("Stream-Fork-Offset is not a valid offset")
     sub = 0
     if sub_raw is not None:
-        if not DIGITS.match(sub_raw):
-            raise InvalidRequestError("Stream-Fork-Sub-Offset must be a whole number")
-        sub = int(sub_raw)
+        sub = checks.whole_number(sub_raw, "Stream-Fork-Sub-Offset", leading_zeros=False)
         if sub > 0 and offset is None:
             raise InvalidRequestError("Stream-Fork-Sub-Offset needs Stream-Fork-Offset")
     return name, offset, sub
@@ -150,6 +153,8 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
         require_key(request, settings)
         name = request_name(request, name)
         given_type = request.headers.get("content-type", "").strip()
+        if given_type:
+            checks.content_type(given_type)
         ttl, expires_at = _ttl_and_expiry(request)
         fork_from, fork_offset, sub = _fork_options(request)
         body = await read_body(request, settings.max_append_bytes)
@@ -198,10 +203,10 @@ def _producer(headers: dict[str, str]) -> Producer | None:
     assert producer_id is not None and epoch is not None and seq is not None
     if not producer_id.strip():
         raise InvalidRequestError("Producer-Id may not be empty")
-    for label, value in (("Producer-Epoch", epoch), ("Producer-Seq", seq)):
-        if not PLAIN_DIGITS.match(value) or int(value) > MAX_SAFE_INTEGER:
-            raise InvalidRequestError(f"{label} must be a whole number from 0 to 2^53-1")
-    return Producer(producer_id, int(epoch), int(seq))
+    checks.short_text(producer_id, "Producer-Id")
+    return Producer(
+        producer_id, checks.whole_number(epoch, "Producer-Epoch"), checks.whole_number(seq, "Producer-Seq")
+    )
 
 
 def _append_headers(result: AppendResult, generation: int) -> dict[str, str]:
@@ -238,6 +243,11 @@ async def _append(
     producer = _producer(headers)
     declared = headers.get("content-length")
     given_type = headers.get("content-type")
+    if given_type:
+        checks.content_type(given_type)
+    seq = headers.get("stream-seq")
+    if seq is not None:
+        checks.short_text(seq, "Stream-Seq")
     spool = await _spool(store, stream, declared, given_type, settings.max_append_bytes)
     try:
         raw = await receive_body(receive, declared, settings.max_append_bytes, spool)
@@ -261,7 +271,7 @@ async def _append(
         raise
     options = {
         "content_type": given_type if body else None,
-        "seq": headers.get("stream-seq"),
+        "seq": seq,
         "producer": producer,
         "close": close,
     }
@@ -306,11 +316,12 @@ async def _spool(
     Measured with one writer of 1 MiB appends, two servers side by side: 41-46% more MiB/s once the disk
     had slowed to its sustained pace (the commit's sync then finds most of the body written), no loss before.
     """
-    if not declared or not declared.isdigit() or not FILE_CHUNK_MIN <= int(declared) <= limit:
+    size = checks.count(declared or "")
+    if size is None or not FILE_CHUNK_MIN <= size <= limit:
         return None
     if stream.json_mode or stream.closed or media_type(given_type or "") != media_type(stream.content_type):
         return None
-    return await store.spool(stream.id, int(declared))
+    return await store.spool(stream.id, size)
 
 
 async def append_asgi(state: State, scope: Scope, receive: Receive, send: Send) -> None:

@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from app import checks
 from app.models import (
     DEFAULT_TTL,
-    MAX_NAMESPACE_LENGTH,
     AppendResult,
     PayloadTooLargeError,
     StreamClosedError,
@@ -106,35 +106,31 @@ def check_create(
     namespace: Any, content_type: Any, metadata: Any, ttl: Any
 ) -> tuple[dict[str, str], int | None]:
     """Validate create() arguments the same way for every implementation; returns (metadata, ttl)."""
-    if not isinstance(namespace, str) or not 1 <= len(namespace) <= MAX_NAMESPACE_LENGTH:
-        raise ValueError("namespace must be a string of 1 to 254 characters")
-    if not isinstance(content_type, str) or not content_type.strip() or len(content_type) > 255:
-        raise ValueError("content_type must be a non-empty MIME type such as 'text/plain'")
-    meta = {} if metadata is None else metadata
-    if not isinstance(meta, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
-        raise ValueError("metadata must map strings to strings, e.g. {'user_id': 'u1'}")
-    if any(not k or len(k) > 255 or len(v) > 1024 for k, v in meta.items()):
-        raise ValueError("metadata keys must be 1-255 characters and values at most 1024 characters")
+    checks.namespace(namespace)
+    checks.content_type(content_type)
+    meta = checks.metadata(metadata)
     if ttl is UNSET:
-        return dict(meta), DEFAULT_TTL
+        return meta, DEFAULT_TTL
     # `not ttl >= 0` also refuses NaN, which compares false with everything.
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl >= 0):
         raise ValueError("ttl must be a number of seconds (0 or None: never expires)")
-    return dict(meta), clamp_ttl(ttl)
+    return meta, clamp_ttl(ttl)
 
 
-def check_list(limit: Any, offset: Any) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-        raise ValueError("limit must be an integer from 1 to 1000")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError("offset must be an integer of 0 or more")
+def check_list(limit: Any, offset: Any, namespace: Any = None, metadata: Any = None) -> dict[str, str]:
+    """Validate list() arguments the same way for every implementation; returns the metadata filter."""
+    checks.list_window(limit, offset)
+    if namespace:
+        checks.namespace(namespace)
+    return checks.metadata(metadata)
 
 
 def check_id(stream_id: Any) -> str:
     if not isinstance(stream_id, str) or not stream_id.strip():
         raise ValueError("a stream id is required and must be a non-empty string")
+    # The remote API puts the id in a URL path: a slash or `?` there would reach another endpoint.
+    if len(stream_id) > 255 or not checks.printable(stream_id) or any(c in stream_id for c in "/?#%\\"):
+        raise checks.InvalidInputError(f"{stream_id[:80]!r} is not a stream id, such as stream_0123…")
     return stream_id
 
 
@@ -321,8 +317,8 @@ class LocalStreams(StreamService):
         sort: str = "created",
         direction: str = "desc",
     ) -> ListResult:
-        check_list(limit, offset)
-        where = StreamFilter(namespace=namespace, metadata=tuple((metadata or {}).items()))
+        meta = check_list(limit, offset, namespace, metadata)
+        where = StreamFilter(namespace=namespace, metadata=tuple(meta.items()))
         try:
             total, states = await self.store.list(
                 where, sort=sort, direction=direction, limit=limit, offset=offset

@@ -242,9 +242,8 @@ class RemoteStreams(StreamService):
         sort: str = "created",
         direction: str = "desc",
     ) -> ListResult:
-        check_list(limit, offset)
         body: dict[str, Any] = {
-            "metadata": dict(metadata or {}),
+            "metadata": check_list(limit, offset, namespace, metadata),
             "limit": limit,
             "offset": offset,
             # On the wire `name` is the namespace; the stream's own name sorts as `protocol_name`.

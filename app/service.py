@@ -18,12 +18,12 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
+from app import checks
 from app.auth import require_key
 from app.content import RangeNotSatisfiableError, respond_with_content
 from app.live import LiveHub
 from app.models import (
     DEFAULT_TTL,
-    MAX_NAMESPACE_LENGTH,
     InvalidRequestError,
     PayloadTooLargeError,
     StreamClosedError,
@@ -109,44 +109,14 @@ async def _json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
+        value = checks.json_value(raw)
+    except checks.InvalidInputError:
+        raise
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequestError('the body must be a JSON object, such as {"name": "export"}') from None
     if not isinstance(value, dict):
         raise InvalidRequestError('the body must be a JSON object, such as {"name": "export"}')
     return value
-
-
-def _namespace(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAMESPACE_LENGTH:
-        raise InvalidRequestError(
-            'name (the namespace) must be a string of 1 to 254 characters, e.g. "export"'
-        )
-    return value
-
-
-def _metadata(value: Any) -> dict[str, str]:
-    """A flat string map; numbers and booleans are turned into text the way JavaScript's String() does."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidRequestError('metadata must be an object of strings, such as {"user_id": "u1"}')
-    result: dict[str, str] = {}
-    for key, item in value.items():
-        if isinstance(item, bool):
-            item = "true" if item else "false"
-        elif isinstance(item, int):
-            item = str(item)
-        elif isinstance(item, float) and math.isfinite(item):
-            item = str(int(item)) if item.is_integer() and abs(item) < 1e21 else repr(item)
-        if not isinstance(item, str):
-            raise InvalidRequestError(f"metadata values must be strings; {key!r} is not")
-        if not key or len(key) > 255 or len(item) > 1024:
-            raise InvalidRequestError(
-                "metadata keys must be 1-255 characters and values at most 1024 characters"
-            )
-        result[key] = item
-    return result
 
 
 def _content_type(headers: Any) -> str:
@@ -155,12 +125,7 @@ def _content_type(headers: Any) -> str:
     if not isinstance(headers, dict):
         raise InvalidRequestError('headers must be an object, such as {"content-type": "text/csv"}')
     given = [value for key, value in headers.items() if key.lower() == "content-type"]
-    if not given:
-        return "application/octet-stream"
-    value = given[-1]
-    if not isinstance(value, str) or not value.strip() or len(value) > 255 or not value.isprintable():
-        raise InvalidRequestError('headers["content-type"] must be a MIME type such as "text/plain"')
-    return value.strip()
+    return checks.content_type(given[-1]) if given else "application/octet-stream"
 
 
 def _ttl(body: dict[str, Any]) -> int | None:
@@ -198,9 +163,9 @@ async def create_stream(
         require_key(request, settings)
         body = await _json_object(request)
         new = NewStream(
-            namespace=_namespace(body.get("name", body.get("namespace"))),
+            namespace=checks.namespace(body.get("name", body.get("namespace"))),
             content_type=_content_type(body.get("headers")),
-            metadata=_metadata(body.get("metadata")),
+            metadata=checks.metadata(body.get("metadata"), coerce=True),
             ttl_seconds=_ttl(body),
         )
         state, _ = await store.create(new)
@@ -222,18 +187,15 @@ async def list_streams(
         body = await _json_object(request)
         namespace = body.get("name") or body.get("namespace")
         where = StreamFilter(
-            namespace=_namespace(namespace) if namespace else None,
-            metadata=tuple(_metadata(body.get("metadata")).items()),
+            namespace=checks.namespace(namespace) if namespace else None,
+            metadata=tuple(checks.metadata(body.get("metadata"), coerce=True).items()),
         )
         sort = body.get("sort") or "created"
         if not isinstance(sort, str) or sort not in SORTS:
             raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}; got {sort!r}")
+        limit, offset = checks.list_window(_integer(body, "limit", 100), _integer(body, "offset", 0))
         total, states = await store.list(
-            where,
-            sort=SORTS[sort],
-            direction=body.get("direction") or "desc",
-            limit=_integer(body, "limit", 100),
-            offset=_integer(body, "offset", 0),
+            where, sort=SORTS[sort], direction=body.get("direction") or "desc", limit=limit, offset=offset
         )
     except StreamError as exc:
         return _error(exc)

@@ -15,6 +15,7 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
+from app import checks
 from app.chunk_files import Spool
 from app.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
 from app.live import LiveHub
@@ -121,7 +122,7 @@ def stream_name(raw: str) -> str:
     segments = name.split("/")
     if any(s in ("", ".", "..") for s in segments):
         raise InvalidRequestError("a stream name may not have empty, '.' or '..' segments")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if not checks.printable(name):
         raise InvalidRequestError("a stream name may not contain control characters")
     return name
 
@@ -145,14 +146,23 @@ def frame_json(body: bytes, *, allow_empty_array: bool) -> bytes:
     """JSON-mode storage: one compact JSON text per message, each ending in a newline."""
     try:
         value = json.loads(body)
+    except RecursionError:
+        raise InvalidRequestError("the JSON is nested too deeply; send a flatter document") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequestError("the body is not valid JSON") from None
     messages = value if isinstance(value, list) else [value]
     if not messages and not allow_empty_array:
         raise InvalidRequestError("an empty JSON array appends nothing; send at least one message")
-    return b"".join(
-        json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for m in messages
-    )
+    try:
+        return b"".join(
+            json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for m in messages
+        )
+    except RecursionError:
+        raise InvalidRequestError("the JSON is nested too deeply; send a flatter document") from None
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            "the JSON has a lone surrogate escape (such as \\ud800), which is not Unicode text; fix the text"
+        ) from None
 
 
 def json_body(framed: bytes) -> bytes:
@@ -174,7 +184,7 @@ async def receive_body(
     slow (SPOOL_PATIENCE_S, SPOOL_HOLD_S); the spool then lets go of the file, and the writer writes the
     body once it is whole, as for any append.
     """
-    if declared and declared.isdigit() and int(declared) > limit:
+    if (checks.count(declared or "") or 0) > limit:
         raise PayloadTooLargeError(f"the body is {declared} bytes; an append may be at most {limit} bytes")
     parts: list[bytes] = []
     size = 0
@@ -211,8 +221,9 @@ async def receive_body(
 def cursor(client: str | None) -> str:
     """The protocol's CDN cursor: the current 20 s interval, always moving past the client's."""
     interval = int((time.time() - CURSOR_EPOCH) // CURSOR_INTERVAL)
-    if client and client.isdigit() and int(client) >= interval:
-        interval = int(client) + random.randint(1, 180)
+    given = checks.count(client or "")
+    if given is not None and interval <= given < checks.BEYOND:
+        interval = given + random.randint(1, 180)
     return str(interval)
 
 

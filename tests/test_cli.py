@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO
 
@@ -311,7 +312,7 @@ def test_info_and_rm(server: ServerProcess) -> None:
             KEY,
             "Error: --ttl takes seconds or a duration (30m, 12h, 7d) or never",
         ),
-        (["ls", "--limit", "0"], KEY, "Error: limit must be an integer from 1 to 1000"),
+        (["ls", "--limit", "0"], KEY, "Error: limit must be a whole number from 1 to 1000"),
         (["cat", "http://example.invalid/watch/x"], KEY, "Error: not a stream URL: expected .../stream/<id>"),
     ],
 )
@@ -374,3 +375,118 @@ def test_serve_reads_a_mebibyte_body_without_waiting_for_the_app(protocol: objec
         assert len(pieces) >= 4, "uvicorn's own protocol stops reading past 64 KiB"
     else:
         assert pieces == [len(body)]
+
+
+class _Recorder(ThreadingHTTPServer):
+    """A stand-in server on 127.0.0.1 that writes down the Authorization header of every request."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _RecordingHandler)
+        self.seen: list[tuple[str, str, str | None]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    server: _Recorder
+
+    def _answer(self) -> None:
+        self.server.seen.append((self.command, self.path, self.headers.get("authorization")))
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        body = b"closed content"
+        self.send_response(200)
+        self.send_header("content-type", "text/plain")
+        self.send_header("stream-closed", "true")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = do_HEAD = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorders() -> Iterator[tuple[_Recorder, _Recorder]]:
+    pair = (_Recorder(), _Recorder())
+    threads = [threading.Thread(target=r.serve_forever, kwargs={"poll_interval": 0.05}) for r in pair]
+    for thread in threads:
+        thread.start()
+    yield pair
+    for recorder, thread in zip(pair, threads, strict=True):
+        recorder.shutdown()
+        recorder.server_close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("command", ["cat", "info", "rm"])
+def test_the_key_never_goes_to_a_host_named_in_a_url(
+    recorders: tuple[_Recorder, _Recorder], command: str
+) -> None:
+    configured, other = recorders
+    runner = CliRunner(env={"STREAMHOLD_URL": configured.url, "STREAMHOLD_API_KEY": KEY})
+    runner.invoke(main, [command, f"{other.url}/stream/stream_x"])
+    assert other.seen, "the command did reach the host in the URL"
+    assert all(auth is None for _, _, auth in other.seen), other.seen
+    assert configured.seen == []
+
+
+def test_the_key_goes_to_the_configured_origin_but_never_with_cat(
+    recorders: tuple[_Recorder, _Recorder],
+) -> None:
+    configured, _ = recorders
+    runner = CliRunner(env={"STREAMHOLD_URL": configured.url, "STREAMHOLD_API_KEY": KEY})
+    runner.invoke(main, ["info", f"{configured.url}/stream/stream_x"])
+    runner.invoke(main, ["rm", "stream_y"])
+    assert [auth for _, _, auth in configured.seen] == [f"Bearer {KEY}"] * 2, configured.seen
+    configured.seen.clear()
+    runner.invoke(main, ["cat", "stream_x"])
+    runner.invoke(main, ["cat", f"{configured.url}/stream/stream_x"])
+    assert configured.seen and all(auth is None for _, _, auth in configured.seen), configured.seen
+
+
+class _HostileHandler(_RecordingHandler):
+    """Answers every call with a stream record full of terminal control sequences."""
+
+    def _answer(self) -> None:
+        self.server.seen.append((self.command, self.path, self.headers.get("authorization")))
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        record = {
+            "id": "stream_x\x1b[2J",
+            "name": "\x1b]0;owned\x07",
+            "metadata": {"k\x9b31m": "\x1b[31mred"},
+            "url": "http://127.0.0.1/stream/x\x08",
+            "content_type": "text/plain\x1b[8m",
+            "size_bytes": 1,
+        }
+        body = json.dumps(record if "/info" in self.path else {"streams": [record], "total": 1}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+
+def test_ls_and_info_print_control_characters_escaped() -> None:
+    hostile = _Recorder()
+    hostile.RequestHandlerClass = _HostileHandler
+    thread = threading.Thread(target=hostile.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        runner = CliRunner(env={"STREAMHOLD_URL": hostile.url, "STREAMHOLD_API_KEY": KEY})
+        for args in (["ls"], ["info", "stream_x"]):
+            result = runner.invoke(main, args)
+            assert result.exit_code == 0, result.output
+            assert not any(c in result.stdout for c in "\x1b\x07\x08\x9b"), repr(result.stdout)
+            assert "\\u001b" in result.stdout
+    finally:
+        hostile.shutdown()
+        hostile.server_close()
+        thread.join(5)

@@ -140,10 +140,10 @@ async def test_ttl_omitted_never_and_clamped(client: AsyncTestClient[Any]) -> No
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({}, "name (the namespace) must be a string of 1 to 254 characters"),
+        ({}, 'the namespace ("name" in a /stream body) must be a string of 1 to 254 characters'),
         ({"name": ""}, "1 to 254 characters"),
         ({"name": "n" * 255}, "1 to 254 characters"),
-        ({"name": "a", "metadata": {"k": {"nested": 1}}}, "metadata values must be strings"),
+        ({"name": "a", "metadata": {"k": {"nested": 1}}}, "metadata must be an object of strings"),
         ({"name": "a", "metadata": ["k"]}, "metadata must be an object"),
         ({"name": "a", "headers": "text/plain"}, "headers must be an object"),
         ({"name": "a", "headers": {"content-type": ""}}, "must be a MIME type"),
@@ -189,9 +189,9 @@ async def test_list_filters_pages_and_sorts(client: AsyncTestClient[Any]) -> Non
     assert (await client.post("/stream/list", json={"sort": "lastUsed"})).status_code == 200
     for body, message in (
         ({"sort": "count"}, "sort must be one of created, updated, lastUsed"),
-        ({"limit": 0}, "limit must be between 1 and 1000"),
-        ({"limit": 1001}, "limit must be between 1 and 1000"),
-        ({"offset": -1}, "offset must be 0 or more"),
+        ({"limit": 0}, "limit must be a whole number from 1 to 1000"),
+        ({"limit": 1001}, "limit must be a whole number from 1 to 1000"),
+        ({"offset": -1}, "offset must be a whole number from 0 to"),
         ({"direction": "up"}, "direction must be asc or desc"),
         ({"sort": ["size"]}, "sort must be one of"),
         ({"limit": 2.5}, "limit must be a whole number"),
