@@ -6,7 +6,6 @@ import asyncio
 import functools
 import json
 import random
-import re
 import time
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -47,11 +46,8 @@ BODY_SLICE = 64 * 1024
 # sent it all within SPOOL_HOLD_S; other large appends to the stream go to the database until then.
 SPOOL_PATIENCE_S = 5.0
 SPOOL_HOLD_S = 30.0
-MAX_SAFE_INTEGER = 2**53 - 1
 CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z, the protocol's cursor epoch
 CURSOR_INTERVAL = 20.0
-DIGITS = re.compile(r"^(0|[1-9][0-9]*)$")
-PLAIN_DIGITS = re.compile(r"^[0-9]+$")
 
 def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Settings]:
     """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""
