@@ -25,11 +25,11 @@ import httpx
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.checks import shown
-from app.models import StreamError
-from app.sdk import UNSET, StreamInfo
-from app.sdk_remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
-from app.settings import Settings, SettingsError
+from .checks import shown
+from .models import StreamError
+from .sdk import UNSET, StreamInfo
+from .sdk_remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
+from .settings import Settings, SettingsError
 
 T = TypeVar("T")
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -230,7 +230,7 @@ def serve(
     if not settings.public_url:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         settings = dataclasses.replace(settings, public_url=f"http://{shown}:{port}")
-    from app.main import create_app
+    from .main import create_app
 
     open_files = _raise_open_file_limit()
     # Connections past the cap still take a file each until answered; the database and chunk files need some.
@@ -268,7 +268,7 @@ def serve(
 @click.option("--linger", default=600.0, show_default=True, help="Seconds the in-process server stays up.")
 def demo(url: str = "", in_process: bool = False, port: int = 0, linger: float = 600.0) -> None:
     """Stream a simulated (or configured real) LLM answer into the live viewer and print its URL."""
-    from app.demo import cli_demo
+    from .demo import cli_demo
 
     try:
         cli_demo(url, port, linger, in_process, click.echo)

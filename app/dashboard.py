@@ -19,13 +19,13 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
-from app import session
-from app.checks import count
-from app.dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
-from app.live import LiveHub
-from app.models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
-from app.settings import Settings
-from app.store import Store
+from . import session
+from .checks import count
+from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
+from .live import LiveHub
+from .models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
+from .settings import Settings
+from .store import Store
 
 PAGE_SIZE = 50
 SORTS = {"created": "desc", "size": "desc", "namespace": "asc"}

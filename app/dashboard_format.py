@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app.live import LiveHub
-from app.models import StreamState, iso
-from app.sdk import viewer_url
+from .live import LiveHub
+from .models import StreamState, iso
+from .sdk import viewer_url
 
 if TYPE_CHECKING:  # only for annotations; the dashboard module imports this one at run time
-    from app.dashboard import View
+    from .dashboard import View
 
 EXPIRING_SOON = 86400
 SHOWN_METADATA = 4

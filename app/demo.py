@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-from app.models import iso
-from app.sdk import AgentContext, Stream
-from app.settings import Settings
+from .models import iso
+from .sdk import AgentContext, Stream
+from .settings import Settings
 
 DEMO_TTL = 24 * 3600
 MAX_RUNNING = 8
@@ -275,7 +275,7 @@ async def serve_demo(
     """Serve the app in this process, run the demo through its own POST /demo, then linger; returns URLs."""
     import uvicorn
 
-    from app.main import create_app
+    from .main import create_app
 
     settings = dataclasses.replace(settings, public_url=settings.public_url or f"http://127.0.0.1:{port}")
     config = uvicorn.Config(

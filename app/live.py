@@ -22,10 +22,10 @@ from litestar.channels.backends.base import ChannelsBackend
 from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
 from psycopg import AsyncConnection
 
-from app.models import StreamState
-from app.settings import Settings
-from app.store import Store
-from app.writer import Change
+from .models import StreamState
+from .settings import Settings
+from .store import Store
+from .writer import Change
 
 K = TypeVar("K")
 V = TypeVar("V")

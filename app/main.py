@@ -18,12 +18,12 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import dashboard, guard, headers, ops, protocol, service, viewer
-from app.live import LiveHub
-from app.models import StreamError
-from app.sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
-from app.settings import Settings
-from app.store import Store
+from . import dashboard, guard, headers, ops, protocol, service, viewer
+from .live import LiveHub
+from .models import StreamError
+from .sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
+from .settings import Settings
+from .store import Store
 
 log = logging.getLogger("streamhold")
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
-from app import clock
+from . import clock
 
 DEFAULT_TTL = 30 * 86400
 MIN_TTL = 60

@@ -8,9 +8,9 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
 
-from app.live import LiveHub
-from app.metrics import CONTENT_TYPE, Exposition, request_metrics, request_timing
-from app.store import Store
+from .live import LiveHub
+from .metrics import CONTENT_TYPE, Exposition, request_metrics, request_timing
+from .store import Store
 
 __all__ = ["healthz", "metrics", "readyz", "request_timing", "routes"]
 

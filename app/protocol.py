@@ -16,11 +16,11 @@ from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
-from app import checks
-from app.auth import check_key, require_key
-from app.chunk_files import FILE_CHUNK_MIN, Spool
-from app.metrics import request_metrics
-from app.models import (
+from . import checks
+from .auth import check_key, require_key
+from .chunk_files import FILE_CHUNK_MIN, Spool
+from .metrics import request_metrics
+from .models import (
     AppendResult,
     ContentTypeMismatchError,
     InvalidRequestError,
@@ -33,10 +33,10 @@ from app.models import (
     offset_belongs,
     split_offset,
 )
-from app.protocol_reads import read_stream
-from app.settings import Settings
-from app.store import NewStream, Store
-from app.wire import (
+from .protocol_reads import read_stream
+from .settings import Settings
+from .store import NewStream, Store
+from .wire import (
     API_RESPONSE_HEADERS,
     PREFIX,
     absolute_url,
@@ -55,7 +55,7 @@ from app.wire import (
     state_headers,
     stream_name,
 )
-from app.writer import media_type
+from .writer import media_type
 
 APPEND_LABELS = (("method", "POST"), ("route", PREFIX))
 log = logging.getLogger("streamhold.protocol")

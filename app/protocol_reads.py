@@ -15,10 +15,10 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
-from app.content import _Body as CutOffBody
-from app.content import _Cut as Cut
-from app.live import LiveHub
-from app.models import (
+from .content import _Body as CutOffBody
+from .content import _Cut as Cut
+from .live import LiveHub
+from .models import (
     InvalidRequestError,
     OffsetGoneError,
     StreamError,
@@ -28,9 +28,9 @@ from app.models import (
     parse_offset,
     split_offset,
 )
-from app.settings import Settings
-from app.store import Store
-from app.wire import (
+from .settings import Settings
+from .store import Store
+from .wire import (
     BODY_SLICE,
     CATCHUP_LIMIT,
     INLINE_LIMIT,

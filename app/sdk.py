@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from app import checks
-from app.models import (
+from . import checks
+from .models import (
     DEFAULT_TTL,
     AppendResult,
     PayloadTooLargeError,
@@ -31,7 +31,7 @@ from app.models import (
     StreamState,
     clamp_ttl,
 )
-from app.settings import Settings
+from .settings import Settings
 
 __all__ = [
     "UNSET",
@@ -300,7 +300,7 @@ class LocalStreams(StreamService):
         metadata: Mapping[str, str] | None = None,
         ttl: int | float | None = UNSET,
     ) -> Stream:
-        from app.store import NewStream
+        from .store import NewStream
 
         meta, seconds = check_create(namespace, content_type, metadata, ttl)
         state, _ = await self.store.create(
@@ -456,11 +456,11 @@ def create_agent_context(
 
     async def open_service(stack: AsyncExitStack) -> StreamService:
         if url:
-            from app.sdk_remote import RemoteStreams
+            from .sdk_remote import RemoteStreams
 
             return await stack.enter_async_context(RemoteStreams(url, api_key=key or None))
-        from app.live import LiveHub
-        from app.store import Store
+        from .live import LiveHub
+        from .store import Store
 
         resolved = settings or Settings.from_env()
         store = await stack.enter_async_context(Store.open(resolved))

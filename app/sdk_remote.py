@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 
-from app.models import (
+from .models import (
     PayloadTooLargeError,
     StreamClosedError,
     StreamError,
     StreamNotFoundError,
 )
-from app.sdk import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
+from .sdk import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
 
 __all__ = [
     "RemoteStream",

@@ -18,11 +18,11 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
-from app import checks
-from app.auth import require_key
-from app.content import RangeNotSatisfiableError, respond_with_content
-from app.live import LiveHub
-from app.models import (
+from . import checks
+from .auth import require_key
+from .content import RangeNotSatisfiableError, respond_with_content
+from .live import LiveHub
+from .models import (
     DEFAULT_TTL,
     InvalidRequestError,
     PayloadTooLargeError,
@@ -34,10 +34,10 @@ from app.models import (
     clamp_ttl,
     iso,
 )
-from app.sdk import info_from_state
-from app.settings import Settings
-from app.store import NewStream, Store
-from app.wire import frame_json, read_body, respond
+from .sdk import info_from_state
+from .settings import Settings
+from .store import NewStream, Store
+from .wire import frame_json, read_body, respond
 
 BASES = ("/stream", "")  # the documented prefix, and the root that the SDK's own base URL implies
 JSON_LIMIT = 1024 * 1024

@@ -13,10 +13,10 @@ from urllib.parse import quote, urlsplit
 from litestar import Request, Response
 from litestar.datastructures import Cookie
 
-from app import guard
-from app.auth import key_is_valid
-from app.settings import Settings
-from app.store import Store
+from . import guard
+from .auth import key_is_valid
+from .settings import Settings
+from .store import Store
 
 COOKIE = "streamhold_session"
 CSRF_HEADER = "x-csrf-token"

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import ClauseElement
 
-from app.models import ChunkRow, ProducerRow, StreamRow, StreamState
+from .models import ChunkRow, ProducerRow, StreamRow, StreamState
 
 streams = StreamRow.__table__
 chunks = ChunkRow.__table__

@@ -28,10 +28,10 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
-from app import chunk_files, clock, transactions
-from app.chunk_files import ChunkFiles, Spool
-from app.engines import make_engines
-from app.models import (
+from . import chunk_files, clock, transactions
+from .chunk_files import ChunkFiles, Spool
+from .engines import make_engines
+from .models import (
     AppendResult,
     ChunkRow,
     GzipChunkRow,
@@ -46,10 +46,10 @@ from app.models import (
     StreamState,
     offset_belongs,
 )
-from app.settings import Settings
-from app.statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
-from app.transactions import NewStream
-from app.writer import AppendOp, Change, Writer
+from .settings import Settings
+from .statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
+from .transactions import NewStream
+from .writer import AppendOp, Change, Writer
 
 log = logging.getLogger("streamhold.store")
 

@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
-from app import clock
-from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles
-from app.models import (
+from . import clock
+from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
+from .models import (
     ChunkRow,
     ContentTypeMismatchError,
     CounterRow,
@@ -32,8 +32,8 @@ from app.models import (
     StreamState,
     new_stream_id,
 )
-from app.statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
-from app.writer import Change, media_type
+from .statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
+from .writer import Change, media_type
 
 streams = StreamRow.__table__
 chunks = ChunkRow.__table__

@@ -21,16 +21,16 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Stream, Template
 from markupsafe import Markup, escape
 
-from app import demo, session
-from app.auth import bearer, require_key
-from app.headers import content_headers
-from app.models import StreamError, StreamState, iso
-from app.protocol_reads import whole_utf8 as protocol_whole_utf8
-from app.sdk import AgentContext
-from app.settings import Settings
-from app.store import Store
-from app.wire import BODY_SLICE, PREFIX, is_text, live_state, stream_name
-from app.writer import media_type
+from . import demo, session
+from .auth import bearer, require_key
+from .headers import content_headers
+from .models import StreamError, StreamState, iso
+from .protocol_reads import whole_utf8 as protocol_whole_utf8
+from .sdk import AgentContext
+from .settings import Settings
+from .store import Store
+from .wire import BODY_SLICE, PREFIX, is_text, live_state, stream_name
+from .writer import media_type
 
 WINDOW = 256 * 1024
 JSON_LOOKBACK = 1024 * 1024

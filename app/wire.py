@@ -14,11 +14,11 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
-from app import checks
-from app.chunk_files import Spool
-from app.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
-from app.live import LiveHub
-from app.models import (
+from . import checks
+from .chunk_files import Spool
+from .headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
+from .live import LiveHub
+from .models import (
     MAX_NAME_LENGTH,
     InvalidRequestError,
     PayloadTooLargeError,
@@ -31,9 +31,9 @@ from app.models import (
     StreamState,
     format_offset,
 )
-from app.settings import Settings
-from app.store import Store
-from app.writer import media_type
+from .settings import Settings
+from .store import Store
+from .writer import media_type
 
 PREFIX = "/v1/stream"
 CATCHUP_LIMIT = 32 * 1024 * 1024

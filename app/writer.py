@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from app import clock
-from app.chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
-from app.models import (
+from . import clock
+from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
+from .models import (
     AppendResult,
     ContentTypeMismatchError,
     InvalidRequestError,
@@ -33,7 +33,7 @@ from app.models import (
     StreamNotFoundError,
     StreamState,
 )
-from app.statements import Prepared, Statements, state_from_tuple
+from .statements import Prepared, Statements, state_from_tuple
 
 log = logging.getLogger("streamhold.writer")
 T = TypeVar("T")

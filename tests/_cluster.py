@@ -29,7 +29,7 @@ import httpx
 import psycopg
 import pytest
 
-from app.live import CHANNEL
+from streamhold.live import CHANNEL
 from tests._server import HOST, REPO_ROOT, ServerProcess, free_port
 
 Labels = tuple[tuple[str, str], ...]
@@ -427,7 +427,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 SDK_WRITER = """
 import asyncio, sys, time
-from app.sdk import create_agent_context
+from streamhold.sdk import create_agent_context
 
 async def main(count: int, gap: float) -> None:
     async with create_agent_context() as ctx:

@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 def streamhold_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "serve", "--host", HOST, "--port", str(port)]
+    return [sys.executable, "-m", "streamhold.cli", "serve", "--host", HOST, "--port", str(port)]
 
 
 class ServerStartError(RuntimeError):

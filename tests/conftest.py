@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from app.settings import Settings
+from streamhold.settings import Settings
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 

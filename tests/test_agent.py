@@ -22,11 +22,11 @@ from litestar.di import NamedDependency
 from litestar.handlers import HTTPRouteHandler
 from litestar.testing import AsyncTestClient
 
-from app.live import LiveHub
-from app.main import create_app
-from app.sdk import AgentContext, LocalStreams, create_agent_context
-from app.settings import Settings
-from app.store import Store
+from streamhold.live import LiveHub
+from streamhold.main import create_app
+from streamhold.sdk import AgentContext, LocalStreams, create_agent_context
+from streamhold.settings import Settings
+from streamhold.store import Store
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,10 +13,10 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app.auth import key_is_valid
-from app.main import create_app
-from app.sdk_remote import RemoteStreams, UnauthorizedError
-from app.settings import Settings
+from streamhold.auth import key_is_valid
+from streamhold.main import create_app
+from streamhold.sdk_remote import RemoteStreams, UnauthorizedError
+from streamhold.settings import Settings
 from tests._server import REPO_ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,7 +98,7 @@ async def test_protocol_writes_need_a_key_and_reads_do_not(client: AsyncTestClie
 def serve(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `streamhold serve` to its early exit (these never get to listen)."""
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve", *args],
+        [sys.executable, "-m", "streamhold.cli", "serve", *args],
         cwd=REPO_ROOT,
         env={"PATH": "/usr/bin:/bin", "STREAMHOLD_DATA_DIR": str(data_dir), **(env or {})},
         capture_output=True,
@@ -128,7 +128,7 @@ async def test_keys_are_never_logged(tmp_path: Path) -> None:
     env = {"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_API_KEYS": f"{KEY},{OTHER}"}
 
     def verbose(port: int) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "debug"]
+        return [sys.executable, "-m", "streamhold.cli", "serve", "--port", str(port), "--log-level", "debug"]
 
     with ServerProcess(env=env, command=verbose) as server:
         async with RemoteStreams(server.url, api_key=KEY) as streams:

@@ -17,11 +17,11 @@ import httpx
 import psutil
 import pytest
 
-from app.live import LiveHub
-from app.sdk import LocalStreams
-from app.sdk_remote import RemoteStreams
-from app.settings import Settings
-from app.store import Store
+from streamhold.live import LiveHub
+from streamhold.sdk import LocalStreams
+from streamhold.sdk_remote import RemoteStreams
+from streamhold.settings import Settings
+from streamhold.store import Store
 from tests._server import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)

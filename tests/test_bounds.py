@@ -21,10 +21,10 @@ import psutil
 import pytest
 from sqlalchemy import select, update
 
-from app import transactions
-from app.models import GzipChunkRow, StreamRow
-from app.settings import Settings
-from app.store import NewStream, Store
+from streamhold import transactions
+from streamhold.models import GzipChunkRow, StreamRow
+from streamhold.settings import Settings
+from streamhold.store import NewStream, Store
 from tests._server import ServerProcess
 
 MIB = 1024 * 1024

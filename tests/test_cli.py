@@ -21,7 +21,7 @@ import uvicorn
 from click.testing import CliRunner
 from litestar.types import Receive, Scope, Send
 
-from app.cli import _Protocol, main
+from streamhold.cli import _Protocol, main
 from tests._server import REPO_ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -53,7 +53,7 @@ def streamhold(
     *args: str, server: str, key: str | None = KEY, stdin: bytes = b"", timeout: float = 30
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "streamhold.cli", *args],
         cwd=REPO_ROOT,
         env=cli_env(server, key),
         input=stdin,
@@ -104,7 +104,7 @@ def test_write_prints_the_url_at_once_and_closes_at_end_of_input(server: ServerP
         [
             sys.executable,
             "-m",
-            "app.cli",
+            "streamhold.cli",
             "write",
             "cli-logs",
             "-t",
@@ -187,7 +187,7 @@ def test_cat_without_follow_prints_what_an_open_stream_holds_now(server: ServerP
 def test_cat_follow_tails_until_the_stream_is_closed(server: ServerProcess) -> None:
     stream_id = make_stream(server, "cli-follow", b"one ", close=False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "cat", "--follow", stream_id],
+        [sys.executable, "-m", "streamhold.cli", "cat", "--follow", stream_id],
         cwd=REPO_ROOT,
         env=cli_env(server.url),
         stdout=subprocess.PIPE,
@@ -219,7 +219,10 @@ def test_cat_follow_resumes_across_a_server_restart(tmp_path: Path) -> None:
             stream_id = http.post("/stream", json={"name": "cli-restart"}).json()["id"]
             http.post(f"/stream/{stream_id}/append", content=b"before ")
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "cat", "-f", f"{own.url}/stream/{stream_id}", "--retry-for=30"],
+            [
+                sys.executable, "-m", "streamhold.cli", "cat", "-f", f"{own.url}/stream/{stream_id}",
+                "--retry-for=30",
+            ],
             cwd=REPO_ROOT,
             env=cli_env("http://127.0.0.1:9", key=None),
             stdout=subprocess.PIPE,

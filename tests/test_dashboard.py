@@ -18,12 +18,12 @@ import pytest
 from litestar import Litestar
 from sqlalchemy import create_engine, func, insert, select
 
-from app import session
-from app.dashboard import Rate, View
-from app.main import create_app
-from app.models import new_stream_id
-from app.settings import Settings
-from app.store import chunks, metadata_pairs, streams
+from streamhold import session
+from streamhold.dashboard import Rate, View
+from streamhold.main import create_app
+from streamhold.models import new_stream_id
+from streamhold.settings import Settings
+from streamhold.store import chunks, metadata_pairs, streams
 
 pytestmark = pytest.mark.timeout(120)
 

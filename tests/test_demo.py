@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner
 from litestar.testing import AsyncTestClient
 
-from app import demo
-from app.cli import main as cli
-from app.main import create_app
-from app.sdk import AgentContext, create_agent_context
-from app.settings import Settings
+from streamhold import demo
+from streamhold.cli import main as cli
+from streamhold.main import create_app
+from streamhold.sdk import AgentContext, create_agent_context
+from streamhold.settings import Settings
 from tests._server import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)

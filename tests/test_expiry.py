@@ -17,10 +17,10 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import update
 
-from app.main import create_app
-from app.models import StreamConflictError, StreamFilter, StreamRow
-from app.settings import Settings
-from app.store import NewStream, Store
+from streamhold.main import create_app
+from streamhold.models import StreamConflictError, StreamFilter, StreamRow
+from streamhold.settings import Settings
+from streamhold.store import NewStream, Store
 from tests._cluster import server_env, server_errors
 from tests._server import HOST, LOOPBACK, ServerProcess
 
@@ -174,7 +174,7 @@ async def test_the_sweep_spares_a_stream_whose_expiry_is_being_slid(settings: Se
 # A server whose wall clock runs a day ahead of the database's, as a badly set machine's would.
 FAST_CLOCK = (
     "import runpy, time; real = time.time; time.time = lambda: real() + 86400; "
-    "runpy.run_module('app.cli', run_name='__main__')"
+    "runpy.run_module('streamhold.cli', run_name='__main__')"
 )
 
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from app import chunk_files, transactions
-from app.models import ChunkRow, StreamRow
-from app.settings import Settings
-from app.store import NewStream, Store
+from streamhold import chunk_files, transactions
+from streamhold.models import ChunkRow, StreamRow
+from streamhold.settings import Settings
+from streamhold.store import NewStream, Store
 
 pytestmark = pytest.mark.timeout(120)
 

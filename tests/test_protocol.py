@@ -22,12 +22,12 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from app import wire
-from app.chunk_files import FILE_CHUNK_MIN
-from app.main import create_app
-from app.sdk import StreamService
-from app.settings import Settings
-from app.store import Store
+from streamhold import wire
+from streamhold.chunk_files import FILE_CHUNK_MIN
+from streamhold.main import create_app
+from streamhold.sdk import StreamService
+from streamhold.settings import Settings
+from streamhold.store import Store
 from tests._server import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)

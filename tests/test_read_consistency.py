@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app.main import create_app
-from app.models import StreamNotFoundError, StreamState, parse_offset
-from app.settings import Settings
-from app.store import Store
-from app.transactions import NewStream
+from streamhold.main import create_app
+from streamhold.models import StreamNotFoundError, StreamState, parse_offset
+from streamhold.settings import Settings
+from streamhold.store import Store
+from streamhold.transactions import NewStream
 from tests._server import LOOPBACK
 
 pytestmark = pytest.mark.timeout(90)

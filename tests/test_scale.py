@@ -24,11 +24,11 @@ import pytest
 from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
 from litestar.channels.backends.redis import RedisChannelsPubSubBackend
 
-from app.live import MAX_MESSAGE, encode_doorbells, make_backend
-from app.settings import Settings
-from app.store import NewStream, Store
-from app.transactions import SWEEP_LOCK
-from app.writer import Change
+from streamhold.live import MAX_MESSAGE, encode_doorbells, make_backend
+from streamhold.settings import Settings
+from streamhold.store import NewStream, Store
+from streamhold.transactions import SWEEP_LOCK
+from streamhold.writer import Change
 from tests._cluster import (
     Channels,
     Received,

@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.live import LiveHub
-from app.models import PayloadTooLargeError, StreamClosedError, StreamNotFoundError
-from app.sdk import LocalStreams, StreamService
-from app.settings import Settings
-from app.store import Store
+from streamhold.live import LiveHub
+from streamhold.models import PayloadTooLargeError, StreamClosedError, StreamNotFoundError
+from streamhold.sdk import LocalStreams, StreamService
+from streamhold.settings import Settings
+from streamhold.store import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 async def streams(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[StreamService]:
     """The stream API in-process (over SQLite and PostgreSQL), and over HTTP from a real server subprocess."""
     if request.param == "remote":
-        from app.sdk_remote import RemoteStreams
+        from streamhold.sdk_remote import RemoteStreams
         from tests._server import ServerProcess
 
         if settings.database_url:

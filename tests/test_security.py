@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app import session
-from app.headers import answers_to, is_active
-from app.main import create_app
-from app.models import new_stream_id
-from app.settings import Settings, SettingsError
+from streamhold import session
+from streamhold.headers import answers_to, is_active
+from streamhold.main import create_app
+from streamhold.models import new_stream_id
+from streamhold.settings import Settings, SettingsError
 
 pytestmark = pytest.mark.timeout(60)
 

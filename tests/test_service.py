@@ -21,11 +21,11 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app.main import create_app
-from app.models import StreamNotFoundError
-from app.sdk import create_agent_context
-from app.sdk_remote import RemoteStreams, ServerUnavailableError
-from app.settings import Settings
+from streamhold.main import create_app
+from streamhold.models import StreamNotFoundError
+from streamhold.sdk import create_agent_context
+from streamhold.sdk_remote import RemoteStreams, ServerUnavailableError
+from streamhold.settings import Settings
 from tests._server import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, inspect, select, text, update
 
-from app import chunk_files, transactions
-from app.chunk_files import FILE_CHUNK_MIN
-from app.models import (
+from streamhold import chunk_files, transactions
+from streamhold.chunk_files import FILE_CHUNK_MIN
+from streamhold.models import (
     ChunkRow,
     GzipChunkRow,
     InvalidRequestError,
@@ -31,9 +31,9 @@ from app.models import (
     new_stream_id,
     parse_offset,
 )
-from app.settings import Settings
-from app.store import NewStream, Store
-from app.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
+from streamhold.settings import Settings
+from streamhold.store import NewStream, Store
+from streamhold.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
 
 pytestmark = pytest.mark.timeout(120)
 

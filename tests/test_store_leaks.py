@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from app import chunk_files
-from app import store as store_module
-from app.chunk_files import FILE_CHUNK_MIN
-from app.models import StreamClosedError, StreamRow
-from app.settings import Settings
-from app.store import Store
-from app.transactions import NewStream
-from app.writer import PENDING_LIMIT
+from streamhold import chunk_files
+from streamhold import store as store_module
+from streamhold.chunk_files import FILE_CHUNK_MIN
+from streamhold.models import StreamClosedError, StreamRow
+from streamhold.settings import Settings
+from streamhold.store import Store
+from streamhold.transactions import NewStream
+from streamhold.writer import PENDING_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -166,7 +166,7 @@ async def test_directories_made_at_first_start_are_synced_into_their_parents(
 
 async def test_small_chunk_counts_are_bounded(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Counts of streams that another process deleted are never told gone here: they are dropped in bulk."""
-    monkeypatch.setattr("app.store.NAME_CACHE", 2)
+    monkeypatch.setattr("streamhold.store.NAME_CACHE", 2)
     async with Store.open(settings) as store:
         for _ in range(5):
             state, _ = await store.create(NewStream("leaks"))

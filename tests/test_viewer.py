@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app import demo
-from app.main import create_app
-from app.models import format_offset
-from app.sdk import create_agent_context
-from app.settings import Settings
-from app.viewer import WINDOW, view_kind
+from streamhold import demo
+from streamhold.main import create_app
+from streamhold.models import format_offset
+from streamhold.sdk import create_agent_context
+from streamhold.settings import Settings
+from streamhold.viewer import WINDOW, view_kind
 
 pytestmark = pytest.mark.timeout(60)
 

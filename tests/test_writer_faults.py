@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from app import chunk_files
-from app.live import LiveHub
-from app.sdk import LocalStreams
-from app.settings import Settings
-from app.store import Store
-from app.transactions import NewStream
-from app.writer import ISOLATION_TRANSACTIONS
+from streamhold import chunk_files
+from streamhold.live import LiveHub
+from streamhold.sdk import LocalStreams
+from streamhold.settings import Settings
+from streamhold.store import Store
+from streamhold.transactions import NewStream
+from streamhold.writer import ISOLATION_TRANSACTIONS
 
 pytestmark = pytest.mark.timeout(60)
 
