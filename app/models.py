@@ -1,4 +1,4 @@
-"""The vocabulary: SQLModel tables, value types, offsets, ids and domain errors."""
+"""The vocabulary: value types, offsets, ids and domain errors (the tables are in tables.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary
-from sqlmodel import Field, SQLModel
-
 from . import clock
 
 DEFAULT_TTL = 30 * 86400
@@ -21,107 +18,6 @@ MIN_TTL = 60
 MAX_TTL = 90 * 86400
 MAX_NAME_LENGTH = 512
 MAX_NAMESPACE_LENGTH = 254
-
-
-class StreamRow(SQLModel, table=True):
-    """One stream, whatever surface created it."""
-
-    __tablename__ = "streams"
-
-    id: str = Field(primary_key=True, max_length=64)
-    name: str = Field(max_length=MAX_NAME_LENGTH, unique=True)
-    namespace: str = Field(max_length=MAX_NAMESPACE_LENGTH, index=True)
-    content_type: str = Field(max_length=255)
-    json_mode: bool = False
-    metadata_json: str = "{}"
-    created_at: float = Field(index=True)
-    updated_at: float
-    closed_at: float | None = None
-    tail: int = Field(default=0, sa_type=BigInteger)
-    stored_bytes: int = Field(default=0, sa_type=BigInteger)  # not indexed: every append changes it
-    appends: int = Field(default=0, sa_type=BigInteger)
-    compact_from: int = Field(default=0, sa_type=BigInteger)
-    compress: bool = False
-    compressed: bool = False
-    ttl_seconds: int | None = Field(default=None, sa_type=BigInteger)
-    sliding: bool = False
-    expires_at: float | None = Field(default=None, index=True)
-    last_seq: str | None = None
-    fork_source: str | None = Field(default=None, max_length=64, index=True)
-    fork_offset: int | None = Field(default=None, sa_type=BigInteger)
-    deleted: bool = False
-    # The stream's last bytes, [tail - len(pending), tail), until they fill a chunk (writer.PENDING_LIMIT):
-    # a small append then rewrites only this row, instead of adding a chunk and an index entry as well.
-    pending: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False, default=b""))
-    # Which incarnation of its name this stream is: the first field of its offsets, so that an offset of a
-    # deleted stream is never read inside a later one of the same name. 0 for streams made before it existed.
-    generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
-
-
-class CounterRow(SQLModel, table=True):
-    """A counter that only goes up, such as the last stream generation handed out."""
-
-    __tablename__ = "counters"
-
-    name: str = Field(primary_key=True, max_length=64)
-    value: int = Field(default=0, sa_type=BigInteger)
-
-
-class ChunkRow(SQLModel, table=True):
-    """A run of a stream's bytes starting at byte offset `start`."""
-
-    __tablename__ = "chunks"
-
-    stream_id: str = Field(primary_key=True, max_length=64)
-    start: int = Field(primary_key=True, sa_type=BigInteger)
-    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    # A large chunk of an embedded store keeps its bytes in the stream's chunk file (app/chunk_files.py),
-    # at offset `start`: then `data` is empty and this is their length.
-    file_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
-
-
-class GzipChunkRow(SQLModel, table=True):
-    """A piece of a compressed stream's gzip body, in order of `seq`."""
-
-    __tablename__ = "gzip_chunks"
-
-    stream_id: str = Field(primary_key=True, max_length=64)
-    seq: int = Field(primary_key=True)
-    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    # The offset in the plain content where this piece's deflate data begins after a full flush, so that
-    # inflating can start here; None in bodies written without flush points, which inflate from the start.
-    plain_start: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
-
-
-class MetadataRow(SQLModel, table=True):
-    """One metadata pair of a stream, kept apart so filters use an index."""
-
-    __tablename__ = "stream_metadata"
-    __table_args__ = (Index("ix_stream_metadata_pair", "key", "value"),)
-
-    stream_id: str = Field(primary_key=True, max_length=64)
-    key: str = Field(primary_key=True, max_length=255)
-    value: str = Field(max_length=1024)
-
-
-class ProducerRow(SQLModel, table=True):
-    """The idempotent-producer state of one producer on one stream."""
-
-    __tablename__ = "producers"
-
-    stream_id: str = Field(primary_key=True, max_length=64)
-    producer_id: str = Field(primary_key=True, max_length=255)
-    epoch: int = Field(sa_type=BigInteger)
-    seq: int = Field(sa_type=BigInteger)
-
-
-class SessionRow(SQLModel, table=True):
-    """A signed-in dashboard session, so that signing out ends it on every process."""
-
-    __tablename__ = "sessions"
-
-    id_hash: str = Field(primary_key=True, max_length=64)  # sha256 of the id in the cookie
-    expires_at: float = Field(index=True)
 
 
 # --- value types ---------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import ClauseElement
 
-from .models import ChunkRow, ProducerRow, StreamRow, StreamState
+from .models import StreamState
+from .tables import ChunkRow, ProducerRow, StreamRow
 
 streams = StreamRow.__table__
 chunks = ChunkRow.__table__

@@ -33,21 +33,16 @@ from .chunk_files import ChunkFiles, Spool
 from .engines import make_engines
 from .models import (
     AppendResult,
-    ChunkRow,
-    GzipChunkRow,
     InvalidRequestError,
-    MetadataRow,
     Producer,
-    ProducerRow,
-    SessionRow,
     StreamFilter,
     StreamNotFoundError,
-    StreamRow,
     StreamState,
     offset_belongs,
 )
 from .settings import Settings
 from .statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
+from .tables import ChunkRow, GzipChunkRow, MetadataRow, ProducerRow, SessionRow, StreamRow
 from .transactions import NewStream
 from .writer import AppendOp, Change, Writer
 

@@ -18,21 +18,16 @@ from sqlalchemy import delete as sql_delete
 from . import clock
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from .models import (
-    ChunkRow,
     ContentTypeMismatchError,
-    CounterRow,
-    GzipChunkRow,
     InvalidRequestError,
-    MetadataRow,
-    ProducerRow,
     StreamConflictError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamRow,
     StreamState,
     new_stream_id,
 )
 from .statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
+from .tables import ChunkRow, CounterRow, GzipChunkRow, MetadataRow, ProducerRow, StreamRow
 from .writer import Change, media_type
 
 streams = StreamRow.__table__

@@ -22,9 +22,9 @@ import pytest
 from sqlalchemy import select, update
 
 from streamhold import transactions
-from streamhold.models import GzipChunkRow, StreamRow
 from streamhold.settings import Settings
 from streamhold.store import NewStream, Store
+from streamhold.tables import GzipChunkRow, StreamRow
 from tests._server import ServerProcess
 
 MIB = 1024 * 1024

@@ -18,9 +18,10 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import update
 
 from streamhold.main import create_app
-from streamhold.models import StreamConflictError, StreamFilter, StreamRow
+from streamhold.models import StreamConflictError, StreamFilter
 from streamhold.settings import Settings
 from streamhold.store import NewStream, Store
+from streamhold.tables import StreamRow
 from tests._cluster import server_env, server_errors
 from tests._server import HOST, LOOPBACK, ServerProcess
 

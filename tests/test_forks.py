@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import func, select, update
 
 from streamhold import chunk_files, transactions
-from streamhold.models import ChunkRow, StreamRow
 from streamhold.settings import Settings
 from streamhold.store import NewStream, Store
+from streamhold.tables import ChunkRow, StreamRow
 
 pytestmark = pytest.mark.timeout(120)
 

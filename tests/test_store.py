@@ -20,19 +20,17 @@ from sqlalchemy import create_engine, event, func, inspect, select, text, update
 from streamhold import chunk_files, transactions
 from streamhold.chunk_files import FILE_CHUNK_MIN
 from streamhold.models import (
-    ChunkRow,
-    GzipChunkRow,
     InvalidRequestError,
     StreamClosedError,
     StreamFilter,
     StreamNotFoundError,
-    StreamRow,
     format_offset,
     new_stream_id,
     parse_offset,
 )
 from streamhold.settings import Settings
 from streamhold.store import NewStream, Store
+from streamhold.tables import ChunkRow, GzipChunkRow, StreamRow
 from streamhold.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,9 +15,10 @@ from sqlalchemy import update
 from streamhold import chunk_files
 from streamhold import store as store_module
 from streamhold.chunk_files import FILE_CHUNK_MIN
-from streamhold.models import StreamClosedError, StreamRow
+from streamhold.models import StreamClosedError
 from streamhold.settings import Settings
 from streamhold.store import Store
+from streamhold.tables import StreamRow
 from streamhold.transactions import NewStream
 from streamhold.writer import PENDING_LIMIT
 

@@ -1,0 +1,96 @@
+"""Streamhold: a self-hosted durable streams server, and the Python API to its streams.
+
+Names load on first use: `from streamhold import RemoteStreams` imports neither the server nor SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .checks import InvalidInputError
+    from .main import create_app
+    from .models import (
+        ContentTypeMismatchError,
+        InvalidRequestError,
+        OffsetGoneError,
+        PayloadTooLargeError,
+        ProducerSeqGapError,
+        SeqConflictError,
+        StaleEpochError,
+        StreamClosedError,
+        StreamConflictError,
+        StreamError,
+        StreamGoneError,
+        StreamNotFoundError,
+    )
+    from .sdk import AgentContext, StreamService, create_agent_context
+    from .sdk_remote import RemoteStreamError, RemoteStreams, ServerUnavailableError, UnauthorizedError
+    from .settings import Settings, SettingsError
+
+_WHERE = {
+    "create_app": "main",
+    "create_agent_context": "sdk",
+    "AgentContext": "sdk",
+    "StreamService": "sdk",
+    "RemoteStreams": "sdk_remote",
+    "Settings": "settings",
+    "SettingsError": "settings",
+    "StreamError": "models",
+    "StreamNotFoundError": "models",
+    "StreamGoneError": "models",
+    "OffsetGoneError": "models",
+    "StreamClosedError": "models",
+    "StreamConflictError": "models",
+    "ContentTypeMismatchError": "models",
+    "SeqConflictError": "models",
+    "ProducerSeqGapError": "models",
+    "StaleEpochError": "models",
+    "PayloadTooLargeError": "models",
+    "InvalidRequestError": "models",
+    "InvalidInputError": "checks",
+    "RemoteStreamError": "sdk_remote",
+    "ServerUnavailableError": "sdk_remote",
+    "UnauthorizedError": "sdk_remote",
+}
+
+__all__ = [
+    "AgentContext",
+    "ContentTypeMismatchError",
+    "InvalidInputError",
+    "InvalidRequestError",
+    "OffsetGoneError",
+    "PayloadTooLargeError",
+    "ProducerSeqGapError",
+    "RemoteStreamError",
+    "RemoteStreams",
+    "SeqConflictError",
+    "ServerUnavailableError",
+    "Settings",
+    "SettingsError",
+    "StaleEpochError",
+    "StreamClosedError",
+    "StreamConflictError",
+    "StreamError",
+    "StreamGoneError",
+    "StreamNotFoundError",
+    "StreamService",
+    "UnauthorizedError",
+    "create_agent_context",
+    "create_app",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines `name` on first access (PEP 562)."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamhold' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
