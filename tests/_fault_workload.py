@@ -1,0 +1,806 @@
+"""The fault harness's workload: seeded random writers, readers, deletes, forks and kill -9 against servers.
+
+Appends to a stream name, and its creates and deletes, take a per-name lock (shared for appends, exclusive
+for a create or delete), so every append belongs to a known incarnation; readers take no lock, so they race
+everything, which is what the checker is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import httpx
+
+from tests._fault_history import Append, History, Read, record_bytes
+from tests._server import ServerProcess
+
+PREFIX = "/v1/stream/"
+OCTETS = "application/octet-stream"
+BIG = 64 * 1024
+
+
+def offset_token(position: int) -> str:
+    return f"0000000000000000_{position:016d}"
+
+
+def offset_position(token: str | None) -> int | None:
+    if not token or "_" not in token:
+        return None
+    try:
+        return int(token.rsplit("_", 1)[1])
+    except ValueError:
+        return None
+
+
+class RWLock:
+    """Many holders in shared mode or one in exclusive mode; a waiting exclusive one holds off new shared."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._waiting += 1
+            await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Slot:
+    """A stream name the workload plays with, and what the workload knows of its current incarnation."""
+
+    key: str
+    kind: str  # named (protocol create), id (the /stream API's create), fork (a protocol fork)
+    ttl: str = ""  # "", "sliding" or "fixed"
+    lock: RWLock = field(default_factory=RWLock)
+    inc: int = 0
+    alive: bool = False
+    path: str = ""  # the name in /v1/stream/{path}
+    closed: bool = False
+    busy: int = 0  # structural operations in progress
+    version: int = 0
+    touched: float = 0.0  # when the incarnation's expiry was last surely pushed forward (sliding TTL)
+    expires: float = 0.0  # monotonic time before which a TTL incarnation surely lives
+    producers: dict[int, list[object]] = field(default_factory=dict)
+    ids: dict[int, str] = field(default_factory=dict)  # incarnation -> server stream id (id slots)
+
+
+@dataclass
+class Plan:
+    """How long and how hard to run."""
+
+    seconds: float
+    workers: int = 6
+    kills: bool = True
+    kill_every: tuple[float, float] = (1.0, 2.5)
+    big_weight: float = 6.0
+    big_max: int = 160 * 1024
+    disk_full: bool = False
+    sliding_ttl: int = 2
+    fixed_ttl: float = 2.5
+
+
+class Transport(Exception):
+    """A request whose fate is unknown (it may have reached a server), or that surely never left."""
+
+    def __init__(self, sent: bool, text: str) -> None:
+        super().__init__(text)
+        self.sent = sent
+
+
+class Workload:
+    """Drives `servers` for `plan.seconds` with a seeded mix of operations, recording into `history`."""
+
+    def __init__(self, servers: Sequence[ServerProcess], plan: Plan, history: History) -> None:
+        self.servers = list(servers)
+        self.plan = plan
+        self.history = history
+        self.rng = random.Random(history.seed)
+        tag = f"fz{history.seed % 100000}"
+        self.slots = [
+            Slot("n0", "named"),
+            Slot("n1", "named"),
+            Slot("s0", "named", ttl="sliding"),
+            Slot("x0", "named", ttl="fixed"),
+            Slot("i0", "id"),
+            Slot("i1", "id"),
+            Slot("f0", "fork"),
+        ]
+        for slot in self.slots:
+            slot.path = f"{tag}-{slot.key}"
+        self.deadline = 0.0
+        self.session = 0
+        self.bookmarks: list[tuple[Slot, str, int | None, int, str]] = []
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=2.0))
+        self.allowed_5xx = plan.disk_full
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def server(self, rng: random.Random) -> ServerProcess:
+        running = [s for s in self.servers if s.running] or self.servers
+        return rng.choice(running)
+
+    async def request(self, rng: random.Random, method: str, path: str, **kwargs: object) -> httpx.Response:
+        url = self.server(rng).url + path
+        try:
+            return await self.client.request(method, url, **kwargs)  # type: ignore[arg-type]
+        except httpx.ConnectError as exc:
+            raise Transport(False, f"{type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise Transport(True, f"{type(exc).__name__}") from exc
+
+    def mark(self, slot: Slot) -> tuple[int, bool, int, int]:
+        return slot.inc, slot.alive, slot.busy, slot.version
+
+    def candidates(
+        self, slot: Slot, before: tuple[int, bool, int, int], fixed: int | None = None
+    ) -> tuple[tuple[int, ...], bool]:
+        """The incarnations a read of `slot` sent at `before` could meet, and whether surely one, alive."""
+        inc0, alive0, busy0, version0 = before
+        incs = tuple(range(max(inc0, 1), max(slot.inc, 1) + 1)) if fixed is None else (fixed,)
+        stable = alive0 and busy0 == 0 and slot.busy == 0 and version0 == slot.version and not slot.ttl
+        if fixed is not None and (inc0 != fixed or slot.inc != fixed):
+            stable = False
+        return incs, stable
+
+    def target(self, slot: Slot) -> tuple[str, int | None]:
+        """The path to read `slot` at, and for a /stream-created slot the one incarnation it names."""
+        if slot.kind == "id":
+            return PREFIX + slot.path, slot.inc
+        return PREFIX + slot.path, None
+
+    # --- the run -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.deadline = time.monotonic() + self.plan.seconds
+        self.history.note(f"start: {len(self.servers)} server(s), {self.plan}")
+        try:
+            for slot in self.slots:
+                if slot.kind != "fork":
+                    await self.create(random.Random(self.rng.random()), slot)
+            tasks = [self.worker(n, random.Random(self.rng.random())) for n in range(self.plan.workers)]
+            if self.plan.kills:
+                tasks.append(self.chaos(random.Random(self.rng.random())))
+            await asyncio.gather(*tasks)
+            await self.restore_servers()
+            await self.final_reads(random.Random(self.rng.random()))
+        finally:
+            await self.client.aclose()
+
+    async def chaos(self, rng: random.Random) -> None:
+        low, high = self.plan.kill_every
+        while True:
+            pause = rng.uniform(low, high)
+            if time.monotonic() + pause >= self.deadline - 0.5:
+                return
+            await asyncio.sleep(pause)
+            victim = rng.choice(self.servers)
+            if not victim.running:
+                continue
+            self.history.kills += 1
+            self.history.note(f"kill -9 server pid {victim.pid} ({victim.url})")
+            await asyncio.to_thread(victim.kill)
+            await asyncio.sleep(rng.uniform(0.05, 0.4))
+            await asyncio.to_thread(victim.start)
+            self.history.note(f"server {victim.url} up again as pid {victim.pid}")
+
+    async def restore_servers(self) -> None:
+        for server in self.servers:
+            if not server.running:
+                await asyncio.to_thread(server.start)
+
+    async def worker(self, number: int, rng: random.Random) -> None:
+        ops = [
+            (self.append_op, 30.0),
+            (self.big_append_op, self.plan.big_weight),
+            (self.producer_op, 12.0),
+            (self.catch_up_op, 12.0),
+            (self.long_poll_op, 5.0),
+            (self.sse_op, 5.0),
+            (self.content_op, 6.0),
+            (self.resume_op, 4.0),
+            (self.close_op, 2.5),
+            (self.delete_op, 2.5),
+            (self.fork_op, 1.5),
+        ]
+        functions, weights = zip(*ops, strict=True)
+        while time.monotonic() < self.deadline:
+            op = rng.choices(functions, weights)[0]
+            slot = rng.choice(self.slots)
+            try:
+                await op(rng, slot, number)
+            except Transport as exc:
+                self.history.note(f"w{number} {op.__name__} {slot.key}: transport {exc}")
+                await asyncio.sleep(0.05)
+
+    # --- structure -----------------------------------------------------------------------------
+
+    async def create(self, rng: random.Random, slot: Slot) -> None:
+        """Give `slot` a live incarnation (under its exclusive lock)."""
+        async with slot.lock.exclusive():
+            if slot.alive:
+                return
+            slot.busy += 1
+            try:
+                await self._create(rng, slot)
+            finally:
+                slot.busy -= 1
+                slot.version += 1
+
+    async def _create(self, rng: random.Random, slot: Slot) -> None:
+        history = self.history
+        for _ in range(30):
+            if time.monotonic() > self.deadline + 10:
+                return
+            sent = time.monotonic()
+            try:
+                if slot.kind == "id":
+                    response = await self.request(
+                        rng,
+                        "POST",
+                        "/stream",
+                        json={"name": "fz", "headers": {"content-type": OCTETS}, "ttl": 0},
+                    )
+                else:
+                    headers = {"content-type": OCTETS}
+                    if slot.ttl == "sliding":
+                        headers["stream-ttl"] = str(self.plan.sliding_ttl)
+                    elif slot.ttl == "fixed":
+                        moment = datetime.fromtimestamp(time.time() + self.plan.fixed_ttl, UTC)
+                        headers["stream-expires-at"] = moment.isoformat().replace("+00:00", "Z")
+                    if slot.kind == "fork":
+                        sources = [s for s in self.slots if s.kind == "named" and not s.ttl]
+                        source = rng.choice(sources)
+                        return await self._fork(rng, slot, source, headers)
+                    response = await self.request(rng, "PUT", PREFIX + slot.path, headers=headers)
+            except Transport as exc:
+                history.note(f"create {slot.key}: transport {exc}; again")
+                await asyncio.sleep(0.2)
+                continue
+            if response.status_code >= 500:
+                history.note(f"create {slot.key}: {response.status_code} {response.text[:200]}")
+                if not self.allowed_5xx:
+                    history.server_errors.append(
+                        f"create {slot.key}: {response.status_code} {response.text[:200]}"
+                    )
+                await asyncio.sleep(0.2)
+                continue
+            if response.status_code not in (200, 201):
+                history.note(f"create {slot.key}: {response.status_code} {response.text[:200]}")
+                return
+            new = response.status_code == 201 or slot.kind == "id" or slot.inc == 0
+            if new:
+                slot.inc += 1
+                slot.closed = False
+                slot.producers.clear()
+            slot.alive = True
+            slot.touched = sent
+            if slot.ttl == "sliding":
+                slot.expires = sent + self.plan.sliding_ttl
+            elif slot.ttl == "fixed":
+                slot.expires = sent + self.plan.fixed_ttl - 0.5
+            if slot.kind == "id":
+                stream_id = response.json()["id"]
+                slot.path = stream_id
+                slot.ids[slot.inc] = stream_id
+            history.incarnation(slot.key, slot.inc, stream_id=slot.path, ttl=slot.ttl or None)
+            history.note(f"create {slot.key} -> {response.status_code}, incarnation {slot.inc} ({slot.path})")
+            return
+
+    async def _fork(self, rng: random.Random, slot: Slot, source: Slot, headers: dict[str, str]) -> None:
+        async with source.lock.shared():
+            if not source.alive:
+                return
+            headers = {**headers, "stream-forked-from": PREFIX + source.path}
+            response = await self.request(rng, "PUT", PREFIX + slot.path, headers=headers)
+            if response.status_code not in (200, 201):
+                self.history.note(
+                    f"fork {slot.key} of {source.key}: {response.status_code} {response.text[:200]}"
+                )
+                if response.status_code >= 500 and not self.allowed_5xx:
+                    self.history.server_errors.append(f"fork: {response.status_code} {response.text[:200]}")
+                return
+            point = offset_position(response.headers.get("stream-next-offset")) or 0
+            if response.status_code == 201 or slot.inc == 0:
+                slot.inc += 1
+                slot.closed = False
+                slot.producers.clear()
+            slot.alive = True
+            self.history.incarnation(
+                slot.key, slot.inc, stream_id=slot.path, fork_of=(source.key, source.inc, point)
+            )
+            self.history.note(
+                f"fork {slot.key}#{slot.inc} of {source.key}#{source.inc} at {point}"
+                f" -> {response.status_code}"
+            )
+
+    async def delete_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        async with slot.lock.exclusive():
+            if not slot.alive:
+                pass
+            else:
+                slot.busy += 1
+                try:
+                    await self._delete(rng, slot)
+                finally:
+                    slot.busy -= 1
+                    slot.version += 1
+        if rng.random() < 0.7:
+            await self.create(rng, slot)
+
+    async def _delete(self, rng: random.Random, slot: Slot) -> None:
+        history = self.history
+        inc = history.incarnation(slot.key, slot.inc)
+        # Nothing can append now: read the incarnation whole, so reads that raced it can be checked.
+        try:
+            content, note = await self.read_whole(rng, slot)
+        except Transport as exc:
+            content, note = None, f"transport {exc}"
+        if content is not None:
+            inc.final, inc.final_note = content, "read before delete"
+        for _ in range(30):
+            try:
+                if slot.kind == "id":
+                    response = await self.request(rng, "DELETE", f"/stream/{slot.path}")
+                else:
+                    response = await self.request(rng, "DELETE", PREFIX + slot.path)
+            except Transport as exc:
+                history.note(f"delete {slot.key}#{slot.inc}: transport {exc}; again")
+                await asyncio.sleep(0.2)
+                continue
+            if response.status_code in (200, 204, 404):
+                slot.alive = False
+                gone = "deleted" if response.status_code != 404 else "expired" if slot.ttl else "vanished"
+                inc.ended = gone
+                if gone == "vanished":
+                    history.server_errors.append(
+                        f"delete {inc.label}: 404 for a stream nothing deleted ({note})"
+                    )
+                history.note(f"delete {inc.label} -> {response.status_code} ({note})")
+                return
+            history.note(f"delete {inc.label} -> {response.status_code} {response.text[:200]}")
+            if response.status_code >= 500 and not self.allowed_5xx:
+                history.server_errors.append(f"delete: {response.status_code} {response.text[:200]}")
+            await asyncio.sleep(0.2)
+
+    async def fork_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        fork = next(s for s in self.slots if s.kind == "fork")
+        if fork.alive:
+            await self.delete_op(rng, fork, number)
+        else:
+            await self.create(rng, fork)
+
+    async def close_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        async with slot.lock.shared():
+            if not slot.alive:
+                return
+            gzip = slot.kind == "id" and rng.random() < 0.6
+            inc = slot.inc
+            if slot.kind == "id":
+                headers = {"x-compress": "gzip"} if gzip else {}
+                response = await self.request(rng, "POST", f"/stream/{slot.path}/complete", headers=headers)
+            else:
+                response = await self.request(
+                    rng, "POST", PREFIX + slot.path, headers={"stream-closed": "true"}
+                )
+            self.history.note(f"close {slot.key}#{inc} gzip={gzip} -> {response.status_code}")
+            if response.status_code in (200, 204):
+                slot.closed = True
+            elif response.status_code >= 500 and not self.allowed_5xx:
+                self.history.server_errors.append(f"close: {response.status_code} {response.text[:200]}")
+
+    # --- appends -------------------------------------------------------------------------------
+
+    async def append_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        await self.append(rng, slot, number, rng.randint(30, 400), producer=False)
+
+    async def big_append_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        await self.append(rng, slot, number, rng.randint(BIG, self.plan.big_max), producer=False)
+
+    async def producer_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        size = rng.randint(BIG, self.plan.big_max) if rng.random() < 0.15 else rng.randint(30, 300)
+        await self.append(rng, slot, number, size, producer=True)
+
+    async def append(self, rng: random.Random, slot: Slot, number: int, size: int, producer: bool) -> None:
+        if not slot.alive:
+            await self.create(rng, slot)
+            return
+        async with slot.lock.shared():
+            if not slot.alive:
+                return
+            uid = self.history.next_uid()
+            record = Append(uid, slot.key, slot.inc, record_bytes(uid, size), time.monotonic())
+            self.history.appends[uid] = record
+            headers = {"content-type": OCTETS}
+            if producer:
+                state = slot.producers.setdefault(number, [f"p{number}-{slot.inc}-{uid}", 0])
+                pid, seq = str(state[0]), int(state[1])  # type: ignore[call-overload]
+                headers.update({"producer-id": pid, "producer-epoch": "0", "producer-seq": str(seq)})
+                record.producer = (pid, 0, seq)
+            attempts = 25 if producer else 1
+            for attempt in range(attempts):
+                try:
+                    response = await self.request(
+                        rng, "POST", PREFIX + slot.path, content=record.data, headers=headers
+                    )
+                except Transport as exc:
+                    record.statuses.append(str(exc))
+                    if not exc.sent and record.outcome == "pending":
+                        record.outcome = "fail"
+                    elif exc.sent:
+                        record.outcome = "maybe"
+                    if attempt + 1 < attempts and time.monotonic() < self.deadline + 8:
+                        await asyncio.sleep(0.15)
+                        continue
+                    break
+                self._settle(slot, record, response, producer)
+                if record.outcome != "maybe" or attempt + 1 >= attempts:
+                    break
+                await asyncio.sleep(0.15)
+            record.t1 = time.monotonic()
+            if producer:
+                if record.outcome in ("ack", "ack-dup"):
+                    slot.producers[number][1] = seq + 1
+                elif record.outcome == "maybe":
+                    slot.producers.pop(number, None)  # its next seq is unknown: start a new producer
+            self.history.note(
+                f"w{number} append {slot.key}#{record.inc} uid={uid:x} {size}B"
+                f"{' producer ' + str(record.producer) if producer else ''} -> {record.outcome}"
+                f" {record.statuses} [{record.start},{record.end})"
+            )
+
+    def _settle(self, slot: Slot, record: Append, response: httpx.Response, producer: bool) -> None:
+        status = response.status_code
+        record.statuses.append(str(status))
+        end = offset_position(response.headers.get("stream-next-offset"))
+        if status in (200, 204) and end is not None:
+            if producer and status == 204:
+                record.outcome = "ack-dup" if record.outcome == "maybe" else "ack-dup?"
+                if record.outcome == "ack-dup?":
+                    self.history.server_errors.append(
+                        f"append uid={record.uid:x}: a first producer attempt answered 204 (duplicate)"
+                    )
+                    record.outcome = "ack-dup"
+            else:
+                record.outcome = "ack"
+                record.end, record.start = end, end - len(record.data)
+            return
+        if status >= 500:
+            record.outcome = "maybe"
+            if not self.allowed_5xx:
+                self.history.server_errors.append(
+                    f"append {slot.key}#{record.inc} uid={record.uid:x}: {status} {response.text[:200]}"
+                )
+            return
+        if record.outcome == "maybe" and producer:
+            # A retry refused for good: the first attempt's fate stays unknown.
+            return
+        record.outcome = "fail"
+        if status == 404:
+            if not slot.ttl or record.t0 < slot.expires - 0.3:
+                self.history.server_errors.append(
+                    f"append {slot.key}#{record.inc} uid={record.uid:x}: 404 for a stream that exists "
+                    f"(ttl={slot.ttl or 'none'}, {slot.expires - record.t0:.2f} s of life left)"
+                )
+            slot.alive = False
+            self.history.incarnation(slot.key, slot.inc, ended="expired" if slot.ttl else "vanished")
+        elif status == 409 and slot.closed:
+            pass
+        elif status == 409:
+            slot.closed = True  # closed by a close whose answer was lost, or a real conflict
+            self.history.note(f"append {slot.key}: 409 {response.text[:200]}")
+        else:
+            self.history.server_errors.append(
+                f"append {slot.key}#{record.inc} uid={record.uid:x}: {status} {response.text[:200]}"
+            )
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def new_session(self) -> int:
+        self.session += 1
+        return self.session
+
+    async def catch_up_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        path, fixed = self.target(slot)
+        await self.follow(rng, slot, path, fixed, self.new_session(), "-1", None, rng.randint(1, 4))
+
+    async def long_poll_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        path, fixed = self.target(slot)
+        await self.follow(rng, slot, path, fixed, self.new_session(), "-1", "long-poll", rng.randint(1, 3))
+
+    async def resume_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        """Go on from an offset read earlier, maybe after its stream was deleted and created again."""
+        if not self.bookmarks:
+            return
+        held, path, fixed, session, token = self.bookmarks.pop(rng.randrange(len(self.bookmarks)))
+        await self.follow(rng, held, path, fixed, session, token, None, rng.randint(1, 3))
+
+    async def follow(
+        self,
+        rng: random.Random,
+        slot: Slot,
+        path: str,
+        fixed: int | None,
+        session: int,
+        token: str,
+        live: str | None,
+        steps: int,
+    ) -> None:
+        """Read from `token`, following Stream-Next-Offset for up to `steps` requests, as one session."""
+        for _ in range(steps):
+            before = self.mark(slot)
+            params = {"offset": token}
+            if live:
+                params["live"] = live
+            t0 = time.monotonic()
+            response = await self.request(rng, "GET", path, params=params)
+            incs, stable = self.candidates(slot, before, fixed)
+            read = Read(
+                live or "catch-up",
+                slot.key,
+                incs,
+                t0,
+                time.monotonic(),
+                response.status_code,
+                start=offset_position(token) if token != "-1" else 0,
+                session=session,
+                stable=stable,
+            )
+            read.data = response.content if response.status_code == 200 else b""
+            read.claimed = offset_position(response.headers.get("stream-next-offset"))
+            read.closed_claim = response.headers.get("stream-closed") == "true"
+            read.note = f"{path}?{params}"
+            self.history.reads.append(read)
+            if response.status_code == 200 and slot.ttl == "sliding":
+                slot.expires = max(slot.expires, t0 + 0.9 * self.plan.sliding_ttl)
+            if response.status_code >= 500 and not self.allowed_5xx:
+                self.history.server_errors.append(
+                    f"read {path}: {response.status_code} {response.text[:200]}"
+                )
+            if response.status_code not in (200, 204) or read.claimed is None:
+                return
+            token = response.headers["stream-next-offset"]
+            if rng.random() < 0.3 and len(self.bookmarks) < 50:
+                self.bookmarks.append((slot, path, fixed, session, token))
+            if read.closed_claim or (live is None and response.headers.get("stream-up-to-date") == "true"):
+                return
+
+    async def sse_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        session = self.new_session()
+        path, fixed = self.target(slot)
+        before = self.mark(slot)
+        t0 = time.monotonic()
+        position = 0
+        server = self.server(rng)
+        try:
+            async with asyncio.timeout(rng.uniform(0.3, 1.5)):
+                async with self.client.stream(
+                    "GET", server.url + path, params={"offset": "-1", "live": "sse"}
+                ) as response:
+                    if response.status_code != 200:
+                        incs, stable = self.candidates(slot, before, fixed)
+                        self.history.reads.append(
+                            Read(
+                                "sse",
+                                slot.key,
+                                incs,
+                                t0,
+                                time.monotonic(),
+                                response.status_code,
+                                session=session,
+                                stable=stable,
+                            )
+                        )
+                        return
+                    binary = response.headers.get("stream-sse-data-encoding") == "base64"
+                    kind, lines, event_id = "", [], None
+                    async for line in response.aiter_lines():
+                        if line.startswith(":"):
+                            continue
+                        if line:
+                            name, _, value = line.partition(":")
+                            value = value[1:] if value.startswith(" ") else value
+                            if name == "event":
+                                kind = value
+                            elif name == "data":
+                                lines.append(value)
+                            elif name == "id":
+                                event_id = value
+                            continue
+                        incs, _ = self.candidates(slot, before, fixed)
+                        payload = "\n".join(lines)
+                        if kind == "data":
+                            data = base64.b64decode(payload) if binary else payload.encode()
+                            read = Read(
+                                "sse",
+                                slot.key,
+                                incs,
+                                t0,
+                                time.monotonic(),
+                                200,
+                                start=position,
+                                data=data,
+                                claimed=offset_position(event_id),
+                                session=session,
+                            )
+                            self.history.reads.append(read)
+                            position += len(data)
+                        elif kind == "control":
+                            control = json.loads(payload)
+                            read = Read(
+                                "sse-control",
+                                slot.key,
+                                incs,
+                                t0,
+                                time.monotonic(),
+                                200,
+                                start=position,
+                                claimed=offset_position(control.get("streamNextOffset")),
+                                session=session,
+                                closed_claim=bool(control.get("streamClosed")),
+                            )
+                            self.history.reads.append(read)
+                            if control.get("streamClosed"):
+                                return
+                        kind, lines, event_id = "", [], None
+        except TimeoutError:
+            pass
+        except httpx.ConnectError:
+            pass
+        except httpx.TransportError as exc:
+            self.history.note(f"sse {slot.key}: {type(exc).__name__} at {position}")
+
+    async def content_op(self, rng: random.Random, slot: Slot, number: int) -> None:
+        """GET /stream/{id}: a byte Range of a closed stream, the whole content, or a bounded tail."""
+        if slot.kind != "id" or slot.inc == 0:
+            return
+        inc = slot.inc
+        stream_id = slot.ids.get(inc, slot.path)
+        path = f"/stream/{stream_id}"
+        before = self.mark(slot)
+        choice = rng.random()
+        t0 = time.monotonic()
+        session = self.new_session()
+        if slot.closed and choice < 0.5:
+            first = rng.randint(0, 4000)
+            last = first + rng.randint(0, 200_000)
+            headers = {"range": f"bytes={first}-{last}", "accept-encoding": "identity"}
+            response = await self.request(rng, "GET", path, headers=headers)
+            read = Read(
+                "range", slot.key, (inc,), t0, time.monotonic(), response.status_code, session=session
+            )
+            if response.status_code == 206:
+                span, _, total = (
+                    response.headers.get("content-range", "").removeprefix("bytes ").partition("/")
+                )
+                lo, _, hi = span.partition("-")
+                read.start, read.data = int(lo), response.content
+                read.claimed = int(hi) + 1
+                read.closed_claim = read.claimed == int(total)
+            elif response.status_code == 200:
+                read.start, read.data, read.claimed = 0, response.content, len(response.content)
+                read.closed_claim = response.headers.get("stream-closed") == "true"
+            read.stable = self.candidates(slot, before, inc)[1]
+            read.note = f"{path} {headers}"
+            self.history.reads.append(read)
+            return
+        follow = "false" if choice < 0.75 else "true"
+        start = rng.choice([0, 0, rng.randint(0, 3000)])
+        params = {"follow": follow, "offset": str(start)}
+        headers = {"accept-encoding": "gzip"}
+        read = Read(
+            "content", slot.key, (inc,), t0, 0.0, None, start=start, session=session, note=f"{path} {params}"
+        )
+        try:
+            async with asyncio.timeout(rng.uniform(0.3, 1.5)):
+                async with self.client.stream(
+                    "GET", self.server(rng).url + path, params=params, headers=headers
+                ) as response:
+                    read.status = response.status_code
+                    body = bytearray()
+                    try:
+                        async for piece in response.aiter_bytes():
+                            body += piece
+                    except httpx.TransportError:
+                        read.data, read.note = bytes(body), read.note + " cut"
+                        return
+                    read.data = bytes(body)
+                    if response.status_code == 200:
+                        # A body that ended cleanly says: this is everything, up to the tail or the close.
+                        length = response.headers.get("content-length")
+                        gz = response.headers.get("content-encoding") == "gzip"
+                        if length is not None and not gz:
+                            read.claimed = start + int(length)
+                        else:
+                            read.claimed = start + len(body)
+                        read.closed_claim = (
+                            follow == "true" or response.headers.get("stream-closed") == "true"
+                        )
+                    else:
+                        read.data = b""
+        except TimeoutError:
+            read.note += " timed out"
+            read.claimed = None
+        except httpx.TransportError as exc:
+            read.note += f" {type(exc).__name__}"
+            read.claimed = None
+        finally:
+            read.t1 = time.monotonic()
+            read.stable = self.candidates(slot, before, inc)[1]
+            if read.status is not None:
+                self.history.reads.append(read)
+
+    # --- whole reads ---------------------------------------------------------------------------
+
+    async def read_whole(self, rng: random.Random, slot: Slot) -> tuple[bytes | None, str]:
+        """The whole content of the slot's stream through catch-up reads; None and why if it cannot."""
+        content = bytearray()
+        token = "-1"
+        for _ in range(1000):
+            response = await self.request(rng, "GET", PREFIX + slot.path, params={"offset": token})
+            if response.status_code != 200:
+                return None, f"catch-up answered {response.status_code} at {len(content)}"
+            next_token = response.headers.get("stream-next-offset")
+            end = offset_position(next_token)
+            if end is None or end != len(content) + len(response.content):
+                return None, f"catch-up at {len(content)} gave {len(response.content)} B claiming {end}"
+            content += response.content
+            token = str(next_token)
+            if response.headers.get("stream-up-to-date") == "true":
+                return bytes(content), f"{len(content)} B"
+        return None, "no end after 1000 reads"
+
+    async def final_reads(self, rng: random.Random) -> None:
+        """With nothing else running, read every live incarnation whole (its reference content)."""
+        for slot in self.slots:
+            if slot.inc == 0:
+                continue
+            inc = self.history.incarnation(slot.key, slot.inc)
+            if not slot.alive:
+                continue
+            content, note = None, ""
+            for _ in range(5):
+                try:
+                    content, note = await self.read_whole(rng, slot)
+                    break
+                except Transport as exc:
+                    note = str(exc)
+                    await asyncio.sleep(0.3)
+            if content is not None:
+                inc.final, inc.final_note = content, "read at the end"
+            elif "404" in note:
+                inc.ended = "expired" if slot.ttl else "vanished"
+                if not slot.ttl:
+                    self.history.server_errors.append(f"{inc.label}: 404 at the end, though never deleted")
+            self.history.note(f"final read {inc.label}: {note}")

@@ -1,0 +1,111 @@
+"""The fault and race harness: a seeded random workload against real servers, kill -9 and a full disk.
+
+Each configuration runs a few seconds in the default test run; `make torture` (STREAMHOLD_TORTURE=1) runs
+each for minutes. Replay a failure with the seed it prints: STREAMHOLD_FAULT_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests._cluster import server_env, start_servers, stop_servers
+from tests._fault_check import check, report
+from tests._fault_history import History
+from tests._fault_workload import Plan, Workload
+from tests._server import ServerProcess
+
+TORTURE = os.environ.get("STREAMHOLD_TORTURE", "") not in ("", "0")
+SECONDS = float(os.environ.get("STREAMHOLD_FAULT_SECONDS") or (90 if TORTURE else 4))
+TUNING = {"long_poll_timeout": 0.5, "sse_keepalive": 0.5, "sweep_interval": 0.5}
+
+
+def seeds() -> list[int]:
+    """The seeds to run: the one to replay, or fresh ones (one per run; several under torture)."""
+    given = os.environ.get("STREAMHOLD_FAULT_SEED")
+    if given:
+        return [int(given)]
+    return [random.SystemRandom().randrange(1, 10**9)]
+
+
+def run(servers: list[ServerProcess], plan: Plan, seed: int) -> History:
+    """Run the workload and the checker; fail with the seed and the history's tail on any violation."""
+    history = History(seed)
+    print(f"fault harness seed {seed} ({plan.seconds:.0f} s, {len(servers)} server(s))")
+    asyncio.run(Workload(servers, plan, history).run())
+    violations = check(history)
+    acked = sum(a.outcome == "ack" for a in history.appends.values())
+    print(
+        f"seed {seed}: {len(history.appends)} appends ({acked} acknowledged), {len(history.reads)} reads, "
+        f"{history.kills} kill(s), {len(history.incarnations)} incarnations, {len(violations)} violation(s)"
+    )
+    if violations:
+        logs = "\n".join(server.log_tail(15) for server in servers)
+        pytest.fail(f"{report(history, violations)}\n{logs}", pytrace=False)
+    assert acked > 0, f"seed {seed}: no append was acknowledged; the workload did not run"
+    return history
+
+
+def sqlite_env(data: Path) -> dict[str, str]:
+    return {
+        "STREAMHOLD_DATA_DIR": str(data),
+        **{f"STREAMHOLD_{k.upper()}": str(v) for k, v in TUNING.items()},
+    }
+
+
+@pytest.mark.parametrize("seed", seeds())
+def test_one_process_sqlite(tmp_path: Path, seed: int) -> None:
+    with ServerProcess(env=sqlite_env(tmp_path / "data")) as server:
+        run([server], Plan(seconds=SECONDS), seed)
+
+
+@pytest.mark.parametrize("seed", seeds())
+def test_one_process_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
+    env = server_env(pg_url, pg_url, tmp_path, **TUNING)
+    with ServerProcess(env=env) as server:
+        run([server], Plan(seconds=SECONDS), seed)
+
+
+@pytest.mark.parametrize("seed", seeds())
+def test_two_processes_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
+    servers = start_servers(2, server_env(pg_url, pg_url, tmp_path, **TUNING))
+    try:
+        run(servers, Plan(seconds=SECONDS), seed)
+    finally:
+        stop_servers(servers)
+
+
+@contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `folder`, unmounted afterwards; skips unless root may mount one."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("the full-disk case mounts a small tmpfs, which needs root and mount(8)")
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the full-disk case did not run")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("seed", seeds())
+def test_full_disk_sqlite(tmp_path: Path, seed: int) -> None:
+    """A data directory that fills up: writes fail, but nothing acknowledged is lost and no hole appears."""
+    with small_disk(tmp_path / "disk", "8m") as data:
+        with ServerProcess(env=sqlite_env(data)) as server:
+            plan = Plan(seconds=SECONDS, big_weight=30.0, big_max=256 * 1024, disk_full=True)
+            history = run([server], plan, seed)
+    refused = sum(a.outcome != "ack" and a.key != "" for a in history.appends.values())
+    print(f"seed {seed}: {refused} appends not acknowledged on the full disk")
