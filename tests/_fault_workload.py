@@ -90,7 +90,6 @@ class Slot:
     closed: bool = False
     busy: int = 0  # structural operations in progress
     version: int = 0
-    touched: float = 0.0  # when the incarnation's expiry was last surely pushed forward (sliding TTL)
     expires: float = 0.0  # monotonic time before which a TTL incarnation surely lives
     producers: dict[int, list[object]] = field(default_factory=dict)
     ids: dict[int, str] = field(default_factory=dict)  # incarnation -> server stream id (id slots)
@@ -305,10 +304,9 @@ class Workload:
                 slot.closed = False
                 slot.producers.clear()
             slot.alive = True
-            slot.touched = sent
-            if slot.ttl == "sliding":
+            if new and slot.ttl == "sliding":
                 slot.expires = sent + self.plan.sliding_ttl
-            elif slot.ttl == "fixed":
+            elif new and slot.ttl == "fixed":
                 slot.expires = sent + self.plan.fixed_ttl - 0.5
             if slot.kind == "id":
                 stream_id = response.json()["id"]
