@@ -237,6 +237,8 @@ def _reads(history: History, known: dict[tuple[str, int], Known]) -> list[Violat
                 )
         if read.data:
             held = sessions.get(read.session)
+            if held is None and read.parent:
+                held = sessions.get(read.parent)
             if held is None:
                 sessions[read.session] = fits
             elif not held & fits:

@@ -87,6 +87,7 @@ class Read:
     data: bytes = b""
     claimed: int | None = None  # the offset the response says it delivered up to
     session: int = 0
+    parent: int = 0  # the session this one went on from (a reader resuming at an offset it was given)
     note: str = ""
     stable: bool = False  # the stream surely existed and nothing structural ran meanwhile
     closed_claim: bool = False

@@ -140,6 +140,7 @@ class Workload:
             slot.path = f"{tag}-{slot.key}"
         self.deadline = 0.0
         self.session = 0
+        self.parents: dict[int, int] = {}
         self.bookmarks: list[tuple[Slot, str, int | None, int, str]] = []
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=2.0))
         self.allowed_5xx = plan.disk_full
@@ -541,7 +542,9 @@ class Workload:
         """Go on from an offset read earlier, maybe after its stream was deleted and created again."""
         if not self.bookmarks:
             return
-        held, path, fixed, session, token = self.bookmarks.pop(rng.randrange(len(self.bookmarks)))
+        held, path, fixed, parent, token = self.bookmarks.pop(rng.randrange(len(self.bookmarks)))
+        session = self.new_session()
+        self.parents[session] = parent
         await self.follow(rng, held, path, fixed, session, token, None, rng.randint(1, 3))
 
     async def follow(
@@ -573,6 +576,7 @@ class Workload:
                 response.status_code,
                 start=offset_position(token) if token != "-1" else 0,
                 session=session,
+                parent=self.parents.get(session, 0),
                 stable=stable,
             )
             read.data = response.content if response.status_code == 200 else b""
