@@ -222,6 +222,13 @@ def _reads(history: History, known: dict[tuple[str, int], Known]) -> list[Violat
                 )
             )
             continue
+        ended = known.get((read.key, read.gone))
+        if read.data and fits == {read.gone} and ended is not None and ended.inc.ended == "deleted":
+            out.append(
+                Violation(
+                    "served-deleted", f"{label}: {len(read.data)} B of {ended.inc.label}, deleted before"
+                )
+            )
         if read.closed_claim and read.claimed is not None:
             lengths = {
                 n: len(known[(read.key, n)].final or b"")

@@ -90,6 +90,7 @@ class Read:
     parent: int = 0  # the session this one went on from (a reader resuming at an offset it was given)
     note: str = ""
     stable: bool = False  # the stream surely existed and nothing structural ran meanwhile
+    gone: int = 0  # an incarnation whose end (delete or expiry) was known before the request was sent
     closed_claim: bool = False
 
 

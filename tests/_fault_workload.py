@@ -174,6 +174,14 @@ class Workload:
             stable = False
         return incs, stable
 
+    def gone(self, slot: Slot, before: tuple[int, bool, int, int], fixed: int | None = None) -> int:
+        """The incarnation a read sent at `before` surely could not meet: it had ended before, for good."""
+        inc0, alive0, busy0, _ = before
+        number = inc0 if fixed is None else fixed
+        if fixed is not None and fixed != inc0:
+            return fixed if fixed < inc0 else 0
+        return number if number >= 1 and not alive0 and busy0 == 0 else 0
+
     def target(self, slot: Slot) -> tuple[str, int | None]:
         """The path to read `slot` at, and for a /stream-created slot the one incarnation it names."""
         if slot.kind == "id":
@@ -577,6 +585,7 @@ class Workload:
                 start=offset_position(token) if token != "-1" else 0,
                 session=session,
                 parent=self.parents.get(session, 0),
+                gone=self.gone(slot, before, fixed),
                 stable=stable,
             )
             read.data = response.content if response.status_code == 200 else b""
@@ -621,6 +630,7 @@ class Workload:
                                 time.monotonic(),
                                 response.status_code,
                                 session=session,
+                                gone=self.gone(slot, before, fixed),
                                 stable=stable,
                             )
                         )
@@ -655,6 +665,7 @@ class Workload:
                                 data=data,
                                 claimed=offset_position(event_id),
                                 session=session,
+                                gone=self.gone(slot, before, fixed),
                             )
                             self.history.reads.append(read)
                             position += len(data)
@@ -670,6 +681,7 @@ class Workload:
                                 start=position,
                                 claimed=offset_position(control.get("streamNextOffset")),
                                 session=session,
+                                gone=self.gone(slot, before, fixed),
                                 closed_claim=bool(control.get("streamClosed")),
                             )
                             self.history.reads.append(read)
@@ -700,7 +712,14 @@ class Workload:
             headers = {"range": f"bytes={first}-{last}", "accept-encoding": "identity"}
             response = await self.request(rng, "GET", path, headers=headers)
             read = Read(
-                "range", slot.key, (inc,), t0, time.monotonic(), response.status_code, session=session
+                "range",
+                slot.key,
+                (inc,),
+                t0,
+                time.monotonic(),
+                response.status_code,
+                session=session,
+                gone=self.gone(slot, before, inc),
             )
             if response.status_code == 206:
                 span, _, total = (
@@ -722,7 +741,16 @@ class Workload:
         params = {"follow": follow, "offset": str(start)}
         headers = {"accept-encoding": "gzip"}
         read = Read(
-            "content", slot.key, (inc,), t0, 0.0, None, start=start, session=session, note=f"{path} {params}"
+            "content",
+            slot.key,
+            (inc,),
+            t0,
+            0.0,
+            None,
+            start=start,
+            session=session,
+            note=f"{path} {params}",
+            gone=self.gone(slot, before, inc),
         )
         try:
             async with asyncio.timeout(rng.uniform(0.3, 1.5)):

@@ -108,3 +108,28 @@ def test_a_close_claimed_before_the_end() -> None:
     short.closed_claim = True
     history.reads.append(short)
     assert rules(history) == ["closed-short"]
+
+
+def test_bytes_of_an_incarnation_deleted_before_the_read() -> None:
+    history, _ = history_of([30, 100])
+    inc = history.incarnations[("n0", 1)]
+    inc.ended = "deleted"
+    assert inc.final is not None
+    late = read(0, inc.final[:30], 30)
+    late.gone = 1
+    history.reads.append(late)
+    assert rules(history) == ["served-deleted"]
+
+
+def test_a_resumed_reader_keeps_its_incarnation() -> None:
+    history, _ = history_of([30, 100], number=1)
+    again, _ = history_of([40, 90], number=2)
+    history.appends.update(again.appends)
+    history.incarnations.update(again.incarnations)
+    old = history.incarnations[("n0", 1)].final
+    new = history.incarnations[("n0", 2)].final
+    assert old is not None and new is not None
+    resumed = read(30, new[30:130], 130, session=2, incs=(2,))
+    resumed.parent = 1
+    history.reads += [read(0, old[:30], 30, incs=(1,)), resumed]
+    assert rules(history) == ["incarnation-mix"]
