@@ -291,7 +291,7 @@ class Workload:
                         sources = [s for s in self.slots if s.kind == "named" and not s.ttl]
                         source = rng.choice(sources)
                         return await self._fork(rng, slot, source, headers)
-                    response = await self.request(rng, "PUT", PREFIX + slot.path, headers=headers)
+                    response = await self.put(rng, slot, headers)
             except Transport as exc:
                 history.note(f"create {slot.key}: transport {exc}; again")
                 await asyncio.sleep(0.2)
@@ -324,6 +324,37 @@ class Workload:
             history.incarnation(slot.key, slot.inc, stream_id=slot.path, ttl=slot.ttl or None)
             history.note(f"create {slot.key} -> {response.status_code}, incarnation {slot.inc} ({slot.path})")
             return
+
+    async def put(self, rng: random.Random, slot: Slot, headers: dict[str, str]) -> httpx.Response:
+        """A protocol create; half the time sent twice at once, as two clients creating one name would."""
+        if rng.random() < 0.5:
+            return await self.request(rng, "PUT", PREFIX + slot.path, headers=headers)
+        both = await asyncio.gather(
+            self.request(rng, "PUT", PREFIX + slot.path, headers=headers),
+            self.request(rng, "PUT", PREFIX + slot.path, headers=headers),
+            return_exceptions=True,
+        )
+        answers = [r for r in both if isinstance(r, httpx.Response)]
+        codes = [r.status_code for r in answers]
+        self.history.note(
+            f"create {slot.key} twice at once -> {codes} {[str(r) for r in both if r not in answers]}"
+        )
+        for answer in answers:
+            if answer.status_code >= 500 and not self.allowed_5xx:
+                self.history.server_errors.append(
+                    f"create {slot.key} sent twice at once: {answer.status_code} {answer.text[:200]}"
+                )
+        if codes.count(201) > 1:
+            self.history.server_errors.append(f"create {slot.key} sent twice at once: both answered 201")
+        for wanted in (201, 200):
+            for answer in answers:
+                if answer.status_code == wanted:
+                    return answer
+        if answers:
+            return answers[0]
+        failure = both[0]
+        assert isinstance(failure, BaseException)
+        raise failure
 
     async def _fork(self, rng: random.Random, slot: Slot, source: Slot, headers: dict[str, str]) -> None:
         async with source.lock.shared():

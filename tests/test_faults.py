@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ def seeds() -> list[int]:
     return [random.SystemRandom().randrange(1, 10**9)]
 
 
-def run(servers: list[ServerProcess], plan: Plan, seed: int) -> History:
+def run(servers: list[ServerProcess], plan: Plan, seed: int, keep: Path) -> History:
     """Run the workload and the checker; fail with the seed and the history's tail on any violation."""
     history = History(seed)
     print(f"fault harness seed {seed} ({plan.seconds:.0f} s, {len(servers)} server(s))")
@@ -50,8 +51,10 @@ def run(servers: list[ServerProcess], plan: Plan, seed: int) -> History:
         f"{history.kills} kill(s), {len(history.incarnations)} incarnations, {len(violations)} violation(s)"
     )
     if violations:
+        saved = keep / "fault-history.pickle"
+        saved.write_bytes(pickle.dumps(history))
         logs = "\n".join(server.log_tail(15) for server in servers)
-        pytest.fail(f"{report(history, violations)}\n{logs}", pytrace=False)
+        pytest.fail(f"{report(history, violations)}\nwhole history: {saved}\n{logs}", pytrace=False)
     assert acked > 0, f"seed {seed}: no append was acknowledged; the workload did not run"
     return history
 
@@ -66,21 +69,21 @@ def sqlite_env(data: Path) -> dict[str, str]:
 @pytest.mark.parametrize("seed", seeds())
 def test_one_process_sqlite(tmp_path: Path, seed: int) -> None:
     with ServerProcess(env=sqlite_env(tmp_path / "data")) as server:
-        run([server], Plan(seconds=SECONDS), seed)
+        run([server], Plan(seconds=SECONDS), seed, tmp_path)
 
 
 @pytest.mark.parametrize("seed", seeds())
 def test_one_process_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
     env = server_env(pg_url, pg_url, tmp_path, **TUNING)
     with ServerProcess(env=env) as server:
-        run([server], Plan(seconds=SECONDS), seed)
+        run([server], Plan(seconds=SECONDS), seed, tmp_path)
 
 
 @pytest.mark.parametrize("seed", seeds())
 def test_two_processes_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
     servers = start_servers(2, server_env(pg_url, pg_url, tmp_path, **TUNING))
     try:
-        run(servers, Plan(seconds=SECONDS), seed)
+        run(servers, Plan(seconds=SECONDS), seed, tmp_path)
     finally:
         stop_servers(servers)
 
@@ -124,7 +127,7 @@ def test_full_disk_sqlite(tmp_path: Path, seed: int) -> None:
             freeing.start()
             try:
                 plan = Plan(seconds=SECONDS, big_weight=30.0, big_max=256 * 1024, disk_full=True)
-                history = run([server], plan, seed)
+                history = run([server], plan, seed, tmp_path)
             finally:
                 freeing.cancel()
     statuses = Counter(a.statuses[-1] if a.statuses else "none" for a in history.appends.values())
