@@ -8,91 +8,20 @@ everything, which is what the checker is for.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
 
-from tests._fault_history import Append, History, Read, record_bytes
+from tests._fault_history import Append, History, record_bytes
+from tests._fault_readers import Readers
+from tests._fault_wire import OCTETS, PREFIX, Slot, Transport, Wire, offset_position
 from tests._server import ServerProcess
 
-PREFIX = "/v1/stream/"
-OCTETS = "application/octet-stream"
 BIG = 64 * 1024
-
-
-def offset_token(position: int) -> str:
-    return f"0000000000000000_{position:016d}"
-
-
-def offset_position(token: str | None) -> int | None:
-    if not token or "_" not in token:
-        return None
-    try:
-        return int(token.rsplit("_", 1)[1])
-    except ValueError:
-        return None
-
-
-class RWLock:
-    """Many holders in shared mode or one in exclusive mode; a waiting exclusive one holds off new shared."""
-
-    def __init__(self) -> None:
-        self._cond = asyncio.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
-
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        async with self._cond:
-            self._waiting += 1
-            await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-@dataclass
-class Slot:
-    """A stream name the workload plays with, and what the workload knows of its current incarnation."""
-
-    key: str
-    kind: str  # named (protocol create), id (the /stream API's create), fork (a protocol fork)
-    ttl: str = ""  # "", "sliding" or "fixed"
-    lock: RWLock = field(default_factory=RWLock)
-    inc: int = 0
-    alive: bool = False
-    path: str = ""  # the name in /v1/stream/{path}
-    closed: bool = False
-    busy: int = 0  # structural operations in progress
-    version: int = 0
-    expires: float = 0.0  # monotonic time before which a TTL incarnation surely lives
-    producers: dict[int, list[object]] = field(default_factory=dict)
-    ids: dict[int, str] = field(default_factory=dict)  # incarnation -> server stream id (id slots)
 
 
 @dataclass
@@ -108,14 +37,6 @@ class Plan:
     disk_full: bool = False
     sliding_ttl: int = 2
     fixed_ttl: float = 2.5
-
-
-class Transport(Exception):
-    """A request whose fate is unknown (it may have reached a server), or that surely never left."""
-
-    def __init__(self, sent: bool, text: str) -> None:
-        super().__init__(text)
-        self.sent = sent
 
 
 class Workload:
@@ -139,54 +60,9 @@ class Workload:
         for slot in self.slots:
             slot.path = f"{tag}-{slot.key}"
         self.deadline = 0.0
-        self.session = 0
-        self.parents: dict[int, int] = {}
-        self.bookmarks: list[tuple[Slot, str, int | None, int, str]] = []
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=2.0))
+        self.wire = Wire(servers, history, allowed_5xx=plan.disk_full)
+        self.readers = Readers(self.wire, plan.sliding_ttl)
         self.allowed_5xx = plan.disk_full
-
-    # --- plumbing ------------------------------------------------------------------------------
-
-    def server(self, rng: random.Random) -> ServerProcess:
-        running = [s for s in self.servers if s.running] or self.servers
-        return rng.choice(running)
-
-    async def request(self, rng: random.Random, method: str, path: str, **kwargs: object) -> httpx.Response:
-        url = self.server(rng).url + path
-        try:
-            return await self.client.request(method, url, **kwargs)  # type: ignore[arg-type]
-        except httpx.ConnectError as exc:
-            raise Transport(False, f"{type(exc).__name__}") from exc
-        except httpx.TransportError as exc:
-            raise Transport(True, f"{type(exc).__name__}") from exc
-
-    def mark(self, slot: Slot) -> tuple[int, bool, int, int]:
-        return slot.inc, slot.alive, slot.busy, slot.version
-
-    def candidates(
-        self, slot: Slot, before: tuple[int, bool, int, int], fixed: int | None = None
-    ) -> tuple[tuple[int, ...], bool]:
-        """The incarnations a read of `slot` sent at `before` could meet, and whether surely one, alive."""
-        inc0, alive0, busy0, version0 = before
-        incs = tuple(range(max(inc0, 1), max(slot.inc, 1) + 1)) if fixed is None else (fixed,)
-        stable = alive0 and busy0 == 0 and slot.busy == 0 and version0 == slot.version and not slot.ttl
-        if fixed is not None and (inc0 != fixed or slot.inc != fixed):
-            stable = False
-        return incs, stable
-
-    def gone(self, slot: Slot, before: tuple[int, bool, int, int], fixed: int | None = None) -> int:
-        """The incarnation a read sent at `before` surely could not meet: it had ended before, for good."""
-        inc0, alive0, busy0, _ = before
-        number = inc0 if fixed is None else fixed
-        if fixed is not None and fixed != inc0:
-            return fixed if fixed < inc0 else 0
-        return number if number >= 1 and not alive0 and busy0 == 0 else 0
-
-    def target(self, slot: Slot) -> tuple[str, int | None]:
-        """The path to read `slot` at, and for a /stream-created slot the one incarnation it names."""
-        if slot.kind == "id":
-            return PREFIX + slot.path, slot.inc
-        return PREFIX + slot.path, None
 
     # --- the run -------------------------------------------------------------------------------
 
@@ -204,7 +80,7 @@ class Workload:
             await self.restore_servers()
             await self.final_reads(random.Random(self.rng.random()))
         finally:
-            await self.client.aclose()
+            await self.wire.client.aclose()
 
     async def chaos(self, rng: random.Random) -> None:
         low, high = self.plan.kill_every
@@ -233,11 +109,11 @@ class Workload:
             (self.append_op, 30.0),
             (self.big_append_op, self.plan.big_weight),
             (self.producer_op, 12.0),
-            (self.catch_up_op, 12.0),
-            (self.long_poll_op, 5.0),
-            (self.sse_op, 5.0),
-            (self.content_op, 6.0),
-            (self.resume_op, 4.0),
+            (self.readers.catch_up_op, 12.0),
+            (self.readers.long_poll_op, 5.0),
+            (self.readers.sse_op, 5.0),
+            (self.readers.content_op, 6.0),
+            (self.readers.resume_op, 4.0),
             (self.close_op, 2.5),
             (self.delete_op, 2.5),
             (self.fork_op, 1.5),
@@ -274,7 +150,7 @@ class Workload:
             sent = time.monotonic()
             try:
                 if slot.kind == "id":
-                    response = await self.request(
+                    response = await self.wire.request(
                         rng,
                         "POST",
                         "/stream",
@@ -328,10 +204,10 @@ class Workload:
     async def put(self, rng: random.Random, slot: Slot, headers: dict[str, str]) -> httpx.Response:
         """A protocol create; half the time sent twice at once, as two clients creating one name would."""
         if rng.random() < 0.5:
-            return await self.request(rng, "PUT", PREFIX + slot.path, headers=headers)
+            return await self.wire.request(rng, "PUT", PREFIX + slot.path, headers=headers)
         both = await asyncio.gather(
-            self.request(rng, "PUT", PREFIX + slot.path, headers=headers),
-            self.request(rng, "PUT", PREFIX + slot.path, headers=headers),
+            self.wire.request(rng, "PUT", PREFIX + slot.path, headers=headers),
+            self.wire.request(rng, "PUT", PREFIX + slot.path, headers=headers),
             return_exceptions=True,
         )
         answers = [r for r in both if isinstance(r, httpx.Response)]
@@ -361,7 +237,7 @@ class Workload:
             if not source.alive:
                 return
             headers = {**headers, "stream-forked-from": PREFIX + source.path}
-            response = await self.request(rng, "PUT", PREFIX + slot.path, headers=headers)
+            response = await self.wire.request(rng, "PUT", PREFIX + slot.path, headers=headers)
             if response.status_code not in (200, 201):
                 self.history.note(
                     f"fork {slot.key} of {source.key}: {response.status_code} {response.text[:200]}"
@@ -402,7 +278,7 @@ class Workload:
         inc = history.incarnation(slot.key, slot.inc)
         # Nothing can append now: read the incarnation whole, so reads that raced it can be checked.
         try:
-            content, note = await self.read_whole(rng, slot)
+            content, note = await self.readers.read_whole(rng, slot)
         except Transport as exc:
             content, note = None, f"transport {exc}"
         if content is not None:
@@ -410,9 +286,9 @@ class Workload:
         for _ in range(30):
             try:
                 if slot.kind == "id":
-                    response = await self.request(rng, "DELETE", f"/stream/{slot.path}")
+                    response = await self.wire.request(rng, "DELETE", f"/stream/{slot.path}")
                 else:
-                    response = await self.request(rng, "DELETE", PREFIX + slot.path)
+                    response = await self.wire.request(rng, "DELETE", PREFIX + slot.path)
             except Transport as exc:
                 history.note(f"delete {slot.key}#{slot.inc}: transport {exc}; again")
                 await asyncio.sleep(0.2)
@@ -447,9 +323,11 @@ class Workload:
             inc = slot.inc
             if slot.kind == "id":
                 headers = {"x-compress": "gzip"} if gzip else {}
-                response = await self.request(rng, "POST", f"/stream/{slot.path}/complete", headers=headers)
+                response = await self.wire.request(
+                    rng, "POST", f"/stream/{slot.path}/complete", headers=headers
+                )
             else:
-                response = await self.request(
+                response = await self.wire.request(
                     rng, "POST", PREFIX + slot.path, headers={"stream-closed": "true"}
                 )
             self.history.note(f"close {slot.key}#{inc} gzip={gzip} -> {response.status_code}")
@@ -489,7 +367,7 @@ class Workload:
             attempts = 25 if producer else 1
             for attempt in range(attempts):
                 try:
-                    response = await self.request(
+                    response = await self.wire.request(
                         rng, "POST", PREFIX + slot.path, content=record.data, headers=headers
                     )
                 except Transport as exc:
@@ -563,285 +441,6 @@ class Workload:
                 f"append {slot.key}#{record.inc} uid={record.uid:x}: {status} {response.text[:200]}"
             )
 
-    # --- reads ---------------------------------------------------------------------------------
-
-    def new_session(self) -> int:
-        self.session += 1
-        return self.session
-
-    async def catch_up_op(self, rng: random.Random, slot: Slot, number: int) -> None:
-        path, fixed = self.target(slot)
-        await self.follow(rng, slot, path, fixed, self.new_session(), "-1", None, rng.randint(1, 4))
-
-    async def long_poll_op(self, rng: random.Random, slot: Slot, number: int) -> None:
-        path, fixed = self.target(slot)
-        await self.follow(rng, slot, path, fixed, self.new_session(), "-1", "long-poll", rng.randint(1, 3))
-
-    async def resume_op(self, rng: random.Random, slot: Slot, number: int) -> None:
-        """Go on from an offset read earlier, maybe after its stream was deleted and created again."""
-        if not self.bookmarks:
-            return
-        held, path, fixed, parent, token = self.bookmarks.pop(rng.randrange(len(self.bookmarks)))
-        session = self.new_session()
-        self.parents[session] = parent
-        await self.follow(rng, held, path, fixed, session, token, None, rng.randint(1, 3))
-
-    async def follow(
-        self,
-        rng: random.Random,
-        slot: Slot,
-        path: str,
-        fixed: int | None,
-        session: int,
-        token: str,
-        live: str | None,
-        steps: int,
-    ) -> None:
-        """Read from `token`, following Stream-Next-Offset for up to `steps` requests, as one session."""
-        for _ in range(steps):
-            before = self.mark(slot)
-            params = {"offset": token}
-            if live:
-                params["live"] = live
-            t0 = time.monotonic()
-            response = await self.request(rng, "GET", path, params=params)
-            incs, stable = self.candidates(slot, before, fixed)
-            read = Read(
-                live or "catch-up",
-                slot.key,
-                incs,
-                t0,
-                time.monotonic(),
-                response.status_code,
-                start=offset_position(token) if token != "-1" else 0,
-                session=session,
-                parent=self.parents.get(session, 0),
-                gone=self.gone(slot, before, fixed),
-                stable=stable,
-            )
-            read.data = response.content if response.status_code == 200 else b""
-            read.claimed = offset_position(response.headers.get("stream-next-offset"))
-            read.closed_claim = response.headers.get("stream-closed") == "true"
-            read.note = f"{path}?{params}"
-            self.history.reads.append(read)
-            if response.status_code == 200 and slot.ttl == "sliding":
-                slot.expires = max(slot.expires, t0 + 0.9 * self.plan.sliding_ttl)
-            if response.status_code >= 500 and not self.allowed_5xx:
-                self.history.server_errors.append(
-                    f"read {path}: {response.status_code} {response.text[:200]}"
-                )
-            if response.status_code not in (200, 204) or read.claimed is None:
-                return
-            token = response.headers["stream-next-offset"]
-            if rng.random() < 0.3 and len(self.bookmarks) < 50:
-                self.bookmarks.append((slot, path, fixed, session, token))
-            if read.closed_claim or (live is None and response.headers.get("stream-up-to-date") == "true"):
-                return
-
-    async def sse_op(self, rng: random.Random, slot: Slot, number: int) -> None:
-        session = self.new_session()
-        path, fixed = self.target(slot)
-        before = self.mark(slot)
-        t0 = time.monotonic()
-        position = 0
-        server = self.server(rng)
-        try:
-            async with asyncio.timeout(rng.uniform(0.3, 1.5)):
-                async with self.client.stream(
-                    "GET", server.url + path, params={"offset": "-1", "live": "sse"}
-                ) as response:
-                    if response.status_code != 200:
-                        incs, stable = self.candidates(slot, before, fixed)
-                        self.history.reads.append(
-                            Read(
-                                "sse",
-                                slot.key,
-                                incs,
-                                t0,
-                                time.monotonic(),
-                                response.status_code,
-                                session=session,
-                                gone=self.gone(slot, before, fixed),
-                                stable=stable,
-                            )
-                        )
-                        return
-                    binary = response.headers.get("stream-sse-data-encoding") == "base64"
-                    kind, lines, event_id = "", [], None
-                    async for line in response.aiter_lines():
-                        if line.startswith(":"):
-                            continue
-                        if line:
-                            name, _, value = line.partition(":")
-                            value = value[1:] if value.startswith(" ") else value
-                            if name == "event":
-                                kind = value
-                            elif name == "data":
-                                lines.append(value)
-                            elif name == "id":
-                                event_id = value
-                            continue
-                        incs, _ = self.candidates(slot, before, fixed)
-                        payload = "\n".join(lines)
-                        if kind == "data":
-                            data = base64.b64decode(payload) if binary else payload.encode()
-                            read = Read(
-                                "sse",
-                                slot.key,
-                                incs,
-                                t0,
-                                time.monotonic(),
-                                200,
-                                start=position,
-                                data=data,
-                                claimed=offset_position(event_id),
-                                session=session,
-                                gone=self.gone(slot, before, fixed),
-                            )
-                            self.history.reads.append(read)
-                            position += len(data)
-                        elif kind == "control":
-                            control = json.loads(payload)
-                            read = Read(
-                                "sse-control",
-                                slot.key,
-                                incs,
-                                t0,
-                                time.monotonic(),
-                                200,
-                                start=position,
-                                claimed=offset_position(control.get("streamNextOffset")),
-                                session=session,
-                                gone=self.gone(slot, before, fixed),
-                                closed_claim=bool(control.get("streamClosed")),
-                            )
-                            self.history.reads.append(read)
-                            if control.get("streamClosed"):
-                                return
-                        kind, lines, event_id = "", [], None
-        except TimeoutError:
-            pass
-        except httpx.ConnectError:
-            pass
-        except httpx.TransportError as exc:
-            self.history.note(f"sse {slot.key}: {type(exc).__name__} at {position}")
-
-    async def content_op(self, rng: random.Random, slot: Slot, number: int) -> None:
-        """GET /stream/{id}: a byte Range of a closed stream, the whole content, or a bounded tail."""
-        if slot.kind != "id" or slot.inc == 0:
-            return
-        inc = slot.inc
-        stream_id = slot.ids.get(inc, slot.path)
-        path = f"/stream/{stream_id}"
-        before = self.mark(slot)
-        choice = rng.random()
-        t0 = time.monotonic()
-        session = self.new_session()
-        if slot.closed and choice < 0.5:
-            first = rng.randint(0, 4000)
-            last = first + rng.randint(0, 200_000)
-            headers = {"range": f"bytes={first}-{last}", "accept-encoding": "identity"}
-            response = await self.request(rng, "GET", path, headers=headers)
-            read = Read(
-                "range",
-                slot.key,
-                (inc,),
-                t0,
-                time.monotonic(),
-                response.status_code,
-                session=session,
-                gone=self.gone(slot, before, inc),
-            )
-            if response.status_code == 206:
-                span, _, total = (
-                    response.headers.get("content-range", "").removeprefix("bytes ").partition("/")
-                )
-                lo, _, hi = span.partition("-")
-                read.start, read.data = int(lo), response.content
-                read.claimed = int(hi) + 1
-                read.closed_claim = read.claimed == int(total)
-            elif response.status_code == 200:
-                read.start, read.data, read.claimed = 0, response.content, len(response.content)
-                read.closed_claim = response.headers.get("stream-closed") == "true"
-            read.stable = self.candidates(slot, before, inc)[1]
-            read.note = f"{path} {headers}"
-            self.history.reads.append(read)
-            return
-        follow = "false" if choice < 0.75 else "true"
-        start = rng.choice([0, 0, rng.randint(0, 3000)])
-        params = {"follow": follow, "offset": str(start)}
-        headers = {"accept-encoding": "gzip"}
-        read = Read(
-            "content",
-            slot.key,
-            (inc,),
-            t0,
-            0.0,
-            None,
-            start=start,
-            session=session,
-            note=f"{path} {params}",
-            gone=self.gone(slot, before, inc),
-        )
-        try:
-            async with asyncio.timeout(rng.uniform(0.3, 1.5)):
-                async with self.client.stream(
-                    "GET", self.server(rng).url + path, params=params, headers=headers
-                ) as response:
-                    read.status = response.status_code
-                    body = bytearray()
-                    try:
-                        async for piece in response.aiter_bytes():
-                            body += piece
-                    except httpx.TransportError:
-                        read.data, read.note = bytes(body), read.note + " cut"
-                        return
-                    read.data = bytes(body)
-                    if response.status_code == 200:
-                        # A body that ended cleanly says: this is everything, up to the tail or the close.
-                        length = response.headers.get("content-length")
-                        gz = response.headers.get("content-encoding") == "gzip"
-                        if length is not None and not gz:
-                            read.claimed = start + int(length)
-                        else:
-                            read.claimed = start + len(body)
-                        read.closed_claim = (
-                            follow == "true" or response.headers.get("stream-closed") == "true"
-                        )
-                    else:
-                        read.data = b""
-        except TimeoutError:
-            read.note += " timed out"
-            read.claimed = None
-        except httpx.TransportError as exc:
-            read.note += f" {type(exc).__name__}"
-            read.claimed = None
-        finally:
-            read.t1 = time.monotonic()
-            read.stable = self.candidates(slot, before, inc)[1]
-            if read.status is not None:
-                self.history.reads.append(read)
-
-    # --- whole reads ---------------------------------------------------------------------------
-
-    async def read_whole(self, rng: random.Random, slot: Slot) -> tuple[bytes | None, str]:
-        """The whole content of the slot's stream through catch-up reads; None and why if it cannot."""
-        content = bytearray()
-        token = "-1"
-        for _ in range(1000):
-            response = await self.request(rng, "GET", PREFIX + slot.path, params={"offset": token})
-            if response.status_code != 200:
-                return None, f"catch-up answered {response.status_code} at {len(content)}"
-            next_token = response.headers.get("stream-next-offset")
-            end = offset_position(next_token)
-            if end is None or end != len(content) + len(response.content):
-                return None, f"catch-up at {len(content)} gave {len(response.content)} B claiming {end}"
-            content += response.content
-            token = str(next_token)
-            if response.headers.get("stream-up-to-date") == "true":
-                return bytes(content), f"{len(content)} B"
-        return None, "no end after 1000 reads"
-
     async def final_reads(self, rng: random.Random) -> None:
         """With nothing else running, read every live incarnation whole (its reference content)."""
         for slot in self.slots:
@@ -853,7 +452,7 @@ class Workload:
             content, note = None, ""
             for _ in range(5):
                 try:
-                    content, note = await self.read_whole(rng, slot)
+                    content, note = await self.readers.read_whole(rng, slot)
                     break
                 except Transport as exc:
                     note = str(exc)
