@@ -202,7 +202,7 @@ class Readers:
         choice = rng.random()
         t0 = time.monotonic()
         session = self.new_session()
-        if slot.closed and choice < 0.5:
+        if slot.closed and choice < 0.4:
             first = rng.randint(0, 4000)
             last = first + rng.randint(0, 200_000)
             headers = {"range": f"bytes={first}-{last}", "accept-encoding": "identity"}
@@ -235,6 +235,9 @@ class Readers:
         follow = "false" if choice < 0.75 else "true"
         start = rng.choice([0, 0, rng.randint(0, 3000)])
         params = {"follow": follow, "offset": str(start)}
+        if choice < 0.3 or (slot.closed and choice < 0.75):
+            # No offset: a closed stream is then served as stored, gzipped when it was closed with gzip.
+            start, params = 0, {"follow": follow}
         headers = {"accept-encoding": "gzip"}
         read = Read(
             "content",

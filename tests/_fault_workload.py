@@ -383,6 +383,7 @@ class Workload:
                 record.producer = (pid, 0, seq)
             attempts = 200 if producer else 1
             for attempt in range(attempts):
+                sent = time.monotonic()
                 try:
                     response = await self.wire.request(
                         rng, "POST", PREFIX + slot.path, content=record.data, headers=headers
@@ -397,7 +398,7 @@ class Workload:
                         await asyncio.sleep(0.15)
                         continue
                     break
-                self._settle(slot, record, response, producer)
+                self._settle(slot, record, response, producer, sent)
                 if record.outcome != "maybe" or attempt + 1 >= attempts:
                     break
                 await asyncio.sleep(0.15)
@@ -413,7 +414,9 @@ class Workload:
                 f" {record.statuses} [{record.start},{record.end})"
             )
 
-    def _settle(self, slot: Slot, record: Append, response: httpx.Response, producer: bool) -> None:
+    def _settle(
+        self, slot: Slot, record: Append, response: httpx.Response, producer: bool, sent: float
+    ) -> None:
         status = response.status_code
         record.statuses.append(str(status))
         end = offset_position(response.headers.get("stream-next-offset"))
@@ -441,10 +444,10 @@ class Workload:
             return
         record.outcome = "fail"
         if status == 404:
-            if not slot.ttl or record.t0 < slot.expires - 0.3:
+            if not slot.ttl or sent < slot.expires - 0.3:
                 self.history.server_errors.append(
                     f"append {slot.key}#{record.inc} uid={record.uid:x}: 404 for a stream that exists "
-                    f"(ttl={slot.ttl or 'none'}, {slot.expires - record.t0:.2f} s of life left)"
+                    f"(ttl={slot.ttl or 'none'}, {slot.expires - sent:.2f} s of life left)"
                 )
             slot.alive = False
             self.history.incarnation(slot.key, slot.inc, ended="expired" if slot.ttl else "vanished")
