@@ -399,7 +399,8 @@ class Workload:
                         continue
                     break
                 self._settle(slot, record, response, producer, sent)
-                if record.outcome != "maybe" or attempt + 1 >= attempts:
+                # Only a server error is worth another try; a refusal (closed, gone) is final.
+                if response.status_code < 500 or attempt + 1 >= attempts:
                     break
                 await asyncio.sleep(0.15)
             record.t1 = time.monotonic()
