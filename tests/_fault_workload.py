@@ -149,13 +149,21 @@ class Workload:
                 return
             slot.busy += 1
             try:
-                await self._create(rng, slot)
+                if slot.kind == "fork":
+                    source = rng.choice([s for s in self.slots if s.kind == "named" and not s.ttl])
+                    # The source stays one incarnation until the fork is made, even over retries.
+                    async with source.lock.shared():
+                        if source.alive:
+                            await self._create(rng, slot, source)
+                else:
+                    await self._create(rng, slot)
             finally:
                 slot.busy -= 1
                 slot.version += 1
 
-    async def _create(self, rng: random.Random, slot: Slot) -> None:
+    async def _create(self, rng: random.Random, slot: Slot, source: Slot | None = None) -> None:
         history = self.history
+        doubt = False  # an earlier try may have created the stream before its answer was lost
         while time.monotonic() < self.deadline + RETRY_FOR:
             sent = time.monotonic()
             try:
@@ -173,12 +181,13 @@ class Workload:
                     elif slot.ttl == "fixed":
                         moment = datetime.fromtimestamp(time.time() + self.plan.fixed_ttl, UTC)
                         headers["stream-expires-at"] = moment.isoformat().replace("+00:00", "Z")
-                    if slot.kind == "fork":
-                        sources = [s for s in self.slots if s.kind == "named" and not s.ttl]
-                        source = rng.choice(sources)
-                        return await self._fork(rng, slot, source, headers)
-                    response = await self.put(rng, slot, headers)
+                    if source is not None:
+                        headers["stream-forked-from"] = PREFIX + source.path
+                        response = await self.wire.request(rng, "PUT", PREFIX + slot.path, headers=headers)
+                    else:
+                        response = await self.put(rng, slot, headers)
             except Transport as exc:
+                doubt = doubt or exc.sent
                 history.note(f"create {slot.key}: transport {exc}; again")
                 await asyncio.sleep(0.2)
                 continue
@@ -193,7 +202,9 @@ class Workload:
             if response.status_code not in (200, 201):
                 history.note(f"create {slot.key}: {response.status_code} {response.text[:200]}")
                 return
-            new = response.status_code == 201 or slot.kind == "id" or slot.inc == 0
+            previous = history.incarnations.get((slot.key, slot.inc))
+            ended = previous is not None and previous.ended == "deleted"
+            new = response.status_code == 201 or slot.kind == "id" or slot.inc == 0 or ended or doubt
             if new:
                 slot.inc += 1
                 slot.closed = False
@@ -208,7 +219,14 @@ class Workload:
                 slot.path = stream_id
                 slot.ids[slot.inc] = stream_id
             history.incarnation(slot.key, slot.inc, stream_id=slot.path, ttl=slot.ttl or None)
-            history.note(f"create {slot.key} -> {response.status_code}, incarnation {slot.inc} ({slot.path})")
+            if source is not None and new:
+                # Nothing has been appended to a new fork yet: its tail is where it forked.
+                point = offset_position(response.headers.get("stream-next-offset")) or 0
+                history.incarnation(slot.key, slot.inc, fork_of=(source.key, source.inc, point))
+            history.note(
+                f"create {slot.key} -> {response.status_code}, incarnation {slot.inc} ({slot.path})"
+                f"{f' forked from {source.key}#{source.inc}' if source else ''}"
+            )
             return
 
     async def put(self, rng: random.Random, slot: Slot, headers: dict[str, str]) -> httpx.Response:
@@ -241,33 +259,6 @@ class Workload:
         failure = both[0]
         assert isinstance(failure, BaseException)
         raise failure
-
-    async def _fork(self, rng: random.Random, slot: Slot, source: Slot, headers: dict[str, str]) -> None:
-        async with source.lock.shared():
-            if not source.alive:
-                return
-            headers = {**headers, "stream-forked-from": PREFIX + source.path}
-            response = await self.wire.request(rng, "PUT", PREFIX + slot.path, headers=headers)
-            if response.status_code not in (200, 201):
-                self.history.note(
-                    f"fork {slot.key} of {source.key}: {response.status_code} {response.text[:200]}"
-                )
-                if response.status_code >= 500 and not self.allowed_5xx:
-                    self.history.server_errors.append(f"fork: {response.status_code} {response.text[:200]}")
-                return
-            point = offset_position(response.headers.get("stream-next-offset")) or 0
-            if response.status_code == 201 or slot.inc == 0:
-                slot.inc += 1
-                slot.closed = False
-                slot.producers.clear()
-            slot.alive = True
-            self.history.incarnation(
-                slot.key, slot.inc, stream_id=slot.path, fork_of=(source.key, source.inc, point)
-            )
-            self.history.note(
-                f"fork {slot.key}#{slot.inc} of {source.key}#{source.inc} at {point}"
-                f" -> {response.status_code}"
-            )
 
     async def delete_op(self, rng: random.Random, slot: Slot, number: int) -> None:
         async with slot.lock.exclusive():
