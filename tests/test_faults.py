@@ -31,12 +31,11 @@ SECONDS = float(os.environ.get("STREAMHOLD_FAULT_SECONDS") or (90 if TORTURE els
 TUNING = {"long_poll_timeout": 0.5, "sse_keepalive": 0.5, "sweep_interval": 0.5}
 
 
-def seeds() -> list[int]:
-    """The seeds to run: the one to replay, or fresh ones (one per run; several under torture)."""
+@pytest.fixture
+def seed() -> int:
+    """The seed to replay (STREAMHOLD_FAULT_SEED), or a fresh one; printed by every run."""
     given = os.environ.get("STREAMHOLD_FAULT_SEED")
-    if given:
-        return [int(given)]
-    return [random.SystemRandom().randrange(1, 10**9)]
+    return int(given) if given else random.SystemRandom().randrange(1, 10**9)
 
 
 def run(servers: list[ServerProcess], plan: Plan, seed: int, keep: Path) -> History:
@@ -66,20 +65,17 @@ def sqlite_env(data: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("seed", seeds())
 def test_one_process_sqlite(tmp_path: Path, seed: int) -> None:
     with ServerProcess(env=sqlite_env(tmp_path / "data")) as server:
         run([server], Plan(seconds=SECONDS), seed, tmp_path)
 
 
-@pytest.mark.parametrize("seed", seeds())
 def test_one_process_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
     env = server_env(pg_url, pg_url, tmp_path, **TUNING)
     with ServerProcess(env=env) as server:
         run([server], Plan(seconds=SECONDS), seed, tmp_path)
 
 
-@pytest.mark.parametrize("seed", seeds())
 def test_two_processes_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
     servers = start_servers(2, server_env(pg_url, pg_url, tmp_path, **TUNING))
     try:
@@ -115,7 +111,6 @@ def fill(path: Path, leave: int) -> None:
         ballast.write(b"\0" * (size % (1 << 20)))
 
 
-@pytest.mark.parametrize("seed", seeds())
 def test_full_disk_sqlite(tmp_path: Path, seed: int) -> None:
     """A data directory that fills up: writes fail, but nothing acknowledged is lost and no hole appears."""
     with small_disk(tmp_path / "disk", "16m") as data:
