@@ -153,7 +153,7 @@ def _content(history: History, inc: Incarnation, appends: list[Append]) -> list[
         seen.add(uid)
         position += length
     for append in appends:
-        if append.outcome in ("ack", "ack-dup") and append.uid not in seen:
+        if append.outcome in ("ack", "ack-dup", "ack-somewhere") and append.uid not in seen:
             out.append(
                 Violation(
                     "lost",

@@ -61,7 +61,7 @@ class Append:
     data: bytes
     t0: float
     t1: float = 0.0
-    outcome: str = "pending"  # ack, ack-dup, fail, maybe
+    outcome: str = "pending"  # ack (at start..end), ack-dup or ack-somewhere (offset unknown), fail, maybe
     start: int | None = None
     end: int | None = None
     statuses: list[str] = field(default_factory=list)

@@ -66,13 +66,13 @@ def sqlite_env(data: Path) -> dict[str, str]:
 
 
 def test_one_process_sqlite(tmp_path: Path, seed: int) -> None:
-    with ServerProcess(env=sqlite_env(tmp_path / "data")) as server:
+    with ServerProcess(env=sqlite_env(tmp_path / "data"), startup_timeout=60) as server:
         run([server], Plan(seconds=SECONDS), seed, tmp_path)
 
 
 def test_one_process_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
     env = server_env(pg_url, pg_url, tmp_path, **TUNING)
-    with ServerProcess(env=env) as server:
+    with ServerProcess(env=env, startup_timeout=60) as server:
         run([server], Plan(seconds=SECONDS), seed, tmp_path)
 
 
@@ -114,7 +114,7 @@ def fill(path: Path, leave: int) -> None:
 def test_full_disk_sqlite(tmp_path: Path, seed: int) -> None:
     """A data directory that fills up: writes fail, but nothing acknowledged is lost and no hole appears."""
     with small_disk(tmp_path / "disk", "16m") as data:
-        with ServerProcess(env=sqlite_env(data)) as server:
+        with ServerProcess(env=sqlite_env(data), startup_timeout=60) as server:
             ballast = data / "ballast"
             fill(ballast, leave=1024 * 1024)
             # Space comes back halfway through: what is written after the failures must follow on, no hole.
