@@ -96,7 +96,8 @@ class Transport(Exception):
         self.sent = sent
 
 
-Mark = tuple[int, bool, int, int]
+# A slot as a request found it: incarnation, alive, structural operations running, version, deleted ones.
+Mark = tuple[int, bool, int, int, frozenset[int]]
 
 
 class Wire:
@@ -122,11 +123,16 @@ class Wire:
             raise Transport(True, f"{type(exc).__name__}") from exc
 
     def mark(self, slot: Slot) -> Mark:
-        return slot.inc, slot.alive, slot.busy, slot.version
+        deleted = frozenset(
+            number
+            for (key, number), inc in self.history.incarnations.items()
+            if key == slot.key and inc.ended == "deleted"
+        )
+        return slot.inc, slot.alive, slot.busy, slot.version, deleted
 
     def candidates(self, slot: Slot, before: Mark, fixed: int | None = None) -> tuple[tuple[int, ...], bool]:
         """The incarnations a read of `slot` sent at `before` could meet, and whether surely one, alive."""
-        inc0, alive0, busy0, version0 = before
+        inc0, alive0, busy0, version0, _ = before
         incs = tuple(range(max(inc0, 1), max(slot.inc, 1) + 1)) if fixed is None else (fixed,)
         stable = alive0 and busy0 == 0 and slot.busy == 0 and version0 == slot.version and not slot.ttl
         if fixed is not None and (inc0 != fixed or slot.inc != fixed):
@@ -134,12 +140,9 @@ class Wire:
         return incs, stable
 
     def gone(self, slot: Slot, before: Mark, fixed: int | None = None) -> int:
-        """The incarnation a read sent at `before` surely could not meet: it had ended before, for good."""
-        inc0, alive0, busy0, _ = before
-        number = inc0 if fixed is None else fixed
-        if fixed is not None and fixed != inc0:
-            return fixed if fixed < inc0 else 0
-        return number if number >= 1 and not alive0 and busy0 == 0 else 0
+        """The incarnation a read sent at `before` could not meet: its delete had been answered."""
+        number = before[0] if fixed is None else fixed
+        return number if number in before[4] else 0
 
     def target(self, slot: Slot) -> tuple[str, int | None]:
         """The path to read `slot` at, and for a /stream-created slot the one incarnation it names."""
