@@ -334,6 +334,7 @@ class Workload:
                 return
             gzip = slot.kind == "id" and rng.random() < 0.6
             inc = slot.inc
+            sent = time.monotonic()
             if slot.kind == "id":
                 headers = {"x-compress": "gzip"} if gzip else {}
                 response = await self.wire.request(
@@ -348,6 +349,18 @@ class Workload:
                 slot.closed = True
             elif response.status_code >= 500 and not self.allowed_5xx:
                 self.history.server_errors.append(f"close: {response.status_code} {response.text[:200]}")
+            elif response.status_code == 404:
+                self.refused_as_gone(slot, sent, f"close {slot.key}#{inc}")
+
+    def refused_as_gone(self, slot: Slot, sent: float, what: str) -> None:
+        """A write answered 404: wrong unless the stream's TTL may have run out by the time it was sent."""
+        if not slot.ttl or sent < slot.expires - 0.3:
+            self.history.server_errors.append(
+                f"{what}: 404 for a stream that exists "
+                f"(ttl={slot.ttl or 'none'}, {slot.expires - sent:.2f} s of life left)"
+            )
+        slot.alive = False
+        self.history.incarnation(slot.key, slot.inc, ended="expired" if slot.ttl else "vanished")
 
     # --- appends -------------------------------------------------------------------------------
 
@@ -448,13 +461,7 @@ class Workload:
             return
         record.outcome = "fail"
         if status == 404:
-            if not slot.ttl or sent < slot.expires - 0.3:
-                self.history.server_errors.append(
-                    f"append {slot.key}#{record.inc} uid={record.uid:x}: 404 for a stream that exists "
-                    f"(ttl={slot.ttl or 'none'}, {slot.expires - sent:.2f} s of life left)"
-                )
-            slot.alive = False
-            self.history.incarnation(slot.key, slot.inc, ended="expired" if slot.ttl else "vanished")
+            self.refused_as_gone(slot, sent, f"append {slot.key}#{record.inc} uid={record.uid:x}")
         elif status == 409 and slot.closed:
             pass
         elif status == 409:
