@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from tests._fault_history import Append, History, Incarnation, parse_header
 
-DATA_KINDS = ("catch-up", "long-poll", "sse", "range", "content")
-
 
 @dataclass(frozen=True)
 class Violation:
+    """One broken rule, named for the report, and what broke it."""
+
     rule: str
     text: str
 
@@ -32,7 +32,7 @@ class Known:
         self.pieces = sorted((a.start, a.data) for a in acked if a.start is not None)
 
     def compare(self, start: int, data: bytes) -> str:
-        """ "match", "mismatch" or "unknown" for `data` claimed to sit at `start`."""
+        """Whether `data` is what sits at `start`: "match", "mismatch" or "unknown"."""
         if not data:
             return "match"
         if self.final is not None:
