@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -292,10 +293,8 @@ class Workload:
         doubt = False  # a delete may have reached a server that died before answering
         while time.monotonic() < self.deadline + RETRY_FOR:
             try:
-                if slot.kind == "id":
-                    response = await self.wire.request(rng, "DELETE", f"/stream/{slot.path}")
-                else:
-                    response = await self.wire.request(rng, "DELETE", PREFIX + slot.path)
+                path = f"/stream/{slot.path}" if slot.kind == "id" else PREFIX + slot.path
+                response = await self.racing(rng, slot, self.wire.request(rng, "DELETE", path))
             except Transport as exc:
                 doubt = doubt or exc.sent
                 history.note(f"delete {slot.key}#{slot.inc}: transport {exc}; again")
@@ -321,6 +320,25 @@ class Workload:
             slot.alive = False  # deleted or not: the next create will tell (201 or 200)
             inc.ended = "maybe deleted"
 
+    async def racing(
+        self, rng: random.Random, slot: Slot, action: Coroutine[Any, Any, httpx.Response]
+    ) -> httpx.Response:
+        """`action`, half the time with a read of the same stream sent at the same moment."""
+        if rng.random() < 0.5:
+            return await action
+        readers = self.readers
+        read = rng.choice([readers.catch_up_op, readers.long_poll_op, readers.sse_op, readers.content_op])
+        done, raced = await asyncio.gather(
+            action, read(random.Random(rng.random()), slot, -1), return_exceptions=True
+        )
+        if isinstance(raced, Transport):
+            self.history.note(f"read racing a close or delete of {slot.key}: transport {raced}")
+        elif isinstance(raced, BaseException):
+            raise raced
+        if isinstance(done, BaseException):
+            raise done
+        return done
+
     async def fork_op(self, rng: random.Random, slot: Slot, number: int) -> None:
         fork = next(s for s in self.slots if s.kind == "fork")
         if fork.alive:
@@ -337,13 +355,11 @@ class Workload:
             sent = time.monotonic()
             if slot.kind == "id":
                 headers = {"x-compress": "gzip"} if gzip else {}
-                response = await self.wire.request(
-                    rng, "POST", f"/stream/{slot.path}/complete", headers=headers
-                )
+                closing = self.wire.request(rng, "POST", f"/stream/{slot.path}/complete", headers=headers)
             else:
-                response = await self.wire.request(
-                    rng, "POST", PREFIX + slot.path, headers={"stream-closed": "true"}
-                )
+                headers = {"stream-closed": "true"}
+                closing = self.wire.request(rng, "POST", PREFIX + slot.path, headers=headers)
+            response = await self.racing(rng, slot, closing)
             self.history.note(f"close {slot.key}#{inc} gzip={gzip} -> {response.status_code}")
             if response.status_code in (200, 204):
                 slot.closed = True
