@@ -251,13 +251,13 @@ class Readers:
             note=f"{path} {params}",
             gone=self.wire.gone(slot, before, inc),
         )
+        body = bytearray()
         try:
             async with asyncio.timeout(rng.uniform(0.3, 1.5)):
                 async with self.wire.client.stream(
                     "GET", self.wire.server(rng).url + path, params=params, headers=headers
                 ) as response:
                     read.status = response.status_code
-                    body = bytearray()
                     try:
                         async for piece in response.aiter_bytes():
                             body += piece
@@ -280,10 +280,10 @@ class Readers:
                         read.data = b""
         except TimeoutError:
             read.note += " timed out"
-            read.claimed = None
+            read.data, read.claimed = bytes(body) if read.status == 200 else b"", None
         except httpx.TransportError as exc:
             read.note += f" {type(exc).__name__}"
-            read.claimed = None
+            read.data, read.claimed = bytes(body) if read.status == 200 else b"", None
         finally:
             read.t1 = time.monotonic()
             read.stable = self.wire.candidates(slot, before, inc)[1]
@@ -294,8 +294,16 @@ class Readers:
         """The whole content of the slot's stream through catch-up reads; None and why if it cannot."""
         content = bytearray()
         token = "-1"
+        session = self.new_session()
         for _ in range(1000):
+            t0 = time.monotonic()
             response = await self.wire.request(rng, "GET", PREFIX + slot.path, params={"offset": token})
+            read = Read("whole", slot.key, (slot.inc,), t0, time.monotonic(), response.status_code)
+            read.start, read.session, read.note = len(content), session, f"{slot.path}?offset={token}"
+            if response.status_code == 200:
+                read.data = response.content
+                read.claimed = offset_position(response.headers.get("stream-next-offset"))
+            self.history.reads.append(read)
             if response.status_code != 200:
                 return None, f"catch-up answered {response.status_code} at {len(content)}"
             next_token = response.headers.get("stream-next-offset")
