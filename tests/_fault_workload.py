@@ -210,7 +210,11 @@ class Workload:
                 return
             previous = history.incarnations.get((slot.key, slot.inc))
             ended = previous is not None and previous.ended == "deleted"
-            new = response.status_code == 201 or slot.kind == "id" or slot.inc == 0 or ended or doubt
+            new = response.status_code == 201 or slot.kind == "id" or slot.inc == 0 or ended
+            if not new and doubt:
+                # A 200 after a lost try: our own earlier try made it if it is shorter than the last one was.
+                tail = offset_position(response.headers.get("stream-next-offset")) or 0
+                new = tail < self.acked_end(slot)
             if new:
                 slot.inc += 1
                 slot.closed = False
@@ -234,6 +238,13 @@ class Workload:
                 f"{f' forked from {source.key}#{source.inc}' if source else ''}"
             )
             return
+
+    def acked_end(self, slot: Slot) -> int:
+        """How far the slot's current incarnation surely reaches: the end of its last acknowledged append."""
+        ends = [
+            a.end for a in self.history.appends.values() if (a.key, a.inc) == (slot.key, slot.inc) and a.end
+        ]
+        return max(ends, default=0)
 
     async def put(self, rng: random.Random, slot: Slot, headers: dict[str, str]) -> httpx.Response:
         """A protocol create; half the time sent twice at once, as two clients creating one name would."""
