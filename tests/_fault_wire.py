@@ -133,7 +133,9 @@ class Wire:
     def candidates(self, slot: Slot, before: Mark, fixed: int | None = None) -> tuple[tuple[int, ...], bool]:
         """The incarnations a read of `slot` sent at `before` could meet, and whether surely one, alive."""
         inc0, alive0, busy0, version0, _ = before
-        incs = tuple(range(max(inc0, 1), max(slot.inc, 1) + 1)) if fixed is None else (fixed,)
+        # A create still out when the answer came may have made the next incarnation, which it may be.
+        last = max(slot.inc, 1) + (1 if slot.busy else 0)
+        incs = tuple(range(max(inc0, 1), last + 1)) if fixed is None else (fixed,)
         stable = alive0 and busy0 == 0 and slot.busy == 0 and version0 == slot.version and not slot.ttl
         if fixed is not None and (inc0 != fixed or slot.inc != fixed):
             stable = False
