@@ -230,12 +230,11 @@ def _reads(history: History, known: dict[tuple[str, int], Known]) -> list[Violat
                 )
             )
         if read.closed_claim and read.claimed is not None:
-            lengths = {
-                n: len(known[(read.key, n)].final or b"")
-                for n in fits
-                if (read.key, n) in known and known[(read.key, n)].final is not None
-            }
-            if lengths and all(length != read.claimed for length in lengths.values()):
+            ordered = sorted(fits)
+            finals = [known[(read.key, n)].final if (read.key, n) in known else None for n in ordered]
+            lengths = {n: len(final) for n, final in zip(ordered, finals, strict=True) if final is not None}
+            # Only when every incarnation it may have read is known whole: one not known could be that long.
+            if None not in finals and all(length != read.claimed for length in lengths.values()):
                 out.append(
                     Violation(
                         "closed-short",
