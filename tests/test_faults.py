@@ -121,7 +121,15 @@ def test_full_disk_sqlite(tmp_path: Path, seed: int) -> None:
             freeing = threading.Timer(SECONDS / 2, ballast.unlink)
             freeing.start()
             try:
-                plan = Plan(seconds=SECONDS, big_weight=30.0, big_max=256 * 1024, disk_full=True)
+                # kill -9 on a full disk makes restarts slow: only the long run adds it.
+                plan = Plan(
+                    seconds=SECONDS,
+                    kills=TORTURE,
+                    big_weight=30.0,
+                    big_max=256 * 1024,
+                    disk_full=True,
+                    retry_for=3.0,  # writes keep failing while the disk is full: do not wait for space
+                )
                 history = run([server], plan, seed, tmp_path)
             finally:
                 freeing.cancel()
