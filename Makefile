@@ -36,7 +36,7 @@ test: install system-deps
 # The fault and race harness at length: minutes of each configuration instead of the test run's seconds.
 # STREAMHOLD_FAULT_SECONDS sets the length of each run; STREAMHOLD_FAULT_SEED=<seed> replays a failure.
 torture: install
-	STREAMHOLD_TORTURE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 tests/test_faults.py
+	STREAMHOLD_TORTURE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 tests/test_faults.py tests/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check app tests e2e benchmarks
