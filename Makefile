@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: all install run test lint bench lock system-deps clean
+.PHONY: all install run test torture lint bench lock system-deps clean
 
 all: install
 
@@ -32,6 +32,11 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The fault and race harness at length: minutes of each configuration instead of the test run's seconds.
+# STREAMHOLD_FAULT_SECONDS sets the length of each run; STREAMHOLD_FAULT_SEED=<seed> replays a failure.
+torture: install
+	STREAMHOLD_TORTURE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 tests/test_faults.py tests/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check app tests e2e benchmarks
