@@ -11,7 +11,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from litestar import Request, Response
-from litestar.datastructures import Cookie
+from litestar.datastructures import Cookie, FormMultiDict
+from litestar.exceptions import ClientException
 
 from app import guard
 from app.auth import key_is_valid
@@ -150,6 +151,14 @@ def safe_next(next_url: str) -> str:
         return "/"
     # Header values are Latin-1: non-ASCII characters travel percent-encoded.
     return quote(next_url, safe="".join(chr(c) for c in range(0x21, 0x7F)))
+
+
+async def read_form(request: Request[Any, Any, Any]) -> FormMultiDict:
+    """The request's form fields; a form whose bytes are not text in its stated charset is a 400."""
+    try:
+        return await request.form()
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ClientException("the form is not valid UTF-8 text; send it as the sign-in page does") from exc
 
 
 def denied(request: Request[Any, Any, Any], *, change: bool) -> Response[str]:
