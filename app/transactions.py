@@ -73,8 +73,14 @@ class NewStream:
     initial: bytes = b""
     fork_from: str | None = None
     fork_offset: int | None = None
-    # Where a fork starts, given its source and a reader of the source's bytes [start, end) in slices.
-    fork_point: Callable[[StreamState, Callable[[int, int], Iterator[bytes]]], int] | None = None
+    # Where a fork starts, given its source, a reader of the source's bytes [start, end) in slices and a
+    # lookup of streams by id (the sources of the source, whose offsets it shares up to its fork point).
+    fork_point: (
+        Callable[
+            [StreamState, Callable[[int, int], Iterator[bytes]], Callable[[str], StreamState | None]], int
+        ]
+        | None
+    ) = None
 
 
 def create(
@@ -191,7 +197,11 @@ def _fork_point(conn: Connection, new: NewStream, source: StreamState, files: Ch
         if not 0 <= new.fork_offset <= source.tail:
             raise InvalidRequestError(f"a fork offset must be from 0 to the source's tail, {source.tail}")
         return new.fork_offset
-    return new.fork_point(source, lambda start, end: iter_range(conn, source, start, end, files))
+    def by_id(stream_id: str) -> StreamState | None:
+        row = conn.execute(select(*STREAM_STATE).where(streams.c.id == stream_id)).first()
+        return StreamState.from_row(row) if row is not None else None
+
+    return new.fork_point(source, lambda start, end: iter_range(conn, source, start, end, files), by_id)
 
 
 def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list[Change]]:
