@@ -147,6 +147,8 @@ def safe_next(next_url: str) -> str:
         return "/"
     if any(ord(c) <= 0x20 or ord(c) == 0x7F or c == "\\" or c.isspace() for c in next_url):
         return "/"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in next_url):  # a lone surrogate has no UTF-8 to quote
+        return "/"
     if next_url.startswith("//"):
         return "/"
     # Header values are Latin-1: non-ASCII characters travel percent-encoded.

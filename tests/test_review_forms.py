@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
+from app import session
 from app.main import create_app
 from app.settings import Settings
 
@@ -33,3 +34,8 @@ async def test_a_form_that_is_not_utf8_gets_a_4xx(tmp_path: Path, keys: tuple[st
             path, content=BAD_MULTIPART, headers={"content-type": "multipart/form-data; boundary=b"}
         )
         assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
+
+
+@pytest.mark.parametrize("next_url", ["/\ud800", "/a\udfff/b", "/\u3000/evil.example", "/\u2028x"])
+def test_safe_next_refuses_what_cannot_travel_in_a_location_header(next_url: str) -> None:
+    assert session.safe_next(next_url) == "/"
