@@ -49,6 +49,7 @@ CHUNK_TARGET = 1024 * 1024
 SEEK_STEP = 1024 * 1024
 # Inflating yields at most this much at once, whatever the compression ratio.
 INFLATE_SLICE = 64 * 1024
+GZIP_ROWS_AT_ONCE = 4  # gzip pieces fetched at a time by a read inside a transaction
 # Compaction merges only chunks smaller than this, so never one held in a chunk file.
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
@@ -539,10 +540,12 @@ def _iter_own(
     if state.compressed:
         seq, position = seek_point(conn, state.id, start)
         wanted = RangeInflater(start, end, position, raw=seq > 0)
+        # A few pieces at a time: a client-side cursor would fetch the whole gzip body past `seq` at once.
         rows = conn.execute(
             select(gzip_chunks.c.data)
             .where(gzip_chunks.c.stream_id == state.id, gzip_chunks.c.seq >= seq)
             .order_by(gzip_chunks.c.seq)
+            .execution_options(yield_per=GZIP_ROWS_AT_ONCE)
         )
         with rows:
             for (packed,) in rows:
