@@ -80,6 +80,11 @@ async def _own_position(store: Store, state: StreamState, token: str) -> int:
     """The byte position of an offset token, if this stream (not a deleted one of its name) handed it out."""
     generation, position = split_offset(token) or (0, 0)
     if not await store.offset_belongs(state, generation, position):
+        if state.fork_source is not None:
+            raise OffsetGoneError(
+                "this offset is not one of this fork's: it is from a deleted stream of this name, or from "
+                "its source past the fork point; read again from offset=-1"
+            )
         raise OffsetGoneError(
             "this offset is from an earlier stream of this name, which was deleted: read again from offset=-1"
         )

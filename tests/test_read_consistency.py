@@ -372,3 +372,16 @@ async def test_a_fork_of_a_fork_starts_at_any_offset_its_source_reads_from(
     )
     assert third.status_code == 201, third.text
     assert (await client.get("/v1/stream/third", params={"offset": "-1"})).content == b"01234"
+
+
+async def test_a_source_offset_past_the_fork_point_is_refused_with_a_reason_about_forks(
+    client: AsyncTestClient[Any],
+) -> None:
+    plain = {"content-type": "text/plain"}
+    await client.put("/v1/stream/origin", headers=plain, content=b"abc")
+    await client.put("/v1/stream/branch", headers={**plain, "stream-forked-from": "/v1/stream/origin"})
+    appended = await client.post("/v1/stream/origin", headers=plain, content=b"def")
+    later = appended.headers["stream-next-offset"]
+    refused = await client.get("/v1/stream/branch", params={"offset": later})
+    assert refused.status_code == 410
+    assert "fork" in refused.json()["error"], refused.text
