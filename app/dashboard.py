@@ -379,7 +379,7 @@ async def signin(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> Response[str]:
     """Check an API key and start a session: an HttpOnly, SameSite=Strict signed cookie."""
-    form = await request.form()
+    form = await session.read_form(request)
     target = session.safe_next(str(form.get("next", "/")))
     if not settings.api_keys:
         return Response("", status_code=303, headers={"location": target})
@@ -399,7 +399,7 @@ async def signout(
 ) -> Response[str]:
     """End the session everywhere (CSRF-checked, so another site cannot sign you out)."""
     current = await session.current(request, settings)
-    token = str((await request.form()).get(session.CSRF_FIELD, ""))
+    token = str((await session.read_form(request)).get(session.CSRF_FIELD, ""))
     if current is not None and not session.csrf_ok(request, settings, current, token):
         return session.forbidden()
     if current is not None and current.signed_in:

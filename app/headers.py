@@ -66,10 +66,12 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 def is_active(content_type: str) -> bool:
     """True for a type a browser may run as a page (HTML, SVG, any XML), or one it cannot parse."""
-    kind = content_type.split(";", 1)[0].strip().lower()
-    if "/" not in kind:
-        return True
-    return kind in ACTIVE_TYPES or kind.endswith(("+xml", "/xml"))
+    # Browsers read `text/plain, text/html` as its last type they can parse: judge every listed type.
+    for listed in content_type.split(","):
+        kind = listed.split(";", 1)[0].strip().lower()
+        if kind and ("/" not in kind or kind in ACTIVE_TYPES or kind.endswith(("+xml", "/xml"))):
+            return True
+    return "/" not in content_type
 
 
 def content_headers(content_type: str, *, inline: bool) -> list[tuple[bytes, bytes]]:

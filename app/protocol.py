@@ -118,8 +118,12 @@ def _fork_options(request: Request[Any, Any, Any]) -> tuple[str | None, tuple[in
 
 
 def _fork_point(offset: tuple[int, int] | None, sub: int) -> Any:
-    def resolve(source: StreamState, read: Callable[[int, int], Iterator[bytes]]) -> int:
-        if offset is not None and not offset_belongs(source, *offset, lambda _: None):
+    def resolve(
+        source: StreamState,
+        read: Callable[[int, int], Iterator[bytes]],
+        by_id: Callable[[str], StreamState | None],
+    ) -> int:
+        if offset is not None and not offset_belongs(source, *offset, by_id):
             raise InvalidRequestError(
                 "Stream-Fork-Offset is not an offset of the source stream (it may be of a deleted "
                 "stream of that name): take one from the source's own responses"

@@ -80,6 +80,11 @@ async def _own_position(store: Store, state: StreamState, token: str) -> int:
     """The byte position of an offset token, if this stream (not a deleted one of its name) handed it out."""
     generation, position = split_offset(token) or (0, 0)
     if not await store.offset_belongs(state, generation, position):
+        if state.fork_source is not None:
+            raise OffsetGoneError(
+                "this offset is not one of this fork's: it is from a deleted stream of this name, or from "
+                "its source past the fork point; read again from offset=-1"
+            )
         raise OffsetGoneError(
             "this offset is from an earlier stream of this name, which was deleted: read again from offset=-1"
         )
@@ -118,10 +123,15 @@ async def _catch_up(
         )
         if state.json_mode and end < state.tail:
             cut = data.rfind(b"\n") + 1
-            if cut == 0:  # one message larger than the limit: read up to its end
-                more = await store.read(state.id, end, state.tail)
-                cut = len(data) + more.find(b"\n") + 1
-                data += more
+            read_to = end
+            while cut == 0 and read_to < state.tail:  # one message larger than the limit: read to its end
+                more = await store.read(state.id, read_to, min(state.tail, read_to + limit))
+                if not more:
+                    break
+                cut = len(data) + more.find(b"\n") + 1 if b"\n" in more else 0
+                data, read_to = data + more, read_to + len(more)
+            if cut == 0:
+                cut = len(data)
             data, end = data[:cut], start + cut
     at_tail = end == state.tail
     closed = state.closed and at_tail

@@ -309,6 +309,8 @@ async def _inflated(pieces: AsyncIterator[bytes], gzipped: bool, bound: int) -> 
             while data:
                 yield inflater.decompress(data, bound)
                 data = inflater.unconsumed_tail
+                if inflater.eof and inflater.unused_data:  # another member follows (`gzip -c a b`)
+                    data, inflater = inflater.unused_data, zlib.decompressobj(31)
         yield inflater.flush()
     except zlib.error:
         raise InvalidRequestError(

@@ -11,7 +11,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from litestar import Request, Response
-from litestar.datastructures import Cookie
+from litestar.datastructures import Cookie, FormMultiDict
+from litestar.exceptions import ClientException
 
 from . import guard
 from .auth import key_is_valid
@@ -146,10 +147,20 @@ def safe_next(next_url: str) -> str:
         return "/"
     if any(ord(c) <= 0x20 or ord(c) == 0x7F or c == "\\" or c.isspace() for c in next_url):
         return "/"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in next_url):  # a lone surrogate has no UTF-8 to quote
+        return "/"
     if next_url.startswith("//"):
         return "/"
     # Header values are Latin-1: non-ASCII characters travel percent-encoded.
     return quote(next_url, safe="".join(chr(c) for c in range(0x21, 0x7F)))
+
+
+async def read_form(request: Request[Any, Any, Any]) -> FormMultiDict:
+    """The request's form fields; a form whose bytes are not text in its stated charset is a 400."""
+    try:
+        return await request.form()
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ClientException("the form is not valid UTF-8 text; send it as the sign-in page does") from exc
 
 
 def denied(request: Request[Any, Any, Any], *, change: bool) -> Response[str]:

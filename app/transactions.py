@@ -44,6 +44,7 @@ CHUNK_TARGET = 1024 * 1024
 SEEK_STEP = 1024 * 1024
 # Inflating yields at most this much at once, whatever the compression ratio.
 INFLATE_SLICE = 64 * 1024
+GZIP_ROWS_AT_ONCE = 4  # gzip pieces fetched at a time by a read inside a transaction
 # Compaction merges only chunks smaller than this, so never one held in a chunk file.
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
@@ -68,8 +69,14 @@ class NewStream:
     initial: bytes = b""
     fork_from: str | None = None
     fork_offset: int | None = None
-    # Where a fork starts, given its source and a reader of the source's bytes [start, end) in slices.
-    fork_point: Callable[[StreamState, Callable[[int, int], Iterator[bytes]]], int] | None = None
+    # Where a fork starts, given its source, a reader of the source's bytes [start, end) in slices and a
+    # lookup of streams by id (the sources of the source, whose offsets it shares up to its fork point).
+    fork_point: (
+        Callable[
+            [StreamState, Callable[[int, int], Iterator[bytes]], Callable[[str], StreamState | None]], int
+        ]
+        | None
+    ) = None
 
 
 def create(
@@ -186,7 +193,11 @@ def _fork_point(conn: Connection, new: NewStream, source: StreamState, files: Ch
         if not 0 <= new.fork_offset <= source.tail:
             raise InvalidRequestError(f"a fork offset must be from 0 to the source's tail, {source.tail}")
         return new.fork_offset
-    return new.fork_point(source, lambda start, end: iter_range(conn, source, start, end, files))
+    def by_id(stream_id: str) -> StreamState | None:
+        row = conn.execute(select(*STREAM_STATE).where(streams.c.id == stream_id)).first()
+        return StreamState.from_row(row) if row is not None else None
+
+    return new.fork_point(source, lambda start, end: iter_range(conn, source, start, end, files), by_id)
 
 
 def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list[Change]]:
@@ -524,10 +535,12 @@ def _iter_own(
     if state.compressed:
         seq, position = seek_point(conn, state.id, start)
         wanted = RangeInflater(start, end, position, raw=seq > 0)
+        # A few pieces at a time: a client-side cursor would fetch the whole gzip body past `seq` at once.
         rows = conn.execute(
             select(gzip_chunks.c.data)
             .where(gzip_chunks.c.stream_id == state.id, gzip_chunks.c.seq >= seq)
             .order_by(gzip_chunks.c.seq)
+            .execution_options(yield_per=GZIP_ROWS_AT_ONCE)
         )
         with rows:
             for (packed,) in rows:

@@ -299,7 +299,7 @@ async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> 
         return session.denied(request, change=True)
     if not settings.api_keys:
         return None if session.same_origin(request, settings) else session.forbidden()
-    form = await request.form()
+    form = await session.read_form(request)
     token = str(form.get(session.CSRF_FIELD, ""))
     return None if session.csrf_ok(request, settings, current, token) else session.forbidden()
 

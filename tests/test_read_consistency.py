@@ -354,3 +354,34 @@ async def test_a_fork_takes_its_source_offsets_only_up_to_the_fork_point(
     inherited = await client.get("/v1/stream/fork", params={"offset": at_fork})
     assert inherited.status_code == 200 and inherited.content == b"XYZ"
     assert (await client.get("/v1/stream/fork", params={"offset": past_fork})).status_code == 410
+
+
+async def test_a_fork_of_a_fork_starts_at_any_offset_its_source_reads_from(
+    client: AsyncTestClient[Any],
+) -> None:
+    plain = {"content-type": "text/plain"}
+    first = await client.put("/v1/stream/first", headers=plain, content=b"0123456789")
+    generation = first.headers["stream-next-offset"].split("_")[0]
+    middle = f"{generation}_{5:016d}"  # an offset of `first`, which its fork `second` reads from too
+    await client.put("/v1/stream/second", headers={**plain, "stream-forked-from": "/v1/stream/first"})
+    await client.post("/v1/stream/second", headers=plain, content=b"ABC")
+    assert (await client.get("/v1/stream/second", params={"offset": middle})).content == b"56789ABC"
+    third = await client.put(
+        "/v1/stream/third",
+        headers={**plain, "stream-forked-from": "/v1/stream/second", "stream-fork-offset": middle},
+    )
+    assert third.status_code == 201, third.text
+    assert (await client.get("/v1/stream/third", params={"offset": "-1"})).content == b"01234"
+
+
+async def test_a_source_offset_past_the_fork_point_is_refused_with_a_reason_about_forks(
+    client: AsyncTestClient[Any],
+) -> None:
+    plain = {"content-type": "text/plain"}
+    await client.put("/v1/stream/origin", headers=plain, content=b"abc")
+    await client.put("/v1/stream/branch", headers={**plain, "stream-forked-from": "/v1/stream/origin"})
+    appended = await client.post("/v1/stream/origin", headers=plain, content=b"def")
+    later = appended.headers["stream-next-offset"]
+    refused = await client.get("/v1/stream/branch", params={"offset": later})
+    assert refused.status_code == 410
+    assert "fork" in refused.json()["error"], refused.text

@@ -282,6 +282,20 @@ async def test_put_takes_a_gzipped_body_and_keeps_it_compressed(client: AsyncTes
     assert broken.status_code == 400 and "gzip body ended early" in broken.json()["error"]
 
 
+async def test_put_takes_every_member_of_a_multi_member_gzip_body(client: AsyncTestClient[Any]) -> None:
+    # `gzip -c a b` and parallel compressors write one gzip member after another: all of it is the body.
+    stream_id = await create(client, headers={"content-type": "text/csv"})
+    packed = gzip.compress(ROWS[:1000]) + gzip.compress(ROWS[1000:])
+    response = await client.put(f"/stream/{stream_id}", content=packed, headers={"content-encoding": "gzip"})
+    assert response.status_code == 204
+    assert (await client.get(f"/stream/{stream_id}", headers={"accept-encoding": "identity"})).content == ROWS
+    trailing_id = await create(client)
+    trailing = await client.put(
+        f"/stream/{trailing_id}", content=packed + b"not gzip", headers={"content-encoding": "gzip"}
+    )
+    assert trailing.status_code == 400, trailing.text
+
+
 async def test_root_paths_are_the_same_api(client: AsyncTestClient[Any]) -> None:
     created = await client.post("/", json={"name": "rooted", "headers": {"content-type": "text/plain"}})
     stream_id = created.json()["id"]
