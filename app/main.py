@@ -56,7 +56,7 @@ class Streamhold(Litestar):
 def security_headers(settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
     """Security headers decided by the route that answers, never by how its path was spelled.
 
-    Stream content gets the sandbox (app.headers), the stream APIs CORS, everything `nosniff`; the
+    Stream content gets the sandbox (headers.py), the stream APIs CORS, everything `nosniff`; the
     content origin answers stream content only.
     """
 

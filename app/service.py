@@ -1,7 +1,7 @@
 """The Agentuity-compatible stream service at /stream (and at the root, where Agentuity's SDK puts it).
 
 Create, list, info, append, complete, PUT and delete need an API key when keys are set; reading a stream's
-content by its URL is public (app.content serves it).
+content by its URL is public (content.py serves it).
 """
 
 from __future__ import annotations

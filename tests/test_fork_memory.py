@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from app.settings import Settings
-from app.store import NewStream, Store
+from streamhold.settings import Settings
+from streamhold.store import NewStream, Store
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app import session
-from app.main import create_app
-from app.settings import Settings
+from streamhold import session
+from streamhold.main import create_app
+from streamhold.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from app.main import create_app
-from app.settings import Settings
-from app.wire import JSON_CATCHUP_LIMIT
+from streamhold.main import create_app
+from streamhold.settings import Settings
+from streamhold.wire import JSON_CATCHUP_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 
