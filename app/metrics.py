@@ -44,11 +44,23 @@ class RequestMetrics:
             registry=self.registry,
         )
 
+        # `labels()` checks and locks on every call, several times the cost of the count itself on the
+        # append path; each label set's child is looked up once and kept.
+        self._timers: dict[Labels, Histogram] = {}
+        self._responses: dict[tuple[Labels, int], Counter] = {}
+
     def record(self, labels: Labels, status: int, seconds: float | None) -> None:
         """One response: its status, and its latency unless it was a live read (`seconds` None)."""
         if seconds is not None:
-            self.latency.labels(**dict(labels)).observe(seconds)
-        self.responses.labels(**dict(labels), code=str(status)).inc()
+            timer = self._timers.get(labels)
+            if timer is None:
+                timer = self._timers[labels] = self.latency.labels(**dict(labels))
+            timer.observe(seconds)
+        responses = self._responses.get((labels, status))
+        if responses is None:
+            child = self.responses.labels(**dict(labels), code=str(status))
+            responses = self._responses[labels, status] = child
+        responses.inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text (`CONTENT_TYPE_LATEST`)."""
@@ -95,6 +107,8 @@ def _mount_path(scope: Scope) -> str | None:
     return min(paths) if paths else None
 
 
+# Written here rather than Litestar's PrometheusMiddleware: that one keeps its metrics in the process-wide
+# registry under other names and labels, and would time a long-poll's wait as latency.
 def request_timing(app: ASGIApp) -> ASGIApp:
     """Middleware: time from request to response headers, by method and route template.
 
