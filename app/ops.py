@@ -110,7 +110,7 @@ class ServerFigures:
         yield readers
 
 
-def server_figures(state: State) -> ServerFigures:
+def _server_figures(state: State) -> ServerFigures:
     """The app's server figures, registered with its metrics on first use."""
     figures = state.get(_FIGURES_KEY)
     if figures is None:
@@ -128,7 +128,7 @@ async def metrics(request: Request[Any, Any, Any], store: NamedDependency[Store]
             summary: dict[str, Any] | None = await store.summary()
     except Exception:
         summary = None
-    figures = server_figures(state)
+    figures = _server_figures(state)
     # A collector cannot await, so the database totals are read above and handed over; nothing awaits
     # between here and the exposition, so no other scrape can interleave.
     figures.summary = summary
