@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
-from streamhold.metrics import Exposition, Histogram
+from streamhold.metrics import RequestMetrics
 from tests._cluster import (
     Channels,
     Labels,
@@ -32,6 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 
 TEXT = {"content-type": "text/plain"}
 STREAM_ROUTE = "/v1/stream"  # the protocol is one mounted handler
+LATENCY = "streamhold_http_request_duration_seconds"
+RESPONSES = "streamhold_http_responses_total"
 
 
 @pytest.fixture(params=["redis", "postgres"])
@@ -40,29 +45,27 @@ def channels(request: pytest.FixtureRequest, pg_server: str) -> Iterator[Channel
         yield opened
 
 
-def test_exposition_escapes_labels_and_builds_cumulative_buckets() -> None:
-    histogram = Histogram(buckets=(0.1, 1.0))
-    labels: Labels = (("route", 'a"b\\c\nd'),)
-    for value in (0.05, 0.1, 0.5, 7.0):
-        histogram.observe(labels, value)
-    out = Exposition()
-    out.histogram("x_seconds", "Help with a \\ and a\nnewline.", histogram)
-    out.scalar("y_total", "counter", "A counter.", 3)
-    text = out.text()
-    assert "# HELP x_seconds Help with a \\\\ and a\\nnewline.\n# TYPE x_seconds histogram\n" in text
-    assert 'x_seconds_bucket{route="a\\"b\\\\c\\nd",le="0.1"} 2\n' in text
-    samples = parse_metrics(text)
+def test_request_metrics_escape_labels_count_cumulatively_and_keep_apps_apart() -> None:
+    first, second = RequestMetrics(), RequestMetrics()
     route = 'a"b\\c\nd'
+    labels: Labels = (("method", "GET"), ("route", route))
+    for seconds in (0.001, 0.05, 0.5, 20.0):
+        first.record(labels, 200, seconds)
+    first.record(labels, 204, None)  # a live read: counted, not timed
+    text = first.exposition().decode()
+    assert 'route="a\\"b\\\\c\\nd"' in text
+    assert "_created" not in text
+    samples = parse_metrics(text)
+    gets = {"method": "GET", "route": route}
     # A value equal to a bound counts in that bound's bucket ("le" is less than or equal).
-    buckets = [metric(samples, "x_seconds_bucket", route=route, le=le) for le in ("0.1", "1", "+Inf")]
-    assert buckets == [2, 3, 4]
-    assert metric(samples, "x_seconds_count", route=route) == 4
-    assert math.isclose(metric(samples, "x_seconds_sum", route=route), 7.65)
-    assert metric(samples, "y_total") == 3
-    with pytest.raises(ValueError, match="_total"):
-        out.scalar("y", "counter", "Counters end in _total.", 1)
-    with pytest.raises(ValueError, match="twice"):
-        out.scalar("y_total", "counter", "Again.", 1)
+    buckets = [metric(samples, f"{LATENCY}_bucket", le=le, **gets) for le in ("0.001", "0.1", "1.0", "+Inf")]
+    assert buckets == [1, 2, 3, 4]
+    assert metric(samples, f"{LATENCY}_count", **gets) == 4
+    assert math.isclose(metric(samples, f"{LATENCY}_sum", **gets), 20.551)
+    assert metric(samples, RESPONSES, code="200", **gets) == 4
+    assert metric(samples, RESPONSES, code="204", **gets) == 1
+    # Each app has its own registry: the second saw nothing of the first's requests.
+    assert metric(parse_metrics(second.exposition().decode()), RESPONSES, code="200", **gets) == 0
 
 
 def check_histograms(samples: dict[str, dict[Labels, float]], name: str) -> None:
@@ -98,7 +101,7 @@ async def test_metrics_describe_streams_appends_readers_and_latency(tmp_path: Pa
             await wait_for_readers(client, server, baseline, sse=1, long_poll=1)
 
             response = await client.get(f"{server.url}/metrics")
-            assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+            assert response.headers["content-type"] == CONTENT_TYPE_LATEST
             samples = parse_metrics(response.text)
             assert metric(samples, "streamhold_database_up") == 1
             assert metric(samples, "streamhold_streams") == 2
@@ -143,6 +146,82 @@ async def test_metrics_describe_streams_appends_readers_and_latency(tmp_path: Pa
             assert metric(samples, f"{latency}_bucket", le="0.5", **gets) == 1
             assert metric(samples, f"{latency}_count", method="HEAD", route=STREAM_ROUTE) == 1
             assert metric(samples, "streamhold_open_streams") == 0
+
+
+# Every family /metrics exposes, with its Prometheus type; the README's "Operating" section lists them all.
+FAMILY_TYPES = {
+    "streamhold_database_up": "gauge",
+    "streamhold_streams": "gauge",
+    "streamhold_open_streams": "gauge",
+    "streamhold_stored_bytes": "gauge",
+    "streamhold_content_bytes": "gauge",
+    "streamhold_appends_total": "counter",
+    "streamhold_appended_bytes_total": "counter",
+    "streamhold_commits_total": "counter",
+    "streamhold_live_readers": "gauge",
+    "streamhold_doorbells_sent_total": "counter",
+    "streamhold_doorbells_received_total": "counter",
+    "streamhold_doorbell_publish_failures_total": "counter",
+    "streamhold_channels_connected": "gauge",
+    "streamhold_channels_resubscribed_total": "counter",
+    "streamhold_http_responses_total": "counter",
+    "streamhold_live_requests_total": "counter",
+    "streamhold_http_request_duration_seconds": "histogram",
+}
+
+
+def documented_families() -> dict[str, set[str]]:
+    """The metric names (with their label names) the README's "Operating" section lists for /metrics."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Operating") :]
+    section = section[: section.index("\n## ")]
+    found = re.findall(r"`(streamhold_[a-z_]+)(?:\{([a-z,]+)\})?`", section)
+    return {name: set(labels.split(",")) if labels else set() for name, labels in found}
+
+
+def families(text: str) -> dict[str, tuple[str, set[str], dict[tuple[str, Labels], float]]]:
+    """By exposed name (counters with `_total`): type, label names (not `le`) and samples, per the parser."""
+    out: dict[str, tuple[str, set[str], dict[tuple[str, Labels], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        labels = {key for sample in family.samples for key in sample.labels if key != "le"}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+        out[name] = (family.type, labels, samples)
+    return out
+
+
+async def test_metrics_parse_with_the_documented_names_types_and_labels(tmp_path: Path) -> None:
+    assert documented_families().keys() == FAMILY_TYPES.keys()
+    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(tmp_path)}) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = f"{server.url}/v1/stream/parsed"
+            assert (await client.put(url, headers=TEXT)).status_code == 201
+            before = families((await client.get(f"{server.url}/metrics")).text)
+            for body in (b"one", b"three"):
+                assert (await client.post(url, content=body, headers=TEXT)).status_code == 204
+            # A long-poll from the start answers at once, and counts as a live read all the same.
+            read = await client.get(url, params={"offset": "-1", "live": "long-poll"})
+            assert read.content == b"onethree"
+            after = families((await client.get(f"{server.url}/metrics")).text)
+
+    assert after.keys() == FAMILY_TYPES.keys()  # no other names (no `_created` series)
+    for name, labels in documented_families().items():
+        assert (after[name][0], after[name][1]) == (FAMILY_TYPES[name], labels), name
+
+    def moved(name: str, sample: str, **labels: str) -> float:
+        key = (sample, tuple(sorted(labels.items())))
+        return after[name][2][key] - before[name][2].get(key, 0.0)
+
+    assert moved("streamhold_appends_total", "streamhold_appends_total") == 2
+    assert moved("streamhold_appended_bytes_total", "streamhold_appended_bytes_total") == 8
+    assert moved("streamhold_commits_total", "streamhold_commits_total") >= 1
+    posts = {"method": "POST", "route": STREAM_ROUTE}
+    assert moved(RESPONSES, RESPONSES, code="204", **posts) == 2
+    assert moved(LATENCY, f"{LATENCY}_count", **posts) == 2
+    assert moved(LATENCY, f"{LATENCY}_bucket", le="+Inf", **posts) == 2
+    assert moved("streamhold_live_requests_total", "streamhold_live_requests_total", mode="long-poll") == 1
+    assert after["streamhold_content_bytes"][2][("streamhold_content_bytes", ())] == 8
+    assert after["streamhold_database_up"][2][("streamhold_database_up", ())] == 1
 
 
 async def test_readyz_follows_the_channels_backend(channels: Channels, pg_url: str, tmp_path: Path) -> None:

@@ -28,9 +28,13 @@ from streamhold.main import create_app
 from streamhold.sdk import StreamService
 from streamhold.settings import Settings
 from streamhold.store import Store
+from tests._cluster import Labels, metric, parse_metrics
 from tests._server import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)
+
+RESPONSES = "streamhold_http_responses_total"
+READERS = "streamhold_live_readers"
 
 
 @post("/test/write/{stream_id:str}", status_code=204)
@@ -39,6 +43,11 @@ async def write_in_process(
 ) -> None:
     """Appends through the in-process store (not the protocol), the way an agent in this process would."""
     await stream.store.append(stream_id, await request.body())  # type: ignore[attr-defined]
+
+
+async def scrape(http: httpx.AsyncClient, url: str) -> dict[str, dict[Labels, float]]:
+    """The server's metric samples by name."""
+    return parse_metrics((await http.get(f"{url}/metrics")).text)
 
 
 class ThreadServer:
@@ -204,11 +213,9 @@ async def test_appends_answer_with_the_api_headers_even_when_they_fail(
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["content-security-policy"] == "sandbox"
         assert response.headers["access-control-allow-origin"] == "*"
-    figures = (await client.get(f"{live_server.url}/metrics")).text
+    figures = await scrape(client, live_server.url)
     for code in ("204", "404", "500"):
-        assert (
-            f'streamhold_http_responses_total{{method="POST",route="/v1/stream",code="{code}"}} 1' in figures
-        )
+        assert metric(figures, RESPONSES, method="POST", route="/v1/stream", code=code) == 1
 
 
 @pytest.mark.parametrize("name", ["a//b", "a/../b", "./x", "trailing/", "ctl%01char", "x" * 513])
@@ -285,9 +292,9 @@ async def test_a_large_body_goes_to_disk_as_it_arrives_and_a_cut_one_commits_not
             with socket.create_connection(("127.0.0.1", server.port)) as sock:
                 sock.sendall(_octets_head("spooled", len(body)) + body[: len(body) // 2])
                 await asyncio.sleep(0.2)  # the server has half of the body; then the client goes away
-            cut = 'streamhold_http_responses_total{method="POST",route="/v1/stream",code="400"} 1'
+            cut = {"method": "POST", "route": "/v1/stream", "code": "400"}
             deadline = time.monotonic() + 5
-            while cut not in (await http.get(f"{server.url}/metrics")).text:
+            while metric(await scrape(http, server.url), RESPONSES, **cut) != 1:
                 assert time.monotonic() < deadline, "the cut-off append was not answered"
                 await asyncio.sleep(0.05)
             assert (await http.post(url, content=body, headers=octets)).status_code == 204
@@ -350,14 +357,10 @@ async def test_a_long_poll_reader_that_leaves_is_freed_at_once(tmp_path: Path) -
             await http.put(url, headers={"content-type": "text/plain"})
             polling = asyncio.create_task(http.get(url, params={"offset": "now", "live": "long-poll"}))
             await asyncio.sleep(0.5)
-            metrics = (await http.get(f"{server.url}/metrics")).text
-            assert 'streamhold_live_readers{kind="long-poll"} 1' in metrics
+            assert metric(await scrape(http, server.url), READERS, kind="long-poll") == 1
             polling.cancel()  # the client goes away mid-wait
             deadline = time.monotonic() + 5
-            while (
-                'streamhold_live_readers{kind="long-poll"} 0'
-                not in (await http.get(f"{server.url}/metrics")).text
-            ):
+            while metric(await scrape(http, server.url), READERS, kind="long-poll"):
                 assert time.monotonic() < deadline, (
                     "the long-poll kept its registration after the client left"
                 )
