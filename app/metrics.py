@@ -63,7 +63,7 @@ class RequestMetrics:
         responses.inc()
 
     def exposition(self) -> bytes:
-        """The registry in Prometheus text (`CONTENT_TYPE_LATEST`)."""
+        """The registry in Prometheus text (`CONTENT_TYPE_PLAIN_0_0_4`)."""
         return generate_latest(_WithoutCreated(self.registry))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -134,7 +134,7 @@ async def metrics(request: Request[Any, Any, Any], store: NamedDependency[Store]
     figures.summary = summary
     body = request_metrics(state).exposition()
     # Given as a header: Litestar would append a second charset to a text media type.
-    return Response(body, headers={**NO_STORE, "content-type": CONTENT_TYPE_LATEST})
+    return Response(body, headers={**NO_STORE, "content-type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
 routes = [healthz, readyz, metrics]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamhold.metrics import RequestMetrics
@@ -101,7 +101,7 @@ async def test_metrics_describe_streams_appends_readers_and_latency(tmp_path: Pa
             await wait_for_readers(client, server, baseline, sse=1, long_poll=1)
 
             response = await client.get(f"{server.url}/metrics")
-            assert response.headers["content-type"] == CONTENT_TYPE_LATEST
+            assert response.headers["content-type"] == CONTENT_TYPE_PLAIN_0_0_4
             samples = parse_metrics(response.text)
             assert metric(samples, "streamhold_database_up") == 1
             assert metric(samples, "streamhold_streams") == 2
