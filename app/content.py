@@ -23,7 +23,7 @@ from .checks import count
 from .live import LiveHub
 from .models import InvalidRequestError, StreamError, StreamState
 from .settings import Settings
-from .store import Store
+from .store.store import Store
 from .wire import BODY_SLICE, parse_query, respond, single
 
 TAIL_SLICE = 64 * 1024

@@ -25,7 +25,7 @@ from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_li
 from .live import LiveHub
 from .models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
 from .settings import Settings
-from .store import Store
+from .store.store import Store
 
 PAGE_SIZE = 50
 SORTS = {"created": "desc", "size": "desc", "namespace": "asc"}

@@ -23,7 +23,7 @@ from .live import LiveHub
 from .models import StreamError
 from .sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
 from .settings import Settings
-from .store import Store
+from .store.store import Store
 
 log = logging.getLogger("streamhold")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from . import clock
+from .store import clock
 
 DEFAULT_TTL = 30 * 86400
 MIN_TTL = 60

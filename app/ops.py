@@ -10,7 +10,7 @@ from litestar.di import NamedDependency
 
 from .live import LiveHub
 from .metrics import CONTENT_TYPE, Exposition, request_metrics, request_timing
-from .store import Store
+from .store.store import Store
 
 __all__ = ["healthz", "metrics", "readyz", "request_timing", "routes"]
 

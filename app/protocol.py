@@ -18,7 +18,6 @@ from litestar.types import Receive, Scope, Send
 
 from . import checks
 from .auth import check_key, require_key
-from .chunk_files import FILE_CHUNK_MIN, Spool
 from .metrics import request_metrics
 from .models import (
     AppendResult,
@@ -35,7 +34,9 @@ from .models import (
 )
 from .protocol_reads import read_stream
 from .settings import Settings
-from .store import NewStream, Store
+from .store.chunk_files import FILE_CHUNK_MIN, Spool
+from .store.store import NewStream, Store
+from .store.writer import media_type
 from .wire import (
     API_RESPONSE_HEADERS,
     PREFIX,
@@ -55,7 +56,6 @@ from .wire import (
     state_headers,
     stream_name,
 )
-from .writer import media_type
 
 APPEND_LABELS = (("method", "POST"), ("route", PREFIX))
 log = logging.getLogger("streamhold.protocol")

@@ -29,7 +29,7 @@ from .models import (
     split_offset,
 )
 from .settings import Settings
-from .store import Store
+from .store.store import Store
 from .wire import (
     BODY_SLICE,
     CATCHUP_LIMIT,

@@ -300,7 +300,7 @@ class LocalStreams(StreamService):
         metadata: Mapping[str, str] | None = None,
         ttl: int | float | None = UNSET,
     ) -> Stream:
-        from .store import NewStream
+        from .store.store import NewStream
 
         meta, seconds = check_create(namespace, content_type, metadata, ttl)
         state, _ = await self.store.create(
@@ -460,7 +460,7 @@ def create_agent_context(
 
             return await stack.enter_async_context(RemoteStreams(url, api_key=key or None))
         from .live import LiveHub
-        from .store import Store
+        from .store.store import Store
 
         resolved = settings or Settings.from_env()
         store = await stack.enter_async_context(Store.open(resolved))

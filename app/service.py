@@ -36,7 +36,7 @@ from .models import (
 )
 from .sdk import info_from_state
 from .settings import Settings
-from .store import NewStream, Store
+from .store.store import NewStream, Store
 from .wire import frame_json, read_body, respond
 
 BASES = ("/stream", "")  # the documented prefix, and the root that the SDK's own base URL implies

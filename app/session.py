@@ -16,7 +16,7 @@ from litestar.datastructures import Cookie
 from . import guard
 from .auth import key_is_valid
 from .settings import Settings
-from .store import Store
+from .store.store import Store
 
 COOKIE = "streamhold_session"
 CSRF_HEADER = "x-csrf-token"

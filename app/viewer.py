@@ -28,9 +28,9 @@ from .models import StreamError, StreamState, iso
 from .protocol_reads import whole_utf8 as protocol_whole_utf8
 from .sdk import AgentContext
 from .settings import Settings
-from .store import Store
+from .store.store import Store
+from .store.writer import media_type
 from .wire import BODY_SLICE, PREFIX, is_text, live_state, stream_name
-from .writer import media_type
 
 WINDOW = 256 * 1024
 JSON_LOOKBACK = 1024 * 1024

@@ -15,7 +15,6 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
 from . import checks
-from .chunk_files import Spool
 from .headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
 from .live import LiveHub
 from .models import (
@@ -32,8 +31,9 @@ from .models import (
     format_offset,
 )
 from .settings import Settings
-from .store import Store
-from .writer import media_type
+from .store.chunk_files import Spool
+from .store.store import Store
+from .store.writer import media_type
 
 PREFIX = "/v1/stream"
 CATCHUP_LIMIT = 32 * 1024 * 1024

@@ -26,7 +26,7 @@ from streamhold.live import LiveHub
 from streamhold.main import create_app
 from streamhold.sdk import AgentContext, LocalStreams, create_agent_context
 from streamhold.settings import Settings
-from streamhold.store import Store
+from streamhold.store.store import Store
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,7 +21,7 @@ from streamhold.live import LiveHub
 from streamhold.sdk import LocalStreams
 from streamhold.sdk_remote import RemoteStreams
 from streamhold.settings import Settings
-from streamhold.store import Store
+from streamhold.store.store import Store
 from tests._server import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)

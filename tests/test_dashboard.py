@@ -23,7 +23,7 @@ from streamhold.dashboard import Rate, View
 from streamhold.main import create_app
 from streamhold.models import new_stream_id
 from streamhold.settings import Settings
-from streamhold.store import chunks, metadata_pairs, streams
+from streamhold.store.store import chunks, metadata_pairs, streams
 
 pytestmark = pytest.mark.timeout(120)
 

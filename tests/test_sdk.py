@@ -13,7 +13,7 @@ from streamhold.live import LiveHub
 from streamhold.models import PayloadTooLargeError, StreamClosedError, StreamNotFoundError
 from streamhold.sdk import LocalStreams, StreamService
 from streamhold.settings import Settings
-from streamhold.store import Store
+from streamhold.store.store import Store
 
 pytestmark = pytest.mark.timeout(120)
 

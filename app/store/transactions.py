@@ -15,9 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
-from . import clock
-from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
-from .models import (
+from ..models import (
     ContentTypeMismatchError,
     InvalidRequestError,
     StreamConflictError,
@@ -26,6 +24,8 @@ from .models import (
     StreamState,
     new_stream_id,
 )
+from . import clock
+from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from .statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
 from .tables import ChunkRow, CounterRow, GzipChunkRow, MetadataRow, ProducerRow, StreamRow
 from .writer import Change, media_type

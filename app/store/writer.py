@@ -17,9 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from . import clock
-from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
-from .models import (
+from ..models import (
     AppendResult,
     ContentTypeMismatchError,
     InvalidRequestError,
@@ -33,6 +31,8 @@ from .models import (
     StreamNotFoundError,
     StreamState,
 )
+from . import clock
+from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from .statements import Prepared, Statements, state_from_tuple
 
 log = logging.getLogger("streamhold.writer")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
-from .models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
+from ..models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
 
 
 class StreamRow(SQLModel, table=True):
