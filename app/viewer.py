@@ -24,13 +24,14 @@ from markupsafe import Markup, escape
 from . import demo, session
 from .auth import bearer, require_key
 from .headers import content_headers
+from .http.responses import BODY_SLICE
 from .models import StreamError, StreamState, iso
-from .protocol_reads import whole_utf8 as protocol_whole_utf8
+from .protocol.reads import whole_utf8 as protocol_whole_utf8
+from .protocol.wire import PREFIX, is_text, live_state, stream_name
 from .sdk import AgentContext
 from .settings import Settings
 from .store.store import Store
 from .store.writer import media_type
-from .wire import BODY_SLICE, PREFIX, is_text, live_state, stream_name
 
 WINDOW = 256 * 1024
 JSON_LOOKBACK = 1024 * 1024

@@ -52,9 +52,12 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             # `import streamhold.a.b` also runs the packages above it; count the nearest known one.
             while target and target not in known:
                 target = target.rpartition(".")[0]
-            if target and target != name:
-                found.add(target)
-    # A package's __init__ runs before any of its modules; that edge is the interpreter's, not a cycle.
+            # Importing a module first runs its packages' __init__ files: a heavy __init__ can close a cycle.
+            while target and target != PACKAGE:
+                if target != name:
+                    found.add(target)
+                target = target.rpartition(".")[0]
+    # A module's own packages are already running when it is imported: those edges are no cycle.
     return {target for target in found if not name.startswith(target + ".")}
 
 

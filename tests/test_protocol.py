@@ -22,8 +22,8 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from streamhold import wire
 from streamhold.main import create_app
+from streamhold.protocol import wire
 from streamhold.sdk import StreamService
 from streamhold.settings import Settings
 from streamhold.store.chunk_files import FILE_CHUNK_MIN

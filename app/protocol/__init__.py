@@ -16,10 +16,11 @@ from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
-from . import checks
-from .auth import check_key, require_key
-from .metrics import request_metrics
-from .models import (
+from .. import checks
+from ..auth import check_key, require_key
+from ..http.responses import respond
+from ..metrics import request_metrics
+from ..models import (
     AppendResult,
     ContentTypeMismatchError,
     InvalidRequestError,
@@ -32,11 +33,11 @@ from .models import (
     offset_belongs,
     split_offset,
 )
-from .protocol_reads import read_stream
-from .settings import Settings
-from .store.chunk_files import FILE_CHUNK_MIN, Spool
-from .store.store import NewStream, Store
-from .store.writer import media_type
+from ..settings import Settings
+from ..store.chunk_files import FILE_CHUNK_MIN, Spool
+from ..store.store import NewStream, Store
+from ..store.writer import media_type
+from .reads import read_stream
 from .wire import (
     API_RESPONSE_HEADERS,
     PREFIX,
@@ -52,7 +53,6 @@ from .wire import (
     read_body,
     receive_body,
     request_name,
-    respond,
     state_headers,
     stream_name,
 )

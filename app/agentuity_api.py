@@ -21,6 +21,7 @@ from litestar.response.base import ASGIResponse
 from . import checks
 from .auth import require_key
 from .content import RangeNotSatisfiableError, respond_with_content
+from .http.responses import respond
 from .live import LiveHub
 from .models import (
     DEFAULT_TTL,
@@ -34,10 +35,10 @@ from .models import (
     clamp_ttl,
     iso,
 )
+from .protocol.wire import frame_json, read_body
 from .sdk import info_from_state
 from .settings import Settings
 from .store.store import NewStream, Store
-from .wire import frame_json, read_body, respond
 
 BASES = ("/stream", "")  # the documented prefix, and the root that the SDK's own base URL implies
 JSON_LIMIT = 1024 * 1024
