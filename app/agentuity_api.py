@@ -19,8 +19,8 @@ from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
 from . import checks
-from .auth import require_key
-from .content import RangeNotSatisfiableError, respond_with_content
+from .http.auth import require_key
+from .http.content import RangeNotSatisfiableError, respond_with_content
 from .http.responses import respond
 from .live import LiveHub
 from .models import (

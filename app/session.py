@@ -13,8 +13,8 @@ from urllib.parse import quote, urlsplit
 from litestar import Request, Response
 from litestar.datastructures import Cookie
 
-from . import guard
-from .auth import key_is_valid
+from .http import guard
+from .http.auth import key_is_valid
 from .settings import Settings
 from .store.store import Store
 

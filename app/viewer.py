@@ -22,8 +22,8 @@ from litestar.response import Redirect, Stream, Template
 from markupsafe import Markup, escape
 
 from . import demo, session
-from .auth import bearer, require_key
-from .headers import content_headers
+from .http.auth import bearer, require_key
+from .http.headers import content_headers
 from .http.responses import BODY_SLICE
 from .models import StreamError, StreamState, iso
 from .protocol.reads import whole_utf8 as protocol_whole_utf8

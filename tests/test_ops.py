@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streamhold.metrics import Exposition, Histogram
+from streamhold.http.metrics import Exposition, Histogram
 from tests._cluster import (
     Channels,
     Labels,

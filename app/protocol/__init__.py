@@ -17,9 +17,9 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
 from .. import checks
-from ..auth import check_key, require_key
+from ..http.auth import check_key, require_key
+from ..http.metrics import request_metrics
 from ..http.responses import respond
-from ..metrics import request_metrics
 from ..models import (
     AppendResult,
     ContentTypeMismatchError,

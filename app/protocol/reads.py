@@ -15,8 +15,8 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
-from ..content import _Body as CutOffBody
-from ..content import _Cut as Cut
+from ..http.content import _Body as CutOffBody
+from ..http.content import _Cut as Cut
 from ..http.responses import BODY_SLICE, parse_query, respond, single
 from ..live import LiveHub
 from ..models import (

@@ -15,7 +15,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
 from .. import checks
-from ..headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
+from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
 from ..http.responses import respond
 from ..live import LiveHub
 from ..models import (

@@ -8,9 +8,9 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
 
-from .live import LiveHub
+from ..live import LiveHub
+from ..store.store import Store
 from .metrics import CONTENT_TYPE, Exposition, request_metrics, request_timing
-from .store.store import Store
 
 __all__ = ["healthz", "metrics", "readyz", "request_timing", "routes"]
 
