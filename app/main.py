@@ -18,13 +18,14 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import agentuity_api, dashboard, protocol, viewer
+from . import agentuity_api, protocol
 from .http import guard, headers, ops
 from .live import LiveHub
 from .models import StreamError
 from .sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
 from .settings import Settings
 from .store.store import Store
+from .web import dashboard, viewer
 
 log = logging.getLogger("streamhold")
 

@@ -18,7 +18,7 @@ from streamhold.main import create_app
 from streamhold.models import format_offset
 from streamhold.sdk import create_agent_context
 from streamhold.settings import Settings
-from streamhold.viewer import WINDOW, view_kind
+from streamhold.web.viewer import WINDOW, view_kind
 
 pytestmark = pytest.mark.timeout(60)
 

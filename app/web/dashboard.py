@@ -19,13 +19,13 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
+from ..checks import count
+from ..live import LiveHub
+from ..models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
+from ..settings import Settings
+from ..store.store import Store
 from . import session
-from .checks import count
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
-from .live import LiveHub
-from .models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
-from .settings import Settings
-from .store.store import Store
 
 PAGE_SIZE = 50
 SORTS = {"created": "desc", "size": "desc", "namespace": "asc"}

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .live import LiveHub
-from .models import StreamState, iso
-from .sdk import viewer_url
+from ..live import LiveHub
+from ..models import StreamState, iso
+from ..sdk import viewer_url
 
 if TYPE_CHECKING:  # only for annotations; the dashboard module imports this one at run time
     from .dashboard import View

@@ -13,10 +13,10 @@ from urllib.parse import quote, urlsplit
 from litestar import Request, Response
 from litestar.datastructures import Cookie
 
-from .http import guard
-from .http.auth import key_is_valid
-from .settings import Settings
-from .store.store import Store
+from ..http import guard
+from ..http.auth import key_is_valid
+from ..settings import Settings
+from ..store.store import Store
 
 COOKIE = "streamhold_session"
 CSRF_HEADER = "x-csrf-token"
