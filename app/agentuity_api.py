@@ -36,7 +36,7 @@ from .models import (
     iso,
 )
 from .protocol.wire import frame_json, read_body
-from .sdk import info_from_state
+from .sdk.local import info_from_state
 from .settings import Settings
 from .store.store import NewStream, Store
 

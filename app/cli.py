@@ -27,8 +27,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .checks import shown
 from .models import StreamError
-from .sdk import UNSET, StreamInfo
-from .sdk_remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
+from .sdk.base import UNSET, StreamInfo
+from .sdk.remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
 from .settings import Settings, SettingsError
 
 T = TypeVar("T")

@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 
 from .models import iso
-from .sdk import AgentContext, Stream
+from .sdk.base import Stream
+from .sdk.context import AgentContext
 from .settings import Settings
 
 DEMO_TTL = 24 * 3600

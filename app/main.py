@@ -22,7 +22,9 @@ from . import agentuity_api, protocol
 from .http import guard, headers, ops
 from .live import LiveHub
 from .models import StreamError
-from .sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
+from .sdk.base import StreamService
+from .sdk.context import AgentContext, AgentRuntime
+from .sdk.local import LocalStreams
 from .settings import Settings
 from .store.store import Store
 from .web import dashboard, viewer

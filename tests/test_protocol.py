@@ -24,7 +24,7 @@ from litestar.params import FromPath
 
 from streamhold.main import create_app
 from streamhold.protocol import wire
-from streamhold.sdk import StreamService
+from streamhold.sdk.base import StreamService
 from streamhold.settings import Settings
 from streamhold.store.chunk_files import FILE_CHUNK_MIN
 from streamhold.store.store import Store

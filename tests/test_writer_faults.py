@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from streamhold.live import LiveHub
-from streamhold.sdk import LocalStreams
+from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings
 from streamhold.store import chunk_files
 from streamhold.store.store import Store

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..live import LiveHub
 from ..models import StreamState, iso
-from ..sdk import viewer_url
+from ..sdk.base import viewer_url
 
 if TYPE_CHECKING:  # only for annotations; the dashboard module imports this one at run time
     from .dashboard import View

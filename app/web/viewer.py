@@ -28,7 +28,7 @@ from ..http.responses import BODY_SLICE
 from ..models import StreamError, StreamState, iso
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
 from ..protocol.wire import PREFIX, is_text, live_state, stream_name
-from ..sdk import AgentContext
+from ..sdk.context import AgentContext
 from ..settings import Settings
 from ..store.store import Store
 from ..store.writer import media_type
