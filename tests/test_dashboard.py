@@ -23,7 +23,8 @@ from streamhold.models import new_stream_id
 from streamhold.settings import Settings
 from streamhold.store.store import chunks, metadata_pairs, streams
 from streamhold.web import session
-from streamhold.web.dashboard import Rate, View
+from streamhold.web.dashboard import Rate
+from streamhold.web.dashboard_query import View
 
 pytestmark = pytest.mark.timeout(120)
 
