@@ -34,9 +34,9 @@ from ..models import (
     split_offset,
 )
 from ..settings import Settings
+from ..store.appends import media_type
 from ..store.chunk_files import FILE_CHUNK_MIN, Spool
 from ..store.store import NewStream, Store
-from ..store.writer import media_type
 from .reads import read_stream
 from .wire import (
     API_RESPONSE_HEADERS,

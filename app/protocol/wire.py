@@ -32,9 +32,9 @@ from ..models import (
     format_offset,
 )
 from ..settings import Settings
+from ..store.appends import media_type
 from ..store.chunk_files import Spool
 from ..store.store import Store
-from ..store.writer import media_type
 
 PREFIX = "/v1/stream"
 CATCHUP_LIMIT = 32 * 1024 * 1024

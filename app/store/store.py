@@ -39,12 +39,13 @@ from ..models import (
 )
 from ..settings import Settings
 from . import chunk_files, clock, transactions
+from .appends import AppendOp
 from .chunk_files import ChunkFiles, Spool
 from .engines import make_engines
 from .statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
 from .tables import ChunkRow, GzipChunkRow, MetadataRow, ProducerRow, SessionRow, StreamRow
 from .transactions import NewStream
-from .writer import AppendOp, Change, Writer
+from .writer import Change, Writer
 
 log = logging.getLogger("streamhold.store")
 

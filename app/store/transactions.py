@@ -25,10 +25,11 @@ from ..models import (
     new_stream_id,
 )
 from . import clock
+from .appends import media_type
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from .statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
 from .tables import ChunkRow, CounterRow, GzipChunkRow, MetadataRow, ProducerRow, StreamRow
-from .writer import Change, media_type
+from .writer import Change
 
 streams = StreamRow.__table__
 chunks = ChunkRow.__table__

@@ -30,8 +30,8 @@ from ..protocol.reads import whole_utf8 as protocol_whole_utf8
 from ..protocol.wire import PREFIX, is_text, live_state, stream_name
 from ..sdk.context import AgentContext
 from ..settings import Settings
+from ..store.appends import media_type
 from ..store.store import Store
-from ..store.writer import media_type
 from . import session
 
 WINDOW = 256 * 1024
