@@ -25,16 +25,17 @@ if TYPE_CHECKING:
         StreamGoneError,
         StreamNotFoundError,
     )
-    from .sdk import AgentContext, StreamService, create_agent_context
-    from .sdk_remote import RemoteStreamError, RemoteStreams, ServerUnavailableError, UnauthorizedError
+    from .sdk.base import StreamService
+    from .sdk.context import AgentContext, create_agent_context
+    from .sdk.remote import RemoteStreamError, RemoteStreams, ServerUnavailableError, UnauthorizedError
     from .settings import Settings, SettingsError
 
 _WHERE = {
     "create_app": "main",
-    "create_agent_context": "sdk",
-    "AgentContext": "sdk",
-    "StreamService": "sdk",
-    "RemoteStreams": "sdk_remote",
+    "create_agent_context": "sdk.context",
+    "AgentContext": "sdk.context",
+    "StreamService": "sdk.base",
+    "RemoteStreams": "sdk.remote",
     "Settings": "settings",
     "SettingsError": "settings",
     "StreamError": "models",
@@ -50,9 +51,9 @@ _WHERE = {
     "PayloadTooLargeError": "models",
     "InvalidRequestError": "models",
     "InvalidInputError": "checks",
-    "RemoteStreamError": "sdk_remote",
-    "ServerUnavailableError": "sdk_remote",
-    "UnauthorizedError": "sdk_remote",
+    "RemoteStreamError": "sdk.remote",
+    "ServerUnavailableError": "sdk.remote",
+    "UnauthorizedError": "sdk.remote",
 }
 
 __all__ = [

@@ -27,8 +27,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .checks import shown
 from .models import StreamError
-from .sdk import UNSET, StreamInfo
-from .sdk_remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
+from .sdk.base import UNSET, StreamInfo
+from .sdk.remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
 from .settings import Settings, SettingsError
 
 T = TypeVar("T")
@@ -268,7 +268,7 @@ def serve(
 @click.option("--linger", default=600.0, show_default=True, help="Seconds the in-process server stays up.")
 def demo(url: str = "", in_process: bool = False, port: int = 0, linger: float = 600.0) -> None:
     """Stream a simulated (or configured real) LLM answer into the live viewer and print its URL."""
-    from .demo import cli_demo
+    from .demo_cli import cli_demo
 
     try:
         cli_demo(url, port, linger, in_process, click.echo)

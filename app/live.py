@@ -24,8 +24,8 @@ from psycopg import AsyncConnection
 
 from .models import StreamState
 from .settings import Settings
-from .store import Store
-from .writer import Change
+from .store.store import Store
+from .store.writer import Change
 
 K = TypeVar("K")
 V = TypeVar("V")

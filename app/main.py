@@ -18,12 +18,16 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import dashboard, guard, headers, ops, protocol, service, viewer
+from . import agentuity_api, protocol
+from .http import guard, headers, ops
 from .live import LiveHub
 from .models import StreamError
-from .sdk import AgentContext, AgentRuntime, LocalStreams, StreamService
+from .sdk.base import StreamService
+from .sdk.context import AgentContext, AgentRuntime
+from .sdk.local import LocalStreams
 from .settings import Settings
-from .store import Store
+from .store.store import Store
+from .web import dashboard, viewer
 
 log = logging.getLogger("streamhold")
 
@@ -156,7 +160,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
         return AgentContext(state.runtime)
 
     routes: list[Any] = [
-        Router("/", route_handlers=[*protocol.routes, *service.routes], opt={"stream_api": True}),
+        Router("/", route_handlers=[*protocol.routes, *agentuity_api.routes], opt={"stream_api": True}),
         *ops.routes,
         *dashboard.routes,
         *viewer.routes,

@@ -1,4 +1,4 @@
-"""The vocabulary: value types, offsets, ids and domain errors (the tables are in tables.py)."""
+"""The vocabulary: value types, offsets, ids and domain errors (the tables are in store/tables.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from . import clock
+from .store import clock
 
 DEFAULT_TTL = 30 * 86400
 MIN_TTL = 60
@@ -55,7 +55,7 @@ class StreamState:
         return self.closed_at is not None
 
     def expired(self, now: float | None = None) -> bool:
-        """Whether it has expired by `now`, or else by the clock expiry is judged by (app/clock.py)."""
+        """Whether it has expired by `now`, or else by the clock expiry is judged by (app/store/clock.py)."""
         return self.expires_at is not None and self.expires_at <= (clock.now() if now is None else now)
 
     @classmethod

@@ -41,7 +41,8 @@ async def _write_all(streams: Any, name: str, writes: int, await_each: bool) -> 
 async def sdk_writes(writes: int, data_dir: Path) -> dict[str, Any]:
     """Write 16-byte chunks to one stream through `create_agent_context()`: writes/s until durable."""
     os.environ["STREAMHOLD_DATA_DIR"] = str(data_dir)
-    from streamhold.sdk import create_agent_context  # lazily: the harness must work without Streamhold
+    # Imported here, lazily: the harness must work without Streamhold.
+    from streamhold.sdk.context import create_agent_context
     from streamhold.settings import Settings
 
     settings = Settings.from_env()

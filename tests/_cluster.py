@@ -427,7 +427,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 SDK_WRITER = """
 import asyncio, sys, time
-from streamhold.sdk import create_agent_context
+from streamhold.sdk.context import create_agent_context
 
 async def main(count: int, gap: float) -> None:
     async with create_agent_context() as ctx:

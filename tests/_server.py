@@ -25,7 +25,7 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-LOOPBACK = f"http://{HOST}"  # a keyless server answers only loopback Hosts (see app/guard.py)
+LOOPBACK = f"http://{HOST}"  # a keyless server answers only loopback Hosts (see app/http/guard.py)
 
 CommandFactory = Callable[[int], Sequence[str]]
 

@@ -24,9 +24,10 @@ from litestar.testing import AsyncTestClient
 
 from streamhold.live import LiveHub
 from streamhold.main import create_app
-from streamhold.sdk import AgentContext, LocalStreams, create_agent_context
+from streamhold.sdk.context import AgentContext, create_agent_context
+from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings
-from streamhold.store import Store
+from streamhold.store.store import Store
 
 pytestmark = pytest.mark.timeout(60)
 

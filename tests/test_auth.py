@@ -13,9 +13,9 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from streamhold.auth import key_is_valid
+from streamhold.http.auth import key_is_valid
 from streamhold.main import create_app
-from streamhold.sdk_remote import RemoteStreams, UnauthorizedError
+from streamhold.sdk.remote import RemoteStreams, UnauthorizedError
 from streamhold.settings import Settings
 from tests._server import REPO_ROOT, ServerProcess, free_port
 

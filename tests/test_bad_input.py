@@ -18,10 +18,10 @@ import psutil
 import pytest
 
 from streamhold.live import LiveHub
-from streamhold.sdk import LocalStreams
-from streamhold.sdk_remote import RemoteStreams
+from streamhold.sdk.local import LocalStreams
+from streamhold.sdk.remote import RemoteStreams
 from streamhold.settings import Settings
-from streamhold.store import Store
+from streamhold.store.store import Store
 from tests._server import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)

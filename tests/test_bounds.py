@@ -21,10 +21,10 @@ import psutil
 import pytest
 from sqlalchemy import select, update
 
-from streamhold import transactions
 from streamhold.settings import Settings
-from streamhold.store import NewStream, Store
-from streamhold.tables import GzipChunkRow, StreamRow
+from streamhold.store import transactions
+from streamhold.store.store import NewStream, Store
+from streamhold.store.tables import GzipChunkRow, StreamRow
 from tests._server import ServerProcess
 
 MIB = 1024 * 1024

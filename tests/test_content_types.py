@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from streamhold.headers import is_active
+from streamhold.http.headers import is_active
 from streamhold.main import create_app
 from streamhold.settings import Settings
 

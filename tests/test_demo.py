@@ -22,7 +22,7 @@ from litestar.testing import AsyncTestClient
 from streamhold import demo
 from streamhold.cli import main as cli
 from streamhold.main import create_app
-from streamhold.sdk import AgentContext, create_agent_context
+from streamhold.sdk.context import AgentContext, create_agent_context
 from streamhold.settings import Settings
 from tests._server import ServerProcess, free_port
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streamhold.chunk_files import FILE_CHUNK_MIN
 from streamhold.models import parse_offset
+from streamhold.store.chunk_files import FILE_CHUNK_MIN
 from tests._server import ServerProcess
 
 pytestmark = pytest.mark.timeout(240)

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import event
 
 from streamhold.settings import Settings
-from streamhold.store import NewStream, Store
+from streamhold.store.store import NewStream, Store
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from streamhold import chunk_files, transactions
 from streamhold.settings import Settings
-from streamhold.store import NewStream, Store
-from streamhold.tables import ChunkRow, StreamRow
+from streamhold.store import chunk_files, transactions
+from streamhold.store.store import NewStream, Store
+from streamhold.store.tables import ChunkRow, StreamRow
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from streamhold import session
 from streamhold.main import create_app
 from streamhold.settings import Settings
+from streamhold.web import session
 
 pytestmark = pytest.mark.timeout(60)
 

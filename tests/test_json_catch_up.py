@@ -10,8 +10,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from streamhold.main import create_app
+from streamhold.protocol.wire import JSON_CATCHUP_LIMIT
 from streamhold.settings import Settings
-from streamhold.wire import JSON_CATCHUP_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamhold.metrics import RequestMetrics
+from streamhold.http.metrics import RequestMetrics
 from tests._cluster import (
     Channels,
     Labels,

@@ -139,7 +139,7 @@ def test_the_remote_client_does_not_import_sqlalchemy(installed: Installed) -> N
         """
 import json, sys
 from streamhold import RemoteStreams, StreamError
-import streamhold.sdk_remote
+import streamhold.sdk.remote
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "sqlmodel", "litestar"))))
 """,
     )

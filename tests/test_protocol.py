@@ -22,12 +22,12 @@ from litestar import Request, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from streamhold import wire
-from streamhold.chunk_files import FILE_CHUNK_MIN
 from streamhold.main import create_app
-from streamhold.sdk import StreamService
+from streamhold.protocol import wire
+from streamhold.sdk.base import StreamService
 from streamhold.settings import Settings
-from streamhold.store import Store
+from streamhold.store.chunk_files import FILE_CHUNK_MIN
+from streamhold.store.store import Store
 from tests._cluster import Labels, metric, parse_metrics
 from tests._server import ServerProcess, free_port
 

@@ -16,8 +16,8 @@ from litestar.testing import AsyncTestClient
 from streamhold.main import create_app
 from streamhold.models import StreamNotFoundError, StreamState, parse_offset
 from streamhold.settings import Settings
-from streamhold.store import Store
-from streamhold.transactions import NewStream
+from streamhold.store.store import Store
+from streamhold.store.transactions import NewStream
 from tests._server import LOOPBACK
 
 pytestmark = pytest.mark.timeout(90)

@@ -11,9 +11,10 @@ import pytest
 
 from streamhold.live import LiveHub
 from streamhold.models import PayloadTooLargeError, StreamClosedError, StreamNotFoundError
-from streamhold.sdk import LocalStreams, StreamService
+from streamhold.sdk.base import StreamService
+from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings
-from streamhold.store import Store
+from streamhold.store.store import Store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 async def streams(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[StreamService]:
     """The stream API in-process (over SQLite and PostgreSQL), and over HTTP from a real server subprocess."""
     if request.param == "remote":
-        from streamhold.sdk_remote import RemoteStreams
+        from streamhold.sdk.remote import RemoteStreams
         from tests._server import ServerProcess
 
         if settings.database_url:

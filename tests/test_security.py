@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from streamhold import session
-from streamhold.headers import answers_to, is_active
+from streamhold.http.headers import answers_to, is_active
 from streamhold.main import create_app
 from streamhold.models import new_stream_id
 from streamhold.settings import Settings, SettingsError
+from streamhold.web import session
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,8 +23,8 @@ from litestar.testing import AsyncTestClient
 
 from streamhold.main import create_app
 from streamhold.models import StreamNotFoundError
-from streamhold.sdk import create_agent_context
-from streamhold.sdk_remote import RemoteStreams, ServerUnavailableError
+from streamhold.sdk.context import create_agent_context
+from streamhold.sdk.remote import RemoteStreams, ServerUnavailableError
 from streamhold.settings import Settings
 from tests._server import ServerProcess, free_port
 

@@ -17,8 +17,6 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, inspect, select, text, update
 
-from streamhold import chunk_files, transactions
-from streamhold.chunk_files import FILE_CHUNK_MIN
 from streamhold.models import (
     InvalidRequestError,
     StreamClosedError,
@@ -29,9 +27,11 @@ from streamhold.models import (
     parse_offset,
 )
 from streamhold.settings import Settings
-from streamhold.store import NewStream, Store
-from streamhold.tables import ChunkRow, GzipChunkRow, StreamRow
-from streamhold.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
+from streamhold.store import chunk_files, transactions
+from streamhold.store.chunk_files import FILE_CHUNK_MIN
+from streamhold.store.store import NewStream, Store
+from streamhold.store.tables import ChunkRow, GzipChunkRow, StreamRow
+from streamhold.store.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
 
 pytestmark = pytest.mark.timeout(120)
 

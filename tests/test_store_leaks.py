@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from streamhold import chunk_files
-from streamhold import store as store_module
-from streamhold.chunk_files import FILE_CHUNK_MIN
 from streamhold.models import StreamClosedError
 from streamhold.settings import Settings
-from streamhold.store import Store
-from streamhold.tables import StreamRow
-from streamhold.transactions import NewStream
-from streamhold.writer import PENDING_LIMIT
+from streamhold.store import chunk_files
+from streamhold.store import store as store_module
+from streamhold.store.chunk_files import FILE_CHUNK_MIN
+from streamhold.store.store import Store
+from streamhold.store.tables import StreamRow
+from streamhold.store.transactions import NewStream
+from streamhold.store.writer import PENDING_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,7 +167,7 @@ async def test_directories_made_at_first_start_are_synced_into_their_parents(
 
 async def test_small_chunk_counts_are_bounded(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """Counts of streams that another process deleted are never told gone here: they are dropped in bulk."""
-    monkeypatch.setattr("streamhold.store.NAME_CACHE", 2)
+    monkeypatch.setattr("streamhold.store.store.NAME_CACHE", 2)
     async with Store.open(settings) as store:
         for _ in range(5):
             state, _ = await store.create(NewStream("leaks"))

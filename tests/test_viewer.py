@@ -16,9 +16,9 @@ from litestar.testing import AsyncTestClient
 from streamhold import demo
 from streamhold.main import create_app
 from streamhold.models import format_offset
-from streamhold.sdk import create_agent_context
+from streamhold.sdk.context import create_agent_context
 from streamhold.settings import Settings
-from streamhold.viewer import WINDOW, view_kind
+from streamhold.web.viewer import WINDOW, view_kind
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from streamhold import chunk_files
 from streamhold.live import LiveHub
-from streamhold.sdk import LocalStreams
+from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings
-from streamhold.store import Store
-from streamhold.transactions import NewStream
-from streamhold.writer import ISOLATION_TRANSACTIONS
+from streamhold.store import chunk_files
+from streamhold.store.store import Store
+from streamhold.store.transactions import NewStream
+from streamhold.store.writer import ISOLATION_TRANSACTIONS
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,27 +12,22 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs
 
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
+from ..live import LiveHub
+from ..models import StreamGoneError, StreamNotFoundError, StreamState
+from ..settings import Settings
+from ..store.store import Store
 from . import session
-from .checks import count
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
-from .live import LiveHub
-from .models import StreamFilter, StreamGoneError, StreamNotFoundError, StreamState
-from .settings import Settings
-from .store import Store
+from .dashboard_query import STATES, View
 
 PAGE_SIZE = 50
-SORTS = {"created": "desc", "size": "desc", "namespace": "asc"}
-STATES = {"open": "Open", "closed": "Closed", "expiring": "Expiring < 24 h"}
-MAX_META_PAIRS = 8
-MAX_TEXT = 512
-MAX_PAGE = 10**9
 # The dashboard loads nothing from elsewhere and runs no inline script or eval, so even a rendering bug
 # cannot run a stream's name or metadata as code; frame-ancestors keeps its delete buttons out of frames.
 CSP = (
@@ -40,110 +35,6 @@ CSP = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", "content-security-policy": CSP}
-
-
-@dataclass(frozen=True)
-class View:
-    """What the dashboard shows (filters, sort, page), read from and written back to a query string."""
-
-    namespace: str = ""
-    meta: tuple[tuple[str, str], ...] = ()
-    state: str = ""
-    prefix: str = ""
-    sort: str = "created"
-    direction: str = "desc"
-    page: int = 1
-    problems: tuple[str, ...] = field(default=(), compare=False)
-
-    @classmethod
-    def from_query(cls, query: str) -> View:
-        """Parse `?namespace=&meta=k=v&state=&prefix=&sort=&dir=&page=`; bad values are dropped, noted."""
-        params = parse_qs(query, keep_blank_values=True)
-
-        def one(name: str) -> str:
-            return (params.get(name) or [""])[-1].strip()[:MAX_TEXT]
-
-        problems: list[str] = []
-        meta: list[tuple[str, str]] = []
-        for raw in params.get("meta", []):
-            key, sep, value = raw.strip().partition("=")
-            if not raw.strip():
-                continue
-            if not sep or not key.strip():
-                problems.append(f"“{raw[:60]}” is not a key=value pair")
-            elif (key.strip(), value.strip()) not in meta:
-                meta.append((key.strip()[:255], value.strip()[:1024]))
-        if len(meta) > MAX_META_PAIRS:
-            problems.append(f"at most {MAX_META_PAIRS} metadata pairs are used")
-            meta = meta[:MAX_META_PAIRS]
-        state = one("state")
-        if state and state not in STATES:
-            problems.append(f"unknown state “{state[:30]}”")
-            state = ""
-        sort = one("sort") or "created"
-        if sort not in SORTS:
-            sort = "created"
-        direction = one("dir") or SORTS[sort]
-        if direction not in ("asc", "desc"):
-            direction = SORTS[sort]
-        # Past the last page shows the last page; a page number of many digits is just that.
-        page = min(count(one("page")) or 1, MAX_PAGE)
-        return cls(
-            one("namespace"),
-            tuple(meta),
-            state,
-            one("prefix"),
-            sort,
-            direction,
-            max(page, 1),
-            tuple(problems),
-        )
-
-    @property
-    def where(self) -> StreamFilter:
-        return StreamFilter(self.namespace or None, self.meta, self.state or None, self.prefix or None)
-
-    @property
-    def filtered(self) -> bool:
-        return bool(self.namespace or self.meta or self.state or self.prefix)
-
-    def params(self) -> list[tuple[str, str]]:
-        """The canonical query: only what differs from the defaults, in a fixed order."""
-        out: list[tuple[str, str]] = []
-        if self.namespace:
-            out.append(("namespace", self.namespace))
-        out += [("meta", f"{k}={v}") for k, v in self.meta]
-        if self.state:
-            out.append(("state", self.state))
-        if self.prefix:
-            out.append(("prefix", self.prefix))
-        if self.sort != "created" or self.direction != "desc":
-            out += [("sort", self.sort), ("dir", self.direction)]
-        if self.page > 1:
-            out.append(("page", str(self.page)))
-        return out
-
-    @property
-    def query(self) -> str:
-        return urlencode(self.params())
-
-    def url(self, **changes: Any) -> str:
-        """The dashboard URL of this view with some fields changed (filters changing resets the page)."""
-        if changes.keys() - {"page", "sort", "direction"}:
-            changes.setdefault("page", 1)
-        query = urlencode(replace(self, **changes).params())
-        return "/?" + query if query else "/"
-
-    def sort_url(self, column: str) -> str:
-        if column == self.sort:
-            return self.url(sort=column, direction="asc" if self.direction == "desc" else "desc", page=1)
-        return self.url(sort=column, direction=SORTS[column], page=1)
-
-    def with_meta(self, key: str, value: str) -> str:
-        return self.url(meta=(*self.meta, (key, value))) if (key, value) not in self.meta else self.url()
-
-    def without_meta(self, pair: tuple[str, str]) -> str:
-        return self.url(meta=tuple(p for p in self.meta if p != pair))
 
 
 class Rate:

@@ -1,7 +1,7 @@
 """The store's write transactions besides appends: create (and fork), delete, compact, compress, sweep.
 
 Each runs on the writer's thread inside one transaction and returns its result with the changes that
-doorbells announce. Appends are batched in app/writer.py.
+doorbells announce. Appends are batched in app/store/writer.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
-from . import clock
-from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
-from .models import (
+from ..models import (
     ContentTypeMismatchError,
     InvalidRequestError,
     StreamConflictError,
@@ -26,9 +24,12 @@ from .models import (
     StreamState,
     new_stream_id,
 )
+from . import clock
+from .appends import media_type
+from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from .statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
 from .tables import ChunkRow, CounterRow, GzipChunkRow, MetadataRow, ProducerRow, StreamRow
-from .writer import Change, media_type
+from .writer import Change
 
 streams = StreamRow.__table__
 chunks = ChunkRow.__table__

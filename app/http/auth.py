@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Request
 from litestar.exceptions import NotAuthorizedException
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def key_is_valid(presented: str, keys: tuple[str, ...]) -> bool:

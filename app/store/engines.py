@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 
+from ..settings import Settings
 from .chunk_files import make_directory
-from .settings import Settings
 
 
 def make_engines(settings: Settings) -> tuple[Engine, Engine]:

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql import ClauseElement
 
-from .models import StreamState
+from ..models import StreamState
 from .tables import ChunkRow, ProducerRow, StreamRow
 
 streams = StreamRow.__table__

@@ -8,17 +8,17 @@ import json
 import random
 import time
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import quote, unquote
 
 from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
-from . import checks
-from .chunk_files import Spool
-from .headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
-from .live import LiveHub
-from .models import (
+from .. import checks
+from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
+from ..http.responses import respond
+from ..live import LiveHub
+from ..models import (
     MAX_NAME_LENGTH,
     InvalidRequestError,
     PayloadTooLargeError,
@@ -31,17 +31,16 @@ from .models import (
     StreamState,
     format_offset,
 )
-from .settings import Settings
-from .store import Store
-from .writer import media_type
+from ..settings import Settings
+from ..store.appends import media_type
+from ..store.chunk_files import Spool
+from ..store.store import Store
 
 PREFIX = "/v1/stream"
 CATCHUP_LIMIT = 32 * 1024 * 1024
 JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024
 SSE_SLICE = 256 * 1024
-# A body is read and sent this much at a time: what a client that stops reading holds in the server.
-BODY_SLICE = 64 * 1024
 # A spooled body lets go of its stream's file when its client sends nothing for SPOOL_PATIENCE_S, or has not
 # sent it all within SPOOL_HOLD_S; other large appends to the stream go to the database until then.
 SPOOL_PATIENCE_S = 5.0
@@ -53,18 +52,6 @@ def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Setting
     """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""
     state = request.app.state
     return state.store, state.hub, state.settings
-
-
-def respond(
-    status: int, headers: dict[str, str] | None = None, body: bytes = b"", head_only: bool = False
-) -> ASGIResponse:
-    """A response whose Content-Type is sent exactly as given (no charset added)."""
-    merged = dict(headers or {})
-    if status in (204, 304) or head_only:
-        merged.pop("content-length", None)
-        return ASGIResponse(body=b"", status_code=status, headers=merged, is_head_response=head_only)
-    merged.setdefault("content-type", "application/json")
-    return ASGIResponse(body=body, status_code=status, headers=merged)
 
 
 def error(exc: StreamError, extra: dict[str, str] | None = None) -> ASGIResponse:
@@ -221,19 +208,6 @@ def cursor(client: str | None) -> str:
     if given is not None and interval <= given < checks.BEYOND:
         interval = given + random.randint(1, 180)
     return str(interval)
-
-
-def parse_query(request: Request[Any, Any, Any]) -> dict[str, list[str]]:
-    return parse_qs(request.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-
-
-def single(query: dict[str, list[str]], key: str) -> str | None:
-    values = query.get(key)
-    if values is None:
-        return None
-    if len(values) != 1:
-        raise InvalidRequestError(f"give the {key} parameter once")
-    return values[0]
 
 
 def live_state(state: StreamState | None) -> StreamState:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .live import LiveHub
-from .models import StreamState, iso
-from .sdk import viewer_url
-
-if TYPE_CHECKING:  # only for annotations; the dashboard module imports this one at run time
-    from .dashboard import View
+from ..live import LiveHub
+from ..models import StreamState, iso
+from ..sdk.base import viewer_url
+from .dashboard_query import View
 
 EXPIRING_SOON = 86400
 SHOWN_METADATA = 4

@@ -11,8 +11,8 @@ import json
 from litestar.response.base import ASGIResponse
 from litestar.types import Scope
 
+from ..settings import Settings
 from . import headers
-from .settings import Settings
 
 
 def header(scope: Scope, name: bytes) -> str | None:

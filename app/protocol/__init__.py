@@ -16,11 +16,11 @@ from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
-from . import checks
-from .auth import check_key, require_key
-from .chunk_files import FILE_CHUNK_MIN, Spool
-from .metrics import request_metrics
-from .models import (
+from .. import checks
+from ..http.auth import check_key, require_key
+from ..http.metrics import request_metrics
+from ..http.responses import respond
+from ..models import (
     AppendResult,
     ContentTypeMismatchError,
     InvalidRequestError,
@@ -33,9 +33,11 @@ from .models import (
     offset_belongs,
     split_offset,
 )
-from .protocol_reads import read_stream
-from .settings import Settings
-from .store import NewStream, Store
+from ..settings import Settings
+from ..store.appends import media_type
+from ..store.chunk_files import FILE_CHUNK_MIN, Spool
+from ..store.store import NewStream, Store
+from .reads import read_stream
 from .wire import (
     API_RESPONSE_HEADERS,
     PREFIX,
@@ -51,11 +53,9 @@ from .wire import (
     read_body,
     receive_body,
     request_name,
-    respond,
     state_headers,
     stream_name,
 )
-from .writer import media_type
 
 APPEND_LABELS = (("method", "POST"), ("route", PREFIX))
 log = logging.getLogger("streamhold.protocol")

@@ -19,12 +19,12 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
-from .checks import count
-from .live import LiveHub
-from .models import InvalidRequestError, StreamError, StreamState
-from .settings import Settings
-from .store import Store
-from .wire import BODY_SLICE, parse_query, respond, single
+from ..checks import count
+from ..live import LiveHub
+from ..models import InvalidRequestError, StreamError, StreamState
+from ..settings import Settings
+from ..store.store import Store
+from .responses import BODY_SLICE, parse_query, respond, single
 
 TAIL_SLICE = 64 * 1024
 SHORT_READS = 3

@@ -21,16 +21,18 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Stream, Template
 from markupsafe import Markup, escape
 
-from . import demo, session
-from .auth import bearer, require_key
-from .headers import content_headers
-from .models import StreamError, StreamState, iso
-from .protocol_reads import whole_utf8 as protocol_whole_utf8
-from .sdk import AgentContext
-from .settings import Settings
-from .store import Store
-from .wire import BODY_SLICE, PREFIX, is_text, live_state, stream_name
-from .writer import media_type
+from .. import demo
+from ..http.auth import bearer, require_key
+from ..http.headers import content_headers
+from ..http.responses import BODY_SLICE
+from ..models import StreamError, StreamState, iso
+from ..protocol.reads import whole_utf8 as protocol_whole_utf8
+from ..protocol.wire import PREFIX, is_text, live_state, stream_name
+from ..sdk.context import AgentContext
+from ..settings import Settings
+from ..store.appends import media_type
+from ..store.store import Store
+from . import session
 
 WINDOW = 256 * 1024
 JSON_LOOKBACK = 1024 * 1024

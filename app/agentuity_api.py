@@ -19,8 +19,9 @@ from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
 from . import checks
-from .auth import require_key
-from .content import RangeNotSatisfiableError, respond_with_content
+from .http.auth import require_key
+from .http.content import RangeNotSatisfiableError, respond_with_content
+from .http.responses import respond
 from .live import LiveHub
 from .models import (
     DEFAULT_TTL,
@@ -34,10 +35,10 @@ from .models import (
     clamp_ttl,
     iso,
 )
-from .sdk import info_from_state
+from .protocol.wire import frame_json, read_body
+from .sdk.local import info_from_state
 from .settings import Settings
-from .store import NewStream, Store
-from .wire import frame_json, read_body, respond
+from .store.store import NewStream, Store
 
 BASES = ("/stream", "")  # the documented prefix, and the root that the SDK's own base URL implies
 JSON_LIMIT = 1024 * 1024

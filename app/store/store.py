@@ -28,10 +28,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
-from . import chunk_files, clock, transactions
-from .chunk_files import ChunkFiles, Spool
-from .engines import make_engines
-from .models import (
+from ..models import (
     AppendResult,
     InvalidRequestError,
     Producer,
@@ -40,11 +37,15 @@ from .models import (
     StreamState,
     offset_belongs,
 )
-from .settings import Settings
+from ..settings import Settings
+from . import chunk_files, clock, transactions
+from .appends import AppendOp
+from .chunk_files import ChunkFiles, Spool
+from .engines import make_engines
 from .statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
 from .tables import ChunkRow, GzipChunkRow, MetadataRow, ProducerRow, SessionRow, StreamRow
 from .transactions import NewStream
-from .writer import AppendOp, Change, Writer
+from .writer import Change, Writer
 
 log = logging.getLogger("streamhold.store")
 

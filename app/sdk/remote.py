@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 
-from .models import (
+from ..models import (
     PayloadTooLargeError,
     StreamClosedError,
     StreamError,
     StreamNotFoundError,
 )
-from .sdk import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
+from .base import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
 
 __all__ = [
     "RemoteStream",

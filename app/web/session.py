@@ -14,10 +14,10 @@ from litestar import Request, Response
 from litestar.datastructures import Cookie, FormMultiDict
 from litestar.exceptions import ClientException
 
-from . import guard
-from .auth import key_is_valid
-from .settings import Settings
-from .store import Store
+from ..http import guard
+from ..http.auth import key_is_valid
+from ..settings import Settings
+from ..store.store import Store
 
 COOKIE = "streamhold_session"
 CSRF_HEADER = "x-csrf-token"

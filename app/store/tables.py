@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
-from .models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
+from ..models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
 
 
 class StreamRow(SQLModel, table=True):
@@ -60,7 +60,7 @@ class ChunkRow(SQLModel, table=True):
     stream_id: str = Field(primary_key=True, max_length=64)
     start: int = Field(primary_key=True, sa_type=BigInteger)
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    # A large chunk of an embedded store keeps its bytes in the stream's chunk file (app/chunk_files.py),
+    # A large chunk of an embedded store keeps its bytes in the stream's chunk file (store/chunk_files.py),
     # at offset `start`: then `data` is empty and this is their length.
     file_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 

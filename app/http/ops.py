@@ -13,9 +13,9 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from .live import LiveHub
+from ..live import LiveHub
+from ..store.store import Store
 from .metrics import request_metrics, request_timing
-from .store import Store
 
 __all__ = ["healthz", "metrics", "readyz", "request_timing", "routes"]
 

@@ -15,10 +15,11 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
-from .content import _Body as CutOffBody
-from .content import _Cut as Cut
-from .live import LiveHub
-from .models import (
+from ..http.content import _Body as CutOffBody
+from ..http.content import _Cut as Cut
+from ..http.responses import BODY_SLICE, parse_query, respond, single
+from ..live import LiveHub
+from ..models import (
     InvalidRequestError,
     OffsetGoneError,
     StreamError,
@@ -28,10 +29,9 @@ from .models import (
     parse_offset,
     split_offset,
 )
-from .settings import Settings
-from .store import Store
+from ..settings import Settings
+from ..store.store import Store
 from .wire import (
-    BODY_SLICE,
     CATCHUP_LIMIT,
     INLINE_LIMIT,
     JSON_CATCHUP_LIMIT,
@@ -42,10 +42,7 @@ from .wire import (
     is_text,
     json_body,
     live_state,
-    parse_query,
     request_name,
-    respond,
-    single,
     state_headers,
 )
 

@@ -12,27 +12,18 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from . import clock
-from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
-from .models import (
+from ..models import (
     AppendResult,
-    ContentTypeMismatchError,
-    InvalidRequestError,
-    Producer,
-    ProducerSeqGapError,
-    SeqConflictError,
-    StaleEpochError,
-    StreamClosedError,
     StreamError,
-    StreamGoneError,
-    StreamNotFoundError,
-    StreamState,
 )
+from . import clock
+from .appends import AppendOp, Pending, Record, apply_append
+from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from .statements import Prepared, Statements, state_from_tuple
 
 log = logging.getLogger("streamhold.writer")
@@ -72,76 +63,11 @@ class Change:
 
 
 @dataclass(slots=True)
-class AppendOp:
-    """One append (or close) waiting for the writer."""
-
-    stream_id: str
-    data: bytes
-    future: asyncio.Future[AppendResult]
-    content_type: str | None = None
-    seq: str | None = None
-    producer: Producer | None = None
-    close: bool = False
-    compress: bool = False
-    spool: Spool | None = None  # the body, already in the stream's file; the writer closes it
-
-
-@dataclass(slots=True)
 class CallOp:
     """Any other write: `fn(conn)` in a transaction of its own; returns (result, changes)."""
 
     fn: Callable[[Connection], tuple[Any, list[Change]]]
     future: asyncio.Future[Any]
-
-
-@dataclass(slots=True)
-class _Record:
-    """A stream's record as the writer knows it: fixed facts as read, the fields appends change as written."""
-
-    facts: StreamState  # its content type, TTL and deleted flag hold; its other fields may be stale
-    waiting: int  # bytes pending in the record
-    tail: int
-    stored_bytes: int
-    appends: int
-    closed_at: float | None
-    last_seq: str | None
-    expires_at: float | None
-    compress: bool
-
-    @classmethod
-    def read(cls, state: StreamState, waiting: int) -> _Record:
-        return cls(
-            state,
-            waiting,
-            state.tail,
-            state.stored_bytes,
-            state.appends,
-            state.closed_at,
-            state.last_seq,
-            state.expires_at,
-            state.compress,
-        )
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A stream's state while a batch of appends is applied to it in memory."""
-
-    record: _Record  # as the batch found it
-    tail: int
-    closed_at: float | None
-    last_seq: str | None
-    expires_at: float | None
-    compress: bool
-    appends: int = 0
-    parts: list[bytes] = field(default_factory=list)
-    changed: bool = False
-    spool: Spool | None = None
-
-
-def media_type(content_type: str) -> str:
-    """The media type of a Content-Type value, lower-cased, without parameters."""
-    return content_type.split(";", 1)[0].strip().lower()
 
 
 class _Thread:
@@ -231,8 +157,8 @@ class Writer:
         # SQLite only: stream rows (and their pending byte counts) as this connection's last commit left
         # them. They stay valid while no other connection commits, which `PRAGMA data_version` tells, so a
         # batch skips re-reading them.
-        self._rows: dict[str, _Record] = {}
-        self._written: dict[str, _Record] = {}
+        self._rows: dict[str, Record] = {}
+        self._written: dict[str, Record] = {}
         self._data_version = -1
         self._commit_sent = False
         self._wal_path = "" if postgres else f"{engine.url.database}-wal"
@@ -593,7 +519,7 @@ class Writer:
             claim.close()
         self._claims.clear()
 
-    def _cached_rows(self, cursor: Any) -> dict[str, _Record]:
+    def _cached_rows(self, cursor: Any) -> dict[str, Record]:
         """The row cache, emptied first if another connection has committed since this one last did."""
         if self._postgres:
             return {}
@@ -624,7 +550,7 @@ class Writer:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
                 cursor.execute("BEGIN IMMEDIATE")
-            pending: dict[str, _Pending] = {}
+            pending: dict[str, Pending] = {}
             cached = self._cached_rows(cursor)
             # Lock rows in one order, so writers in several processes never deadlock.
             for stream_id in sorted({op.stream_id for op in ops}):
@@ -633,9 +559,9 @@ class Writer:
                     query = sql.stream_by_id_locked
                     cursor.execute(query.sql, query.args({"id": stream_id}))
                     found = cursor.fetchone()
-                    record = _Record.read(state_from_tuple(found[:-1]), found[-1]) if found else None
+                    record = Record.read(state_from_tuple(found[:-1]), found[-1]) if found else None
                 if record is not None:
-                    pending[stream_id] = _Pending(
+                    pending[stream_id] = Pending(
                         record,
                         record.tail,
                         record.closed_at,
@@ -657,7 +583,7 @@ class Writer:
             outcomes: list[tuple[bool, Any]] = []
             for op in ops:
                 try:
-                    outcomes.append((True, _apply(pending.get(op.stream_id), op, states, now)))
+                    outcomes.append((True, apply_append(pending.get(op.stream_id), op, states, now)))
                 except StreamError as exc:
                     outcomes.append((False, exc))
             changes = self._write(cursor, pending, states, known, now)
@@ -694,7 +620,7 @@ class Writer:
     def _write(
         self,
         cursor: Any,
-        pending: dict[str, _Pending],
+        pending: dict[str, Pending],
         states: dict[tuple[str, str], list[int]],
         known: set[tuple[str, str]],
         now: float,
@@ -757,7 +683,7 @@ class Writer:
                 expiry = {"_id": stream_id, "expires_at": p.expires_at}
                 updates.setdefault(sql.update_expiry, []).append(sql.update_expiry.args(expiry))
             if not self._postgres:  # the record as this commit leaves it
-                self._written[stream_id] = _Record(
+                self._written[stream_id] = Record(
                     was.facts,
                     waiting,
                     p.tail,
@@ -807,62 +733,3 @@ def _close_spools(batch: list[AppendOp | CallOp]) -> None:
             op.spool.close()
 
 
-def _apply(
-    p: _Pending | None, op: AppendOp, states: dict[tuple[str, str], list[int]], now: float
-) -> AppendResult:
-    """Check one append against the stream's state as the batch has left it, and apply it in memory."""
-    if p is None or (p.expires_at is not None and p.expires_at <= now):
-        raise StreamNotFoundError("stream not found")
-    if p.record.facts.deleted:
-        raise StreamGoneError("stream was deleted")
-    producer = op.producer
-    state: list[int] | None = None
-    if producer is not None:
-        state = states.get((op.stream_id, producer.id))
-        if state is not None:
-            epoch, last = state
-            if producer.epoch < epoch:
-                raise StaleEpochError(epoch)
-            if producer.epoch == epoch and producer.seq <= last:
-                return AppendResult(p.tail, p.closed_at is not None, True, epoch, last)
-    if p.closed_at is not None:
-        if op.close and not op.data and producer is None:
-            return AppendResult(p.tail, True)  # closing a closed stream is idempotent
-        raise StreamClosedError("stream is closed", p.tail)
-    if producer is not None:
-        if state is None or producer.epoch > state[0]:
-            if producer.seq != 0:
-                if state is not None:
-                    raise InvalidRequestError("a new producer epoch must start at Producer-Seq 0")
-                raise ProducerSeqGapError(0, producer.seq)
-        elif producer.seq != state[1] + 1:
-            raise ProducerSeqGapError(state[1] + 1, producer.seq)
-    facts = p.record.facts
-    if (
-        op.data
-        and op.content_type is not None
-        and media_type(op.content_type) != media_type(facts.content_type)
-    ):
-        raise ContentTypeMismatchError(
-            f"Content-Type {media_type(op.content_type)} does not match the stream's {facts.content_type}"
-        )
-    if op.seq is not None:
-        if p.last_seq is not None and op.seq.encode() <= p.last_seq.encode():
-            raise SeqConflictError(f"Stream-Seq {op.seq!r} is not greater than the last one")
-        p.last_seq = op.seq
-    if op.data:
-        p.parts.append(op.data)
-        p.tail += len(op.data)
-        p.appends += 1
-        if op.spool is not None:
-            p.spool = op.spool
-    if op.close:
-        p.closed_at = now
-        p.compress = p.compress or op.compress
-    if facts.sliding and facts.ttl_seconds:
-        p.expires_at = now + facts.ttl_seconds
-    p.changed = True
-    if producer is not None:
-        states[(op.stream_id, producer.id)] = [producer.epoch, producer.seq]
-        return AppendResult(p.tail, p.closed_at is not None, False, producer.epoch, producer.seq)
-    return AppendResult(p.tail, p.closed_at is not None)

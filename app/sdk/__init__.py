@@ -1,0 +1,1 @@
+"""The Python stream API: the interface (base), in-process (local), over HTTP (remote), agent contexts."""

@@ -1,0 +1,143 @@
+"""The stream API in-process: straight to this process's store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from ..models import (
+    AppendResult,
+    PayloadTooLargeError,
+    StreamError,
+    StreamFilter,
+    StreamNotFoundError,
+    StreamState,
+)
+from ..settings import Settings
+from .base import (
+    UNSET,
+    ListResult,
+    Stream,
+    StreamInfo,
+    StreamService,
+    _dt,
+    check_create,
+    check_id,
+    check_list,
+    stream_url,
+    viewer_url,
+)
+
+
+def info_from_state(state: StreamState, origin: str) -> StreamInfo:
+    return StreamInfo(
+        id=state.id,
+        name=state.name,
+        namespace=state.namespace,
+        metadata=dict(state.metadata),
+        url=stream_url(origin, state.id),
+        viewer_url=viewer_url(origin, state.name),
+        content_type=state.content_type,
+        size_bytes=state.tail,
+        stored_bytes=state.stored_bytes,
+        compressed=state.compressed,
+        created_at=_dt(state.created_at),  # type: ignore[arg-type]
+        closed_at=_dt(state.closed_at),
+        expires_at=_dt(state.expires_at),
+    )
+
+
+class _LocalStream(Stream):
+    def __init__(self, info: StreamInfo, compressed: bool, service: LocalStreams) -> None:
+        super().__init__(info, compressed)
+        self._service = service
+
+    def _send(self, chunk: bytes) -> asyncio.Future[AppendResult]:
+        limit = self._service.settings.max_append_bytes
+        if len(chunk) > limit:
+            raise PayloadTooLargeError(f"a write may be at most {limit} bytes; split it into smaller writes")
+        return self._service.store.write_nowait(self.id, chunk)
+
+    async def _finish(self) -> None:
+        store = self._service.store
+        await store.append_nowait(self.id, b"", close=True, compress=self.compressed)
+        await store.finish(self.id)
+
+
+class LocalStreams(StreamService):
+    """The stream API straight to this process's store."""
+
+    def __init__(self, store: Any, hub: Any, settings: Settings) -> None:
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+
+    async def create(
+        self,
+        namespace: str,
+        *,
+        content_type: str = "application/octet-stream",
+        compress: bool = False,
+        metadata: Mapping[str, str] | None = None,
+        ttl: int | float | None = UNSET,
+    ) -> Stream:
+        from ..store.store import NewStream
+
+        meta, seconds = check_create(namespace, content_type, metadata, ttl)
+        state, _ = await self.store.create(
+            NewStream(namespace=namespace, content_type=content_type, metadata=meta, ttl_seconds=seconds)
+        )
+        return _LocalStream(info_from_state(state, self.settings.origin()), bool(compress), self)
+
+    async def list(
+        self,
+        namespace: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        sort: str = "created",
+        direction: str = "desc",
+    ) -> ListResult:
+        meta = check_list(limit, offset, namespace, metadata)
+        where = StreamFilter(namespace=namespace, metadata=tuple(meta.items()))
+        try:
+            total, states = await self.store.list(
+                where, sort=sort, direction=direction, limit=limit, offset=offset
+            )
+        except StreamError as exc:
+            raise ValueError(str(exc)) from None
+        origin = self.settings.origin()
+        return ListResult(total, [info_from_state(s, origin) for s in states])
+
+    async def _live_state(self, stream_id: str) -> StreamState:
+        state = await self.store.get(check_id(stream_id))
+        if state is None or state.expired() or state.deleted:
+            raise StreamNotFoundError(f"stream {stream_id} not found")
+        return state
+
+    async def get(self, stream_id: str) -> StreamInfo:
+        return info_from_state(await self._live_state(stream_id), self.settings.origin())
+
+    async def download(self, stream_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+        state = await self._live_state(stream_id)
+        offset = 0
+        with self.hub.watch(state.id, "sdk") as waiter:
+            while True:
+                if offset < state.tail or state.compressed:
+                    async for piece in self.store.iter_content(state, offset):
+                        offset += len(piece)
+                        yield piece
+                    if state.compressed:
+                        return
+                if state.closed and offset >= state.tail:
+                    return
+                if offset >= state.tail:
+                    await waiter.wait(self.settings.long_poll_timeout)
+                    if self.hub.stopping:
+                        return
+                state = await self._live_state(stream_id)
+
+    async def delete(self, stream_id: str) -> None:
+        await self._live_state(stream_id)
+        await self.store.delete(stream_id)
