@@ -84,6 +84,15 @@ def test_two_processes_postgres(tmp_path: Path, pg_url: str, seed: int) -> None:
         stop_servers(servers)
 
 
+def test_two_processes_sqlite(tmp_path: Path, seed: int) -> None:
+    """Two processes on one SQLite file, without a channels backend: each wakes only its own readers."""
+    servers = start_servers(2, sqlite_env(tmp_path / "data"))
+    try:
+        run(servers, Plan(seconds=SECONDS), seed, tmp_path)
+    finally:
+        stop_servers(servers)
+
+
 @contextmanager
 def small_disk(folder: Path, size: str) -> Iterator[Path]:
     """A tmpfs of `size` mounted at `folder`, unmounted afterwards; skips unless root may mount one."""
