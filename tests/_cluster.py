@@ -31,6 +31,7 @@ import pytest
 
 from streamhold.live import CHANNEL
 from tests._server import HOST, REPO_ROOT, ServerProcess, free_port
+from tests._sse import sse_events
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -345,29 +346,15 @@ async def read_sse(
     offset = "-1"
     async with client.stream("GET", url, params={"offset": offset, "live": "sse"}) as response:
         assert response.status_code == 200, await response.aread()
-        kind, lines, event_id = "", [], None
         events = 0
-        async for line in response.aiter_lines():
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "event":
-                    kind = value
-                elif name == "data":
-                    lines.append(value)
-                elif name == "id":
-                    event_id = value
-                continue
+        async for kind, data, event_id in sse_events(response.aiter_lines()):
             events += 1
             assert events <= max_events, "too many events"
             if kind == "data":
                 assert event_id is not None, "a data event without id:"
-                received.add("\n".join(lines).encode(), offset_number(event_id))
-            elif kind == "control" and json.loads("\n".join(lines)).get("streamClosed"):
+                received.add(data.encode(), offset_number(event_id))
+            elif kind == "control" and json.loads(data).get("streamClosed"):
                 return received
-            kind, lines, event_id = "", [], None
     raise AssertionError(f"SSE from {url} ended before the stream was closed")
 
 

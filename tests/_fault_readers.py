@@ -17,6 +17,7 @@ import httpx
 
 from tests._fault_history import Read
 from tests._fault_wire import PREFIX, Slot, Wire, offset_position
+from tests._sse import sse_events
 
 
 class Readers:
@@ -132,22 +133,8 @@ class Readers:
                         )
                         return
                     binary = response.headers.get("stream-sse-data-encoding") == "base64"
-                    kind, lines, event_id = "", [], None
-                    async for line in response.aiter_lines():
-                        if line.startswith(":"):
-                            continue
-                        if line:
-                            name, _, value = line.partition(":")
-                            value = value[1:] if value.startswith(" ") else value
-                            if name == "event":
-                                kind = value
-                            elif name == "data":
-                                lines.append(value)
-                            elif name == "id":
-                                event_id = value
-                            continue
+                    async for kind, payload, event_id in sse_events(response.aiter_lines()):
                         incs, _ = self.wire.candidates(slot, before, fixed)
-                        payload = "\n".join(lines)
                         if kind == "data":
                             data = base64.b64decode(payload) if binary else payload.encode()
                             read = Read(
@@ -183,7 +170,6 @@ class Readers:
                             self.history.reads.append(read)
                             if control.get("streamClosed"):
                                 return
-                        kind, lines, event_id = "", [], None
         except TimeoutError:
             pass
         except httpx.ConnectError:
