@@ -23,7 +23,7 @@ from ..live import LiveHub
 from ..models import StreamGoneError, StreamNotFoundError, StreamState
 from ..settings import Settings
 from ..store.store import Store
-from . import session
+from . import charts, session
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
 from .dashboard_query import STATES, View
 
@@ -66,6 +66,8 @@ class Page:
     rows: list[Row]
     figures: Figures
     namespaces: list[NamespaceLine]
+    charts: list[charts.Card] = field(default_factory=list)
+    history_note: str = ""
     facets: list[tuple[str, int]] = field(default_factory=list)
     notice: str = ""
     csrf: str = ""
@@ -129,6 +131,9 @@ async def build(
         figures=figures(summary, rate, hub.readers),
         namespaces=namespace_lines(summary, view),
     )
+    history = request.app.state.get("history")
+    if history is not None:
+        page.charts, page.history_note = charts.cards(history, time.monotonic()), charts.note(history, now)
     if counted is not None:
         page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
         if view.namespace and view.namespace not in {name for name, _ in page.facets}:
@@ -137,7 +142,7 @@ async def build(
 
 
 def render(request: Request[Any, Any, Any], template: str, **context: Any) -> str:
-    return request.app.template_engine.get_template(template).render(states=STATES, **context)
+    return request.app.template_engine.get_template(template).render(states=STATES, bar=charts.bar, **context)
 
 
 def html(body: str, status: int = 200, **headers: str) -> Response[str]:
