@@ -112,6 +112,23 @@ def test_points_are_scaled_to_the_chart() -> None:
     assert "<title>Appends (per second), last hour: min 0.0 · max 10.0 · latest 10.0</title>" in svg
 
 
+def test_a_young_history_spans_the_chart_and_its_axis_says_how_far_back() -> None:
+    young = line(
+        [(150.0, 1.0), (200.0, 2.0)], title="t", unit="u", span_label="s", span=HOUR, now=200.0, fmt=str
+    )
+    assert 'points="0,28 240,0"' in young and "<span>50 s ago</span>" in young
+    full = [(200.0 - HOUR - 5, 1.0), (200.0 - HOUR / 2, 1.0), (200.0, 1.0)]
+    old = line(full, title="t", unit="u", span_label="s", span=HOUR, now=200.0, fmt=str)
+    assert 'points="0,0 120,0 240,0"' in old and "<span>1 h ago</span>" in old
+    assert [charts.duration(s) for s in (0.4, 89, 600, 3600, 86400)] == [
+        "0 s",
+        "89 s",
+        "10 min",
+        "1 h",
+        "24 h",
+    ]
+
+
 def test_a_chart_before_two_samples_says_it_is_collecting() -> None:
     for points in ([], [(10.0, 4.0)]):
         svg = line(points, title="Stored", unit="bytes", span_label="last 24 h", span=DAY, now=10.0, fmt=str)

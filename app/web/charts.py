@@ -52,7 +52,10 @@ def line(
         ).format(n=len(points), span=span_label, name=name, empty=EMPTY)
     values = [v for _, v in points]
     low, high, latest = min(values), max(values), values[-1]
-    coords = scale(points, now - span, span, high)
+    # A history younger than the span is drawn across the chart, and the axis says how far back it goes.
+    start = max(now - span, points[0][0])
+    shown = now - start if now - start > 0 else span
+    coords = scale(points, now - shown, shown, high)
     line_points = " ".join(f"{_num(x)},{_num(y)}" for x, y in coords)
     area = f"M{_num(coords[0][0])},{_num(HEIGHT)} L" + " L".join(f"{_num(x)},{_num(y)}" for x, y in coords)
     area += f" L{_num(coords[-1][0])},{_num(HEIGHT)} Z"
@@ -74,7 +77,7 @@ def line(
         name=name,
         area=area,
         line=line_points,
-        ago="1 h" if span == HOUR else ("24 h" if span == DAY else f"{span:,.0f} s"),
+        ago=duration(shown),
     )
 
 
@@ -89,7 +92,18 @@ def bar(label: str, value: float, top: float, text: str) -> Markup:
     ).format(label=label, text=text, pct=f"{share:.0f}", share=_num(share))
 
 
+def duration(seconds: float) -> str:
+    """`40 s`, `12 min`, `1 h`, `24 h`: how far back a chart reaches."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min" if seconds < 3570 else "1 h"
+    return f"{seconds / 3600:.0f} h"
+
+
 def per_second(value: float) -> str:
+    if value == 0:
+        return "0/s"
     return f"{value:,.1f}/s" if value < 100 else f"{value:,.0f}/s"
 
 
