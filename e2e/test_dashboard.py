@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Request, expect
 
 from tests._server import ServerProcess, free_port
 
@@ -324,6 +324,25 @@ def test_charts_fill_in_live_and_say_what_they_cover(tmp_path: Any, page: Page) 
         bar = page.locator("#namespaces li").filter(has_text=EVIL).locator("svg.ns-bar title")
         expect(bar).to_have_text(re.compile(rf"^{re.escape(EVIL)}: 4\.9 KiB stored \(\d+% of the largest"))
         assert page.evaluate("window.notReloaded") is True
+
+        refreshes: list[str] = []
+
+        def count(request: Request) -> None:
+            if request.headers.get("hx-target") == "charts":
+                refreshes.append(request.url)
+
+        page.on("request", count)
+        page.wait_for_timeout(4200)
+        assert 1 <= len(refreshes) <= 3, refreshes
+        page.evaluate("Object.defineProperty(document, 'hidden', {configurable: true, get: () => true})")
+        page.wait_for_timeout(100)
+        refreshes.clear()
+        page.wait_for_timeout(4200)
+        assert refreshes == [], "a hidden tab should not refresh its charts"
+        page.evaluate("Object.defineProperty(document, 'hidden', {configurable: true, get: () => false})")
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        page.wait_for_timeout(500)
+        assert refreshes, "a tab that shows again refreshes its charts at once"
 
         shot = tmp_path / "dashboard-charts.png"
         page.locator("#charts").scroll_into_view_if_needed()

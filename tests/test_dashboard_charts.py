@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import html
 import re
 import time
 from collections.abc import AsyncIterator
@@ -167,6 +166,7 @@ def test_cards_format_numbers_for_people() -> None:
 
 
 POLL = {"hx-request": "true", "hx-target": "streams"}
+CHARTS = {"hx-request": "true", "hx-target": "charts"}
 
 
 @asynccontextmanager
@@ -207,16 +207,25 @@ async def test_the_live_partial_carries_the_charts(settings: Settings) -> None:
         await history.sample(app.state.store, app.state.hub)
 
         table = await client.get("/", headers=POLL)
-        assert 'id="charts" class="dash-charts"' in table.text and 'hx-swap-oob="true"' in table.text
-        appends = card(table.text, "appends")
-        hour, day = appends.split("</figure>")[:2]
-        assert 'data-points="2"' in hour and "<svg" in hour and "min " in hour and "latest " in hour
-        assert "collecting…" in day, "the 24 h view has one 5-minute point so far"
-        stored = card(table.text, "stored")
-        assert "latest 2.0 KiB" in stored and "<title>Stored (bytes, all streams), last hour:" in stored
+        assert 'id="charts"' not in table.text, "charts refresh on their own, not every 2 s"
         bar_title = "<title>exports: 2.0 KiB stored (100% of the largest namespace)</title>"
         assert '<svg class="ns-bar"' in table.text and bar_title in table.text
 
-        poll_url = html.unescape(re.search(r'hx-get="([^"]+)"', table.text).group(1))  # type: ignore[union-attr]
-        same = await client.get(poll_url, headers=POLL)
-        assert same.headers["hx-reswap"] == "none" and 'id="charts"' in same.text, "idle polls refresh it"
+        section = await client.get("/", headers=CHARTS)
+        assert "<html" not in section.text
+        assert section.text.strip().startswith('<section id="charts"') and 'id="streams"' not in section.text
+        assert 'hx-trigger="every 3600s, refresh"' in section.text
+        assert "HX-Target" in section.headers["vary"] and section.headers["cache-control"] == "no-store"
+        appends = card(section.text, "appends")
+        hour, day = appends.split("</figure>")[:2]
+        assert 'data-points="2"' in hour and "<svg" in hour and "min " in hour and "latest " in hour
+        assert "collecting…" in day, "the 24 h view has one 5-minute point so far"
+        stored = card(section.text, "stored")
+        assert "latest 2.0 KiB" in stored and "<title>Stored (bytes, all streams), last hour:" in stored
+        assert card(page, "appends") != appends
+
+
+    settings = dataclasses.replace(settings, api_keys=("charts-key",))
+    async with serve(settings) as (client, app):
+        refused = await client.get("/", headers=CHARTS)
+        assert refused.status_code == 401 and "<svg" not in refused.text

@@ -159,6 +159,20 @@ def cards(history: History, now: float) -> list[Card]:
     return out
 
 
+@dataclass(frozen=True)
+class Panel:
+    """The charts section: its cards, what they cover, and how often the page asks for it again."""
+
+    cards: list[Card]
+    note: str
+    refresh: int
+
+
+def panel(history: History, now: float, wall_now: float) -> Panel:
+    """The charts section at monotonic time `now`; it refreshes as often as a sample is taken, 2 s at most."""
+    return Panel(cards(history, now), note(history, wall_now), max(2, round(history.interval)))
+
+
 def note(history: History, wall_now: float) -> str:
     """What the charts cover, said plainly: this process's own samples since it started."""
     started = relative(history.started_at, wall_now)

@@ -66,8 +66,7 @@ class Page:
     rows: list[Row]
     figures: Figures
     namespaces: list[NamespaceLine]
-    charts: list[charts.Card] = field(default_factory=list)
-    history_note: str = ""
+    history: charts.Panel | None = None
     facets: list[tuple[str, int]] = field(default_factory=list)
     notice: str = ""
     csrf: str = ""
@@ -131,14 +130,18 @@ async def build(
         figures=figures(summary, rate, hub.readers),
         namespaces=namespace_lines(summary, view),
     )
-    history = request.app.state.get("history")
-    if history is not None:
-        page.charts, page.history_note = charts.cards(history, time.monotonic()), charts.note(history, now)
+    page.history = history_panel(request)
     if counted is not None:
         page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
         if view.namespace and view.namespace not in {name for name, _ in page.facets}:
             page.facets.append((view.namespace, 0))
     return page
+
+
+def history_panel(request: Request[Any, Any, Any]) -> charts.Panel | None:
+    """The charts of this process's history (None while the app runs without its lifespan's sampler)."""
+    history = request.app.state.get("history")
+    return None if history is None else charts.panel(history, time.monotonic(), time.time())
 
 
 def render(request: Request[Any, Any, Any], template: str, **context: Any) -> str:
@@ -189,11 +192,13 @@ async def dashboard(
     hub: NamedDependency[LiveHub],
     settings: NamedDependency[Settings],
 ) -> Response[str]:
-    """The dashboard page, or the table (`HX-Target: streams`) or filters and table (`board`) alone."""
+    """The dashboard page, or the table (`HX-Target: streams`), filters and table (`board`) or `charts`."""
     current = await session.current(request, settings)
     if current is None:
         return session.denied(request, change=False)
     target = _target(request)
+    if target == "charts":
+        return html(render(request, "_dashboard_charts.html", history=history_panel(request)))
     page = await build(request, store, hub, View.from_query(request.url.query), facets=target != "streams")
     page.csrf, page.signed_in = current.csrf, current.signed_in
     return respond(request, page, target)
