@@ -14,7 +14,7 @@ import pytest
 from litestar import Litestar
 
 from streamhold.main import create_app
-from streamhold.settings import Settings
+from streamhold.settings import Settings, SettingsError
 from streamhold.web import charts
 from streamhold.web.charts import HEIGHT, WIDTH, bar, line, scale
 from streamhold.web.history import BUCKET, DAY, HOUR, METRICS, History, Reading, Ring
@@ -229,3 +229,10 @@ async def test_the_live_partial_carries_the_charts(settings: Settings) -> None:
     async with serve(settings) as (client, app):
         refused = await client.get("/", headers=CHARTS)
         assert refused.status_code == 401 and "<svg" not in refused.text
+
+
+def test_the_sampling_interval_is_a_setting() -> None:
+    assert Settings.from_env({}).history_interval == 10.0
+    assert Settings.from_env({"STREAMHOLD_HISTORY_INTERVAL": "2.5"}).history_interval == 2.5
+    with pytest.raises(SettingsError, match="STREAMHOLD_HISTORY_INTERVAL must be at least 0.5"):
+        Settings.from_env({"STREAMHOLD_HISTORY_INTERVAL": "0.1"})
