@@ -158,7 +158,10 @@ class History:
 
         async def forever() -> None:
             while True:
-                await self.sample(store, hub)
+                try:
+                    await self.sample(store, hub)
+                except Exception:
+                    log.exception("history: a sample failed; trying again at the next interval")
                 await asyncio.sleep(self.interval)
 
         task = asyncio.get_running_loop().create_task(forever())
