@@ -28,6 +28,7 @@ from .sdk.local import LocalStreams
 from .settings import Settings
 from .store.store import Store
 from .web import dashboard, viewer
+from .web.history import History
 
 log = logging.getLogger("streamhold")
 
@@ -130,10 +131,16 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with Store.open(settings) as store, LiveHub.open(store, settings) as hub:
+        async with (
+            Store.open(settings) as store,
+            LiveHub.open(store, settings) as hub,
+            History(settings.history_interval).running(store, hub) as history,
+        ):
             service = LocalStreams(store, hub, settings)
             runtime = AgentRuntime(service)
-            app.state.update(store=store, hub=hub, service=service, runtime=runtime, settings=settings)
+            app.state.update(
+                store=store, hub=hub, service=service, runtime=runtime, settings=settings, history=history
+            )
             sweeper = asyncio.get_running_loop().create_task(_sweep_forever(store, settings.sweep_interval))
             try:
                 yield

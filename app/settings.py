@@ -36,6 +36,7 @@ class Settings:
     llm_model: str = ""
     content_origin: str = ""
     cors_origins: tuple[str, ...] = ()
+    history_interval: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -90,6 +91,7 @@ class Settings:
             llm_model=text("LLM_MODEL"),
             content_origin=content_origin,
             cors_origins=cors,
+            history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
         )
 
     @property

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Request, expect
 
 from tests._server import ServerProcess, free_port
 
@@ -287,3 +287,69 @@ def test_the_demo_starts_from_the_dashboard(open_server: ServerProcess, page: Pa
     page.locator(".demo-button").click()
     page.wait_for_url(re.compile(r"/watch/stream_[0-9a-f]{32}$"))
     expect(page.locator("main")).to_contain_text("How a durable stream survives a refresh", timeout=15000)
+
+
+def test_charts_fill_in_live_and_say_what_they_cover(tmp_path: Any, page: Page) -> None:
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data"), "STREAMHOLD_HISTORY_INTERVAL": "1"}
+    with ServerProcess(port=free_port(), env=env) as server:
+        base = server.url
+        put(base, "charts/big", b"b" * 50_000)
+        put(base, f"{EVIL}/small", b"s" * 5_000)
+        page.goto(base + "/")
+        page.evaluate("window.notReloaded = true")
+        expect(page.locator("[data-history-note]")).to_contain_text("this server process since it started")
+        hour = {key: page.locator(f'.chart-card[data-chart="{key}"] figure').nth(0) for key in KEYS}
+        day = page.locator('.chart-card[data-chart="appends"] figure').nth(1)
+
+        reader = SseReader(f"{base}/v1/stream/charts/big")
+        reader.start()
+        assert reader.connected.wait(10)
+        writer = threading.Thread(target=append, args=(base, "charts/big", 150, b"w" * 1000), daemon=True)
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive()
+
+        busy = re.compile(r"max [1-9]")
+        expect(hour["appends"].locator(".chart-values")).to_contain_text(busy, timeout=TIMEOUT)
+        expect(hour["bytes"].locator(".chart-values")).to_contain_text(re.compile(r"max [0-9.]+ KiB/s"))
+        expect(hour["readers"].locator(".chart-values")).to_contain_text(busy, timeout=TIMEOUT)
+        expect(hour["stored"].locator(".chart-values")).to_contain_text("latest 200 KiB", timeout=TIMEOUT)
+        for figure in hour.values():
+            expect(figure.locator("svg.spark polyline")).to_have_count(1)
+            assert int(figure.get_attribute("data-points") or 0) >= 2
+        points = hour["appends"].locator("polyline").get_attribute("points") or ""
+        assert len(points.split()) >= 2 and any(float(p.split(",")[1]) < 56 for p in points.split())
+        expect(day).to_contain_text("collecting…")
+        expect(page.locator(".chart-card h3").first).to_contain_text("Appends per second")
+        bar = page.locator("#namespaces li").filter(has_text=EVIL).locator("svg.ns-bar title")
+        expect(bar).to_have_text(re.compile(rf"^{re.escape(EVIL)}: 4\.9 KiB stored \(\d+% of the largest"))
+        assert page.evaluate("window.notReloaded") is True
+
+        refreshes: list[str] = []
+
+        def count(request: Request) -> None:
+            if request.headers.get("hx-target") == "charts":
+                refreshes.append(request.url)
+
+        page.on("request", count)
+        page.wait_for_timeout(4200)
+        assert 1 <= len(refreshes) <= 3, refreshes
+        page.evaluate("Object.defineProperty(document, 'hidden', {configurable: true, get: () => true})")
+        page.wait_for_timeout(100)
+        refreshes.clear()
+        page.wait_for_timeout(4200)
+        assert refreshes == [], "a hidden tab should not refresh its charts"
+        page.evaluate("Object.defineProperty(document, 'hidden', {configurable: true, get: () => false})")
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        page.wait_for_timeout(500)
+        assert refreshes, "a tab that shows again refreshes its charts at once"
+
+        shot = tmp_path / "dashboard-charts.png"
+        page.locator("#charts").scroll_into_view_if_needed()
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot: {shot}")
+        assert shot.stat().st_size > 10_000
+
+
+KEYS = ("appends", "bytes", "readers", "stored")
+EVIL = "charts<img src=x onerror=alert(1)>"  # a namespace is the name up to its first slash

@@ -23,7 +23,7 @@ from ..live import LiveHub
 from ..models import StreamGoneError, StreamNotFoundError, StreamState
 from ..settings import Settings
 from ..store.store import Store
-from . import session
+from . import charts, session
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
 from .dashboard_query import STATES, View
 
@@ -66,6 +66,7 @@ class Page:
     rows: list[Row]
     figures: Figures
     namespaces: list[NamespaceLine]
+    history: charts.Panel | None = None
     facets: list[tuple[str, int]] = field(default_factory=list)
     notice: str = ""
     csrf: str = ""
@@ -129,6 +130,7 @@ async def build(
         figures=figures(summary, rate, hub.readers),
         namespaces=namespace_lines(summary, view),
     )
+    page.history = history_panel(request)
     if counted is not None:
         page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
         if view.namespace and view.namespace not in {name for name, _ in page.facets}:
@@ -136,8 +138,14 @@ async def build(
     return page
 
 
+def history_panel(request: Request[Any, Any, Any]) -> charts.Panel | None:
+    """The charts of this process's history (None while the app runs without its lifespan's sampler)."""
+    history = request.app.state.get("history")
+    return None if history is None else charts.panel(history, time.monotonic(), time.time())
+
+
 def render(request: Request[Any, Any, Any], template: str, **context: Any) -> str:
-    return request.app.template_engine.get_template(template).render(states=STATES, **context)
+    return request.app.template_engine.get_template(template).render(states=STATES, bar=charts.bar, **context)
 
 
 def html(body: str, status: int = 200, **headers: str) -> Response[str]:
@@ -184,11 +192,13 @@ async def dashboard(
     hub: NamedDependency[LiveHub],
     settings: NamedDependency[Settings],
 ) -> Response[str]:
-    """The dashboard page, or the table (`HX-Target: streams`) or filters and table (`board`) alone."""
+    """The dashboard page, or the table (`HX-Target: streams`), filters and table (`board`) or `charts`."""
     current = await session.current(request, settings)
     if current is None:
         return session.denied(request, change=False)
     target = _target(request)
+    if target == "charts":
+        return html(render(request, "_dashboard_charts.html", history=history_panel(request)))
     page = await build(request, store, hub, View.from_query(request.url.query), facets=target != "streams")
     page.csrf, page.signed_in = current.csrf, current.signed_in
     return respond(request, page, target)
