@@ -411,7 +411,7 @@ def test_binary_stream_shows_size_and_hex(shared_server: ServerProcess, context:
     page.goto(f"{base}/watch/e2e/blob")
     wait_state(page, "live")
     httpx.post(f"{base}/v1/stream/e2e/blob", content=bytes(range(64)), headers={"content-type": "image/png"})
-    expect(page.locator("#size")).to_have_text("70 bytes")
+    expect(page.locator("#size")).to_have_text("70 B")
     expect(page.locator("#hex tbody tr")).to_have_count(5)
     expect(page.locator("#hex tbody tr").first).to_contain_text("89 50 4e 47 0d 0a 00 01")
     expect(page.locator("#hex-caption")).to_have_text("The first 70 bytes")
