@@ -19,6 +19,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery
 
+from ..http.headers import PAGE_HEADERS
 from ..live import LiveHub
 from ..models import StreamGoneError, StreamNotFoundError, StreamState
 from ..settings import Settings
@@ -28,13 +29,7 @@ from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_li
 from .dashboard_query import STATES, View
 
 PAGE_SIZE = 50
-# The dashboard loads nothing from elsewhere and runs no inline script or eval, so even a rendering bug
-# cannot run a stream's name or metadata as code; frame-ancestors keeps its delete buttons out of frames.
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", "content-security-policy": CSP}
+HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", **PAGE_HEADERS}
 
 
 class Rate:

@@ -23,7 +23,7 @@ from markupsafe import Markup, escape
 
 from .. import demo
 from ..http.auth import bearer, require_key
-from ..http.headers import content_headers
+from ..http.headers import PAGE_HEADERS, content_headers
 from ..http.responses import BODY_SLICE
 from ..models import StreamError, StreamState, iso
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
@@ -40,12 +40,6 @@ JSON_LOOKBACK = 1024 * 1024
 HEADER_LIMIT = 64 * 1024
 HEX_PREVIEW = 1024
 STREAM_ID = re.compile(r"^stream_[0-9a-f]{32}$")
-# The page loads nothing from elsewhere and runs no inline script, so even a rendering bug cannot run
-# a stream's content as code.
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
 MARKDOWN = {"text/markdown", "text/x-markdown"}
 CSV = {"text/csv", "text/tab-separated-values"}
 JSON_TYPES = {
@@ -153,7 +147,7 @@ def download_name(state: StreamState) -> str:
 
 
 def page(context: dict[str, Any], status: int = 200) -> Template:
-    headers = {"content-security-policy": CSP, "cache-control": "no-store", "referrer-policy": "same-origin"}
+    headers = {**PAGE_HEADERS, "cache-control": "no-store", "referrer-policy": "same-origin"}
     return Template("watch.html", context=context, status_code=status, headers=headers)
 
 
