@@ -85,7 +85,7 @@ def refusal(scope: Scope, settings: Settings) -> ASGIResponse | None:
             f"host {headers.host_name(host)!r}; set STREAMHOLD_PUBLIC_URL to the URL you reach it by",
         )
     origin = header(scope, b"origin")
-    if scope["method"] not in headers.SAFE_METHODS and origin is not None:
+    if scope.get("method") not in headers.SAFE_METHODS and origin is not None:
         if not cross_site_write_allowed(scope, settings, origin):
             return _answer(
                 403,
