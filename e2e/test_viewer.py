@@ -7,33 +7,20 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from tests._server import ServerProcess, free_port
+from tests._server import ServerProcess
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.browser_context_args(viewport={"width": 1100, "height": 800}),
+]
 
 TIMEOUT = 15_000
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the tests that do not stop it."""
-    env = {"STREAMHOLD_DATA_DIR": str(tmp_path_factory.mktemp("viewer") / "data")}
-    with ServerProcess(port=free_port(), env=env) as process:
-        yield process
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    ctx = browser.new_context(viewport={"width": 1100, "height": 800})
-    yield ctx
-    ctx.close()
 
 
 class Writer(threading.Thread):
