@@ -107,6 +107,10 @@ async def test_every_guarded_route_at_both_bases_answers_401_alike(client: Async
     }
     info = await client.post(f"/{stream_id}/info", headers=bearer(KEY))
     assert info.json()["size_bytes"] == 0, "the stream was left untouched"
+    asked = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    preflight = await client.options(f"/stream/{stream_id}/append", headers=asked)
+    assert preflight.status_code == 204, "a browser's preflight carries no key and is answered"
+    assert preflight.headers["access-control-allow-origin"] == "*"
 
 
 def test_every_guarded_handler_declares_the_right_it_needs(tmp_path: Path) -> None:
