@@ -1,4 +1,8 @@
-"""API keys: `Authorization: Bearer <key>` on every call that changes or lists streams, when keys are set."""
+"""API keys: `Authorization: Bearer <key>` on every call that changes or lists streams, when keys are set.
+
+`require_right` is the /stream API's guard: each handler declares the right it needs (read, write or
+manage); an admin key holds them all, and scoped tokens will be judged against the same declarations.
+"""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-NOSNIFF_HEADERS = {"x-content-type-options": "nosniff"}
 NOSNIFF = (b"x-content-type-options", b"nosniff")
+NOSNIFF_HEADERS = {NOSNIFF[0].decode(): NOSNIFF[1].decode()}
 SANDBOX = (b"content-security-policy", b"sandbox")
 ATTACHMENT = (b"content-disposition", b"attachment")
 
