@@ -30,6 +30,7 @@ from .models import StreamError
 from .sdk.base import UNSET, StreamInfo
 from .sdk.remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
 from .settings import Settings, SettingsError
+from .web.humanize import duration, human_bytes
 
 T = TypeVar("T")
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -336,15 +337,6 @@ def _duration(text: str | None) -> float | None:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
-
-
 def _when(moment: datetime | None, empty: str = "-") -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment is not None else empty
 
@@ -387,13 +379,13 @@ class _Progress:
     def update(self, count: int) -> None:
         now = time.monotonic()
         if count >= PROGRESS_FROM and now - self.shown_at >= 1.0:
-            click.echo(f"streamhold: {_size(count)} written", err=True)
+            click.echo(f"streamhold: {human_bytes(count)} written", err=True)
             self.shown_at = now
 
     def finish(self, count: int) -> None:
         if count >= PROGRESS_FROM:
-            elapsed = time.monotonic() - self.started
-            click.echo(f"streamhold: {_size(count)} written in {elapsed:.1f} s; stream closed", err=True)
+            took = duration(time.monotonic() - self.started)
+            click.echo(f"streamhold: {human_bytes(count)} written in {took}; stream closed", err=True)
 
 
 async def _write(
@@ -542,7 +534,7 @@ def list_command(
                 shown(info.id),
                 shown(info.namespace),
                 shown(info.content_type),
-                _size(info.size_bytes),
+                human_bytes(info.size_bytes),
                 _state(info),
                 _when(info.created_at),
                 _when(info.expires_at, "never"),
@@ -572,7 +564,7 @@ def info(stream_id: str, as_json: bool, server: str, key: str | None) -> None:
     if as_json:
         click.echo(json.dumps(_record(found), indent=2))
         return
-    stored = f" ({_size(found.stored_bytes)} stored gzipped)" if found.compressed else ""
+    stored = f" ({human_bytes(found.stored_bytes)} stored gzipped)" if found.compressed else ""
     lines = [
         ("id", found.id),
         ("namespace", found.namespace),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from datetime import UTC, datetime
 
+from ..live import LiveHub
 from ..models import (
     AppendResult,
     PayloadTooLargeError,
@@ -15,6 +16,7 @@ from ..models import (
     StreamState,
 )
 from ..settings import Settings
+from ..store.store import NewStream, Store
 from .base import (
     UNSET,
     ListResult,
@@ -42,7 +44,7 @@ def info_from_state(state: StreamState, origin: str) -> StreamInfo:
         size_bytes=state.tail,
         stored_bytes=state.stored_bytes,
         compressed=state.compressed,
-        created_at=_dt(state.created_at),  # type: ignore[arg-type]
+        created_at=datetime.fromtimestamp(state.created_at, UTC),
         closed_at=_dt(state.closed_at),
         expires_at=_dt(state.expires_at),
     )
@@ -68,7 +70,7 @@ class _LocalStream(Stream):
 class LocalStreams(StreamService):
     """The stream API straight to this process's store."""
 
-    def __init__(self, store: Any, hub: Any, settings: Settings) -> None:
+    def __init__(self, store: Store, hub: LiveHub, settings: Settings) -> None:
         self.store = store
         self.hub = hub
         self.settings = settings
@@ -82,8 +84,6 @@ class LocalStreams(StreamService):
         metadata: Mapping[str, str] | None = None,
         ttl: int | float | None = UNSET,
     ) -> Stream:
-        from ..store.store import NewStream
-
         meta, seconds = check_create(namespace, content_type, metadata, ttl)
         state, _ = await self.store.create(
             NewStream(namespace=namespace, content_type=content_type, metadata=meta, ttl_seconds=seconds)
@@ -119,7 +119,7 @@ class LocalStreams(StreamService):
     async def get(self, stream_id: str) -> StreamInfo:
         return info_from_state(await self._live_state(stream_id), self.settings.origin())
 
-    async def download(self, stream_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def download(self, stream_id: str) -> AsyncIterator[bytes]:
         state = await self._live_state(stream_id)
         offset = 0
         with self.hub.watch(state.id, "sdk") as waiter:

@@ -10,6 +10,7 @@ import collections
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs
@@ -17,8 +18,10 @@ from urllib.parse import parse_qs
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import FromPath, FromQuery
 
+from ..http.headers import PAGE_HEADERS
 from ..live import LiveHub
 from ..models import StreamGoneError, StreamNotFoundError, StreamState
 from ..settings import Settings
@@ -28,13 +31,7 @@ from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_li
 from .dashboard_query import STATES, View
 
 PAGE_SIZE = 50
-# The dashboard loads nothing from elsewhere and runs no inline script or eval, so even a rendering bug
-# cannot run a stream's name or metadata as code; frame-ancestors keeps its delete buttons out of frames.
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", "content-security-policy": CSP}
+HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", **PAGE_HEADERS}
 
 
 class Rate:
@@ -145,11 +142,15 @@ def history_panel(request: Request[Any, Any, Any]) -> charts.Panel | None:
 
 
 def render(request: Request[Any, Any, Any], template: str, **context: Any) -> str:
-    return request.app.template_engine.get_template(template).render(states=STATES, bar=charts.bar, **context)
+    engine = request.app.template_engine
+    if engine is None:
+        raise ImproperlyConfiguredException("the dashboard needs its templates: reinstall streamhold")
+    return engine.get_template(template).render(states=STATES, bar=charts.bar, **context)
 
 
-def html(body: str, status: int = 200, **headers: str) -> Response[str]:
-    return Response(body, status_code=status, media_type="text/html", headers={**HTML_HEADERS, **headers})
+def html(body: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response[str]:
+    sent = {**HTML_HEADERS, **(headers or {})}
+    return Response(body, status_code=status, media_type="text/html", headers=sent)
 
 
 def respond(request: Request[Any, Any, Any], page: Page, target: str) -> Response[str]:
@@ -158,13 +159,13 @@ def respond(request: Request[Any, Any, Any], page: Page, target: str) -> Respons
         oob = render(request, "_dashboard_live.html", page=page, oob=True)
         seen = parse_qs(request.url.query).get("seen", [""])[-1]
         if seen == page.fingerprint:
-            return html(oob, **{"hx-reswap": "none"})
+            return html(oob, headers={"hx-reswap": "none"})
         return html(render(request, "_streams.html", page=page) + oob)
     if target == "board":
         body = render(request, "_dashboard_board.html", page=page)
         body += render(request, "_dashboard_live.html", page=page, oob=True)
         headers = {"hx-push-url": page.view.url()} if request.method == "GET" else {}
-        return html(body, **headers)
+        return html(body, headers=headers)
     return html(render(request, "dashboard.html", page=page))
 
 
