@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from markupsafe import Markup
 
-from .dashboard_format import human_bytes, relative
 from .history import DAY, HOUR, History, Point
+from .humanize import human_bytes, relative
 
 WIDTH, HEIGHT = 240.0, 56.0
 EMPTY = "collecting…"
