@@ -25,11 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.sql import ClauseElement
 
 from ..models import StreamState
-from .tables import ChunkRow, ProducerRow, StreamRow
+from .schema import chunks, producers, streams
 
-streams = StreamRow.__table__
-chunks = ChunkRow.__table__
-producers = ProducerRow.__table__
 # A stream's record without its pending bytes, which only reads of content and the writer need.
 STREAM_COLUMNS = [c.name for c in streams.columns if c.name != "pending"]
 STREAM_STATE = [streams.c[name] for name in STREAM_COLUMNS]

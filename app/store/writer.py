@@ -17,11 +17,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from ..models import (
-    AppendResult,
-    StreamError,
-)
-from . import clock
+from .. import clock
+from ..models import AppendResult, Change, StreamError
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from .statements import Prepared, Statements, state_from_tuple
@@ -49,17 +46,6 @@ IDLE_CHECKPOINT_S = 0.5
 # A failed batch of appends to several streams is retried in parts by stream, in at most this many
 # transactions: enough to find one failing stream among the 4096 a batch may hold.
 ISOLATION_TRANSACTIONS = 32
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """What a committed operation changed about one stream, for the doorbells."""
-
-    stream_id: str
-    tail: int
-    closed: bool
-    gone: bool = False
-    added_chunk: int = 0  # the size of the chunk the operation added, if it added one
 
 
 @dataclass(slots=True)
