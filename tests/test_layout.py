@@ -14,7 +14,6 @@ MAX_LINES = 600
 # Modules still over the line, at most as long as they are now; each leaves this list when it splits.
 LONG_FOR_NOW = {
     "streamhold.cli": 609,
-    "streamhold.store.writer": 735,
 }
 
 

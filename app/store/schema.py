@@ -35,7 +35,7 @@ class StreamRow(SQLModel, table=True):
     fork_source: str | None = Field(default=None, max_length=64, index=True)
     fork_offset: int | None = Field(default=None, sa_type=BigInteger)
     deleted: bool = False
-    # The stream's last bytes, [tail - len(pending), tail), until they fill a chunk (writer.PENDING_LIMIT):
+    # The stream's last bytes, [tail - len(pending), tail), until they fill a chunk (batches.PENDING_LIMIT):
     # a small append then rewrites only this row, instead of adding a chunk and an index entry as well.
     pending: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False, default=b""))
     # Which incarnation of its name this stream is: the first field of its offsets, so that an offset of a

@@ -50,7 +50,7 @@ __all__ = ["NewStream", "Store"]
 log = logging.getLogger("streamhold.store")
 
 TRIM_RETRY_S = 1.0  # a closed stream's file held by a spooled body is trimmed again this much later
-COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
+COMPACT_AFTER = 64  # small chunks added to a stream (each at least batches.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
 
