@@ -237,11 +237,12 @@ class AppendBatches:
                 continue
             data = b"".join(p.parts)
             was = p.record
+            stored_bytes, appends = was.stored_bytes + len(data), was.appends + p.appends
             values = {
                 "_id": stream_id,
                 "tail": p.tail,
-                "stored_bytes": was.stored_bytes + len(data),
-                "appends": was.appends + p.appends,
+                "stored_bytes": stored_bytes,
+                "appends": appends,
                 "closed_at": p.closed_at,
                 "last_seq": p.last_seq,
                 "compress": p.compress,
@@ -289,8 +290,8 @@ class AppendBatches:
                     was.facts,
                     waiting,
                     p.tail,
-                    values["stored_bytes"],
-                    values["appends"],
+                    stored_bytes,
+                    appends,
                     p.closed_at,
                     p.last_seq,
                     p.expires_at,

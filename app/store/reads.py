@@ -157,11 +157,11 @@ class Reader:
                         yield piece
                 while position < hi and not owner.compressed:
                     want = min(hi, position + slice_size)
-                    piece = await self._hot_read(self._read_sync, owner.id, position, want)
-                    if piece is None or len(piece) < want - position:
+                    got = await self._hot_read(self._read_sync, owner.id, position, want)
+                    if got is None or len(got) < want - position:
                         break
                     position = want
-                    yield piece
+                    yield got
                 if position < hi:
                     break
             if position >= end:

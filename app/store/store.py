@@ -9,8 +9,8 @@ chunks, compresses closed streams and removes chunk files no chunk refers to any
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
-import fcntl
 import functools
 import logging
 import os
@@ -44,8 +44,6 @@ from .reads import Reader
 from .schema import CHUNK_TARGET, sessions, streams
 from .transactions import NewStream
 from .writer import Writer
-
-__all__ = ["NewStream", "Store"]
 
 log = logging.getLogger("streamhold.store")
 
@@ -329,7 +327,7 @@ class Store(Reader):
         files = self.files
         if state is None or not state.closed or files is None:
             return state
-        if not await self._read(_trim_unheld, files, stream_id, state.tail):
+        if not await self._read(files.trim_unheld, stream_id, state.tail):
 
             def retry() -> None:
                 if not self._closing:
@@ -389,9 +387,9 @@ class Store(Reader):
         if swapped:
             self._remove_file_later(state.id)
 
-    async def _stage(self, stream_id: str, pieces: list[transactions.GzipPiece]) -> bool:
+    async def _stage(self, stream_id: str, pieces: builtins.list[transactions.GzipPiece]) -> bool:
         postgres = self.postgres
-        batch = list(pieces)
+        batch = builtins.list(pieces)
         staged: bool = await self.writer.call(
             lambda conn: transactions.stage_gzip(conn, stream_id, batch, postgres)
         )
@@ -421,17 +419,18 @@ class Store(Reader):
 
     async def touch(self, state: StreamState) -> None:
         """Slide a sliding TTL forward on a read; writes at most once per tenth of the TTL."""
-        if not state.sliding or not state.ttl_seconds or state.expires_at is None:
+        ttl, expires_at = state.ttl_seconds, state.expires_at
+        if not state.sliding or not ttl or expires_at is None:
             return
         now = clock.now()
-        if now + state.ttl_seconds - state.expires_at < state.ttl_seconds / 10:
+        if now + ttl - expires_at < ttl / 10:
             return
 
         def slide(conn: Connection) -> tuple[None, list[Change]]:
             conn.execute(
                 update(streams)
                 .where(streams.c.id == state.id, streams.c.expires_at > now)
-                .values(expires_at=now + state.ttl_seconds)
+                .values(expires_at=now + ttl)
             )
             return None, []
 
@@ -444,18 +443,16 @@ class Store(Reader):
         """
         if self.files is None or self._sweep_lock >= 0:
             return True
-        fd = os.open(f"{self._write_engine.url.database}-sweep", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another process holds it, until it stops
-            os.close(fd)
-            return False
-        self._sweep_lock = fd
-        return True
+        self._sweep_lock = chunk_files.try_lock(f"{self._write_engine.url.database}-sweep")
+        return self._sweep_lock >= 0
 
     async def compact(self, stream_id: str, full: bool = False) -> None:
         """Merge small chunks into larger ones so that reads need few rows; the content is unchanged."""
-        await self.writer.call(lambda conn: (transactions.compact(conn, stream_id, full, self.postgres), []))
+        def merge(conn: Connection) -> tuple[None, list[Change]]:
+            transactions.compact(conn, stream_id, full, self.postgres)
+            return None, []
+
+        await self.writer.call(merge)
 
     async def sweep(self) -> int:
         """Delete expired streams and collect deleted sources with no forks left; returns how many.
@@ -499,18 +496,3 @@ class Store(Reader):
         await self.writer.call(
             lambda conn: (conn.execute(sessions.delete().where(sessions.c.id_hash == id_hash)), [])
         )
-
-
-def _trim_unheld(files: ChunkFiles, stream_id: str, tail: int) -> bool:
-    """Trim a stream's file to its tail unless a writer holds the file; whether it was not held."""
-    try:
-        claim = files.claim(stream_id, create=False)
-    except FileNotFoundError:
-        return True
-    if claim is None:
-        return False
-    try:
-        files.trim(stream_id, tail)
-    finally:
-        claim.close()
-    return True

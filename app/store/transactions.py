@@ -1,7 +1,7 @@
 """The store's write transactions besides appends: create (and fork), delete, compact, compress, sweep.
 
 Each runs on the writer's thread inside one transaction and returns its result with the changes that
-doorbells announce. Appends are batched in app/store/writer.py.
+doorbells announce. Appends are batched by writer.py and written by batches.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
 
@@ -201,7 +201,8 @@ class Writer(AppendBatches):
                     outcomes: list[tuple[bool, Any]] = [outcome[0]]
                     changes = outcome[1]
                 else:
-                    outcomes, changes = await self._isolated_appends(batch)  # type: ignore[arg-type]
+                    # A batch is one CallOp or appends only (_take_batch).
+                    outcomes, changes = await self._isolated_appends(cast(list[AppendOp], batch))
             except Exception as exc:  # the transaction failed as a whole
                 log.exception("write transaction failed")
                 for op in batch:
@@ -347,10 +348,11 @@ class Writer(AppendBatches):
         batch: list[AppendOp | CallOp] = [first]
         size = len(first.data)
         while self._queue and len(batch) < MAX_BATCH_OPS and size < MAX_BATCH_BYTES:
-            if isinstance(self._queue[0], CallOp):
+            op = self._queue[0]
+            if isinstance(op, CallOp):
                 break
-            op = self._queue.popleft()
-            size += len(op.data)  # type: ignore[union-attr]
+            self._queue.popleft()
+            size += len(op.data)
             batch.append(op)
         return batch
 
