@@ -13,19 +13,17 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from litestar.channels.backends.base import ChannelsBackend
 from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
 from psycopg import AsyncConnection
 
-from .models import StreamState
+from .models import Change, StreamState
 from .settings import Settings
-from .store.store import Store
-from .store.writer import Change
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -196,10 +194,18 @@ class SharedCache(Generic[K, V]):
         return value
 
 
+class Source(Protocol):
+    """What the hub needs of the store beneath it: news of each commit, and reads of committed bytes."""
+
+    def subscribe(self, listener: Callable[[list[Change]], None]) -> None: ...
+
+    async def read(self, stream_id: str, start: int, end: int) -> bytes: ...
+
+
 class LiveHub:
     """Per-process doorbells: wakes local waiters on commit and carries doorbells to other processes."""
 
-    def __init__(self, store: Store, backend: ChannelsBackend | None) -> None:
+    def __init__(self, store: Source, backend: ChannelsBackend | None) -> None:
         self._store = store
         self._backend = backend
         self._watches: dict[str, _Watch] = {}
@@ -225,7 +231,7 @@ class LiveHub:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, store: Store, settings: Settings) -> AsyncIterator[LiveHub]:
+    async def open(cls, store: Source, settings: Settings) -> AsyncIterator[LiveHub]:
         """Run the hub (its one channel subscription and its publisher, if any) for the life of the block."""
         hub = cls(store, make_backend(settings.channels_url))
         store.subscribe(hub.on_commit)

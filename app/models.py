@@ -1,4 +1,4 @@
-"""The vocabulary: value types, offsets, ids and domain errors (the tables are in store/tables.py)."""
+"""The vocabulary: value types, offsets, ids and domain errors (the tables are in store/schema.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .store import clock
+from . import clock
 
 DEFAULT_TTL = 30 * 86400
 MIN_TTL = 60
@@ -55,7 +55,7 @@ class StreamState:
         return self.closed_at is not None
 
     def expired(self, now: float | None = None) -> bool:
-        """Whether it has expired by `now`, or else by the clock expiry is judged by (app/store/clock.py)."""
+        """Whether it has expired by `now`, or else by the clock expiry is judged by (app/clock.py)."""
         return self.expires_at is not None and self.expires_at <= (clock.now() if now is None else now)
 
     @classmethod
@@ -119,6 +119,17 @@ class StreamFilter:
     metadata: tuple[tuple[str, str], ...] = ()
     state: str | None = None  # "open", "closed" or "expiring"
     id_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a committed operation changed about one stream: the message of a doorbell."""
+
+    stream_id: str
+    tail: int
+    closed: bool
+    gone: bool = False
+    added_chunk: int = 0  # the size of the chunk the operation added, if it added one
 
 
 # --- offsets and ids -----------------------------------------------------------------------------

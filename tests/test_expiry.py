@@ -20,8 +20,8 @@ from sqlalchemy import update
 from streamhold.main import create_app
 from streamhold.models import StreamConflictError, StreamFilter
 from streamhold.settings import Settings
+from streamhold.store.schema import StreamRow
 from streamhold.store.store import NewStream, Store
-from streamhold.store.tables import StreamRow
 from tests._cluster import server_env, server_errors
 from tests._server import HOST, LOOPBACK, ServerProcess
 

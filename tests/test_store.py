@@ -28,10 +28,11 @@ from streamhold.models import (
 )
 from streamhold.settings import Settings
 from streamhold.store import chunk_files, transactions
+from streamhold.store.batches import PENDING_LIMIT
 from streamhold.store.chunk_files import FILE_CHUNK_MIN
+from streamhold.store.schema import ChunkRow, GzipChunkRow, StreamRow
 from streamhold.store.store import NewStream, Store
-from streamhold.store.tables import ChunkRow, GzipChunkRow, StreamRow
-from streamhold.store.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
+from streamhold.store.writer import IDLE_CHECKPOINT_S, QUICK_COMMIT_S
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -26,7 +26,7 @@ class AppendOp:
     """One append (or close) waiting for the writer."""
 
     stream_id: str
-    data: bytes
+    data: bytes | bytearray  # a bytearray once later writes are joined to it (Writer.join_last)
     future: asyncio.Future[AppendResult]
     content_type: str | None = None
     seq: str | None = None
@@ -76,7 +76,7 @@ class Pending:
     expires_at: float | None
     compress: bool
     appends: int = 0
-    parts: list[bytes] = field(default_factory=list)
+    parts: list[bytes | bytearray] = field(default_factory=list)
     changed: bool = False
     spool: Spool | None = None
 
