@@ -11,6 +11,7 @@ import httpx
 from tests._server import REPO_ROOT
 
 MAX_READS = 10_000
+STARTUP = 60.0  # seconds a server may take to start on a loaded machine
 
 
 def cli(

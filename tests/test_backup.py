@@ -16,7 +16,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests._operator import append, cli, complete, create, read_all
+from tests._operator import STARTUP, append, cli, complete, create, read_all
 from tests._server import ServerProcess
 
 KIB = 1024
@@ -94,7 +94,7 @@ def _wait_for(condition: object, what: str, timeout: float = 60) -> None:
 @pytest.mark.parametrize("through", ["server", "data-dir"])
 def test_backup_during_write_storm_restores_byte_for_byte(tmp_path: Path, through: str) -> None:
     data, dest, restored = tmp_path / "data", tmp_path / "backup", tmp_path / "restored"
-    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(data)}) as server:
+    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(data)}, startup_timeout=STARTUP) as server:
         storm = Storm(server.url, streams=4, appends=60).start()
         first = storm.ids[0]
         _wait_for(lambda: first in storm.closed and min(storm.counts.values()) >= 5, "the storm to get going")
@@ -116,7 +116,7 @@ def test_backup_during_write_storm_restores_byte_for_byte(tmp_path: Path, throug
 
     restoring = cli("restore", str(dest), "--data-dir", str(restored))
     assert restoring.returncode == 0, restoring.stderr
-    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(restored)}) as server:
+    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(restored)}, startup_timeout=STARTUP) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for stream_id in storm.ids:
                 held = read_all(client, stream_id)
@@ -134,7 +134,7 @@ def small_backup(tmp_path: Path) -> Iterator[tuple[Path, dict[str, bytes]]]:
     data, dest = tmp_path / "data", tmp_path / "backup"
     contents = {}
     with (
-        ServerProcess(env={"STREAMHOLD_DATA_DIR": str(data)}) as server,
+        ServerProcess(env={"STREAMHOLD_DATA_DIR": str(data)}, startup_timeout=STARTUP) as server,
         httpx.Client(base_url=server.url) as client,
     ):
         for parts in ([b"small"], [b"head", random.randbytes(100 * KIB)]):
@@ -200,7 +200,7 @@ def test_backup_refuses_a_used_destination(
 def test_admin_backup_needs_the_key(tmp_path: Path) -> None:
     env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data"), "STREAMHOLD_API_KEYS": "k1"}
     dest = tmp_path / "backup"
-    with ServerProcess(env=env) as server:
+    with ServerProcess(env=env, startup_timeout=STARTUP) as server:
         refused = httpx.post(f"{server.url}/admin/backup", json={"dest": str(dest)})
         assert refused.status_code == 401
         no_key = cli("backup", str(dest), "--server", server.url)
@@ -225,7 +225,10 @@ def test_pg_dump_of_a_postgres_store_restores_into_a_working_server(pg_url: str,
     pg_dump, pg_restore = _pg("pg_dump"), _pg("pg_restore")
     env = {"STREAMHOLD_DATABASE_URL": pg_url, "STREAMHOLD_DATA_DIR": str(tmp_path / "data")}
     contents: dict[str, bytes] = {}
-    with ServerProcess(env=env) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+    with (
+        ServerProcess(env=env, startup_timeout=STARTUP) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
         for index, parts in enumerate(
             ([b"x" * 10], [random.randbytes(100 * KIB), b"end"], [b"text\n" * 5000])
         ):
@@ -253,7 +256,10 @@ def test_pg_dump_of_a_postgres_store_restores_into_a_working_server(pg_url: str,
             timeout=120,
         )
         env = {"STREAMHOLD_DATABASE_URL": fresh_url, "STREAMHOLD_DATA_DIR": str(tmp_path / "data2")}
-        with ServerProcess(env=env) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        with (
+            ServerProcess(env=env, startup_timeout=STARTUP) as server,
+            httpx.Client(base_url=server.url, timeout=30) as client,
+        ):
             for stream_id, content in contents.items():
                 assert read_all(client, stream_id) == content
             later = list(contents)[0]

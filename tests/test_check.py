@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests._operator import append, cli, complete, create, read_all
+from tests._operator import STARTUP, append, cli, complete, create, read_all
 from tests._server import ServerProcess
 
 KIB = 1024
@@ -42,7 +42,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
         "small": [b"x" * 300, b"y" * 300],
     }
     with (
-        ServerProcess(env={"STREAMHOLD_DATA_DIR": str(data)}) as server,
+        ServerProcess(env={"STREAMHOLD_DATA_DIR": str(data)}, startup_timeout=STARTUP) as server,
         httpx.Client(base_url=server.url) as client,
     ):
         ids = {kind: create(client) for kind in pieces}
@@ -83,7 +83,7 @@ def test_healthy_store_passes_and_serves(store: Store) -> None:
     result = cli("check", "--data-dir", str(store.data))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(store.data)}) as server:
+    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(store.data)}, startup_timeout=STARTUP) as server:
         with httpx.Client(base_url=server.url) as client:
             for stream_id, content in store.contents.items():
                 assert read_all(client, stream_id) == content
