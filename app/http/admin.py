@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 from pathlib import Path
 from typing import Any
 
 from litestar import Request, Response, post
 from litestar.di import NamedDependency
-from litestar.exceptions import NotAuthorizedException, ValidationException
+from litestar.exceptions import ClientException, NotAuthorizedException, ValidationException
 
 from ..settings import Settings
 from ..store import backup
 from .auth import require_key
 
 NO_STORE = {"cache-control": "no-store"}
-_one_at_a_time = asyncio.Lock()
+_one_at_a_time = threading.Lock()
 
 
 def _from_loopback(request: Request[Any, Any, Any]) -> bool:
@@ -44,8 +45,12 @@ async def backup_store(
         raise ValidationException('send {"dest": "/absolute/path/of/a/new/folder"} on the server\'s machine')
     try:
         database = backup.database_path(settings.sqlalchemy_url)
-        async with _one_at_a_time:
+        if not _one_at_a_time.acquire(blocking=False):
+            raise ClientException("a backup is running already: try again when it is done", status_code=409)
+        try:
             manifest = await asyncio.to_thread(backup.backup, database, Path(dest))
+        finally:
+            _one_at_a_time.release()
     except backup.BackupError as exc:
         raise ValidationException(str(exc)) from None
     except OSError as exc:
