@@ -15,13 +15,21 @@ from .store.check import check as check_store
 BACKUP_TIMEOUT = 3600.0
 
 
-def _database(data_dir: str | None) -> Path:
+ON_POSTGRES = (
+    "this store is on PostgreSQL, which keeps every byte in the database and has no chunk files: "
+    "check it with PostgreSQL's own tools (pg_amcheck), and back it up with pg_dump"
+)
+
+
+def _database(data_dir: str | None, postgres: str = "") -> Path:
     """The store's database: under --data-dir, else where STREAMHOLD_DATA_DIR / DATABASE_URL put it."""
     try:
         settings = Settings.from_env()
         url = f"sqlite:///{Path(data_dir) / 'streamhold.db'}" if data_dir else settings.sqlalchemy_url
         return backups.database_path(url)
-    except (SettingsError, backups.BackupError) as exc:
+    except backups.BackupError as exc:
+        raise click.ClickException(postgres or str(exc)) from None
+    except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -84,7 +92,7 @@ def restore(source: Path, data_dir: str) -> None:
 @click.option("--repair", is_flag=True, help="Remove stray chunk files (never data that a row refers to).")
 def check(data_dir: str | None, repair: bool) -> None:
     """Check that every stored byte is where the database says; one line per problem, exit 1 if any."""
-    report = check_store(_database(data_dir), repair=repair)
+    report = check_store(_database(data_dir, ON_POSTGRES), repair=repair)
     for problem in report.problems:
         click.echo(problem, err=True)
     for path in report.strays:

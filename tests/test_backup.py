@@ -240,6 +240,8 @@ def test_pg_dump_of_a_postgres_store_restores_into_a_working_server(pg_url: str,
             contents[stream_id] = b"".join(parts)
         said = cli("backup", str(tmp_path / "b"), env=env)
         assert said.returncode == 1 and "pg_dump" in said.stderr
+        checked = cli("check", env=env)
+        assert checked.returncode == 1 and "PostgreSQL" in checked.stderr
         asked = client.post("/admin/backup", json={"dest": str(tmp_path / "b")})
         assert asked.status_code == 400 and "pg_dump" in asked.text
     dump = tmp_path / "streamhold.dump"
@@ -275,3 +277,32 @@ def test_backup_of_a_missing_store_is_a_clear_failure(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no database at" in result.stderr
     assert not (tmp_path / "b").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_chunk_file_removed_right_after_the_snapshot_is_still_copied(
+    small_backup: tuple[Path, dict[str, bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream deleted or compressed just after the snapshot loses its file's name, not its bytes."""
+    from streamhold.store import backup
+
+    _, contents = small_backup
+    data = tmp_path / "data"
+    snapshot_ranges = backup.file_ranges
+
+    def then_remove(conn: object) -> dict[str, list[tuple[int, int]]]:
+        ranges = snapshot_ranges(conn)  # type: ignore[arg-type]
+        for path in (data / "streamhold.db-chunks").iterdir():
+            path.unlink()  # as the server does ten seconds after a delete, but at once
+        return ranges
+
+    monkeypatch.setattr(backup, "file_ranges", then_remove)
+    backup.backup(data / "streamhold.db", tmp_path / "again")
+    restored = tmp_path / "restored"
+    assert cli("restore", str(tmp_path / "again"), "--data-dir", str(restored)).returncode == 0
+    env = {"STREAMHOLD_DATA_DIR": str(restored)}
+    with (
+        ServerProcess(env=env, startup_timeout=STARTUP) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        for stream_id, content in contents.items():
+            assert read_all(client, stream_id) == content
