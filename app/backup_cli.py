@@ -64,7 +64,8 @@ def _backup_through(server: str, dest: str, key: str | None) -> None:
         raise click.ClickException(f"could not reach {server}: {exc}") from None
     if response.status_code != 201:
         try:
-            detail = response.json().get("detail", response.text)
+            body = response.json()
+            detail = body.get("error") or body.get("detail") or response.text
         except ValueError:
             detail = response.text
         raise click.ClickException(f"the server refused the backup ({response.status_code}): {detail}")

@@ -204,7 +204,7 @@ def test_admin_backup_needs_the_key(tmp_path: Path) -> None:
         refused = httpx.post(f"{server.url}/admin/backup", json={"dest": str(dest)})
         assert refused.status_code == 401
         no_key = cli("backup", str(dest), "--server", server.url)
-        assert no_key.returncode == 1 and "401" in no_key.stderr
+        assert no_key.returncode == 1 and "401" in no_key.stderr and "API key" in no_key.stderr
         relative = httpx.post(
             f"{server.url}/admin/backup", json={"dest": "relative"}, headers={"authorization": "Bearer k1"}
         )
