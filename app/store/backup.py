@@ -116,7 +116,7 @@ def backup(database: Path, dest: Path) -> Manifest:
 def _write(database: Path, staging: Path) -> Manifest:
     chunks_dir = Path(str(database) + "-chunks")
     # Opened before the snapshot: a stream deleted or compressed after it loses its file's name, not its data.
-    opened = _open_all(chunks_dir)
+    opened = open_chunk_files(chunks_dir)
     try:
         copy = staging / DATABASE
         source_conn, target_conn = sqlite3.connect(database, timeout=30), sqlite3.connect(copy)
@@ -148,7 +148,8 @@ def _write(database: Path, staging: Path) -> Manifest:
     return manifest
 
 
-def _open_all(chunks_dir: Path) -> dict[str, int]:
+def open_chunk_files(chunks_dir: Path) -> dict[str, int]:
+    """Every chunk file in the folder, opened for reading, by stream id: its bytes outlive a removal."""
     opened: dict[str, int] = {}
     if not chunks_dir.is_dir():
         return opened

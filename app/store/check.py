@@ -19,6 +19,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backup import open_chunk_files
 from .chunk_files import REMOVE_GRACE, SUFFIX, ChunkFiles
 
 READ_SIZE = 1024 * 1024
@@ -60,6 +61,19 @@ def check(database: Path, repair: bool = False) -> Report:
         report.problems.append(f"{database}: no database here (point --data-dir at the data directory)")
         return report
     chunks_dir = Path(str(database) + "-chunks")
+    # Opened before the snapshot, as a backup does: a stream deleted meanwhile keeps its bytes for the check.
+    opened = open_chunk_files(chunks_dir)
+    try:
+        _check_database(database, chunks_dir, opened, repair, report)
+    finally:
+        for fd in opened.values():
+            os.close(fd)
+    return report
+
+
+def _check_database(
+    database: Path, chunks_dir: Path, opened: dict[str, int], repair: bool, report: Report
+) -> None:
     uri = database.resolve().as_uri() + "?mode=ro"
     with closing(sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)) as conn:
         found = [row[0] for row in conn.execute("PRAGMA quick_check")]
@@ -71,11 +85,10 @@ def check(database: Path, repair: bool = False) -> Report:
             for row in conn.execute(STREAMS)
         }
         report.streams = len(streams)
-        in_files = _check_chunks(conn, streams, chunks_dir, report)
+        in_files = _check_chunks(conn, streams, chunks_dir, opened, report)
         _check_gzip(conn, streams, report)
         conn.execute("COMMIT")
         _find_strays(conn, chunks_dir, in_files, repair, report)
-    return report
 
 
 def _fork_offset(source: str | None, offset: int | None) -> int | None:
@@ -83,7 +96,11 @@ def _fork_offset(source: str | None, offset: int | None) -> int | None:
 
 
 def _check_chunks(
-    conn: sqlite3.Connection, streams: dict[str, Stream], chunks_dir: Path, report: Report
+    conn: sqlite3.Connection,
+    streams: dict[str, Stream],
+    chunks_dir: Path,
+    opened: dict[str, int],
+    report: Report,
 ) -> set[str]:
     """Check every stream's chunk rows; returns the streams that keep bytes in a chunk file."""
     in_files: set[str] = set()
@@ -119,7 +136,7 @@ def _check_chunks(
             )
         if ranges:
             in_files.add(stream_id)
-            _check_file(chunks_dir / (stream_id + SUFFIX), stream_id, ranges, report)
+            _check_file(chunks_dir / (stream_id + SUFFIX), stream_id, ranges, opened.get(stream_id), report)
     for stream in streams.values():
         base = stream.fork_offset or 0
         if stream.id not in seen and not stream.compressed and stream.tail - stream.pending not in (0, base):
@@ -129,11 +146,14 @@ def _check_chunks(
     return in_files
 
 
-def _check_file(path: Path, stream_id: str, ranges: Iterable[tuple[int, int]], report: Report) -> None:
+def _check_file(
+    path: Path, stream_id: str, ranges: Iterable[tuple[int, int]], fd: int | None, report: Report
+) -> None:
     """Read every byte range of a chunk file that rows refer to (bounded reads); one line if one fails."""
     report.chunk_files += 1
+    own = fd is None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY) if fd is None else fd
     except FileNotFoundError:
         report.problems.append(f"stream {stream_id}: chunk file {path} is missing")
         return
@@ -156,7 +176,8 @@ def _check_file(path: Path, stream_id: str, ranges: Iterable[tuple[int, int]], r
     except OSError as exc:
         report.problems.append(f"stream {stream_id}: chunk file {path} cannot be read: {exc.strerror}")
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
 
 
 def _check_gzip(conn: sqlite3.Connection, streams: dict[str, Stream], report: Report) -> None:
