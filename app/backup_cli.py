@@ -44,7 +44,7 @@ _data_dir = click.option(
 @click.option("--server", default="", help="Ask this running server to write it (DEST on its machine).")
 @click.option("--key", envvar="STREAMHOLD_API_KEY", help="The server's API key, when it has keys.")
 def backup(dest: Path, data_dir: str | None, server: str, key: str | None) -> None:
-    """Write a consistent backup into the new folder DEST, while the server keeps serving."""
+    """Back the store up into the new folder DEST, consistent, while it serves."""
     if server:
         _backup_through(server.rstrip("/"), os.path.abspath(dest), key)
         return
@@ -77,7 +77,7 @@ def _backup_through(server: str, dest: str, key: str | None) -> None:
 @click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--data-dir", required=True, help="A new or empty data directory to restore into.")
 def restore(source: Path, data_dir: str) -> None:
-    """Verify the backup SOURCE against its checksums and restore it into an empty data directory."""
+    """Restore the backup SOURCE (checksums verified) into an empty data dir."""
     try:
         manifest = backups.restore(source, Path(data_dir))
     except (backups.BackupError, OSError) as exc:
@@ -92,7 +92,7 @@ def restore(source: Path, data_dir: str) -> None:
 @_data_dir
 @click.option("--repair", is_flag=True, help="Remove stray chunk files (never data that a row refers to).")
 def check(data_dir: str | None, repair: bool) -> None:
-    """Check that every stored byte is where the database says; one line per problem, exit 1 if any."""
+    """Check stored bytes against the database, read-only; exit 1 on a problem."""
     report = check_store(_database(data_dir, ON_POSTGRES), repair=repair)
     for problem in report.problems:
         click.echo(problem, err=True)
