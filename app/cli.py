@@ -25,6 +25,7 @@ import httpx
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import backup_cli
 from .checks import shown
 from .models import StreamError
 from .sdk.base import UNSET, StreamInfo
@@ -596,6 +597,9 @@ def rm(stream_ids: tuple[str, ...], server: str, key: str | None) -> None:
 
     _run(remove(), key)
 
+
+for _command in backup_cli.commands:  # backup, restore, check
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import agentuity_api, protocol
-from .http import guard, headers, ops
+from .http import admin, guard, headers, ops
 from .live import LiveHub
 from .models import StreamError
 from .sdk.base import StreamService
@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
     routes: list[Any] = [
         Router("/", route_handlers=[*protocol.routes, *agentuity_api.routes], opt={"stream_api": True}),
         *ops.routes,
+        *admin.routes,
         *dashboard.routes,
         *viewer.routes,
         *route_handlers,
