@@ -27,6 +27,7 @@ from ..models import (
     StreamState,
     format_offset,
     parse_offset,
+    require_live,
     split_offset,
 )
 from ..settings import Settings
@@ -41,7 +42,6 @@ from .wire import (
     error,
     is_text,
     json_body,
-    live_state,
     request_name,
     state_headers,
 )
@@ -203,7 +203,7 @@ async def _after_wake(store: Store, hub: LiveHub, waiter: Any, state: StreamStat
         raise StreamNotFoundError("stream was deleted")
     if woke and waiter.tail > state.tail and not state.compressed:
         return _advanced(hub, state, waiter.tail, waiter.closed)
-    return live_state(await store.get(state.id))
+    return require_live(await store.get(state.id))
 
 
 def _advanced(hub: LiveHub, state: StreamState, tail: int, closed: bool) -> StreamState:
@@ -294,11 +294,11 @@ async def _sse_follow(
                 return
             if not woke:
                 yield ": keep-alive\n\n"
-                state = live_state(await store.get(state.id))
+                state = require_live(await store.get(state.id))
             elif waiter.tail > state.tail and not state.compressed:
                 state = _advanced(hub, state, waiter.tail, waiter.closed)
             elif waiter.tail < state.tail or (state.closed == waiter.closed and waiter.tail == state.tail):
-                state = live_state(await store.get(state.id))
+                state = require_live(await store.get(state.id))
             elif waiter.closed and not state.closed:
                 state = _advanced(hub, state, state.tail, True)
             if state.closed and position >= state.tail:
@@ -367,7 +367,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
         if live not in (None, "long-poll", "sse"):
             raise InvalidRequestError("live must be long-poll or sse")
         token = _start_offset(query, live)
-        state = live_state(await store.get_by_name(name))
+        state = require_live(await store.get_by_name(name))
         if state.sliding:
             await store.touch(state)
         extra: dict[str, str] = {}

@@ -26,8 +26,6 @@ from ..models import (
     StaleEpochError,
     StreamClosedError,
     StreamError,
-    StreamGoneError,
-    StreamNotFoundError,
     StreamState,
     format_offset,
 )
@@ -208,14 +206,6 @@ def cursor(client: str | None) -> str:
     if given is not None and interval <= given < checks.BEYOND:
         interval = given + random.randint(1, 180)
     return str(interval)
-
-
-def live_state(state: StreamState | None) -> StreamState:
-    if state is None or state.expired():
-        raise StreamNotFoundError("stream not found")
-    if state.deleted:
-        raise StreamGoneError("stream was deleted; forks of it still exist")
-    return state
 
 
 def state_headers(state: StreamState, tail: int, closed: bool) -> dict[str, str]:

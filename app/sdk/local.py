@@ -13,6 +13,7 @@ from ..models import (
     StreamFilter,
     StreamNotFoundError,
     StreamState,
+    lifecycle,
 )
 from ..settings import Settings
 from .base import (
@@ -112,8 +113,9 @@ class LocalStreams(StreamService):
 
     async def _live_state(self, stream_id: str) -> StreamState:
         state = await self.store.get(check_id(stream_id))
-        if state is None or state.expired() or state.deleted:
+        if not lifecycle(state).readable:
             raise StreamNotFoundError(f"stream {stream_id} not found")
+        assert state is not None
         return state
 
     async def get(self, stream_id: str) -> StreamInfo:
