@@ -38,12 +38,12 @@ class RangeNotSatisfiableError(StreamError):
         self.length = length
 
 
-class _Cut(Exception):
+class CutOff(Exception):
     """The body cannot be finished (server stopping, stream deleted): end it without its last chunk."""
 
 
-class _Body(ASGIStreamingResponse):
-    """A streamed body cut off (no final chunk) when its source raises _Cut, so clients see it is short."""
+class CutOffBody(ASGIStreamingResponse):
+    """A streamed body cut off (no final chunk) when its source raises CutOff, so clients see it is short."""
 
     def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str], status: int = 200) -> None:
         super().__init__(iterator=body, headers=headers, status_code=status)
@@ -64,7 +64,7 @@ class _Body(ASGIStreamingResponse):
                     # before it is handed more: this empty write waits there, so that a client that stops
                     # reading holds one slice, not two.
                     await send({"type": "http.response.body", "body": b"", "more_body": True})
-            except _Cut:
+            except CutOff:
                 pass
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -77,7 +77,7 @@ async def _plain(store: Store, state: StreamState, start: int, end: int) -> Asyn
         async for piece in store.iter_content(state, start, end, BODY_SLICE):
             yield piece
     except StreamError as exc:  # deleted meanwhile
-        raise _Cut from exc
+        raise CutOff from exc
 
 
 async def _gzipped(store: Store, stream_id: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -90,7 +90,7 @@ async def _gzipped(store: Store, stream_id: str, start: int, end: int) -> AsyncI
         position += len(packed)
         if position >= end:
             return
-    raise _Cut
+    raise CutOff
 
 
 async def tail(
@@ -102,7 +102,7 @@ async def tail(
             async for piece in pieces:
                 yield piece
         except StreamError as exc:  # deleted while it was read
-            raise _Cut from exc
+            raise CutOff from exc
 
 
 async def _follow(
@@ -115,7 +115,7 @@ async def _follow(
         short = 0
         while True:
             if state is None or state.deleted or state.expired():
-                raise _Cut
+                raise CutOff
             hub.observe(state.id, state.tail, state.closed)
             while position < state.tail:
                 end = min(state.tail, position + TAIL_SLICE)
@@ -130,16 +130,16 @@ async def _follow(
             if state.closed and position >= state.tail:
                 return
             if hub.stopping or waiter.gone:
-                raise _Cut
+                raise CutOff
             if position < state.tail:  # a short read: the stream was compressed since; read it again
                 short += 1
                 if short > SHORT_READS:
-                    raise _Cut
+                    raise CutOff
                 state = await store.get(stream_id)
                 continue
             woke = await waiter.wait(settings.long_poll_timeout)
             if hub.stopping or waiter.gone:
-                raise _Cut
+                raise CutOff
             if woke and waiter.tail > state.tail and not state.compressed:
                 state = replace(
                     state,
@@ -261,11 +261,11 @@ async def respond_with_content(
         headers.update({"cache-control": "no-store", "x-accel-buffering": "no"})
         if head:
             return ASGIResponse(body=b"", headers=headers, is_head_response=True)
-        return _Body(tail(store, hub, settings, state.id, start), headers)
+        return CutOffBody(tail(store, hub, settings, state.id, start), headers)
     headers.update({"content-length": str(state.tail - start), "cache-control": "no-store"})
     if head:
         return ASGIResponse(body=b"", headers=headers, is_head_response=True)
-    return _Body(_plain(store, state, start, state.tail), headers)
+    return CutOffBody(_plain(store, state, start, state.tail), headers)
 
 
 def _closed_content(
@@ -298,4 +298,4 @@ def _closed_content(
     if head:
         return ASGIResponse(body=b"", status_code=status, headers=headers, is_head_response=True)
     body = _gzipped(store, state.id, start, end) if gzipped else _plain(store, state, start, end)
-    return _Body(body, headers, status)
+    return CutOffBody(body, headers, status)

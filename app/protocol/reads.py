@@ -15,8 +15,7 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
-from ..http.content import _Body as CutOffBody
-from ..http.content import _Cut as Cut
+from ..http.content import CutOff, CutOffBody
 from ..http.responses import BODY_SLICE, parse_query, respond, single
 from ..live import LiveHub
 from ..models import (
@@ -94,7 +93,7 @@ async def _body_iter(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[
         async for piece in rest:
             yield piece
     except StreamError as exc:  # deleted mid-body: cut it off, so the client sees it is short
-        raise Cut from exc
+        raise CutOff from exc
 
 
 async def _catch_up(
