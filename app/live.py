@@ -13,22 +13,23 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from litestar.channels.backends.base import ChannelsBackend
 from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
 from psycopg import AsyncConnection
 
-from .models import StreamState
+from .models import StreamNotFoundError, StreamState, require_live
 from .settings import Settings
 from .store.store import Store
 from .store.writer import Change
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 log = logging.getLogger("streamhold.live")
 
@@ -42,6 +43,7 @@ PUBLISH_TIMEOUT = 5.0
 SUBSCRIBE_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 2.0
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
+STALLED_READS = 3  # reads in a row that may come back short (compressed meanwhile) before a follow gives up
 
 
 class PostgresDoorbells(PsycoPgChannelsBackend):
@@ -276,6 +278,21 @@ class LiveHub:
             if watch.readers == 0 and not watch.fetching:
                 self._watches.pop(stream_id, None)
 
+    def advanced(self, state: StreamState, tail: int, closed: bool) -> StreamState:
+        """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed).
+
+        Shared by all readers woken by the same doorbell: a thousand readers make one copy, not a thousand.
+        """
+        key = (state.id, tail, closed)
+        shared = self.advanced_states.get(key)
+        if shared is None:
+            values = {name: getattr(state, name) for name in StreamState.__slots__}
+            values["tail"] = tail
+            if closed and values["closed_at"] is None:
+                values["closed_at"] = time.time()
+            shared = self.advanced_states.put(key, StreamState(**values))
+        return shared
+
     def live_readers(self, stream_id: str) -> int:
         """How many readers of this process are tailing the stream."""
         watch = self._watches.get(stream_id)
@@ -465,3 +482,112 @@ class LiveHub:
         if end >= cached_end:
             watch.cache_start, watch.cache = start, data
         return data
+
+
+# --- following a stream ---------------------------------------------------------------------------
+
+DATA: Literal["data"] = "data"  # a piece, read up to `position`
+UP_TO_DATE: Literal["up-to-date"] = (
+    "up-to-date"  # at the committed tail, with nothing sent since the last wait
+)
+IDLE: Literal["idle"] = "idle"  # a wait ran out with no doorbell: time for a keep-alive
+CLOSED: Literal["closed"] = "closed"  # at the end of a closed stream: the follow is over
+
+
+class Event(NamedTuple, Generic[T]):
+    """One step of a follow: what happened, the stream as then known, the reader's position, the piece."""
+
+    kind: Literal["data", "up-to-date", "idle", "closed"]
+    state: StreamState
+    position: int
+    piece: T | None
+
+
+class StateReader(Protocol):
+    """Where a follow reads a stream's record afresh: the store."""
+
+    async def get(self, stream_id: str) -> StreamState | None: ...
+
+
+async def follow(
+    hub: LiveHub,
+    reader: StateReader,
+    state: StreamState,
+    start: int,
+    step: Callable[[StreamState, int], Awaitable[tuple[T, int]]],
+    *,
+    kind: str,
+    idle_after: float,
+    deadline: float | None = None,
+    cancel: asyncio.Future[None] | None = None,
+    reread: bool = False,
+) -> AsyncGenerator[Event[T], None]:
+    """Replay a stream from `start`, then wait on its doorbell for more, until closed, gone or cancelled.
+
+    `step(state, position)` reads the next piece and says where it ends, never past `state.tail` (the
+    committed tail); one piece is held at a time. A stream that vanishes raises StreamError; the follow just
+    ends when the server stops, `cancel` is done or the `deadline` (event-loop time) passes. With `reread`,
+    `state` is read again once the waiter is registered, so that no commit slips between the two.
+    """
+    loop = asyncio.get_running_loop()
+    position = start
+    with hub.watch(state.id, kind) as waiter:
+        if reread:
+            state = require_live(await reader.get(state.id))
+        hub.observe(state.id, state.tail, state.closed)
+        stalled = 0
+        delivered = False
+        while True:
+            while position < state.tail:
+                piece, after = await step(state, position)
+                if after <= position:
+                    break
+                position = after
+                stalled, delivered = 0, True
+                yield Event(DATA, state, position, piece)
+            if position < state.tail:  # a short read: the stream was compressed (or deleted) meanwhile
+                stalled += 1
+                if stalled > STALLED_READS:
+                    raise StreamNotFoundError("the stream changed while it was read: read it again")
+                state = require_live(await reader.get(state.id))
+                continue
+            if state.closed:
+                yield Event(CLOSED, state, position, None)
+                return
+            if not delivered:
+                yield Event(UP_TO_DATE, state, position, None)
+            delivered = True  # said: UP_TO_DATE comes again only after a wait that brought nothing
+            seconds = idle_after if deadline is None else min(idle_after, deadline - loop.time())
+            if hub.stopping or seconds <= 0 or (cancel is not None and cancel.done()):
+                return
+            woke = await (waiter.wait(seconds) if cancel is None else _wait_unless(waiter, seconds, cancel))
+            if hub.stopping or (cancel is not None and cancel.done()):
+                return
+            if waiter.gone:
+                raise StreamNotFoundError("stream was deleted")
+            if (
+                woke
+                and not state.compressed
+                and (
+                    waiter.tail > state.tail
+                    or (waiter.tail == state.tail and waiter.closed and not state.closed)
+                )
+            ):
+                state = hub.advanced(state, waiter.tail, waiter.closed)
+                continue
+            if not woke:
+                yield Event(IDLE, state, position, None)
+            # No news in the doorbell (a timeout, a re-subscription, a tail behind ours): ask the store.
+            state = require_live(await reader.get(state.id))
+            hub.observe(state.id, state.tail, state.closed)
+            delivered = False
+
+
+async def _wait_unless(waiter: Waiter, seconds: float, cancel: asyncio.Future[None]) -> bool:
+    """Wait on the doorbell unless `cancel` (the client going away) completes first."""
+    waiting = asyncio.ensure_future(waiter.wait(seconds))
+    await asyncio.wait((waiting, cancel), return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        return False
+    return waiting.result()
