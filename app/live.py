@@ -188,6 +188,9 @@ class SharedCache(Generic[K, V]):
         self._size = size
         self._items: dict[K, V] = {}
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: K) -> V | None:
         return self._items.get(key)
 
