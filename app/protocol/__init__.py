@@ -12,9 +12,10 @@ from urllib.parse import unquote
 
 from litestar import Request, asgi
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPResponseStartEvent, Receive, Scope, Send
 
 from .. import checks
 from ..http.auth import check_key, require_key
@@ -350,8 +351,13 @@ async def append_asgi(state: State, scope: Scope, receive: Receive, send: Send) 
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     if body:
         raw.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw + API_RESPONSE_HEADERS})
-    await send({"type": "http.response.body", "body": body})
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": raw + API_RESPONSE_HEADERS,
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
     request_metrics(state).record(APPEND_LABELS, status, time.perf_counter() - started)
 
 
@@ -406,9 +412,10 @@ async def protocol_app(scope: Scope, receive: Receive, send: Send) -> None:
     A mounted ASGI handler: these requests skip Litestar's per-request signature parsing and injection,
     which cost more than the append itself.
     """
-    handler = HANDLERS.get(scope["method"])
+    method = scope["method"] if scope["type"] == ScopeType.HTTP else "WEBSOCKET"
+    handler = HANDLERS.get(method)
     if handler is None:
-        body = json.dumps({"error": f"{scope['method']} is not a protocol method"}).encode()
+        body = json.dumps({"error": f"{method} is not a protocol method"}).encode()
         response = respond(405, {"allow": ", ".join(HANDLERS), "content-type": "application/json"}, body)
     else:
         request: Request[Any, Any, Any] = Request(scope, receive, send)

@@ -46,6 +46,7 @@ SPOOL_HOLD_S = 30.0
 CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z, the protocol's cursor epoch
 CURSOR_INTERVAL = 20.0
 
+
 def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Settings]:
     """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""
     state = request.app.state
@@ -183,7 +184,7 @@ async def receive_body(
             except TimeoutError:
                 spool.release()
                 continue
-        if message["type"] == "http.disconnect":
+        if message["type"] != "http.request":  # http.disconnect
             raise InvalidRequestError("the client went away before sending the whole body")
         part = message.get("body", b"")
         size += len(part)
