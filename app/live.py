@@ -579,6 +579,8 @@ async def follow(
                 state = hub.advanced(state, waiter.tail, waiter.closed)
                 continue
             if not woke:
+                if deadline is not None and loop.time() >= deadline:
+                    return
                 yield Event(IDLE, state, position, None)
             # No news in the doorbell (a timeout, a re-subscription, a tail behind ours): ask the store.
             state = require_live(await reader.get(state.id))
