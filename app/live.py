@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from litestar.channels.backends.base import ChannelsBackend
-from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
-from psycopg import AsyncConnection
 
+from .channels import PUBLISH_TIMEOUT, make_backend
 from .models import StreamNotFoundError, StreamState, require_live
 from .settings import Settings
 from .store.store import Store
@@ -39,76 +38,10 @@ COALESCE_FROM = 32  # readers of one stream before its doorbells are gathered
 COALESCE_PER_READER = 50e-6  # seconds of gathering per reader
 COALESCE_MAX = 0.05
 MAX_MESSAGE = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
-PUBLISH_TIMEOUT = 5.0
 SUBSCRIBE_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 2.0
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 STALLED_READS = 3  # reads in a row that may come back short (compressed meanwhile) before a follow gives up
-
-
-class PostgresDoorbells(PsycoPgChannelsBackend):
-    """Litestar's LISTEN/NOTIFY backend, publishing over one kept-open connection.
-
-    The upstream backend connects anew for every message, which costs the server a backend process each time.
-    """
-
-    def __init__(self, pg_dsn: str) -> None:
-        super().__init__(pg_dsn)
-        self._publisher: AsyncConnection[Any] | None = None
-        self._publish_lock = asyncio.Lock()
-
-    async def publish(self, data: bytes, channels: Iterable[str]) -> None:
-        async with self._publish_lock:
-            conn = self._publisher
-            if conn is None or conn.closed:
-                conn = await AsyncConnection.connect(self._pg_dsn, autocommit=True, connect_timeout=5)
-                self._publisher = conn
-            try:
-                for channel in channels:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (channel, data.decode()))
-            except BaseException:
-                self._publisher = None
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                raise
-
-    async def on_shutdown(self) -> None:
-        try:
-            await super().on_shutdown()
-        finally:
-            async with self._publish_lock:
-                if self._publisher is not None:
-                    with contextlib.suppress(Exception):
-                        await self._publisher.close()
-                    self._publisher = None
-
-
-def make_backend(url: str) -> ChannelsBackend | None:
-    """The channels backend for STREAMHOLD_CHANNELS_URL; None means in-process only."""
-    if not url or url == "memory://":
-        return None
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from litestar.channels.backends.redis import RedisChannelsPubSubBackend
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # No silent reconnects: the hub must see a dropped subscription, to wake readers once it is back.
-        client = Redis.from_url(
-            url,
-            socket_connect_timeout=5,
-            socket_timeout=PUBLISH_TIMEOUT,
-            health_check_interval=10,
-            retry=Retry(NoBackoff(), 0),
-            client_name="streamhold-doorbells",
-        )
-        return RedisChannelsPubSubBackend(redis=client)
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresDoorbells(pg_dsn=url)
-    raise ValueError(
-        "STREAMHOLD_CHANNELS_URL must be redis://, rediss://, unix://, postgresql:// or empty, "
-        f"got {url.split(':')[0]}:..."
-    )
 
 
 def encode_doorbells(origin: str, changes: Iterable[Change]) -> list[bytes]:
