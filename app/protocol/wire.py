@@ -83,7 +83,9 @@ def name_from_path(raw: bytes | None, routed: str) -> str:
     return name if name is not None else stream_name(routed)
 
 
-@functools.lru_cache(maxsize=4096)  # writers append to the same few streams over and over
+# Writers append to the same few streams over and over. Shared by every app in the process, safely: a
+# name depends on the raw path alone, never on an app's settings or data.
+@functools.lru_cache(maxsize=4096)
 def _name_in_raw_path(raw: bytes) -> str | None:
     path = unquote(raw.decode("latin-1").split("?", 1)[0])
     return stream_name(path[len(PREFIX) + 1 :]) if path.startswith(PREFIX + "/") else None
