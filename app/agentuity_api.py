@@ -34,6 +34,7 @@ from .models import (
     StreamState,
     clamp_ttl,
     iso,
+    lifecycle,
 )
 from .protocol.wire import frame_json, read_body
 from .sdk.local import info_from_state
@@ -98,8 +99,9 @@ def wire_info(state: StreamState, origin: str) -> dict[str, Any]:
 
 async def _live(store: Store, stream_id: str) -> StreamState:
     state = await store.get(stream_id)
-    if state is None or state.expired() or state.deleted:
+    if not lifecycle(state).readable:  # this API answers 404 for deleted streams too, as Agentuity does
         raise StreamNotFoundError(f"stream {stream_id} not found (it may have expired or been deleted)")
+    assert state is not None
     return state
 
 

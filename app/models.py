@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -89,6 +90,47 @@ class StreamState:
             deleted=bool(get("deleted")),
             generation=get("generation") or 0,
         )
+
+
+class Lifecycle(enum.Enum):
+    """Where a stream is in its life, as every surface judges it (see `lifecycle`)."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+    EXPIRED = "expired"
+    DELETED = "deleted"  # soft-deleted: forks of it still read its bytes
+    MISSING = "missing"
+
+    @property
+    def readable(self) -> bool:
+        return self is Lifecycle.OPEN or self is Lifecycle.CLOSED
+
+
+def lifecycle(state: StreamState | None, now: float | None = None) -> Lifecycle:
+    """The one rule for whether a stream is live, closed, expired or gone.
+
+    `state` must come from a fresh read of the store (never a cache), and expiry is judged by the one
+    clock (app/store/clock.py) unless `now` is given: a refusal is never taken from a stale copy.
+    """
+    if state is None:
+        return Lifecycle.MISSING
+    if state.expired(now):  # an expired stream is gone even before the sweeper deletes it
+        return Lifecycle.EXPIRED
+    if state.deleted:
+        return Lifecycle.DELETED
+    return Lifecycle.CLOSED if state.closed_at is not None else Lifecycle.OPEN
+
+
+def require_live(state: StreamState | None, subject: str = "stream") -> StreamState:
+    """`state` if it is readable (open or closed); else StreamNotFoundError, or StreamGoneError when it
+    was deleted while forks of it remain. Surfaces map these to their own statuses."""
+    stage = lifecycle(state)
+    if stage.readable:
+        assert state is not None
+        return state
+    if stage is Lifecycle.DELETED:
+        raise StreamGoneError(f"{subject} was deleted; forks of it still exist")
+    raise StreamNotFoundError(f"{subject} not found")
 
 
 @dataclass(frozen=True, slots=True)

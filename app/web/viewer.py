@@ -25,9 +25,9 @@ from .. import demo
 from ..http.auth import bearer, require_key
 from ..http.headers import PAGE_HEADERS, content_headers
 from ..http.responses import BODY_SLICE
-from ..models import StreamError, StreamState, iso
+from ..models import StreamError, StreamState, iso, require_live
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
-from ..protocol.wire import PREFIX, is_text, live_state, stream_name
+from ..protocol.wire import PREFIX, is_text, stream_name
 from ..sdk.context import AgentContext
 from ..settings import Settings
 from ..store.appends import media_type
@@ -210,7 +210,7 @@ async def watch(
     current = await session.current(request, settings)
     demo_csrf = current.csrf if current is not None else ""
     try:
-        state = live_state(await store.get_by_name(stream_name(name)))
+        state = require_live(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
     operator = not settings.api_keys or (current is not None and current.signed_in)
