@@ -19,22 +19,18 @@ from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
 from . import checks
-from .http.auth import require_right
-from .http.content import RangeNotSatisfiableError, respond_with_content
-from .http.responses import respond
-from .live import LiveHub
-from .models import (
-    DEFAULT_TTL,
+from .errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     StreamClosedError,
     StreamError,
-    StreamFilter,
     StreamNotFoundError,
-    StreamState,
-    clamp_ttl,
-    iso,
 )
+from .http.auth import require_right
+from .http.content import RangeNotSatisfiableError, respond_with_content
+from .http.responses import respond
+from .live import LiveHub
+from .models import DEFAULT_TTL, StreamFilter, StreamState, clamp_ttl, iso
 from .protocol.wire import frame_json, read_body
 from .sdk.local import info_from_state
 from .settings import Settings

@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .checks import shown
-from .models import StreamError
+from .errors import StreamError
 from .sdk.base import UNSET, StreamInfo
 from .sdk.remote import RemoteStreams, ServerUnavailableError, UnauthorizedError
 from .settings import Settings, SettingsError

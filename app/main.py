@@ -19,9 +19,9 @@ from litestar.template.config import TemplateConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import agentuity_api, protocol
+from .errors import StreamError
 from .http import guard, headers, ops
 from .live import LiveHub
-from .models import StreamError
 from .sdk.base import StreamService
 from .sdk.context import AgentContext, AgentRuntime
 from .sdk.local import LocalStreams

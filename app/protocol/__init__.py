@@ -17,22 +17,17 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
 from .. import checks
-from ..http.auth import check_key, require_key
-from ..http.metrics import request_metrics
-from ..http.responses import respond
-from ..models import (
-    AppendResult,
+from ..errors import (
     ContentTypeMismatchError,
     InvalidRequestError,
-    Producer,
     StreamClosedError,
     StreamError,
     StreamNotFoundError,
-    StreamState,
-    format_offset,
-    offset_belongs,
-    split_offset,
 )
+from ..http.auth import check_key, require_key
+from ..http.metrics import request_metrics
+from ..http.responses import respond
+from ..models import AppendResult, Producer, StreamState, format_offset, offset_belongs, split_offset
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.chunk_files import FILE_CHUNK_MIN, Spool

@@ -15,20 +15,12 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from ..errors import InvalidRequestError, OffsetGoneError, StreamError, StreamNotFoundError
 from ..http.content import _Body as CutOffBody
 from ..http.content import _Cut as Cut
 from ..http.responses import BODY_SLICE, parse_query, respond, single
 from ..live import LiveHub
-from ..models import (
-    InvalidRequestError,
-    OffsetGoneError,
-    StreamError,
-    StreamNotFoundError,
-    StreamState,
-    format_offset,
-    parse_offset,
-    split_offset,
-)
+from ..models import StreamState, format_offset, parse_offset, split_offset
 from ..settings import Settings
 from ..store.store import Store
 from .wire import (

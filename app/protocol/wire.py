@@ -15,11 +15,7 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
 from .. import checks
-from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
-from ..http.responses import respond
-from ..live import LiveHub
-from ..models import (
-    MAX_NAME_LENGTH,
+from ..errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     ProducerSeqGapError,
@@ -28,9 +24,11 @@ from ..models import (
     StreamError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamState,
-    format_offset,
 )
+from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
+from ..http.responses import respond
+from ..live import LiveHub
+from ..models import MAX_NAME_LENGTH, StreamState, format_offset
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.chunk_files import Spool

@@ -17,11 +17,8 @@ from typing import Any
 from urllib.parse import quote
 
 from .. import checks
-from ..models import (
-    DEFAULT_TTL,
-    StreamClosedError,
-    clamp_ttl,
-)
+from ..errors import StreamClosedError
+from ..models import DEFAULT_TTL, clamp_ttl
 
 
 class _Unset:

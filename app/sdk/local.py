@@ -6,15 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 
+from ..errors import PayloadTooLargeError, StreamError, StreamNotFoundError
 from ..live import LiveHub
-from ..models import (
-    AppendResult,
-    PayloadTooLargeError,
-    StreamError,
-    StreamFilter,
-    StreamNotFoundError,
-    StreamState,
-)
+from ..models import AppendResult, StreamFilter, StreamState
 from ..settings import Settings
 from ..store.store import NewStream, Store
 from .base import (

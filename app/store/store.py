@@ -28,15 +28,8 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
-from ..models import (
-    AppendResult,
-    InvalidRequestError,
-    Producer,
-    StreamFilter,
-    StreamNotFoundError,
-    StreamState,
-    offset_belongs,
-)
+from ..errors import InvalidRequestError, StreamNotFoundError
+from ..models import AppendResult, Producer, StreamFilter, StreamState, offset_belongs
 from ..settings import Settings
 from . import chunk_files, clock, transactions
 from .appends import AppendOp

@@ -15,15 +15,14 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
-from ..models import (
+from ..errors import (
     ContentTypeMismatchError,
     InvalidRequestError,
     StreamConflictError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamState,
-    new_stream_id,
 )
+from ..models import StreamState, new_stream_id
 from . import clock
 from .appends import media_type
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles

@@ -17,10 +17,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from ..models import (
-    AppendResult,
-    StreamError,
-)
+from ..errors import StreamError
+from ..models import AppendResult
 from . import clock
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool

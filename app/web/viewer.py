@@ -22,10 +22,11 @@ from litestar.response import Redirect, Stream, Template
 from markupsafe import Markup, escape
 
 from .. import demo
+from ..errors import StreamError
 from ..http.auth import bearer, require_key
 from ..http.headers import PAGE_HEADERS, content_headers
 from ..http.responses import BODY_SLICE
-from ..models import StreamError, StreamState, iso
+from ..models import StreamState, iso
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
 from ..protocol.wire import PREFIX, is_text, live_state, stream_name
 from ..sdk.context import AgentContext
