@@ -14,6 +14,7 @@ import httpx
 from .demo import MAX_SECONDS
 from .main import create_app
 from .settings import Settings
+from .urls import listen_origin
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -66,7 +67,8 @@ async def serve_demo(
     """Serve the app in this process, run the demo through its own POST /demo, then linger; returns URLs."""
     import uvicorn
 
-    settings = dataclasses.replace(settings, public_url=settings.public_url or f"http://127.0.0.1:{port}")
+    public_url = settings.public_url or listen_origin("127.0.0.1", port)
+    settings = dataclasses.replace(settings, public_url=public_url)
     config = uvicorn.Config(
         create_app(settings),
         host="127.0.0.1",

@@ -21,7 +21,8 @@ import uvicorn
 from click.testing import CliRunner
 from litestar.types import Receive, Scope, Send
 
-from streamhold.cli import _Protocol, main
+from streamhold.cli import main
+from streamhold.serve import Protocol
 from tests._server import REPO_ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -341,7 +342,7 @@ def test_an_unreachable_server_is_named_with_what_to_do() -> None:
     assert f"cannot reach the server at {url}" in flag.stderr.decode(), "--server wins over STREAMHOLD_URL"
 
 
-@pytest.mark.parametrize("protocol", [_Protocol, "httptools"])
+@pytest.mark.parametrize("protocol", [Protocol, "httptools"])
 def test_serve_reads_a_mebibyte_body_without_waiting_for_the_app(protocol: object) -> None:
     """`serve` buffers up to 1 MiB of a body before it waits for the app; uvicorn's own protocol, 64 KiB."""
     pieces: list[int] = []

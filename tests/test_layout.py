@@ -13,7 +13,6 @@ PACKAGE = "streamhold"
 MAX_LINES = 600
 # Modules still over the line, at most as long as they are now; each leaves this list when it splits.
 LONG_FOR_NOW = {
-    "streamhold.cli": 609,
     "streamhold.store.store": 808,
     "streamhold.store.transactions": 606,
     "streamhold.store.writer": 735,

@@ -33,8 +33,9 @@ from ..settings import Settings
 from ..store.appends import media_type
 from ..store.chunk_files import Spool
 from ..store.store import Store
+from ..urls import PROTOCOL_PREFIX
 
-PREFIX = "/v1/stream"
+PREFIX = PROTOCOL_PREFIX
 CATCHUP_LIMIT = 32 * 1024 * 1024
 JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024

@@ -11,6 +11,7 @@ from ..live import LiveHub
 from ..models import AppendResult, StreamFilter, StreamState
 from ..settings import Settings
 from ..store.store import NewStream, Store
+from ..urls import stream_url, viewer_url
 from .base import (
     UNSET,
     ListResult,
@@ -21,8 +22,6 @@ from .base import (
     check_create,
     check_id,
     check_list,
-    stream_url,
-    viewer_url,
 )
 
 

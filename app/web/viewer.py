@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
@@ -28,11 +27,12 @@ from ..http.headers import PAGE_HEADERS, content_headers
 from ..http.responses import BODY_SLICE
 from ..models import StreamState, iso
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
-from ..protocol.wire import PREFIX, is_text, live_state, stream_name
+from ..protocol.wire import is_text, live_state, stream_name
 from ..sdk.context import AgentContext
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.store import Store
+from ..urls import protocol_url
 from . import session
 from .humanize import human_bytes, relative
 
@@ -156,7 +156,7 @@ def raw_url(settings: Settings, state: StreamState) -> str:
     """The stream's bytes on the content origin, when there is one (the page itself reads them here)."""
     if not settings.content_origin:
         return ""
-    return f"{settings.content_origin}{PREFIX}/{quote(state.name, safe='/')}?offset=-1"
+    return protocol_url(settings.content_origin, state.name) + "?offset=-1"
 
 
 async def watch_context(
