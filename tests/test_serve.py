@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import threading
 import time
+import tomllib
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from streamhold import serve
-from tests._server import free_port
+from tests._server import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,6 +70,15 @@ def _digest(function: Any) -> str:
 def test_uvicorn_is_the_version_serve_was_checked_against() -> None:
     assert uvicorn.__version__ == serve.UVICORN_VERSION, (
         f"uvicorn {uvicorn.__version__} is installed, not {serve.UVICORN_VERSION}. " + RECHECK
+    )
+
+
+def test_the_package_requires_that_uvicorn() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    pins = [r for r in project["dependencies"] if r.split("[")[0].split("=")[0].strip() == "uvicorn"]
+    assert pins and pins[0].endswith(f"=={serve.UVICORN_VERSION}"), (
+        f"pyproject.toml requires {pins}, but serve.py was checked against uvicorn {serve.UVICORN_VERSION}. "
+        + RECHECK
     )
 
 
