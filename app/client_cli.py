@@ -83,7 +83,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 def _duration(text: str | None) -> float | None:
     """--ttl: seconds, or a number with s, m, h or d; `never` or 0 keeps the stream forever."""
     if text is None:
-        return UNSET  # type: ignore[no-any-return]
+        return UNSET
     if text.strip().lower() == "never":
         return None
     match = _DURATION.match(text.strip().lower())
