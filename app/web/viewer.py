@@ -32,7 +32,7 @@ from ..sdk.context import AgentContext
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.store import Store
-from ..urls import protocol_url
+from ..urls import protocol_url, viewer_url
 from . import session
 from .humanize import human_bytes, relative
 
@@ -289,7 +289,7 @@ async def start_demo(
         return Response({"error": str(exc)}, status_code=429, headers={"retry-after": "5"})
     if "application/json" in request.headers.get("accept", ""):
         return Response(started.as_dict(), status_code=201)
-    return Redirect(path=f"/watch/{started.answer.id}", status_code=303)
+    return Redirect(path=viewer_url("", started.answer.id), status_code=303)
 
 
 routes = [watch, start_demo]
