@@ -17,6 +17,7 @@ from litestar import Request, Router, delete, get, post, put, route
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
+from litestar.types import ControllerRouterHandler
 
 from . import checks
 from .errors import (
@@ -386,4 +387,4 @@ guarded = Router(
     ],
     guards=[require_right],
 )
-routes = [guarded, read_content, head_content, content_at_root]
+routes: list[ControllerRouterHandler] = [guarded, read_content, head_content, content_at_root]
