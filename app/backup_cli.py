@@ -104,6 +104,3 @@ def check(data_dir: str | None, repair: bool) -> None:
     if not report.ok:
         raise SystemExit(1)
     click.echo(f"ok: {report.streams} streams, {report.chunk_files} chunk files checked")
-
-
-commands = (backup, restore, check)

@@ -21,7 +21,8 @@ from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 from litestar.channels.backends.base import ChannelsBackend
 
 from .channels import PUBLISH_TIMEOUT, make_backend
-from .models import Change, StreamNotFoundError, StreamState, require_live
+from .errors import StreamNotFoundError
+from .models import Change, StreamState, require_live
 from .settings import Settings
 
 K = TypeVar("K")

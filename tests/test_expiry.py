@@ -17,8 +17,9 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import update
 
+from streamhold.errors import StreamConflictError
 from streamhold.main import create_app
-from streamhold.models import StreamConflictError, StreamFilter
+from streamhold.models import StreamFilter
 from streamhold.settings import Settings
 from streamhold.store.schema import StreamRow
 from streamhold.store.store import NewStream, Store

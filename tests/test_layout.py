@@ -13,7 +13,6 @@ PACKAGE = "streamhold"
 MAX_LINES = 600
 # Modules still over the line, at most as long as they are now; each leaves this list when it splits.
 LONG_FOR_NOW = {
-    "streamhold.cli": 613,
 }
 
 
@@ -160,7 +159,7 @@ def _describe(component: list[str], graph: dict[str, set[str]]) -> str:
 def test_the_graph_sees_relative_and_type_checking_imports() -> None:
     graph = _graph()
     # The package's face names its modules only under TYPE_CHECKING (and loads them on first use).
-    assert {"streamhold.settings", "streamhold.models"} <= graph[PACKAGE]
+    assert {"streamhold.settings", "streamhold.errors"} <= graph[PACKAGE]
 
 
 def test_no_import_cycles() -> None:

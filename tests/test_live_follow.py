@@ -8,8 +8,9 @@ from contextlib import aclosing
 
 import pytest
 
+from streamhold.errors import StreamError
 from streamhold.live import CLOSED, DATA, IDLE, UP_TO_DATE, Event, LiveHub, follow
-from streamhold.models import StreamError, StreamState
+from streamhold.models import StreamState
 from streamhold.settings import Settings
 from streamhold.store.store import Store
 from streamhold.store.transactions import NewStream

@@ -17,15 +17,8 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, inspect, select, text, update
 
-from streamhold.models import (
-    InvalidRequestError,
-    StreamClosedError,
-    StreamFilter,
-    StreamNotFoundError,
-    format_offset,
-    new_stream_id,
-    parse_offset,
-)
+from streamhold.errors import InvalidRequestError, StreamClosedError, StreamNotFoundError
+from streamhold.models import StreamFilter, format_offset, new_stream_id, parse_offset
 from streamhold.settings import Settings
 from streamhold.store import chunk_files, transactions
 from streamhold.store.batches import PENDING_LIMIT

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from streamhold.models import StreamClosedError
+from streamhold.errors import StreamClosedError
 from streamhold.settings import Settings
 from streamhold.store import chunk_files
 from streamhold.store import store as store_module

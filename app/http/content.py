@@ -18,8 +18,9 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
 from ..checks import count
+from ..errors import InvalidRequestError, StreamError
 from ..live import CLOSED, DATA, LiveHub, follow
-from ..models import InvalidRequestError, StreamError, StreamState
+from ..models import StreamState
 from ..settings import Settings
 from ..store.store import Store
 from .responses import BODY_SLICE, parse_query, respond, single

@@ -18,17 +18,19 @@ from litestar.response.base import ASGIResponse
 from litestar.types import HTTPResponseStartEvent, Receive, Scope, Send
 
 from .. import checks
+from ..errors import (
+    ContentTypeMismatchError,
+    InvalidRequestError,
+    StreamClosedError,
+    StreamError,
+    StreamNotFoundError,
+)
 from ..http.auth import check_key, require_key
 from ..http.metrics import request_metrics
 from ..http.responses import respond
 from ..models import (
     AppendResult,
-    ContentTypeMismatchError,
-    InvalidRequestError,
     Producer,
-    StreamClosedError,
-    StreamError,
-    StreamNotFoundError,
     StreamState,
     format_offset,
     offset_belongs,

@@ -15,19 +15,11 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from ..errors import InvalidRequestError, OffsetGoneError, StreamError
 from ..http.content import CutOff, CutOffBody
 from ..http.responses import BODY_SLICE, parse_query, respond, single
 from ..live import CLOSED, DATA, IDLE, UP_TO_DATE, LiveHub, follow
-from ..models import (
-    InvalidRequestError,
-    OffsetGoneError,
-    StreamError,
-    StreamState,
-    format_offset,
-    parse_offset,
-    require_live,
-    split_offset,
-)
+from ..models import StreamState, format_offset, parse_offset, require_live, split_offset
 from ..settings import Settings
 from ..store.store import Store
 from .wire import (

@@ -15,26 +15,25 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
 from .. import checks
-from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
-from ..http.responses import respond
-from ..live import LiveHub
-from ..models import (
-    MAX_NAME_LENGTH,
+from ..errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     ProducerSeqGapError,
     StaleEpochError,
     StreamClosedError,
     StreamError,
-    StreamState,
-    format_offset,
 )
+from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
+from ..http.responses import respond
+from ..live import LiveHub
+from ..models import MAX_NAME_LENGTH, StreamState, format_offset
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.chunk_files import Spool
 from ..store.store import Store
+from ..urls import PROTOCOL_PREFIX
 
-PREFIX = "/v1/stream"
+PREFIX = PROTOCOL_PREFIX
 CATCHUP_LIMIT = 32 * 1024 * 1024
 JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024

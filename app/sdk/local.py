@@ -7,19 +7,12 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
 
+from ..errors import PayloadTooLargeError, StreamError, StreamGoneError, StreamNotFoundError
 from ..live import DATA, LiveHub, follow
-from ..models import (
-    AppendResult,
-    PayloadTooLargeError,
-    StreamError,
-    StreamFilter,
-    StreamGoneError,
-    StreamNotFoundError,
-    StreamState,
-    lifecycle,
-)
+from ..models import AppendResult, StreamFilter, StreamState, lifecycle
 from ..settings import Settings
 from ..store.store import NewStream, Store
+from ..urls import stream_url, viewer_url
 from .base import (
     UNSET,
     ListResult,
@@ -30,8 +23,6 @@ from .base import (
     check_create,
     check_id,
     check_list,
-    stream_url,
-    viewer_url,
 )
 
 

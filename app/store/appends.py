@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from ..models import (
-    AppendResult,
+from ..errors import (
     ContentTypeMismatchError,
     InvalidRequestError,
-    Producer,
     ProducerSeqGapError,
     SeqConflictError,
     StaleEpochError,
     StreamClosedError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamState,
 )
+from ..models import AppendResult, Producer, StreamState
 from .chunk_files import Spool
 
 

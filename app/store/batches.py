@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import Engine
 
 from .. import clock
-from ..models import Change, StreamError
+from ..errors import StreamError
+from ..models import Change
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from .statements import Prepared, Statements, state_from_tuple

@@ -7,7 +7,8 @@ from typing import Any
 from sqlalchemy import Engine, func, or_, select
 
 from .. import clock
-from ..models import InvalidRequestError, StreamFilter, StreamState
+from ..errors import InvalidRequestError
+from ..models import StreamFilter, StreamState
 from .schema import metadata_pairs, streams
 from .statements import STREAM_STATE
 

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, func, select, text
 
-from ..models import StreamNotFoundError, StreamState, offset_belongs
+from ..errors import StreamNotFoundError
+from ..models import StreamState, offset_belongs
 from .chunk_files import ChunkFiles
 from .schema import CHUNK_TARGET, gzip_chunks, streams
 from .statements import CHUNK_RANGE, STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple

@@ -26,15 +26,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
 from .. import clock
-from ..models import (
-    AppendResult,
-    Change,
-    InvalidRequestError,
-    Producer,
-    StreamFilter,
-    StreamNotFoundError,
-    StreamState,
-)
+from ..errors import InvalidRequestError, StreamNotFoundError
+from ..models import AppendResult, Change, Producer, StreamFilter, StreamState
 from ..settings import Settings
 from . import chunk_files, listing, schema, transactions
 from .appends import AppendOp

@@ -15,16 +15,14 @@ from sqlalchemy import Connection, and_, func, insert, literal, literal_column, 
 from sqlalchemy import delete as sql_delete
 
 from .. import clock
-from ..models import (
-    Change,
+from ..errors import (
     ContentTypeMismatchError,
     InvalidRequestError,
     StreamConflictError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamState,
-    new_stream_id,
 )
+from ..models import Change, StreamState, new_stream_id
 from .appends import media_type
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from .reads import iter_range

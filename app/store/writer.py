@@ -16,7 +16,8 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
 
-from ..models import AppendResult, Change, StreamError
+from ..errors import StreamError
+from ..models import AppendResult, Change
 from .appends import AppendOp
 from .batches import AppendBatches
 from .chunk_files import ChunkFiles
