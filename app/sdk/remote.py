@@ -17,6 +17,7 @@ import httpx
 
 from ..models import (
     PayloadTooLargeError,
+    StorageFullError,
     StreamClosedError,
     StreamError,
     StreamNotFoundError,
@@ -80,6 +81,8 @@ def error_for(response: httpx.Response) -> Exception:
         return StreamClosedError(message)
     if status == 413:
         return PayloadTooLargeError(message)
+    if status == 507:
+        return StorageFullError(message)
     return RemoteStreamError(message, status)
 
 
