@@ -241,4 +241,4 @@ class DiskSpace:
 
 
 def _mib(size: int) -> str:
-    return f"{size / MIB:.1f} MiB"
+    return f"{max(size, 0) / MIB:.1f} MiB"  # free space less what the checkpoint needs may fall below 0
