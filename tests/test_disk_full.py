@@ -6,6 +6,7 @@ Each case runs a real server with its data directory on a small tmpfs (mounting 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streamhold import StorageFullError, StreamError, create_agent_context
+from streamhold import RemoteStreams, StorageFullError, StreamError, create_agent_context
 from streamhold.settings import Settings
 from streamhold.store.disk import is_storage_full
 from tests._server import ServerProcess
@@ -196,6 +197,8 @@ def test_reserve_refuses_writes_and_a_delete_brings_them_back(small_disk: Path) 
         assert_full(client.agentuity_append(agentuity, b"r" * PROBE))
         assert_full(client.request("PUT", "/v1/stream/new", headers={"content-type": "text/plain"}))
         assert_full(client.request("POST", "/stream", json={"name": "new"}))
+        with pytest.raises(StorageFullError, match="nothing was stored"):
+            asyncio.run(remote_create(server.url))  # the remote Python API raises it too
         assert client.metric("streamhold_storage_full_total") >= 5
         ready = client.request("GET", "/readyz")
         assert ready.status_code == 503 and "reserve" in ready.json()["storage"], ready.text
@@ -253,7 +256,7 @@ async def test_python_api_raises_storage_full_error(small_disk: Path) -> None:
         with pytest.raises(StorageFullError):
             await ctx.stream.create("disk")
         (small_disk / "ballast").unlink()
-        await asyncio_sleep(0.3)  # free space is read at most every 0.2 s
+        await asyncio.sleep(0.3)  # free space is read at most every 0.2 s
         fresh = await ctx.stream.create("disk")
         await fresh.write(b"again\n")
         await fresh.close()
@@ -284,7 +287,6 @@ def test_disk_full_errors_are_told_apart() -> None:
     assert not is_storage_full(psycopg.errors.UniqueViolation("duplicate key"))
 
 
-async def asyncio_sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
+async def remote_create(url: str) -> None:
+    async with RemoteStreams(url) as streams:
+        await streams.create("disk")
