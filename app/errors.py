@@ -67,3 +67,16 @@ class PayloadTooLargeError(StreamError):
 
 class InvalidRequestError(StreamError):
     status = 400
+
+
+class StorageFullError(StreamError):
+    """The server's storage is full: the write was not stored. Free space or delete streams, then retry."""
+
+    status = 507
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message
+            or "the server's storage is full and nothing was stored; free space on its disk or delete "
+            "streams, then retry"
+        )

@@ -37,6 +37,9 @@ class Settings:
     content_origin: str = ""
     cors_origins: tuple[str, ...] = ()
     history_interval: float = 10.0
+    # Free space kept for deletes and the WAL checkpoint: below it appends and creates are refused (507).
+    # None: 64 MiB, or a twentieth of a smaller filesystem; 0: no reserve.
+    min_free_bytes: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +74,7 @@ class Settings:
                 "STREAMHOLD_CONTENT_ORIGIN must be another host than STREAMHOLD_PUBLIC_URL: it serves stream "
                 "content only, so that content never shares the dashboard's origin"
             )
+        reserve = text("MIN_FREE_BYTES")
         cors = tuple(o.strip().rstrip("/") for o in text("CORS_ORIGINS").split(",") if o.strip())
         return cls(
             data_dir=Path(text("DATA_DIR", "data")),
@@ -92,6 +96,7 @@ class Settings:
             content_origin=content_origin,
             cors_origins=cors,
             history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
+            min_free_bytes=int(number("MIN_FREE_BYTES", 0, 0)) if reserve else None,
         )
 
     @property

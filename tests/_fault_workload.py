@@ -67,6 +67,10 @@ class Workload:
         self.readers = Readers(self.wire, plan.sliding_ttl)
         self.allowed_5xx = plan.disk_full
 
+    def server_error(self, status: int) -> bool:
+        """A 5xx is a bug, except 507 from a server whose disk is full (it says nothing was stored)."""
+        return status >= 500 and not (self.allowed_5xx and status == 507)
+
     # --- the run -------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -199,7 +203,7 @@ class Workload:
                 continue
             if response.status_code >= 500:
                 history.note(f"create {slot.key}: {response.status_code} {response.text[:200]}")
-                if not self.allowed_5xx:
+                if self.server_error(response.status_code):
                     history.server_errors.append(
                         f"create {slot.key}: {response.status_code} {response.text[:200]}"
                     )
@@ -261,7 +265,7 @@ class Workload:
             f"create {slot.key} twice at once -> {codes} {[str(r) for r in both if r not in answers]}"
         )
         for answer in answers:
-            if answer.status_code >= 500 and not self.allowed_5xx:
+            if self.server_error(answer.status_code):
                 self.history.server_errors.append(
                     f"create {slot.key} sent twice at once: {answer.status_code} {answer.text[:200]}"
                 )
@@ -324,7 +328,7 @@ class Workload:
                 history.note(f"delete {inc.label} -> {response.status_code} ({note})")
                 return
             history.note(f"delete {inc.label} -> {response.status_code} {response.text[:200]}")
-            if response.status_code >= 500 and not self.allowed_5xx:
+            if self.server_error(response.status_code):
                 history.server_errors.append(f"delete: {response.status_code} {response.text[:200]}")
             await asyncio.sleep(0.2)
         if doubt:
@@ -374,7 +378,7 @@ class Workload:
             self.history.note(f"close {slot.key}#{inc} gzip={gzip} -> {response.status_code}")
             if response.status_code in (200, 204):
                 slot.closed = True
-            elif response.status_code >= 500 and not self.allowed_5xx:
+            elif self.server_error(response.status_code):
                 self.history.server_errors.append(f"close: {response.status_code} {response.text[:200]}")
             elif response.status_code == 404:
                 self.refused_as_gone(slot, sent, f"close {slot.key}#{inc}")
@@ -478,9 +482,12 @@ class Workload:
                 record.outcome = "ack"
                 record.end, record.start = end, end - len(record.data)
             return
+        if status == 507 and self.allowed_5xx and record.outcome != "maybe":
+            record.outcome = "fail"  # a full disk: nothing was stored, which the check holds it to
+            return
         if status >= 500:
             record.outcome = "maybe"
-            if not self.allowed_5xx:
+            if self.server_error(status):
                 self.history.server_errors.append(
                     f"append {slot.key}#{record.inc} uid={record.uid:x}: {status} {response.text[:200]}"
                 )

@@ -164,6 +164,8 @@ FAMILY_TYPES = {
     "streamhold_doorbell_publish_failures_total": "counter",
     "streamhold_channels_connected": "gauge",
     "streamhold_channels_resubscribed_total": "counter",
+    "streamhold_storage_full_total": "counter",
+    "streamhold_storage_free_bytes": "gauge",
     "streamhold_http_responses_total": "counter",
     "streamhold_live_requests_total": "counter",
     "streamhold_http_request_duration_seconds": "histogram",

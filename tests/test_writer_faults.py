@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from streamhold.errors import StorageFullError
 from streamhold.live import LiveHub
 from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def disk_full() -> OSError:
+    """A full disk, which the writer answers with StorageFullError."""
     return OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -126,13 +128,13 @@ async def test_api_writes_queued_behind_a_failed_write_fail_too(settings: Settin
 
         poison_writes(store, {stream.id}, fail_once_after_queueing_c)
         b = stream.write(b"B" * 100)
-        with pytest.raises(OSError) as failed:
+        with pytest.raises(StorageFullError) as failed:
             await b
         assert later, "the fault never fired"
-        with pytest.raises(OSError) as queued:
+        with pytest.raises(StorageFullError) as queued:
             await later[0]
         assert queued.value is failed.value
-        with pytest.raises(OSError):
+        with pytest.raises(StorageFullError):
             stream.write(b"D")
         assert await content(store, stream.id) == b"A" * 100
 
@@ -151,9 +153,9 @@ async def test_appends_queued_behind_a_failed_append_fail_and_a_retry_succeeds(s
             raise disk_full()
 
     poison_writes(store, {stream_id}, fail_once_after_queueing_c)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageFullError):
         await store.append_nowait(stream_id, b"B")
-    with pytest.raises(OSError):
+    with pytest.raises(StorageFullError):
         await later[0]
     assert await content(store, stream_id) == b"A"
     # Once the failure is known, the client may retry: B, then C, land in order.
@@ -178,7 +180,7 @@ async def test_a_failing_stream_does_not_fail_other_streams_in_its_batch(store: 
         stream_id: await asyncio.gather(*pending, return_exceptions=True)
         for stream_id, pending in futures.items()
     }
-    assert all(isinstance(r, OSError) for r in results[bad])
+    assert all(isinstance(r, StorageFullError) for r in results[bad])
     for stream_id in (good, other):
         assert not any(isinstance(r, BaseException) for r in results[stream_id]), results[stream_id]
         expected = b"".join(f"{stream_id[-4:]}-{i};".encode() for i in range(3))
@@ -197,7 +199,7 @@ async def test_a_failure_of_every_stream_is_not_retried_without_end(store: Store
 
     poison_writes(store, set(ids), fail)
     results = await asyncio.gather(*[store.append_nowait(i, b"x") for i in ids], return_exceptions=True)
-    assert all(isinstance(r, OSError) for r in results)
+    assert all(isinstance(r, StorageFullError) for r in results)
     assert attempts[0] <= 1 + ISOLATION_TRANSACTIONS
 
 
@@ -222,7 +224,7 @@ async def test_a_full_disk_for_one_chunk_file_fails_only_its_stream(
         big = store.append_nowait(good, b"g" * large)
         assert (await small).tail == 10
         assert (await big).tail == 10 + large
-        with pytest.raises(OSError):
+        with pytest.raises(StorageFullError):
             await failing
         assert await content(store, good) == b"s" * 10 + b"g" * large
         assert await content(store, bad) == b""

@@ -48,6 +48,13 @@ PROCESS_FIGURES: tuple[tuple[str, str, str, Callable[[Store, LiveHub], float]], 
     ("streamhold_channels_resubscribed_total", "counter",
      "Times this process subscribed again after losing the channels backend.",
      lambda _, hub: hub.resubscribed),
+    ("streamhold_storage_full_total", "counter",
+     "Appends, creates and closes this process refused (507) because storage was full or below the reserve.",
+     lambda store, _: store.space.refusals),
+    ("streamhold_storage_free_bytes", "gauge",
+     "Free space the storage reserve is judged by: the SQLite database's filesystem and free pages, "
+     "less what its next checkpoint takes (-1 when not measured).",
+     lambda store, _: store.space.measured_free()),
 )
 FAMILIES: dict[str, type[CounterMetricFamily] | type[GaugeMetricFamily]] = {
     "counter": CounterMetricFamily,
@@ -65,8 +72,11 @@ def healthz() -> Response[dict[str, str]]:
 
 @get("/readyz")
 async def readyz(store: NamedDependency[Store], hub: NamedDependency[LiveHub]) -> Response[dict[str, str]]:
-    """Ready when the database answers and a doorbell published now comes back through the subscription."""
+    """Ready when the database answers, storage is not full, and a doorbell published now comes back."""
     problems: dict[str, str] = {}
+    storage = store.space.problem()
+    if storage is not None:
+        problems["storage"] = storage
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
             await store.ping()

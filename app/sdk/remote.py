@@ -15,7 +15,13 @@ from typing import Any
 
 import httpx
 
-from ..errors import PayloadTooLargeError, StreamClosedError, StreamError, StreamNotFoundError
+from ..errors import (
+    PayloadTooLargeError,
+    StorageFullError,
+    StreamClosedError,
+    StreamError,
+    StreamNotFoundError,
+)
 from .base import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
 
 __all__ = [
@@ -75,6 +81,8 @@ def error_for(response: httpx.Response) -> Exception:
         return StreamClosedError(message)
     if status == 413:
         return PayloadTooLargeError(message)
+    if status == 507:
+        return StorageFullError(message)
     return RemoteStreamError(message, status)
 
 

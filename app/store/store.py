@@ -18,6 +18,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, select, text, update
@@ -26,12 +27,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
 from .. import clock
-from ..errors import InvalidRequestError, StreamNotFoundError
+from ..errors import InvalidRequestError, StorageFullError, StreamNotFoundError
 from ..models import AppendResult, Change, Producer, StreamFilter, StreamState
 from ..settings import Settings
 from . import chunk_files, listing, schema, transactions
 from .appends import AppendOp
 from .chunk_files import ChunkFiles, Spool
+from .disk import DiskSpace
 from .engines import make_engines
 from .reads import Reader
 from .schema import CHUNK_TARGET, sessions, streams
@@ -68,6 +70,9 @@ class Store(Reader):
         self._closing = False
         self.writer = Writer(self._write_engine, self.postgres, self._changed, self.statements, self.files)
         self.writer.after_close = self._after_close
+        folder = Path(database).parent if self.files is not None else None
+        self.space = DiskSpace(folder, settings.min_free_bytes, database, lambda: self.writer.commits)
+        self.writer.space = self.space
 
     @classmethod
     @asynccontextmanager
@@ -95,6 +100,7 @@ class Store(Reader):
             os.close(self._sweep_lock)
             self._sweep_lock = -1
         self._driver.close()
+        self.space.close()
         self._write_engine.dispose()
         self._read_engine.dispose()
 
@@ -246,9 +252,14 @@ class Store(Reader):
     ) -> asyncio.Future[AppendResult]:
         """Queue an append now (so call order is commit order); the future resolves once it is committed.
 
-        A spool holding `data` passes to the writer, which closes it.
+        A spool holding `data` passes to the writer, which closes it. Refused while storage is short.
         """
         future: asyncio.Future[AppendResult] = self.writer.new_future()
+        if data and self.space.short(len(data)):
+            if spool is not None:
+                spool.close()
+            future.set_exception(self.space.refuse())
+            return future
         op = AppendOp(stream_id, data, future, content_type, seq, producer, close, compress, spool)
         self.writer.submit(op)
         return future
@@ -259,9 +270,13 @@ class Store(Reader):
         The body is then written to the file while it arrives and the commit only syncs it. None when the
         store keeps no files, or another writer holds the stream's file: the body then waits in memory.
         """
-        if self.files is None or not self.files.can_spool():
+        if self.files is None or not self.files.can_spool() or self.space.short():
             return None
-        claim = self.files.claim(stream_id)
+        try:
+            claim = self.files.claim(stream_id)
+        except OSError:  # such as a full disk, which the append itself then meets and reports
+            log.warning("could not open %s for an append", self.files.path(stream_id), exc_info=True)
+            return None
         if claim is None:
             return None
         try:
@@ -289,7 +304,8 @@ class Store(Reader):
         committed, with the joined append's result. Fit for the API's writes, which report no offsets;
         not for HTTP appends, which must report their own.
         """
-        return self.writer.join_last(stream_id, data) or self.append_nowait(stream_id, data)
+        joined = None if self.space.short() else self.writer.join_last(stream_id, data)
+        return joined or self.append_nowait(stream_id, data)
 
     async def append(self, stream_id: str, data: bytes, **options: Any) -> AppendResult:
         """Append (and optionally close); returns after the commit. Closing coalesces chunks afterwards."""
@@ -299,16 +315,25 @@ class Store(Reader):
         return result
 
     async def finish(self, stream_id: str) -> None:
-        """Coalesce a closed stream's chunks and compress it if that was asked for."""
-        await self.compact(stream_id, full=True)
+        """Coalesce a closed stream's chunks and compress it if that was asked for.
+
+        Short of space, the stream stays as it is: closed and readable; the sweep compresses it later.
+        """
+        try:
+            await self.compact(stream_id, full=True)
+        except StorageFullError:
+            log.warning("no space to coalesce the chunks of closed stream %s", stream_id)
         state = await self._trim(stream_id)
-        if state is None or not state.compress or state.compressed:
+        if state is None or not state.compress or state.compressed or self.space.short():
             return
         running = self._compressing.get(stream_id)
         if running is None:  # one compression of a stream at a time; a second finish waits for it
             running = self._compressing[stream_id] = asyncio.ensure_future(self._compress(state))
             running.add_done_callback(lambda done: self._compression_done(stream_id, done))
-        await asyncio.shield(running)
+        try:
+            await asyncio.shield(running)
+        except StorageFullError:
+            log.warning("no space to compress closed stream %s; the sweep tries again", stream_id)
 
     async def _trim(self, stream_id: str) -> StreamState | None:
         """Give back the file space past a closed stream's tail; returns the stream as found.
@@ -390,11 +415,16 @@ class Store(Reader):
 
     async def create(self, new: NewStream) -> tuple[StreamState, bool]:
         """Create a stream; returns (state, created). The same name with the same settings is no error."""
+        if self.space.short():
+            raise self.space.refuse()
         return await self.writer.call(lambda conn: transactions.create(conn, new, self.postgres, self.files))
 
     async def delete(self, stream_id: str) -> None:
         """Delete a stream and reclaim its storage (soft-delete while forks of it remain)."""
-        await self.writer.call(lambda conn: transactions.delete(conn, stream_id, self.postgres))
+        postgres = self.postgres
+        delete = self.space.freeing(lambda conn: transactions.delete(conn, stream_id, postgres))
+        await self.writer.call(delete)
+        self.space.recheck()
 
     async def delete_matching(self, where: StreamFilter) -> int:
         """Delete every live stream matching `where`; returns how many."""
@@ -402,10 +432,13 @@ class Store(Reader):
         while True:
             _, page = await self.list(where, limit=500)
             if not page:
+                self.space.recheck()
                 return deleted
             ids = [state.id for state in page]
             deleted += await self.writer.call(
-                functools.partial(transactions.delete_many, stream_ids=ids, postgres=self.postgres)
+                self.space.freeing(
+                    functools.partial(transactions.delete_many, stream_ids=ids, postgres=self.postgres)
+                )
             )
             if any(s.deleted for s in page):
                 return deleted
@@ -441,6 +474,9 @@ class Store(Reader):
 
     async def compact(self, stream_id: str, full: bool = False) -> None:
         """Merge small chunks into larger ones so that reads need few rows; the content is unchanged."""
+        if self.space.short():  # it writes a copy before it frees the original: not out of the reserve
+            return
+
         def merge(conn: Connection) -> tuple[None, list[Change]]:
             transactions.compact(conn, stream_id, full, self.postgres)
             return None, []
@@ -452,7 +488,10 @@ class Store(Reader):
 
         Closed streams whose compression never finished are handed to `finish` again, in the background.
         """
-        swept, unfinished = await self.writer.call(lambda conn: transactions.sweep(conn, self.postgres))
+        postgres = self.postgres
+        swept, unfinished = await self.writer.call(
+            self.space.freeing(lambda conn: transactions.sweep(conn, postgres))
+        )
         if unfinished and not self._holds_sweep_lock():
             unfinished = []
         for stream_id in unfinished:

@@ -21,6 +21,7 @@ from ..models import AppendResult, Change
 from .appends import AppendOp
 from .batches import AppendBatches
 from .chunk_files import ChunkFiles
+from .disk import DiskSpace
 from .statements import Statements
 
 log = logging.getLogger("streamhold.writer")
@@ -119,6 +120,7 @@ class Writer(AppendBatches):
         self._thread = _Thread("streamhold-writer")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self.space = DiskSpace()  # tells a full disk's errors apart (StorageFullError) and counts them
         self._checkpointed = 0
         self._checkpoint: asyncio.Future[None] | None = None
 
@@ -204,8 +206,10 @@ class Writer(AppendBatches):
                 else:
                     # A batch is one CallOp or appends only (_take_batch).
                     outcomes, changes = await self._isolated_appends(cast(list[AppendOp], batch))
-            except Exception as exc:  # the transaction failed as a whole
-                log.exception("write transaction failed")
+            except Exception as failure:  # the transaction failed as a whole
+                exc = self.space.classify(failure, len(batch))
+                if exc is failure:
+                    log.exception("write transaction failed")
                 for op in batch:
                     if not op.future.done():
                         op.future.set_exception(exc)
@@ -216,6 +220,7 @@ class Writer(AppendBatches):
             failed: dict[str, Exception] = {}
             for op, (ok, value) in zip(batch, outcomes, strict=True):
                 if not ok and isinstance(op, AppendOp) and not isinstance(value, StreamError):
+                    value = self.space.classify(value)
                     failed.setdefault(op.stream_id, value)
                 if op.future.done():
                     continue
@@ -324,16 +329,19 @@ class Writer(AppendBatches):
                 await asyncio.wait_for(self._wakeup.wait(), IDLE_CHECKPOINT_S)
             except TimeoutError:
                 self._checkpointed = self.commits
-                self._checkpoint = asyncio.get_running_loop().run_in_executor(None, self._checkpoint_wal)
+                # Short of space, the WAL is emptied and cut to nothing, to give its space back.
+                mode = "TRUNCATE" if self.space.problem() else "PASSIVE"
+                loop = asyncio.get_running_loop()
+                self._checkpoint = loop.run_in_executor(None, self._checkpoint_wal, mode)
                 self._checkpoint.add_done_callback(self._checkpoint_done)
                 return
         self._wakeup.clear()
 
-    def _checkpoint_wal(self) -> None:
+    def _checkpoint_wal(self, mode: str = "PASSIVE") -> None:
         # A connection of its own: a PASSIVE checkpoint takes no write lock, so appends go on meanwhile.
         conn = sqlite3.connect(self._engine.url.database or "", timeout=0)
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
         finally:
             conn.close()
 

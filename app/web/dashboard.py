@@ -69,6 +69,7 @@ class Page:
     notice: str = ""
     csrf: str = ""
     signed_in: bool = False
+    storage: str = ""  # why storage counts as full, shown as a banner while it does
 
     @property
     def pages(self) -> int:
@@ -127,6 +128,7 @@ async def build(
         rows=rows(states, view, hub, now),
         figures=figures(summary, rate, hub.readers),
         namespaces=namespace_lines(summary, view),
+        storage=store.space.problem() or "",
     )
     page.history = history_panel(request)
     if counted is not None:
