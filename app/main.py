@@ -20,6 +20,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import agentuity_api, protocol
 from .http import guard, headers, ops
+from .http.metrics import request_metrics
 from .live import LiveHub
 from .models import StreamError
 from .sdk.base import StreamService
@@ -27,6 +28,7 @@ from .sdk.context import AgentContext, AgentRuntime
 from .sdk.local import LocalStreams
 from .settings import Settings
 from .store.store import Store
+from .subscriptions.engine import SubscriptionEngine
 from .web import dashboard, viewer
 
 log = logging.getLogger("streamhold")
@@ -35,6 +37,13 @@ HERE = Path(__file__).parent
 
 
 APPEND_PATH = protocol.PREFIX + "/"
+RESERVED_PATH = protocol.PREFIX + protocol.RESERVED
+
+
+def reserved(scope: Scope) -> bool:
+    """A request for the protocol's reserved APIs (subscriptions), which are not appends."""
+    path: str = scope["path"]
+    return path == RESERVED_PATH or path.startswith(RESERVED_PATH + "/")
 
 
 class Streamhold(Litestar):
@@ -48,7 +57,7 @@ class Streamhold(Litestar):
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
-            if scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH):
+            if scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH) and not reserved(scope):
                 if guard.on_content_origin(scope, self.streamhold_settings):
                     await guard.not_found()(scope, receive, send)
                     return
@@ -130,10 +139,15 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with Store.open(settings) as store, LiveHub.open(store, settings) as hub:
+        async with (
+            Store.open(settings) as store,
+            LiveHub.open(store, settings) as hub,
+            SubscriptionEngine.open(store, settings, request_metrics(app.state).registry) as subscriptions,
+        ):
             service = LocalStreams(store, hub, settings)
             runtime = AgentRuntime(service)
             app.state.update(store=store, hub=hub, service=service, runtime=runtime, settings=settings)
+            app.state.subscriptions = subscriptions
             sweeper = asyncio.get_running_loop().create_task(_sweep_forever(store, settings.sweep_interval))
             try:
                 yield

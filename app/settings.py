@@ -36,6 +36,8 @@ class Settings:
     llm_model: str = ""
     content_origin: str = ""
     cors_origins: tuple[str, ...] = ()
+    webhook_allow_loopback: bool = False
+    webhook_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -56,6 +58,14 @@ class Settings:
             if value < minimum:
                 raise SettingsError(f"STREAMHOLD_{name} must be at least {minimum}, got {raw}")
             return value
+
+        def flag(name: str) -> bool:
+            raw = text(name).lower()
+            if raw in ("", "0", "false", "no", "off"):
+                return False
+            if raw in ("1", "true", "yes", "on"):
+                return True
+            raise SettingsError(f"STREAMHOLD_{name} must be true or false, got {raw!r}")
 
         keys = tuple(k.strip() for k in text("API_KEYS").split(",") if k.strip())
         content_origin = text("CONTENT_ORIGIN").rstrip("/")
@@ -90,6 +100,8 @@ class Settings:
             llm_model=text("LLM_MODEL"),
             content_origin=content_origin,
             cors_origins=cors,
+            webhook_allow_loopback=flag("WEBHOOK_ALLOW_LOOPBACK"),
+            webhook_timeout=number("WEBHOOK_TIMEOUT", 10.0, 0.05),
         )
 
     @property

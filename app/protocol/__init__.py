@@ -38,6 +38,7 @@ from ..store.appends import media_type
 from ..store.chunk_files import FILE_CHUNK_MIN, Spool
 from ..store.store import NewStream, Store
 from .reads import read_stream
+from .subscriptions import RESERVED, reserved_app
 from .wire import (
     API_RESPONSE_HEADERS,
     PREFIX,
@@ -188,6 +189,8 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
     except StreamError as exc:
         return error(exc)
     headers = state_headers(state, state.tail, state.closed)
+    if created and state.tail:  # a create with a body is an append to subscriptions (noted, not waited on)
+        request.app.state.subscriptions.noted([state.id])
     if created:
         # Header values are Latin-1 on the wire: send the URL percent-encoded, as clients expect anyway.
         headers["location"] = absolute_url(request)
@@ -406,6 +409,9 @@ async def protocol_app(scope: Scope, receive: Receive, send: Send) -> None:
     A mounted ASGI handler: these requests skip Litestar's per-request signature parsing and injection,
     which cost more than the append itself.
     """
+    if scope["path"] == RESERVED or scope["path"].startswith(RESERVED + "/"):
+        await reserved_app(scope, receive, send)
+        return
     handler = HANDLERS.get(scope["method"])
     if handler is None:
         body = json.dumps({"error": f"{scope['method']} is not a protocol method"}).encode()
