@@ -56,8 +56,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.deliveries = Counter(
             "streamhold_webhook_deliveries_total",
-            "Webhook deliveries sent by this process, by outcome.",
-            ("outcome",),
+            "Webhook deliveries this process attempted.",
+            registry=registry,
+        )
+        self.failures = Counter(
+            "streamhold_webhook_failures_total",
+            "Webhook deliveries that failed (no answer in time, or not 2xx); each is retried later.",
             registry=registry,
         )
         self.retries = Counter(
@@ -203,10 +207,12 @@ class SubscriptionEngine:
             await self._due.wait()
             self._due.clear()
             free = MAX_CONCURRENT_DELIVERIES - len(self._sending)
+
+            def take(conn: Connection, now: float, free: int = free) -> list[state.Delivery]:
+                return state.take_deliveries(conn, self.me, now, hold, free)
+
             try:
-                taken = await self.read(
-                    lambda conn, now, free=free: state.take_deliveries(conn, self.me, now, hold, free)
-                )
+                taken = await self.read(take)
             except Exception:
                 log.exception("could not take webhook deliveries; retrying at the next sweep")
                 continue
@@ -221,7 +227,9 @@ class SubscriptionEngine:
         if delivery.attempts:
             self.metrics.retries.inc()
         ok, done = await self._send(delivery)
-        self.metrics.deliveries.labels(outcome="ok" if ok else "failed").inc()
+        self.metrics.deliveries.inc()
+        if not ok:
+            self.metrics.failures.inc()
         delay = retry_delay(delivery.attempts + 1)
         try:
             await self.run(
