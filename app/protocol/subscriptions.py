@@ -17,7 +17,7 @@ from ..http.auth import bearer_token, require_key
 from ..http.responses import respond
 from ..models import StreamError
 from ..settings import Settings
-from ..subscriptions import state
+from ..subscriptions import manage, state
 from ..subscriptions.engine import SubscriptionEngine, public_jwks
 from ..subscriptions.model import Config, SubscriptionError, check_id, invalid, not_found, stream_paths
 from ..subscriptions.signing import TokenError
@@ -102,7 +102,7 @@ async def _put(engine: SubscriptionEngine, request: Request[Any, Any, Any], sid:
         problem = webhook_url_problem(config.webhook_url, engine.settings.webhook_allow_loopback)
         if problem is not None:
             raise SubscriptionError("WEBHOOK_URL_REJECTED", problem)
-    row, created = await engine.run(lambda conn, now, effects: state.create(conn, sid, config, origin, now))
+    row, created = await engine.run(lambda conn, now, effects: manage.create(conn, sid, config, origin, now))
     cursors = await engine.read(lambda conn, now: state.links_of(conn, sid))
     return (201 if created else 200), _view(engine, row, cursors, origin)
 
@@ -191,7 +191,7 @@ async def _dispatch(request: Request[Any, Any, Any], engine: SubscriptionEngine)
         allowed = {"PUT": _put, "GET": _get}
         if method == "DELETE":
             require_key(request, settings)
-            await engine.run(lambda conn, now, effects: state.remove(conn, sid))
+            await engine.run(lambda conn, now, effects: manage.remove(conn, sid))
             return 204, None
         if method not in allowed:
             raise _MethodNotAllowed("PUT, GET, DELETE")
@@ -201,12 +201,12 @@ async def _dispatch(request: Request[Any, Any, Any], engine: SubscriptionEngine)
         if len(rest) == 1 and method == "POST":
             require_key(request, settings)
             paths = stream_paths((await _json_body(request)).get("streams"), "streams")
-            await engine.run(lambda conn, now, effects: state.add_streams(conn, sid, paths, now))
+            await engine.run(lambda conn, now, effects: manage.add_streams(conn, sid, paths, now))
             return 204, None
         if len(rest) > 1 and method == "DELETE":
             require_key(request, settings)
             path = "/".join(rest[1:]).strip("/")
-            await engine.run(lambda conn, now, effects: state.remove_stream(conn, sid, path))
+            await engine.run(lambda conn, now, effects: manage.remove_stream(conn, sid, path))
             return 204, None
         raise _MethodNotAllowed("POST" if len(rest) == 1 else "DELETE")
     if len(rest) == 1 and rest[0] in ("callback", "ack", "release", "claim"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ log = logging.getLogger("streamhold.subscriptions")
 T = TypeVar("T")
 
 SWEEP_INTERVAL_S = 0.5  # lease expiry, retries due and deliveries to take over are found this often
+RECONCILE_EVERY = 10  # sweeps between looks for idle subscriptions with work no hook saw (a crash)
 MAX_CONCURRENT_DELIVERIES = 16
 MAX_NOTED_STREAMS = 10_000  # streams that moved since the hook last ran; past this the sweep catches up
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -191,10 +193,22 @@ class SubscriptionEngine:
                 log.exception("subscription hook failed; the sweep retries the wakes it missed")
 
     async def _sweep_forever(self) -> None:
-        while True:
+        after = ""  # where the look at idle subscriptions goes on from, every RECONCILE_EVERY sweeps
+        for count in itertools.count(1):
             await asyncio.sleep(SWEEP_INTERVAL_S)
+            reconcile = after if count % RECONCILE_EVERY == 0 else None
+
+            def sweep(
+                conn: Connection, now: float, effects: state.Effects, reconcile: str | None = reconcile
+            ) -> str | None:
+                found, resume = state.sweep(conn, now, reconcile)
+                _merge(effects, found)
+                return resume
+
             try:
-                await self.run(lambda conn, now, effects: _merge(effects, state.sweep(conn, now)))
+                resume = await self.run(sweep)
+                if resume is not None:
+                    after = resume
             except Exception:
                 log.exception("subscription sweep failed; retrying")
             self._due.set()

@@ -12,12 +12,12 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, and_, insert, or_, select, update
 
 from ..models import format_offset
 from ..store.statements import streams
 from ..store.subscription_tables import links, subscriptions
-from .model import UNSEEN, ZERO_OFFSET, Config, SubscriptionError, invalid, not_found
+from .model import UNSEEN, Config, SubscriptionError, invalid, not_found
 
 Row = dict[str, Any]
 
@@ -43,10 +43,6 @@ class Delivery:
     streams: list[dict[str, Any]]
     attempts: int
     took_over: bool
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def tails(conn: Connection, names: list[str], now: float) -> dict[str, str]:
@@ -173,94 +169,6 @@ def fresh(conn: Connection, subscription_id: str, now: float, effects: Effects) 
     return row
 
 
-# --- management ----------------------------------------------------------------------------------
-
-
-def create(
-    conn: Connection, subscription_id: str, config: Config, origin: str, now: float
-) -> tuple[Row, bool]:
-    row = load(conn, subscription_id)
-    if row is not None:
-        if row["config_hash"] != config.digest():
-            raise SubscriptionError(
-                "SUBSCRIPTION_ALREADY_EXISTS",
-                f"subscription {subscription_id!r} exists with another configuration; delete it first",
-            )
-        return row, False
-    row = {
-        "id": subscription_id,
-        "kind": config.kind,
-        "config_json": config.to_json(),
-        "config_hash": config.digest(),
-        "origin": origin,
-        "created_at": now,
-    }
-    conn.execute(insert(subscriptions).values(**row))
-    found: dict[str, Row] = {}
-    for path, offset in _current_or_zero(conn, list(config.streams), now).items():
-        found[path] = {"path": path, "explicit": True, "glob": False, "acked_offset": offset}
-    if config.pattern is not None:
-        prefix = config.literal_prefix()
-        query = select(streams.c.name, streams.c.tail, streams.c.generation).where(
-            streams.c.deleted.is_(False), or_(streams.c.expires_at.is_(None), streams.c.expires_at > now)
-        )
-        if prefix:
-            query = query.where(streams.c.name.like(_escape_like(prefix) + "%", escape="\\"))
-        for name, tail, generation in conn.execute(query):
-            if config.matches(name):  # backfilled at its tail: history is not replayed
-                link = found.setdefault(
-                    name,
-                    {"path": name, "explicit": False, "acked_offset": format_offset(tail, generation or 0)},
-                )
-                link["glob"] = True
-    for link in found.values():
-        conn.execute(insert(links).values(subscription_id=subscription_id, **link))
-    return load(conn, subscription_id) or row, True
-
-
-def _current_or_zero(conn: Connection, paths: list[str], now: float) -> dict[str, str]:
-    current = tails(conn, paths, now)
-    return {path: current.get(path, ZERO_OFFSET) for path in paths}
-
-
-def remove(conn: Connection, subscription_id: str) -> None:
-    conn.execute(delete(links).where(links.c.subscription_id == subscription_id))
-    conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id))
-
-
-def add_streams(conn: Connection, subscription_id: str, paths: list[str], now: float) -> None:
-    if load(conn, subscription_id) is None:
-        raise not_found(subscription_id)
-    existing = {link["path"] for link in links_of(conn, subscription_id)}
-    for path, offset in _current_or_zero(conn, sorted(set(paths)), now).items():
-        if path in existing:
-            conn.execute(
-                update(links)
-                .where(links.c.subscription_id == subscription_id, links.c.path == path)
-                .values(explicit=True)
-            )
-        else:
-            conn.execute(
-                insert(links).values(
-                    subscription_id=subscription_id, path=path, explicit=True, glob=False, acked_offset=offset
-                )
-            )
-
-
-def remove_stream(conn: Connection, subscription_id: str, path: str) -> None:
-    row = load(conn, subscription_id)
-    if row is None:
-        raise not_found(subscription_id)
-    where = and_(links.c.subscription_id == subscription_id, links.c.path == path)
-    link = conn.execute(select(links).where(where)).mappings().first()
-    if link is None:
-        return
-    if link["glob"] or Config.from_json(row["config_json"]).matches(path):
-        conn.execute(update(links).where(where).values(explicit=False, glob=True))
-    else:
-        conn.execute(delete(links).where(where))
-
-
 # --- appends, leases, reconciliation -------------------------------------------------------------
 
 
@@ -298,30 +206,45 @@ def on_appends(conn: Connection, appended: list[str], now: float) -> Effects:
     return effects
 
 
-def sweep(conn: Connection, now: float, limit: int = 100) -> Effects:
-    """End expired leases, and wake idle subscriptions whose streams moved on while no hook ran."""
+def sweep(conn: Connection, now: float, after: str | None, limit: int = 100) -> tuple[Effects, str | None]:
+    """End expired leases; with `after` given, also wake idle subscriptions whose streams moved on while no
+    hook ran (a crash between commit and hook), `limit` of them per call in id order from `after`.
+
+    Returns the effects and where the next call's look at idle subscriptions goes on from.
+    """
     effects = Effects()
     expired = (
         conn.execute(select(subscriptions.c.id).where(subscriptions.c.lease_until <= now).limit(limit))
         .scalars()
         .all()
     )
+    for sid in expired:
+        row = load(conn, sid)
+        if row is not None:
+            _expire(conn, row, now, effects)
+    if after is None:
+        return effects, None
     idle = (
         conn.execute(
             select(subscriptions.c.id)
-            .where(subscriptions.c.wake_id.is_(None), subscriptions.c.holder.is_(None))
+            .where(
+                subscriptions.c.wake_id.is_(None),
+                subscriptions.c.holder.is_(None),
+                subscriptions.c.id > after,
+            )
             .order_by(subscriptions.c.id)
             .limit(limit)
         )
         .scalars()
         .all()
     )
-    for sid in dict.fromkeys([*expired, *idle]):
-        row = load(conn, sid)
-        if row is not None:
-            _expire(conn, row, now, effects)
-            _wake(conn, row, now, effects)
-    return effects
+    for sid in idle:
+        cursors = links_of(conn, sid)
+        if _pending(cursors, tails(conn, [c["path"] for c in cursors], now)):
+            row = load(conn, sid)  # locked only when there is work to wake it for
+            if row is not None:
+                _wake(conn, row, now, effects)
+    return effects, (idle[-1] if len(idle) == limit else "")
 
 
 # --- webhook deliveries --------------------------------------------------------------------------
