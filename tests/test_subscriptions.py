@@ -352,3 +352,58 @@ async def test_a_killed_deliverer_is_taken_over_by_another_process(
             text = (await http.get(f"{survivor.url}/metrics")).text
             assert metric(text, "streamhold_subscription_lease_takeovers_total") == 1
             assert len(receiver.deliveries) == 2
+
+
+async def test_pull_wake_claims_are_leased_and_fenced(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    with server(tmp_path) as srv:
+        base = f"{srv.url}/v1/stream/__ds/subscriptions/pool"
+        await http.put(f"{srv.url}/v1/stream/wake/pool", content=b"[]", headers=JSON)
+        async with RemoteStreams(srv.url) as client:
+            # `**` matches the wake stream too; its own wake events must never wake it.
+            await client.create_subscription(
+                "pool", "pull-wake", pattern="**", wake_stream="wake/pool", lease_ttl_ms=1000
+            )
+            put = await http.put(f"{srv.url}/v1/stream/work/1", content=b'{"n":1}', headers=JSON)
+            tail = put.headers["stream-next-offset"]
+
+            async def events() -> list[dict[str, Any]]:
+                return list((await http.get(f"{srv.url}/v1/stream/wake/pool")).json())
+
+            [event] = await eventually(events)
+            assert (event["subscription_id"], event["stream"], event["generation"]) == ("pool", "work/1", 1)
+            first = (await http.post(f"{base}/claim", json={"worker": "w1"})).json()
+            assert first["generation"] == 1
+            assert [s["path"] for s in first["streams"] if s["has_pending"]] == ["work/1"]
+            busy = await http.post(f"{base}/claim", json={"worker": "w2"})
+            assert busy.status_code == 409
+            assert busy.json() == {
+                "error": {"code": "ALREADY_CLAIMED", "current_holder": "w1", "generation": 1}
+            }
+
+            async def claimed_again() -> dict[str, Any] | None:
+                answer = await http.post(f"{base}/claim", json={"worker": "w2"})
+                return answer.json() if answer.status_code == 200 else None
+
+            second = await eventually(claimed_again)  # w1's lease ran out, and the work is still pending
+            assert second["generation"] == 2
+            ack = {
+                "wake_id": first["wake_id"],
+                "generation": 1,
+                "acks": [{"stream": "work/1", "offset": tail}],
+            }
+            stale = await http.post(
+                f"{base}/ack", json=ack, headers={"authorization": f"Bearer {first['token']}"}
+            )
+            assert (stale.status_code, stale.json()["error"]["code"]) == (409, "FENCED")
+            assert await acked(client, "pool", "work/1") == "-1"  # the stale worker moved nothing
+
+            auth = {"authorization": f"Bearer {second['token']}"}
+            ack = {**ack, "wake_id": second["wake_id"], "generation": 2, "done": True}
+            done = await http.post(f"{base}/ack", json=ack, headers=auth)
+            assert (done.status_code, done.json()) == (200, {"ok": True, "next_wake": False})
+            assert await acked(client, "pool", "work/1") == tail
+            idle = await http.post(f"{base}/claim", json={"worker": "w3"})
+            assert idle.json()["error"]["code"] == "NO_PENDING_WORK"
+            release = await http.post(f"{base}/release", json=ack, headers=auth)
+            assert (release.status_code, release.json()["error"]["code"]) == (409, "FENCED")
+            assert [e["generation"] for e in await events()] == [1, 2]  # one event per wake, none for itself

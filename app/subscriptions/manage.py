@@ -52,7 +52,7 @@ def create(
         if prefix:
             query = query.where(streams.c.name.like(_escape_like(prefix) + "%", escape="\\"))
         for name, tail, generation in conn.execute(query):
-            if config.matches(name):  # backfilled at its tail: history is not replayed
+            if config.matches(name) and name != config.wake_stream:  # at its tail: history is not replayed
                 link = found.setdefault(
                     name,
                     {"path": name, "explicit": False, "acked_offset": format_offset(tail, generation or 0)},

@@ -173,25 +173,37 @@ def fresh(conn: Connection, subscription_id: str, now: float, effects: Effects) 
 
 
 def on_appends(conn: Connection, appended: list[str], now: float) -> Effects:
-    """Link streams that first match a pattern, then wake the idle subscriptions with work pending."""
+    """Link streams that first match a pattern, then wake the idle subscriptions with work pending.
+
+    Each concerned subscription is locked before its links are read or added, in id order, so that two
+    processes handling appends to the same new stream neither link it twice nor deadlock.
+    """
     effects = Effects()
-    rows = conn.execute(select(subscriptions.c.id, subscriptions.c.config_json)).all()
+    rows = conn.execute(
+        select(subscriptions.c.id, subscriptions.c.config_json).order_by(subscriptions.c.id)
+    ).all()
     if not rows:
         return effects
-    linked: dict[str, set[str]] = {}
-    for sid, path in conn.execute(
-        select(links.c.subscription_id, links.c.path).where(links.c.path.in_(appended))
-    ):
-        linked.setdefault(sid, set()).add(path)
+    linked: set[tuple[str, str]] = set(
+        conn.execute(select(links.c.subscription_id, links.c.path).where(links.c.path.in_(appended))).tuples()
+    )
     for sid, config_json in rows:
         config = Config.from_json(config_json)
-        if config.wake_stream is not None:
-            candidates = [p for p in appended if p != config.wake_stream]  # a wake never wakes itself
-        else:
-            candidates = appended
-        touched = [p for p in candidates if p in linked.get(sid, ())]
+        # A wake event never wakes its own subscription.
+        candidates = [p for p in appended if p != config.wake_stream]
+        if not any((sid, p) in linked or config.matches(p) for p in candidates):
+            continue
+        row = load(conn, sid)
+        if row is None:
+            continue
+        have = set(
+            conn.execute(
+                select(links.c.path).where(links.c.subscription_id == sid, links.c.path.in_(candidates))
+            ).scalars()
+        )
+        touched = [p for p in candidates if p in have]
         for path in candidates:
-            if path not in linked.get(sid, ()) and config.matches(path):
+            if path not in have and config.matches(path):
                 conn.execute(
                     insert(links).values(
                         subscription_id=sid, path=path, glob=True, explicit=False, acked_offset=UNSEEN
@@ -199,10 +211,8 @@ def on_appends(conn: Connection, appended: list[str], now: float) -> Effects:
                 )
                 touched.append(path)
         if touched:
-            row = load(conn, sid)
-            if row is not None:
-                _expire(conn, row, now, effects)
-                _wake(conn, row, now, effects, trigger=touched[0])
+            _expire(conn, row, now, effects)
+            _wake(conn, row, now, effects, trigger=touched[0])
     return effects
 
 
@@ -214,7 +224,12 @@ def sweep(conn: Connection, now: float, after: str | None, limit: int = 100) -> 
     """
     effects = Effects()
     expired = (
-        conn.execute(select(subscriptions.c.id).where(subscriptions.c.lease_until <= now).limit(limit))
+        conn.execute(
+            select(subscriptions.c.id)
+            .where(subscriptions.c.lease_until <= now)
+            .order_by(subscriptions.c.id)
+            .limit(limit)
+        )
         .scalars()
         .all()
     )
