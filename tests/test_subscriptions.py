@@ -407,3 +407,24 @@ async def test_pull_wake_claims_are_leased_and_fenced(tmp_path: Path, http: http
             release = await http.post(f"{base}/release", json=ack, headers=auth)
             assert (release.status_code, release.json()["error"]["code"]) == (409, "FENCED")
             assert [e["generation"] for e in await events()] == [1, 2]  # one event per wake, none for itself
+
+
+async def test_a_wake_in_flight_survives_kill_9_and_is_delivered_after_restart(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    async with Receiver(script=["hang"]) as receiver:
+        with server(tmp_path, STREAMHOLD_WEBHOOK_TIMEOUT="2") as srv:
+            async with RemoteStreams(srv.url) as client:
+                await client.create_subscription("crash", pattern="jobs/*", webhook_url=receiver.url)
+            put = await http.put(f"{srv.url}/v1/stream/jobs/1", content=b'{"n":1}', headers=JSON)
+            [first] = await receiver.wait_for(1)
+            srv.kill()  # SIGKILL in the middle of the delivery
+            srv.start()
+            second = (await receiver.wait_for(2, within=40))[1]
+            assert (second["wake_id"], second["generation"]) == (first["wake_id"], first["generation"])
+            async with RemoteStreams(srv.url) as client:
+
+                async def acknowledged() -> bool:
+                    return await acked(client, "crash", "jobs/1") == put.headers["stream-next-offset"]
+
+                await eventually(acknowledged)
