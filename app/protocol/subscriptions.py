@@ -103,6 +103,7 @@ async def _put(engine: SubscriptionEngine, request: Request[Any, Any, Any], sid:
         if problem is not None:
             raise SubscriptionError("WEBHOOK_URL_REJECTED", problem)
     row, created = await engine.run(lambda conn, now, effects: manage.create(conn, sid, config, origin, now))
+    engine.any_subscriptions = True
     cursors = await engine.read(lambda conn, now: state.links_of(conn, sid))
     return (201 if created else 200), _view(engine, row, cursors, origin)
 

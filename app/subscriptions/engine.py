@@ -99,6 +99,9 @@ class SubscriptionEngine:
         self.metrics = Metrics(registry)
         self.me = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._moved: set[str] = set()
+        # Whether any subscription exists (as of the last sweep, or made here since): without one, appends
+        # cost the writer nothing extra.
+        self.any_subscriptions = False
         self._moved_ready = asyncio.Event()
         self._due = asyncio.Event()
         self._sending: set[asyncio.Task[None]] = set()
@@ -116,9 +119,12 @@ class SubscriptionEngine:
         cls, store: Store, settings: Settings, registry: CollectorRegistry | None = None
     ) -> AsyncIterator[SubscriptionEngine]:
         """Make the tables and the key if missing, then run the engine for the life of the block."""
-        raw_keys = await store.writer.call(lambda conn: (_prepare(conn, store.postgres), []))
+        raw_keys, any_subscriptions = await store.writer.call(
+            lambda conn: (_prepare(conn, store.postgres), [])
+        )
         keys = [SigningKey.from_raw(raw) for raw in raw_keys]
         engine = cls(store, settings, keys[0], keys, registry)
+        engine.any_subscriptions = any_subscriptions
         store.subscribe(engine._on_commit)
         loop = asyncio.get_running_loop()
         engine._tasks = [
@@ -187,6 +193,8 @@ class SubscriptionEngine:
             await self._moved_ready.wait()
             self._moved_ready.clear()
             moved, self._moved = list(self._moved), set()
+            if not self.any_subscriptions:
+                continue
             try:
                 await self.run(functools.partial(_hook, stream_ids=moved))
             except Exception:
@@ -201,6 +209,7 @@ class SubscriptionEngine:
             def sweep(
                 conn: Connection, now: float, effects: state.Effects, reconcile: str | None = reconcile
             ) -> str | None:
+                self.any_subscriptions = state.any_subscriptions(conn)
                 found, resume = state.sweep(conn, now, reconcile)
                 _merge(effects, found)
                 return resume
@@ -211,7 +220,8 @@ class SubscriptionEngine:
                     after = resume
             except Exception:
                 log.exception("subscription sweep failed; retrying")
-            self._due.set()
+            if self.any_subscriptions:
+                self._due.set()
 
     # --- webhook deliveries ----------------------------------------------------------------------
 
@@ -315,8 +325,11 @@ def _hook(conn: Connection, now: float, effects: state.Effects, stream_ids: list
         _merge(effects, state.on_appends(conn, sorted(names), now))
 
 
-def _prepare(conn: Connection, postgres: bool) -> list[bytes]:
-    """Make the subscription tables and the signing key unless there; returns the keys, oldest first."""
+def _prepare(conn: Connection, postgres: bool) -> tuple[list[bytes], bool]:
+    """Make the subscription tables and the signing key unless there.
+
+    Returns the keys (oldest first) and whether any subscription exists.
+    """
     if postgres:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
     SQLModel.metadata.create_all(conn, tables=list(SUBSCRIPTION_TABLES))
@@ -326,7 +339,7 @@ def _prepare(conn: Connection, postgres: bool) -> list[bytes]:
         key = SigningKey.generate()
         conn.execute(insert(signing_keys).values(kid=key.kid, private_key=key.raw(), created_at=clock.now()))
         found = [key.raw()]
-    return found
+    return found, state.any_subscriptions(conn)
 
 
 def public_jwks(keys: list[SigningKey]) -> dict[str, Any]:

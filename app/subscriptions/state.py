@@ -59,6 +59,10 @@ def tails(conn: Connection, names: list[str], now: float) -> dict[str, str]:
     return {name: format_offset(tail, generation or 0) for name, tail, generation in rows}
 
 
+def any_subscriptions(conn: Connection) -> bool:
+    return conn.execute(select(subscriptions.c.id).limit(1)).first() is not None
+
+
 def load(conn: Connection, subscription_id: str, lock: bool = True) -> Row | None:
     query = select(subscriptions).where(subscriptions.c.id == subscription_id)
     row = conn.execute(query.with_for_update() if lock else query).mappings().first()
