@@ -39,6 +39,7 @@ from .urls import webhook_url_problem
 log = logging.getLogger("streamhold.subscriptions")
 T = TypeVar("T")
 
+HOOK_GATHER_S = 0.02
 SWEEP_INTERVAL_S = 0.5  # lease expiry, retries due and deliveries to take over are found this often
 RECONCILE_EVERY = 10  # sweeps between looks for idle subscriptions with work no hook saw (a crash)
 MAX_CONCURRENT_DELIVERIES = 16
@@ -191,6 +192,9 @@ class SubscriptionEngine:
     async def _hook_forever(self) -> None:
         while True:
             await self._moved_ready.wait()
+            # Let a busy writer's next commits join this look: one hook transaction per gathering, not per
+            # commit, so the hook's share of the writer stays small under load.
+            await asyncio.sleep(HOOK_GATHER_S)
             self._moved_ready.clear()
             moved, self._moved = list(self._moved), set()
             if not self.any_subscriptions:
