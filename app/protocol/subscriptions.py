@@ -6,8 +6,9 @@ Every path under `__ds` is answered here, before any stream route: no stream is 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from litestar import Request
 from litestar.exceptions import HTTPException
@@ -82,8 +83,6 @@ def _view(
 
 
 def _iso(seconds: float) -> str:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -123,38 +122,27 @@ async def _callback(
 ) -> tuple[int, Any]:
     token = _bearer(request)  # before the body is read
     body = await _json_body(request)
-    now_generation: dict[str, int] = {}
 
-    def apply(conn: Any, now: float, effects: state.Effects) -> None:
-        row = state.fresh(conn, sid, now, effects)
+    def apply(conn: Any, now: float, effects: state.Effects) -> bool:
+        row = state.fresh(conn, sid, now, effects)  # a lease that ran out has ended the wake: FENCED
         try:
-            now_generation["token"] = engine.key.token_generation(token, sid, now)
+            generation = engine.key.token_generation(token, sid, now)
         except TokenError as exc:
             raise SubscriptionError(exc.code, str(exc)) from None
         wanted = "pull-wake" if action in ("ack", "release") else "webhook"
         if row["kind"] != wanted:
             raise invalid(f"{action} is for {wanted} subscriptions; this one is {row['kind']}")
-        state.fence(row, now_generation["token"], body)
+        state.fence(row, generation, body)
         if action == "release":
             state.release(conn, row, now, effects)
         else:
             state.acknowledge(conn, row, body, now, effects)
+        return effects.next_wake
 
-    effects = await _run_collecting(engine, apply)
+    next_wake = await engine.run(apply)
     if action == "release":
         return 204, None
-    return 200, {"ok": True, "next_wake": effects.next_wake}
-
-
-async def _run_collecting(engine: SubscriptionEngine, fn: Any) -> state.Effects:
-    collected: list[state.Effects] = []
-
-    def wrapped(conn: Any, now: float, effects: state.Effects) -> None:
-        collected.append(effects)
-        fn(conn, now, effects)
-
-    await engine.run(wrapped)
-    return collected[0]
+    return 200, {"ok": True, "next_wake": next_wake}
 
 
 async def _claim(engine: SubscriptionEngine, request: Request[Any, Any, Any], sid: str) -> tuple[int, Any]:
@@ -248,7 +236,3 @@ async def reserved_app(scope: Scope, receive: Receive, send: Send) -> None:
         status, body = exc.status_code, json.dumps({"error": exc.detail}).encode()
         headers = {**(exc.headers or {}), **JSON}
     await respond(status, headers, body)(scope, receive, send)
-
-
-def subscription_url(origin: str, subscription_id: str) -> str:
-    return f"{origin}{PREFIX}{RESERVED}/subscriptions/{quote(subscription_id, safe='')}"

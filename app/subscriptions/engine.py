@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
@@ -312,8 +313,6 @@ class SubscriptionEngine:
 
 
 def callback_url(origin: str, subscription_id: str) -> str:
-    from urllib.parse import quote
-
     return f"{origin}/v1/stream/__ds/subscriptions/{quote(subscription_id, safe='')}/callback"
 
 
