@@ -20,7 +20,8 @@ import psutil
 import pytest
 from aiohttp import web
 
-from streamhold import RemoteStreams, SubscriptionRequestError, verify_webhook
+from streamhold import RemoteStreams, SubscriptionRequestError, WebhookVerificationError, verify_webhook
+from streamhold.subscriptions.signing import SigningKey, TokenError
 from streamhold.subscriptions.urls import webhook_url_problem
 from tests._server import HOST, ServerProcess
 
@@ -428,3 +429,33 @@ async def test_a_wake_in_flight_survives_kill_9_and_is_delivered_after_restart(
                     return await acked(client, "crash", "jobs/1") == put.headers["stream-next-offset"]
 
                 await eventually(acknowledged)
+
+
+def test_verify_webhook_checks_key_age_and_bytes() -> None:
+    key = SigningKey.generate()
+    body = json.dumps({"subscription_id": "s", "note": "grüße ✓"}, ensure_ascii=False).encode()
+    now = time.time()
+    headers = {"Webhook-Signature": key.signature_header(body, now)}
+    assert verify_webhook(body, headers, key.jwks())["note"] == "grüße ✓"
+    assert key.kid.startswith("ds_") and "=" not in headers["Webhook-Signature"].split("ed25519=")[1]
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(body + b" ", headers, key.jwks())
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(body, headers, SigningKey.generate().jwks())  # another server's key
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(body, headers, key.jwks(), now=now + 301)  # too old to replay
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(body, {}, key.jwks())
+
+
+def test_tokens_are_bound_to_their_subscription_and_expire() -> None:
+    key = SigningKey.generate()
+    token = key.mint_token("a", 7, now=1000.0)
+    assert key.token_generation(token, "a", now=1000.0) == 7
+    for other, at, code in (("b", 1000.0, "TOKEN_INVALID"), ("a", 1000.0 + 3601, "TOKEN_EXPIRED")):
+        with pytest.raises(TokenError) as refused:
+            key.token_generation(token, other, now=at)
+        assert refused.value.code == code
+    assert SigningKey.from_raw(key.raw()).kid == key.kid  # the kept key is the same key
+    with pytest.raises(TokenError):
+        SigningKey.generate().token_generation(token, "a", now=1000.0)
