@@ -40,6 +40,7 @@ torture: install
 
 lint: install
 	$(BIN)/ruff check app tests e2e benchmarks
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m benchmarks.run

@@ -1,7 +1,7 @@
 """The Agentuity-compatible stream service at /stream (and at the root, where Agentuity's SDK puts it).
 
-Create, list, info, append, complete, PUT and delete need an API key when keys are set; reading a stream's
-content by its URL is public (content.py serves it).
+Create, list, info, append, complete, PUT and delete pass one guard (http/auth.py) that checks the right each
+declares; reading a stream's content by its URL is public (content.py serves it).
 """
 
 from __future__ import annotations
@@ -13,28 +13,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-from litestar import Request, delete, get, post, put, route
+from litestar import Request, Router, delete, get, post, put, route
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
+from litestar.types import ControllerRouterHandler
 
 from . import checks
-from .http.auth import require_key
-from .http.content import RangeNotSatisfiableError, respond_with_content
-from .http.responses import respond
-from .live import LiveHub
-from .models import (
-    DEFAULT_TTL,
+from .errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     StreamClosedError,
     StreamError,
-    StreamFilter,
     StreamNotFoundError,
-    StreamState,
-    clamp_ttl,
-    iso,
 )
+from .http.auth import require_right
+from .http.content import RangeNotSatisfiableError, respond_with_content
+from .http.responses import respond
+from .live import LiveHub
+from .models import DEFAULT_TTL, StreamFilter, StreamState, clamp_ttl, iso, lifecycle
 from .protocol.wire import frame_json, read_body
 from .sdk.local import info_from_state
 from .settings import Settings
@@ -98,8 +95,9 @@ def wire_info(state: StreamState, origin: str) -> dict[str, Any]:
 
 async def _live(store: Store, stream_id: str) -> StreamState:
     state = await store.get(stream_id)
-    if state is None or state.expired() or state.deleted:
+    if not lifecycle(state).readable:  # this API answers 404 for deleted streams too, as Agentuity does
         raise StreamNotFoundError(f"stream {stream_id} not found (it may have expired or been deleted)")
+    assert state is not None
     return state
 
 
@@ -155,84 +153,66 @@ def _integer(body: dict[str, Any], key: str, default: int) -> int:
 # --- management ----------------------------------------------------------------------------------
 
 
-@post(_paths(""), status_code=200)
+@post(_paths(""), status_code=200, opt={"right": "write"})
 async def create_stream(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> ASGIResponse:
     """Create a stream from {name, metadata?, headers?: {content-type}, ttl?}; answers its id and record."""
-    try:
-        require_key(request, settings)
-        body = await _json_object(request)
-        new = NewStream(
-            namespace=checks.namespace(body.get("name", body.get("namespace"))),
-            content_type=_content_type(body.get("headers")),
-            metadata=checks.metadata(body.get("metadata"), coerce=True),
-            ttl_seconds=_ttl(body),
-        )
-        state, _ = await store.create(new)
-    except StreamError as exc:
-        return _error(exc)
+    body = await _json_object(request)
+    new = NewStream(
+        namespace=checks.namespace(body.get("name", body.get("namespace"))),
+        content_type=_content_type(body.get("headers")),
+        metadata=checks.metadata(body.get("metadata"), coerce=True),
+        ttl_seconds=_ttl(body),
+    )
+    state, _ = await store.create(new)
     info = wire_info(state, settings.origin())
     return _json(
         200, info, {"location": info["url"], "stream-max-append-bytes": str(settings.max_append_bytes)}
     )
 
 
-@post(_paths("/list"), status_code=200)
+@post(_paths("/list"), status_code=200, opt={"right": "read"})
 async def list_streams(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> ASGIResponse:
     """One page of the live streams matching {name?, metadata?}, with the total number of matches."""
-    try:
-        require_key(request, settings)
-        body = await _json_object(request)
-        namespace = body.get("name") or body.get("namespace")
-        where = StreamFilter(
-            namespace=checks.namespace(namespace) if namespace else None,
-            metadata=tuple(checks.metadata(body.get("metadata"), coerce=True).items()),
-        )
-        sort = body.get("sort") or "created"
-        if not isinstance(sort, str) or sort not in SORTS:
-            raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}; got {sort!r}")
-        limit, offset = checks.list_window(_integer(body, "limit", 100), _integer(body, "offset", 0))
-        total, states = await store.list(
-            where, sort=SORTS[sort], direction=body.get("direction") or "desc", limit=limit, offset=offset
-        )
-    except StreamError as exc:
-        return _error(exc)
+    body = await _json_object(request)
+    namespace = body.get("name") or body.get("namespace")
+    where = StreamFilter(
+        namespace=checks.namespace(namespace) if namespace else None,
+        metadata=tuple(checks.metadata(body.get("metadata"), coerce=True).items()),
+    )
+    sort = body.get("sort") or "created"
+    if not isinstance(sort, str) or sort not in SORTS:
+        raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}; got {sort!r}")
+    limit, offset = checks.list_window(_integer(body, "limit", 100), _integer(body, "offset", 0))
+    total, states = await store.list(
+        where, sort=SORTS[sort], direction=body.get("direction") or "desc", limit=limit, offset=offset
+    )
     origin = settings.origin()
     return _json(200, {"success": True, "streams": [wire_info(s, origin) for s in states], "total": total})
 
 
-@post(_paths("/{stream_id:str}/info"), status_code=200)
+@post(_paths("/{stream_id:str}/info"), status_code=200, opt={"right": "read"})
 async def stream_info(
     stream_id: FromPath[str],
-    request: Request[Any, Any, Any],
     store: NamedDependency[Store],
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """A stream's record."""
-    try:
-        require_key(request, settings)
-        state = await _live(store, stream_id)
-    except StreamError as exc:
-        return _error(exc)
+    state = await _live(store, stream_id)
     return _json(200, wire_info(state, settings.origin()))
 
 
-@delete(_paths("/{stream_id:str}"), status_code=200)
+@delete(_paths("/{stream_id:str}"), status_code=200, opt={"right": "manage"})
 async def delete_stream(
     stream_id: FromPath[str],
-    request: Request[Any, Any, Any],
     store: NamedDependency[Store],
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Delete a stream; its URL answers 404 from then on."""
-    try:
-        require_key(request, settings)
-        await store.delete((await _live(store, stream_id)).id)
-    except StreamError as exc:
-        return _error(exc)
+    await store.delete((await _live(store, stream_id)).id)
     return respond(204)
 
 
@@ -245,7 +225,7 @@ def _writable(state: StreamState) -> StreamState:
     return state
 
 
-@post(_paths("/{stream_id:str}/append"), status_code=200)
+@post(_paths("/{stream_id:str}/append"), status_code=200, opt={"right": "write"})
 async def append_stream(
     stream_id: FromPath[str],
     request: Request[Any, Any, Any],
@@ -253,16 +233,12 @@ async def append_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Append the raw body; answered once it is committed."""
-    try:
-        require_key(request, settings)
-        state = _writable(await _live(store, stream_id))
-        body = await read_body(request, settings.max_append_bytes)
-        if body:
-            if state.json_mode:  # a Durable Streams JSON stream keeps one message per line
-                body = frame_json(body, allow_empty_array=False)
-            await store.append(state.id, body)
-    except StreamError as exc:
-        return _error(exc)
+    state = _writable(await _live(store, stream_id))
+    body = await read_body(request, settings.max_append_bytes)
+    if body:
+        if state.json_mode:  # a Durable Streams JSON stream keeps one message per line
+            body = frame_json(body, allow_empty_array=False)
+        await store.append(state.id, body)
     return respond(204)
 
 
@@ -279,7 +255,7 @@ async def _complete(store: Store, stream_id: str, compress: bool) -> None:
     await store.finish(stream_id)
 
 
-@post(_paths("/{stream_id:str}/complete"), status_code=200)
+@post(_paths("/{stream_id:str}/complete"), status_code=200, opt={"right": "write"})
 async def complete_stream(
     stream_id: FromPath[str],
     request: Request[Any, Any, Any],
@@ -287,13 +263,9 @@ async def complete_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Close the stream (gzip it first with `X-Compress: gzip`); idempotent."""
-    try:
-        require_key(request, settings)
-        compress = _compress_header(request)
-        state = await _live(store, stream_id)
-        await _complete(store, state.id, compress)
-    except StreamError as exc:
-        return _error(exc)
+    compress = _compress_header(request)
+    state = await _live(store, stream_id)
+    await _complete(store, state.id, compress)
     return respond(204)
 
 
@@ -321,7 +293,7 @@ async def _inflated(pieces: AsyncIterator[bytes], gzipped: bool, bound: int) -> 
         raise InvalidRequestError("the gzip body ended early; send the whole body")
 
 
-@put(_paths("/{stream_id:str}"), status_code=200, request_max_body_size=None)
+@put(_paths("/{stream_id:str}"), status_code=200, request_max_body_size=None, opt={"right": "write"})
 async def put_stream(
     stream_id: FromPath[str],
     request: Request[Any, Any, Any],
@@ -329,27 +301,23 @@ async def put_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """The older whole-body upload: the body (streamed, maybe gzipped) is appended in slices, then closed."""
-    try:
-        require_key(request, settings)
-        state = _writable(await _live(store, stream_id))
-        if state.json_mode:
-            raise StreamClosedError(f"stream {state.id} takes JSON messages: send each with POST .../append")
-        encoding = request.headers.get("content-encoding", "").strip().lower()
-        if encoding not in ("", "identity", "gzip"):
-            raise InvalidRequestError("Content-Encoding must be gzip, or left out for a plain body")
-        compress = _compress_header(request) or encoding == "gzip"
-        size = min(PUT_SLICE, settings.max_append_bytes)
-        buffer = bytearray()
-        async for piece in _inflated(request.stream(), encoding == "gzip", size):
-            buffer += piece
-            while len(buffer) >= size:
-                await store.append(state.id, bytes(buffer[:size]))
-                del buffer[:size]
-        if buffer:
-            await store.append(state.id, bytes(buffer))
-        await _complete(store, state.id, compress)
-    except StreamError as exc:
-        return _error(exc)
+    state = _writable(await _live(store, stream_id))
+    if state.json_mode:
+        raise StreamClosedError(f"stream {state.id} takes JSON messages: send each with POST .../append")
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip"):
+        raise InvalidRequestError("Content-Encoding must be gzip, or left out for a plain body")
+    compress = _compress_header(request) or encoding == "gzip"
+    size = min(PUT_SLICE, settings.max_append_bytes)
+    buffer = bytearray()
+    async for piece in _inflated(request.stream(), encoding == "gzip", size):
+        buffer += piece
+        while len(buffer) >= size:
+            await store.append(state.id, bytes(buffer[:size]))
+            del buffer[:size]
+    if buffer:
+        await store.append(state.id, bytes(buffer))
+    await _complete(store, state.id, compress)
     return respond(204)
 
 
@@ -405,15 +373,19 @@ async def content_at_root(stream_id: FromPath[str], request: Request[Any, Any, A
     return ASGIResponse(body=b"", status_code=308, headers={"location": location}, media_type="text/plain")
 
 
-routes = [
-    create_stream,
-    list_streams,
-    stream_info,
-    delete_stream,
-    append_stream,
-    complete_stream,
-    put_stream,
-    read_content,
-    head_content,
-    content_at_root,
-]
+# Every call but reading content passes one guard, which checks the right each handler declares;
+# StreamErrors raised by the handlers become their status and a JSON message in the app's exception handler.
+guarded = Router(
+    "/",
+    route_handlers=[
+        create_stream,
+        list_streams,
+        stream_info,
+        delete_stream,
+        append_stream,
+        complete_stream,
+        put_stream,
+    ],
+    guards=[require_right],
+)
+routes: list[ControllerRouterHandler] = [guarded, read_content, head_content, content_at_root]

@@ -38,6 +38,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     webhook_allow_loopback: bool = False
     webhook_timeout: float = 10.0
+    history_interval: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -102,6 +103,7 @@ class Settings:
             cors_origins=cors,
             webhook_allow_loopback=flag("WEBHOOK_ALLOW_LOOPBACK"),
             webhook_timeout=number("WEBHOOK_TIMEOUT", 10.0, 0.05),
+            history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
         )
 
     @property

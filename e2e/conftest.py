@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import BrowserContext, Page
 
 from tests._server import ServerProcess, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# A module that needs another size marks itself: pytest.mark.browser_context_args(viewport={...}).
+VIEWPORT = {"width": 1440, "height": 900}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -39,10 +42,37 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
     }
 
 
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args: dict[str, Any]) -> dict[str, Any]:
+    """Every test's `context` (and `page`) opens at one desktop size unless its module says otherwise."""
+    return {**browser_context_args, "viewport": VIEWPORT}
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Iterator[Page]:
+    """A tab that fails the test on any script error (refused requests, 401 and 403, are expected)."""
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    yield tab
+    assert not [e for e in errors if "401" not in e and "403" not in e], errors
+
+
+def serve(data_dir: Path, **env: str) -> ServerProcess:
+    """A `streamhold serve` subprocess on a free port, its SQLite database under `data_dir`."""
+    return ServerProcess(port=free_port(), env={"STREAMHOLD_DATA_DIR": str(data_dir), **env})
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for a module's tests that do not stop it; each keeps to names of its own."""
+    with serve(tmp_path_factory.mktemp("shared") / "data") as process:
+        yield process
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    """A fresh Streamhold server on SQLite in a temp data dir."""
-    port = free_port()
-    env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data"), "STREAMHOLD_LONG_POLL_TIMEOUT": "2"}
-    with ServerProcess(port=port, env=env) as process:
+    """A fresh server of the test's own, with a short long-poll, for tests that stop or restart it."""
+    with serve(tmp_path / "data", STREAMHOLD_LONG_POLL_TIMEOUT="2") as process:
         yield process

@@ -5,45 +5,19 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
+from playwright.sync_api import Browser, Dialog, Page, Request, expect
 
+from e2e.conftest import VIEWPORT, serve
 from tests._server import ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)
 
 TIMEOUT = 10_000
 KEY = "e2e-dashboard-key"
-
-
-@pytest.fixture(scope="module")
-def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server without API keys; each test keeps to namespaces of its own."""
-    env = {"STREAMHOLD_DATA_DIR": str(tmp_path_factory.mktemp("dashboard") / "data")}
-    with ServerProcess(port=free_port(), env=env) as process:
-        yield process
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-    yield ctx
-    ctx.close()
-
-
-@pytest.fixture
-def page(context: BrowserContext) -> Iterator[Page]:
-    """A tab that fails the test on any script error."""
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    yield tab
-    assert not [e for e in errors if "401" not in e and "403" not in e], errors
 
 
 def put(base: str, name: str, body: bytes = b"", key: str = "") -> None:
@@ -78,8 +52,8 @@ def expect_rows(page: Page, names: list[str]) -> None:
         expect(page.locator(f'#streams tr[data-name="{name}"]')).to_be_visible()
 
 
-def test_filters_by_namespace_and_metadata_survive_a_reload(open_server: ServerProcess, page: Page) -> None:
-    base = open_server.url
+def test_filters_by_namespace_and_metadata_survive_a_reload(shared_server: ServerProcess, page: Page) -> None:
+    base = shared_server.url
     put(base, "fa/one", b"1")
     put(base, "fa/two", b"22")
     put(base, "fb/three")
@@ -142,8 +116,8 @@ class SseReader(threading.Thread):
             self.ended.set()
 
 
-def test_delete_one_and_every_stream_of_a_filter(open_server: ServerProcess, page: Page) -> None:
-    base = open_server.url
+def test_delete_one_and_every_stream_of_a_filter(shared_server: ServerProcess, page: Page) -> None:
+    base = shared_server.url
     for name in ("dx/a", "dx/b", "dx/c"):
         put(base, name, b"x" * 4000)
     put(base, "dkeep/k", b"k")
@@ -189,8 +163,8 @@ def test_delete_one_and_every_stream_of_a_filter(open_server: ServerProcess, pag
     assert httpx.head(f"{base}/v1/stream/dkeep/k").status_code == 200
 
 
-def test_new_streams_and_growth_appear_without_a_reload(open_server: ServerProcess, page: Page) -> None:
-    base = open_server.url
+def test_new_streams_and_growth_appear_without_a_reload(shared_server: ServerProcess, page: Page) -> None:
+    base = shared_server.url
     put(base, "lv/old", b"o")
     page.goto(base + "/?namespace=lv&sort=size&dir=desc")
     expect_rows(page, ["lv/old"])
@@ -234,12 +208,11 @@ def test_new_streams_and_growth_appear_without_a_reload(open_server: ServerProce
 
 
 def test_sign_in_is_required_when_keys_are_set(tmp_path: Any, browser: Browser) -> None:
-    env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data"), "STREAMHOLD_API_KEYS": f"{KEY},second-key"}
-    with ServerProcess(port=free_port(), env=env) as server:
+    with serve(tmp_path / "data", STREAMHOLD_API_KEYS=f"{KEY},second-key") as server:
         base = server.url
         put(base, "sec/one", b"1", key=KEY)
         put(base, "sec/two", b"2", key=KEY)
-        context = browser.new_context(viewport={"width": 1440, "height": 900})
+        context = browser.new_context(viewport=VIEWPORT)
         try:
             page = context.new_page()
             page.goto(base + "/?namespace=sec")
@@ -282,8 +255,74 @@ def test_sign_in_is_required_when_keys_are_set(tmp_path: Any, browser: Browser) 
             context.close()
 
 
-def test_the_demo_starts_from_the_dashboard(open_server: ServerProcess, page: Page) -> None:
-    page.goto(f"{open_server.url}/")
+def test_the_demo_starts_from_the_dashboard(shared_server: ServerProcess, page: Page) -> None:
+    page.goto(f"{shared_server.url}/")
     page.locator(".demo-button").click()
     page.wait_for_url(re.compile(r"/watch/stream_[0-9a-f]{32}$"))
     expect(page.locator("main")).to_contain_text("How a durable stream survives a refresh", timeout=15000)
+
+
+def test_charts_fill_in_live_and_say_what_they_cover(tmp_path: Any, page: Page) -> None:
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data"), "STREAMHOLD_HISTORY_INTERVAL": "1"}
+    with ServerProcess(port=free_port(), env=env) as server:
+        base = server.url
+        put(base, "charts/big", b"b" * 50_000)
+        put(base, f"{EVIL}/small", b"s" * 5_000)
+        page.goto(base + "/")
+        page.evaluate("window.notReloaded = true")
+        expect(page.locator("[data-history-note]")).to_contain_text("this server process since it started")
+        hour = {key: page.locator(f'.chart-card[data-chart="{key}"] figure').nth(0) for key in KEYS}
+        day = page.locator('.chart-card[data-chart="appends"] figure').nth(1)
+
+        reader = SseReader(f"{base}/v1/stream/charts/big")
+        reader.start()
+        assert reader.connected.wait(10)
+        writer = threading.Thread(target=append, args=(base, "charts/big", 150, b"w" * 1000), daemon=True)
+        writer.start()
+        writer.join(30)
+        assert not writer.is_alive()
+
+        busy = re.compile(r"max [1-9]")
+        expect(hour["appends"].locator(".chart-values")).to_contain_text(busy, timeout=TIMEOUT)
+        expect(hour["bytes"].locator(".chart-values")).to_contain_text(re.compile(r"max [0-9.]+ KiB/s"))
+        expect(hour["readers"].locator(".chart-values")).to_contain_text(busy, timeout=TIMEOUT)
+        expect(hour["stored"].locator(".chart-values")).to_contain_text("latest 200 KiB", timeout=TIMEOUT)
+        for figure in hour.values():
+            expect(figure.locator("svg.spark polyline")).to_have_count(1)
+            assert int(figure.get_attribute("data-points") or 0) >= 2
+        points = hour["appends"].locator("polyline").get_attribute("points") or ""
+        assert len(points.split()) >= 2 and any(float(p.split(",")[1]) < 56 for p in points.split())
+        expect(day).to_contain_text("collecting…")
+        expect(page.locator(".chart-card h3").first).to_contain_text("Appends per second")
+        bar = page.locator("#namespaces li").filter(has_text=EVIL).locator("svg.ns-bar title")
+        expect(bar).to_have_text(re.compile(rf"^{re.escape(EVIL)}: 4\.9 KiB stored \(\d+% of the largest"))
+        assert page.evaluate("window.notReloaded") is True
+
+        refreshes: list[str] = []
+
+        def count(request: Request) -> None:
+            if request.headers.get("hx-target") == "charts":
+                refreshes.append(request.url)
+
+        page.on("request", count)
+        page.wait_for_timeout(4200)
+        assert 1 <= len(refreshes) <= 3, refreshes
+        page.evaluate("Object.defineProperty(document, 'hidden', {configurable: true, get: () => true})")
+        page.wait_for_timeout(100)
+        refreshes.clear()
+        page.wait_for_timeout(4200)
+        assert refreshes == [], "a hidden tab should not refresh its charts"
+        page.evaluate("Object.defineProperty(document, 'hidden', {configurable: true, get: () => false})")
+        page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+        page.wait_for_timeout(500)
+        assert refreshes, "a tab that shows again refreshes its charts at once"
+
+        shot = tmp_path / "dashboard-charts.png"
+        page.locator("#charts").scroll_into_view_if_needed()
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"\nscreenshot: {shot}")
+        assert shot.stat().st_size > 10_000
+
+
+KEYS = ("appends", "bytes", "readers", "stored")
+EVIL = "charts<img src=x onerror=alert(1)>"  # a namespace is the name up to its first slash

@@ -7,33 +7,20 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from tests._server import ServerProcess, free_port
+from tests._server import ServerProcess
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.browser_context_args(viewport={"width": 1100, "height": 800}),
+]
 
 TIMEOUT = 15_000
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the tests that do not stop it."""
-    env = {"STREAMHOLD_DATA_DIR": str(tmp_path_factory.mktemp("viewer") / "data")}
-    with ServerProcess(port=free_port(), env=env) as process:
-        yield process
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    ctx = browser.new_context(viewport={"width": 1100, "height": 800})
-    yield ctx
-    ctx.close()
 
 
 class Writer(threading.Thread):
@@ -411,7 +398,7 @@ def test_binary_stream_shows_size_and_hex(shared_server: ServerProcess, context:
     page.goto(f"{base}/watch/e2e/blob")
     wait_state(page, "live")
     httpx.post(f"{base}/v1/stream/e2e/blob", content=bytes(range(64)), headers={"content-type": "image/png"})
-    expect(page.locator("#size")).to_have_text("70 bytes")
+    expect(page.locator("#size")).to_have_text("70 B")
     expect(page.locator("#hex tbody tr")).to_have_count(5)
     expect(page.locator("#hex tbody tr").first).to_contain_text("89 50 4e 47 0d 0a 00 01")
     expect(page.locator("#hex-caption")).to_have_text("The first 70 bytes")

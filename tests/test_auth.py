@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+from litestar import Litestar, post
 from litestar.testing import AsyncTestClient
 
-from streamhold.http.auth import key_is_valid
+from streamhold.http.auth import RIGHTS, key_is_valid, require_right
 from streamhold.main import create_app
 from streamhold.sdk.remote import RemoteStreams, UnauthorizedError
 from streamhold.settings import Settings
@@ -79,6 +80,72 @@ async def test_every_service_call_but_reading_content_needs_a_key(client: AsyncT
     assert (await client.get(f"/stream/{stream_id}")).content == b"ok", "content by URL is public"
     assert (await client.get(f"/{stream_id}", follow_redirects=True)).content == b"ok"
     assert (await client.delete(f"/stream/{stream_id}", headers=bearer(KEY))).status_code == 204
+
+
+async def test_every_guarded_route_at_both_bases_answers_401_alike(client: AsyncTestClient[Any]) -> None:
+    created = await client.post("/stream", json={"name": "guarded"}, headers=bearer(KEY))
+    stream_id = created.json()["id"]
+    answers = set()
+    for base in ("/stream", ""):
+        for method, suffix in [
+            ("POST", ""),
+            ("POST", "/list"),
+            ("POST", f"/{stream_id}/info"),
+            ("POST", f"/{stream_id}/append"),
+            ("POST", f"/{stream_id}/complete"),
+            ("PUT", f"/{stream_id}"),
+            ("DELETE", f"/{stream_id}"),
+            ("POST", "/no-such-stream/info"),  # the key is checked before the stream is looked up
+        ]:
+            response = await client.request(method, f"{base}{suffix}" or "/", content=b"{}")
+            assert response.status_code == 401, (method, base, suffix)
+            assert response.headers["www-authenticate"] == 'Bearer realm="streamhold"'
+            assert response.headers["content-type"] == "application/json"
+            answers.add(response.json()["error"])
+    assert answers == {
+        "this call needs an API key: send Authorization: Bearer <key> (one of STREAMHOLD_API_KEYS)"
+    }
+    info = await client.post(f"/{stream_id}/info", headers=bearer(KEY))
+    assert info.json()["size_bytes"] == 0, "the stream was left untouched"
+    asked = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    preflight = await client.options(f"/stream/{stream_id}/append", headers=asked)
+    assert preflight.status_code == 204, "a browser's preflight carries no key and is answered"
+    assert preflight.headers["access-control-allow-origin"] == "*"
+
+
+def test_every_guarded_handler_declares_the_right_it_needs(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, api_keys=(KEY,)))
+    handlers = [
+        handler
+        for route in app.routes
+        for handler in getattr(route, "route_handlers", ())
+        if any(require_right in (layer.guards or ()) for layer in handler.ownership_layers)
+        and "OPTIONS" not in handler.http_methods  # preflights are answered before any guard
+    ]
+    assert {h.handler_name: h.opt["right"] for h in handlers} == {
+        "create_stream": "write",
+        "list_streams": "read",
+        "stream_info": "read",
+        "delete_stream": "manage",
+        "append_stream": "write",
+        "complete_stream": "write",
+        "put_stream": "write",
+    }
+    assert all(h.opt["right"] in RIGHTS for h in handlers)
+
+
+async def test_a_guarded_handler_without_a_right_is_never_run(tmp_path: Path) -> None:
+    ran = []
+
+    @post("/undeclared", guards=[require_right])
+    async def undeclared() -> None:
+        ran.append(True)
+
+    app = Litestar([undeclared])
+    app.state.settings = Settings(data_dir=tmp_path, api_keys=(KEY,))
+    async with AsyncTestClient(app) as plain:
+        response = await plain.post("/undeclared", headers=bearer(KEY))
+    assert response.status_code == 500 and not ran
 
 
 async def test_protocol_writes_need_a_key_and_reads_do_not(client: AsyncTestClient[Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from streamhold.http.headers import answers_to, is_active
+from streamhold.http.headers import PAGE_CSP, answers_to, is_active
 from streamhold.main import create_app
 from streamhold.models import new_stream_id
 from streamhold.settings import Settings, SettingsError
@@ -423,3 +423,37 @@ def test_the_content_origin_and_cors_origins_are_read_and_checked() -> None:
     for wrong in ("content.example.org", "https://streams.example.org"):
         with pytest.raises(SettingsError, match="STREAMHOLD_CONTENT_ORIGIN"):
             Settings.from_env({**env, "STREAMHOLD_CONTENT_ORIGIN": wrong})
+
+
+async def test_every_page_carries_the_page_policy_and_cannot_be_framed(tmp_path: Path) -> None:
+    keyed = Settings(data_dir=tmp_path, api_keys=(KEY,), public_url=ORIGIN)
+    async with serve(keyed) as client:
+        await client.put("/v1/stream/framed", headers={"authorization": f"Bearer {KEY}"})
+        signin = await client.get("/signin")
+        reload = await client.get("/", headers={"sec-fetch-site": "cross-site"}, follow_redirects=False)
+        cookie = await client.post("/signin", data={"key": KEY, "next": "/"}, follow_redirects=False)
+        assert cookie.status_code == 303
+        dashboard = await client.get("/")
+        viewer = await client.get("/watch/framed")
+    for name, page in [("signin", signin), ("reload", reload), ("dashboard", dashboard), ("viewer", viewer)]:
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), name
+        assert page.headers["content-security-policy"] == PAGE_CSP, name
+        assert page.headers["x-frame-options"] == "DENY", name
+        assert page.headers["x-content-type-options"] == "nosniff", name
+
+
+def test_only_the_headers_module_names_security_headers() -> None:
+    """CSP, nosniff, frame options and CORS are set in http/headers.py only (reading a request's is fine)."""
+    app_dir = Path(__file__).resolve().parent.parent / "app"
+    spelled = re.compile(
+        r"content-security-policy|x-content-type-options|x-frame-options|access-control-(?!request-)",
+        re.IGNORECASE,
+    )
+    strays = [
+        f"{path.relative_to(app_dir)}:{number}"
+        for path in sorted(app_dir.rglob("*.py"))
+        if path.relative_to(app_dir).as_posix() != "http/headers.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if spelled.search(line)
+    ]
+    assert strays == []

@@ -64,7 +64,7 @@ def on_content_origin(scope: Scope, settings: Settings) -> bool:
 
 def _answer(status: int, message: str) -> ASGIResponse:
     body = json.dumps({"error": message}).encode()
-    sent = {"content-type": "application/json", "x-content-type-options": "nosniff"}
+    sent = {"content-type": "application/json", **headers.NOSNIFF_HEADERS}
     return ASGIResponse(body=body, status_code=status, headers=sent)
 
 
@@ -85,7 +85,7 @@ def refusal(scope: Scope, settings: Settings) -> ASGIResponse | None:
             f"host {headers.host_name(host)!r}; set STREAMHOLD_PUBLIC_URL to the URL you reach it by",
         )
     origin = header(scope, b"origin")
-    if scope["method"] not in headers.SAFE_METHODS and origin is not None:
+    if scope.get("method") not in headers.SAFE_METHODS and origin is not None:
         if not cross_site_write_allowed(scope, settings, origin):
             return _answer(
                 403,
@@ -104,7 +104,7 @@ def preflight(scope: Scope, settings: Settings) -> ASGIResponse:
         or method in headers.SAFE_METHODS
         or cross_site_write_allowed(scope, settings, origin)
     )
-    sent = {"x-content-type-options": "nosniff"}
+    sent = dict(headers.NOSNIFF_HEADERS)
     if allowed:
         sent.update(headers.CORS)
     return ASGIResponse(body=b"", status_code=204, headers=sent)

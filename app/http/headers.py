@@ -1,4 +1,5 @@
-"""Security headers in one place: stream content's sandbox, nosniff, CORS, and which hosts a server answers.
+"""Security headers in one place: stream content's sandbox, the pages' CSP and frame options, nosniff, CORS,
+and which hosts a server answers.
 
 Stream bytes are anyone's bytes. Wherever they are served they carry `Content-Security-Policy: sandbox`
 and `nosniff`, and types a browser would run (HTML, SVG, XML) are sent as attachments, except from the
@@ -11,6 +12,7 @@ import ipaddress
 from urllib.parse import urlsplit
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")
+NOSNIFF_HEADERS = {NOSNIFF[0].decode(): NOSNIFF[1].decode()}
 SANDBOX = (b"content-security-policy", b"sandbox")
 ATTACHMENT = (b"content-disposition", b"attachment")
 
@@ -44,6 +46,15 @@ API_RESPONSE_HEADERS = [
     # Stream content is anyone's bytes: opened in a browser it must not run as our origin.
     SANDBOX,
 ]
+
+# The HTML pages (dashboard, sign-in, viewer) load nothing from elsewhere and run no inline script or eval,
+# so even a rendering bug cannot run a stream's name, metadata or content as code; and no other site may
+# frame them (their delete buttons stay out of clickjacking reach).
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {"content-security-policy": PAGE_CSP, "x-frame-options": "DENY"}
 
 # Types a browser renders as a document that can run script (XML can carry XHTML, and with it script).
 ACTIVE_TYPES = frozenset(

@@ -120,7 +120,7 @@ def request_timing(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         metrics = request_metrics(scope["litestar_app"].state)
-        method = scope["method"]
+        method = str(scope.get("method", ""))
         route = scope.get("path_template") or _mount_path(scope) or "unmatched"
         live = _live_mode(scope)
         started = time.perf_counter()

@@ -14,9 +14,9 @@ from litestar import Request
 from litestar.exceptions import HTTPException
 from litestar.types import Receive, Scope, Send
 
+from ..errors import StreamError
 from ..http.auth import bearer_token, require_key
 from ..http.responses import respond
-from ..models import StreamError
 from ..settings import Settings
 from ..subscriptions import manage, state
 from ..subscriptions.engine import SubscriptionEngine, public_jwks

@@ -25,7 +25,7 @@ class AgentRuntime:
 
     def wait_until(self, work: Awaitable[Any] | Callable[[], Awaitable[Any]]) -> asyncio.Task[Any]:
         awaitable = work() if callable(work) and not inspect.isawaitable(work) else work
-        task = asyncio.ensure_future(awaitable)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task

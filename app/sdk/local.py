@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from contextlib import aclosing
+from datetime import UTC, datetime
 
-from ..models import (
-    AppendResult,
-    PayloadTooLargeError,
-    StreamError,
-    StreamFilter,
-    StreamNotFoundError,
-    StreamState,
-)
+from ..errors import PayloadTooLargeError, StreamError, StreamGoneError, StreamNotFoundError
+from ..live import DATA, LiveHub, follow
+from ..models import AppendResult, StreamFilter, StreamState, lifecycle
 from ..settings import Settings
+from ..store.store import NewStream, Store
+from ..urls import stream_url, viewer_url
 from .base import (
     UNSET,
     ListResult,
@@ -25,8 +23,6 @@ from .base import (
     check_create,
     check_id,
     check_list,
-    stream_url,
-    viewer_url,
 )
 
 
@@ -42,7 +38,7 @@ def info_from_state(state: StreamState, origin: str) -> StreamInfo:
         size_bytes=state.tail,
         stored_bytes=state.stored_bytes,
         compressed=state.compressed,
-        created_at=_dt(state.created_at),  # type: ignore[arg-type]
+        created_at=datetime.fromtimestamp(state.created_at, UTC),
         closed_at=_dt(state.closed_at),
         expires_at=_dt(state.expires_at),
     )
@@ -68,7 +64,7 @@ class _LocalStream(Stream):
 class LocalStreams(StreamService):
     """The stream API straight to this process's store."""
 
-    def __init__(self, store: Any, hub: Any, settings: Settings) -> None:
+    def __init__(self, store: Store, hub: LiveHub, settings: Settings) -> None:
         self.store = store
         self.hub = hub
         self.settings = settings
@@ -82,8 +78,6 @@ class LocalStreams(StreamService):
         metadata: Mapping[str, str] | None = None,
         ttl: int | float | None = UNSET,
     ) -> Stream:
-        from ..store.store import NewStream
-
         meta, seconds = check_create(namespace, content_type, metadata, ttl)
         state, _ = await self.store.create(
             NewStream(namespace=namespace, content_type=content_type, metadata=meta, ttl_seconds=seconds)
@@ -112,31 +106,37 @@ class LocalStreams(StreamService):
 
     async def _live_state(self, stream_id: str) -> StreamState:
         state = await self.store.get(check_id(stream_id))
-        if state is None or state.expired() or state.deleted:
+        if not lifecycle(state).readable:
             raise StreamNotFoundError(f"stream {stream_id} not found")
+        assert state is not None
         return state
 
     async def get(self, stream_id: str) -> StreamInfo:
         return info_from_state(await self._live_state(stream_id), self.settings.origin())
 
-    async def download(self, stream_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def download(self, stream_id: str) -> AsyncIterator[bytes]:
         state = await self._live_state(stream_id)
-        offset = 0
-        with self.hub.watch(state.id, "sdk") as waiter:
-            while True:
-                if offset < state.tail or state.compressed:
-                    async for piece in self.store.iter_content(state, offset):
-                        offset += len(piece)
-                        yield piece
-                    if state.compressed:
-                        return
-                if state.closed and offset >= state.tail:
-                    return
-                if offset >= state.tail:
-                    await waiter.wait(self.settings.long_poll_timeout)
-                    if self.hub.stopping:
-                        return
-                state = await self._live_state(stream_id)
+        reading: tuple[AsyncIterator[bytes], int] | None = None  # the content being read, and its end
+
+        async def step(current: StreamState, position: int) -> tuple[bytes, int]:
+            nonlocal reading
+            if reading is None or reading[1] <= position:
+                reading = (self.store.iter_content(current, position, current.tail), current.tail)
+            piece = await anext(reading[0], b"")
+            if not piece:
+                reading = None
+            return piece, position + len(piece)
+
+        events = follow(
+            self.hub, self.store, state, 0, step, kind="sdk", idle_after=self.settings.long_poll_timeout
+        )
+        async with aclosing(events):
+            try:
+                async for event in events:
+                    if event.kind == DATA and event.piece:
+                        yield event.piece
+            except StreamGoneError:  # deleted while forks of it remain: to this API it is not found
+                raise StreamNotFoundError(f"stream {stream_id} not found") from None
 
     async def delete(self, stream_id: str) -> None:
         await self._live_state(stream_id)

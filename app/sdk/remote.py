@@ -9,18 +9,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 
-from ..models import (
-    PayloadTooLargeError,
-    StreamClosedError,
-    StreamError,
-    StreamNotFoundError,
-)
+from ..errors import PayloadTooLargeError, StreamClosedError, StreamError, StreamNotFoundError
 from . import webhooks
 from .base import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
 
@@ -199,7 +194,7 @@ class RemoteStreams(StreamService):
             await asyncio.gather(*list(self._senders), return_exceptions=True)
         await self._client.aclose()
 
-    def _spawn(self, work: Any) -> asyncio.Task[None]:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
         self._senders.add(task)
         task.add_done_callback(self._senders.discard)
@@ -260,7 +255,7 @@ class RemoteStreams(StreamService):
         check_id(stream_id)
         return info_from_wire((await self._post(f"/stream/{stream_id}/info", json={})).json())
 
-    async def download(self, stream_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def download(self, stream_id: str) -> AsyncIterator[bytes]:
         """The content; an open stream is tailed until it is closed, reconnecting if the connection drops."""
         async for piece in self.read(check_id(stream_id)):
             yield piece

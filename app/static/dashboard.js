@@ -1,12 +1,16 @@
 // The dashboard's few behaviours that htmx attributes could only express with eval, which the page's CSP forbids.
 (() => {
   // Refresh only while the tab is visible: a hidden tab skips its timed polls and refreshes once on return.
+  const polled = ["streams", "charts"];
   document.addEventListener("htmx:beforeRequest", (event) => {
-    if (document.hidden && event.detail.elt.id === "streams") event.preventDefault();
+    if (document.hidden && polled.includes(event.detail.elt.id)) event.preventDefault();
   });
   document.addEventListener("visibilitychange", () => {
-    const table = document.getElementById("streams");
-    if (!document.hidden && table) htmx.trigger(table, "refresh");
+    if (document.hidden) return;
+    for (const id of polled) {
+      const element = document.getElementById(id);
+      if (element) htmx.trigger(element, "refresh");
+    }
   });
 
   // A refresh that lands while the operator is selecting text in the table (to copy an id, say) or

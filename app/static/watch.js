@@ -49,16 +49,17 @@
     return m ? Number(m[1]) : -1;
   };
 
+  // The server's humanize.human_bytes, repeated so the size can change live: keep the two alike.
   function human(n) {
-    if (n < 1024) return `${n} byte${n === 1 ? "" : "s"}`;
-    const units = ["KiB", "MiB", "GiB", "TiB"];
+    if (n < 1024) return `${n.toLocaleString("en-US")} B`;
     let value = n;
     let unit = "";
-    for (unit of units) {
+    for (unit of ["KiB", "MiB", "GiB", "TiB", "PiB"]) {
       value /= 1024;
-      if (value < 1024) break;
+      if (Math.round(value) < 1024) break;
     }
-    return `${value.toFixed(1)} ${unit}`;
+    if (Math.round(value * 10) / 10 < 100) return `${value.toFixed(1)} ${unit}`;
+    return `${Math.round(value).toLocaleString("en-US")} ${unit}`;
   }
 
   function setState(state, label) {

@@ -27,12 +27,12 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Connection, insert, select, text
 from sqlmodel import SQLModel
 
+from .. import clock
+from ..models import Change
 from ..settings import Settings
-from ..store import clock
-from ..store.statements import streams
+from ..store.schema import streams
 from ..store.store import Store
 from ..store.subscription_tables import SUBSCRIPTION_TABLES, signing_keys
-from ..store.writer import Change
 from . import state
 from .signing import SigningKey
 from .urls import webhook_url_problem
@@ -152,10 +152,10 @@ class SubscriptionEngine:
         effects = state.Effects()
         result = await self.store.writer.call(lambda conn: (fn(conn, clock.now(), effects), []))
         await self.follow(effects)
-        return result  # type: ignore[no-any-return]
+        return result
 
     async def read(self, fn: Callable[[Connection, float], T]) -> T:
-        return await self.store.writer.call(lambda conn: (fn(conn, clock.now()), []))  # type: ignore[no-any-return]
+        return await self.store.writer.call(lambda conn: (fn(conn, clock.now()), []))
 
     async def follow(self, effects: state.Effects) -> None:
         if effects.deliveries_due:

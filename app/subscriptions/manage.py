@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, and_, delete, insert, or_, select, update
 
 from ..models import format_offset
-from ..store.statements import streams
+from ..store.schema import streams
 from ..store.subscription_tables import links, subscriptions
 from .model import ZERO_OFFSET, Config, SubscriptionError, not_found
 from .state import Row, links_of, load, tails

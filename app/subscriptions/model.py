@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..models import StreamError
+from ..errors import StreamError
 from ..store.subscription_tables import MAX_SUBSCRIPTION_ID
 
 DEFAULT_LEASE_MS = 30_000

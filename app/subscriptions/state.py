@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, insert, or_, select, update
 
 from ..models import format_offset
-from ..store.statements import streams
+from ..store.schema import streams
 from ..store.subscription_tables import links, subscriptions
 from .model import UNSEEN, Config, SubscriptionError, invalid, not_found
 

@@ -10,6 +10,7 @@ import collections
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs
@@ -17,24 +18,21 @@ from urllib.parse import parse_qs
 from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import FromPath, FromQuery
 
+from ..errors import StreamGoneError, StreamNotFoundError
+from ..http.headers import PAGE_HEADERS
 from ..live import LiveHub
-from ..models import StreamGoneError, StreamNotFoundError, StreamState
+from ..models import StreamState
 from ..settings import Settings
 from ..store.store import Store
-from . import session
+from . import charts, session
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
 from .dashboard_query import STATES, View
 
 PAGE_SIZE = 50
-# The dashboard loads nothing from elsewhere and runs no inline script or eval, so even a rendering bug
-# cannot run a stream's name or metadata as code; frame-ancestors keeps its delete buttons out of frames.
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", "content-security-policy": CSP}
+HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", **PAGE_HEADERS}
 
 
 class Rate:
@@ -66,6 +64,7 @@ class Page:
     rows: list[Row]
     figures: Figures
     namespaces: list[NamespaceLine]
+    history: charts.Panel | None = None
     facets: list[tuple[str, int]] = field(default_factory=list)
     notice: str = ""
     csrf: str = ""
@@ -129,6 +128,7 @@ async def build(
         figures=figures(summary, rate, hub.readers),
         namespaces=namespace_lines(summary, view),
     )
+    page.history = history_panel(request)
     if counted is not None:
         page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
         if view.namespace and view.namespace not in {name for name, _ in page.facets}:
@@ -136,12 +136,22 @@ async def build(
     return page
 
 
+def history_panel(request: Request[Any, Any, Any]) -> charts.Panel | None:
+    """The charts of this process's history (None while the app runs without its lifespan's sampler)."""
+    history = request.app.state.get("history")
+    return None if history is None else charts.panel(history, time.monotonic(), time.time())
+
+
 def render(request: Request[Any, Any, Any], template: str, **context: Any) -> str:
-    return request.app.template_engine.get_template(template).render(states=STATES, **context)
+    engine = request.app.template_engine
+    if engine is None:
+        raise ImproperlyConfiguredException("the dashboard needs its templates: reinstall streamhold")
+    return engine.get_template(template).render(states=STATES, bar=charts.bar, **context)
 
 
-def html(body: str, status: int = 200, **headers: str) -> Response[str]:
-    return Response(body, status_code=status, media_type="text/html", headers={**HTML_HEADERS, **headers})
+def html(body: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response[str]:
+    sent = {**HTML_HEADERS, **(headers or {})}
+    return Response(body, status_code=status, media_type="text/html", headers=sent)
 
 
 def respond(request: Request[Any, Any, Any], page: Page, target: str) -> Response[str]:
@@ -150,13 +160,13 @@ def respond(request: Request[Any, Any, Any], page: Page, target: str) -> Respons
         oob = render(request, "_dashboard_live.html", page=page, oob=True)
         seen = parse_qs(request.url.query).get("seen", [""])[-1]
         if seen == page.fingerprint:
-            return html(oob, **{"hx-reswap": "none"})
+            return html(oob, headers={"hx-reswap": "none"})
         return html(render(request, "_streams.html", page=page) + oob)
     if target == "board":
         body = render(request, "_dashboard_board.html", page=page)
         body += render(request, "_dashboard_live.html", page=page, oob=True)
         headers = {"hx-push-url": page.view.url()} if request.method == "GET" else {}
-        return html(body, **headers)
+        return html(body, headers=headers)
     return html(render(request, "dashboard.html", page=page))
 
 
@@ -184,11 +194,13 @@ async def dashboard(
     hub: NamedDependency[LiveHub],
     settings: NamedDependency[Settings],
 ) -> Response[str]:
-    """The dashboard page, or the table (`HX-Target: streams`) or filters and table (`board`) alone."""
+    """The dashboard page, or the table (`HX-Target: streams`), filters and table (`board`) or `charts`."""
     current = await session.current(request, settings)
     if current is None:
         return session.denied(request, change=False)
     target = _target(request)
+    if target == "charts":
+        return html(render(request, "_dashboard_charts.html", history=history_panel(request)))
     page = await build(request, store, hub, View.from_query(request.url.query), facets=target != "streams")
     page.csrf, page.signed_in = current.csrf, current.signed_in
     return respond(request, page, target)

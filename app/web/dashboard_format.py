@@ -8,8 +8,9 @@ from typing import Any
 
 from ..live import LiveHub
 from ..models import StreamState, iso
-from ..sdk.base import viewer_url
+from ..urls import viewer_url
 from .dashboard_query import View
+from .humanize import human_bytes, relative
 
 EXPIRING_SOON = 86400
 SHOWN_METADATA = 4
@@ -64,30 +65,6 @@ class NamespaceLine:
     current: bool
 
 
-def human_bytes(n: float) -> str:
-    """1023 B, 1.0 KiB, 12.4 MiB: binary units, three significant figures."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{int(value):,} B"
-            return f"{value:.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
-def relative(ts: float, now: float) -> str:
-    """`5 min ago`, `in 3 h`: coarse enough that the table changes at most once a minute per row."""
-    delta = ts - now
-    seconds = abs(delta)
-    if seconds < 60:
-        return "just now" if delta <= 0 else "in < 1 min"
-    units = ((86400, "d"), (3600, "h"), (60, "min"))
-    size, unit = next((size, unit) for size, unit in units if seconds >= size)
-    amount = f"{int(seconds // size)} {unit}"
-    return f"in {amount}" if delta > 0 else f"{amount} ago"
-
-
 def rows(states: list[StreamState], view: View, hub: LiveHub, now: float) -> list[Row]:
     """Table rows for one page of streams."""
     out = []
@@ -110,7 +87,7 @@ def rows(states: list[StreamState], view: View, hub: LiveHub, now: float) -> lis
                 expiring=s.expires_at is not None and s.expires_at - now < EXPIRING_SOON,
                 created=relative(s.created_at, now),
                 created_title=iso(s.created_at) or "",
-                expires=relative(s.expires_at, now) if s.expires_at is not None else "never",
+                expires=relative(s.expires_at, now),
                 expires_title=iso(s.expires_at) or "no TTL",
                 metadata=tuple((k, v, view.with_meta(k, v)) for k, v in pairs[:SHOWN_METADATA]),
                 more_metadata=max(0, len(pairs) - SHOWN_METADATA),

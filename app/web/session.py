@@ -16,6 +16,7 @@ from litestar.exceptions import ClientException
 
 from ..http import guard
 from ..http.auth import key_is_valid
+from ..http.headers import PAGE_HEADERS
 from ..settings import Settings
 from ..store.store import Store
 
@@ -171,7 +172,8 @@ def denied(request: Request[Any, Any, Any], *, change: bool) -> Response[str]:
         if request.headers.get("sec-fetch-site") == "cross-site":
             # A SameSite=Strict cookie is withheld on a link followed from another site; a same-site
             # reload sends it, so a shared dashboard link works for someone who is signed in.
-            return Response(RELOAD_PAGE, media_type="text/html", headers={"cache-control": "no-store"})
+            headers = {"cache-control": "no-store", **PAGE_HEADERS}
+            return Response(RELOAD_PAGE, media_type="text/html", headers=headers)
         return Response("", status_code=303, headers={"location": signin_url(path)})
     # htmx follows HX-Redirect, so a tab whose session expired lands on the sign-in form by itself.
     back = request.headers.get("hx-current-url", "")

@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
@@ -22,29 +21,26 @@ from litestar.response import Redirect, Stream, Template
 from markupsafe import Markup, escape
 
 from .. import demo
+from ..errors import StreamError
 from ..http.auth import bearer, require_key
-from ..http.headers import content_headers
+from ..http.headers import PAGE_HEADERS, content_headers
 from ..http.responses import BODY_SLICE
-from ..models import StreamError, StreamState, iso
+from ..models import StreamState, iso, require_live
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
-from ..protocol.wire import PREFIX, is_text, live_state, stream_name
+from ..protocol.wire import is_text, stream_name
 from ..sdk.context import AgentContext
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.store import Store
+from ..urls import protocol_url, viewer_url
 from . import session
+from .humanize import human_bytes, relative
 
 WINDOW = 256 * 1024
 JSON_LOOKBACK = 1024 * 1024
 HEADER_LIMIT = 64 * 1024
 HEX_PREVIEW = 1024
 STREAM_ID = re.compile(r"^stream_[0-9a-f]{32}$")
-# The page loads nothing from elsewhere and runs no inline script, so even a rendering bug cannot run
-# a stream's content as code.
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
 MARKDOWN = {"text/markdown", "text/x-markdown"}
 CSV = {"text/csv", "text/tab-separated-values"}
 JSON_TYPES = {
@@ -132,33 +128,6 @@ def exact_html(text: str) -> Markup:
     return Markup(str(escape(text)).replace("\r", "&#13;"))
 
 
-def human_size(size: int) -> str:
-    if size < 1024:
-        return f"{size} byte{'' if size == 1 else 's'}"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    return f"{size} bytes"
-
-
-def relative(ts: float | None, now: float) -> str:
-    """`3 minutes ago` or `in 30 days`."""
-    if ts is None:
-        return "never"
-    delta = ts - now
-    seconds = abs(delta)
-    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= length:
-            count = int(seconds // length)
-            text = f"{count} {unit}{'' if count == 1 else 's'}"
-            break
-    else:
-        return "just now" if delta <= 0 else "in a moment"
-    return f"in {text}" if delta > 0 else f"{text} ago"
-
-
 def hex_rows(data: bytes) -> list[tuple[str, str, str]]:
     """(offset, hex, printable) rows of 16 bytes, like `xxd`."""
     rows = []
@@ -179,7 +148,7 @@ def download_name(state: StreamState) -> str:
 
 
 def page(context: dict[str, Any], status: int = 200) -> Template:
-    headers = {"content-security-policy": CSP, "cache-control": "no-store", "referrer-policy": "same-origin"}
+    headers = {**PAGE_HEADERS, "cache-control": "no-store", "referrer-policy": "same-origin"}
     return Template("watch.html", context=context, status_code=status, headers=headers)
 
 
@@ -187,7 +156,7 @@ def raw_url(settings: Settings, state: StreamState) -> str:
     """The stream's bytes on the content origin, when there is one (the page itself reads them here)."""
     if not settings.content_origin:
         return ""
-    return f"{settings.content_origin}{PREFIX}/{quote(state.name, safe='/')}?offset=-1"
+    return protocol_url(settings.content_origin, state.name) + "?offset=-1"
 
 
 async def watch_context(
@@ -215,8 +184,8 @@ async def watch_context(
         "head_b64": base64.b64encode(head).decode(),
         "head_len": len(head),
         "hex_rows": hex_rows(head),
-        "size": human_size(state.tail),
-        "shown": human_size(window.end - window.start),
+        "size": human_bytes(state.tail),
+        "shown": human_bytes(window.end - window.start),
         "created": relative(state.created_at, now),
         "created_iso": iso(state.created_at),
         "expires": relative(state.expires_at, now),
@@ -242,7 +211,7 @@ async def watch(
     current = await session.current(request, settings)
     demo_csrf = current.csrf if current is not None else ""
     try:
-        state = live_state(await store.get_by_name(stream_name(name)))
+        state = require_live(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
     operator = not settings.api_keys or (current is not None and current.signed_in)
@@ -320,7 +289,7 @@ async def start_demo(
         return Response({"error": str(exc)}, status_code=429, headers={"retry-after": "5"})
     if "application/json" in request.headers.get("accept", ""):
         return Response(started.as_dict(), status_code=201)
-    return Redirect(path=f"/watch/{started.answer.id}", status_code=303)
+    return Redirect(path=viewer_url("", started.answer.id), status_code=303)
 
 
 routes = [watch, start_demo]
