@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .sdk.base import StreamService
     from .sdk.context import AgentContext, create_agent_context
     from .sdk.remote import RemoteStreamError, RemoteStreams, ServerUnavailableError, UnauthorizedError
+    from .sdk.webhooks import SubscriptionRequestError, WebhookVerificationError, verify_webhook
     from .settings import Settings, SettingsError
 
 _WHERE = {
@@ -56,6 +57,9 @@ _WHERE = {
     "RemoteStreamError": "sdk.remote",
     "ServerUnavailableError": "sdk.remote",
     "UnauthorizedError": "sdk.remote",
+    "verify_webhook": "sdk.webhooks",
+    "WebhookVerificationError": "sdk.webhooks",
+    "SubscriptionRequestError": "sdk.webhooks",
 }
 
 __all__ = [
@@ -80,7 +84,10 @@ __all__ = [
     "StreamGoneError",
     "StreamNotFoundError",
     "StreamService",
+    "SubscriptionRequestError",
     "UnauthorizedError",
+    "WebhookVerificationError",
+    "verify_webhook",
     "create_agent_context",
     "create_app",
 ]

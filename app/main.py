@@ -31,12 +31,14 @@ from litestar.types import (
 from . import agentuity_api, protocol
 from .errors import StreamError
 from .http import admin, guard, headers, ops
+from .http.metrics import request_metrics
 from .live import LiveHub
 from .sdk.base import StreamService
 from .sdk.context import AgentContext, AgentRuntime
 from .sdk.local import LocalStreams
 from .settings import Settings
 from .store.store import Store
+from .subscriptions.engine import SubscriptionEngine
 from .web import dashboard, viewer
 from .web.history import History
 
@@ -46,6 +48,13 @@ HERE = Path(__file__).parent
 
 
 APPEND_PATH = protocol.PREFIX + "/"
+RESERVED_PATH = protocol.PREFIX + protocol.RESERVED
+
+
+def reserved(scope: Scope) -> bool:
+    """A request for the protocol's reserved APIs (subscriptions), which are not appends."""
+    path: str = scope["path"]
+    return path == RESERVED_PATH or path.startswith(RESERVED_PATH + "/")
 
 
 def _is_http(scope: Scope | LifeSpanScope) -> TypeGuard[HTTPScope]:
@@ -67,7 +76,7 @@ class Streamhold(Litestar):
             if refusal is not None:
                 await refusal(scope, http_receive, http_send)
                 return
-            if scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH):
+            if scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH) and not reserved(scope):
                 if guard.on_content_origin(scope, self.streamhold_settings):
                     await guard.not_found()(scope, http_receive, http_send)
                     return
@@ -153,12 +162,14 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
             Store.open(settings) as store,
             LiveHub.open(store, settings) as hub,
             History(settings.history_interval).running(store, hub) as history,
+            SubscriptionEngine.open(store, settings, request_metrics(app.state).registry) as subscriptions,
         ):
             service = LocalStreams(store, hub, settings)
             runtime = AgentRuntime(service)
             app.state.update(
                 store=store, hub=hub, service=service, runtime=runtime, settings=settings, history=history
             )
+            app.state.subscriptions = subscriptions
             sweeper = asyncio.get_running_loop().create_task(_sweep_forever(store, settings.sweep_interval))
             try:
                 yield

@@ -36,6 +36,8 @@ class Settings:
     llm_model: str = ""
     content_origin: str = ""
     cors_origins: tuple[str, ...] = ()
+    webhook_allow_loopback: bool = False
+    webhook_timeout: float = 10.0
     history_interval: float = 10.0
     # Free space kept for deletes and the WAL checkpoint: below it appends and creates are refused (507).
     # None: 64 MiB, or a twentieth of a smaller filesystem; 0: no reserve.
@@ -60,6 +62,14 @@ class Settings:
             if value < minimum:
                 raise SettingsError(f"STREAMHOLD_{name} must be at least {minimum}, got {raw}")
             return value
+
+        def flag(name: str) -> bool:
+            raw = text(name).lower()
+            if raw in ("", "0", "false", "no", "off"):
+                return False
+            if raw in ("1", "true", "yes", "on"):
+                return True
+            raise SettingsError(f"STREAMHOLD_{name} must be true or false, got {raw!r}")
 
         keys = tuple(k.strip() for k in text("API_KEYS").split(",") if k.strip())
         content_origin = text("CONTENT_ORIGIN").rstrip("/")
@@ -95,6 +105,8 @@ class Settings:
             llm_model=text("LLM_MODEL"),
             content_origin=content_origin,
             cors_origins=cors,
+            webhook_allow_loopback=flag("WEBHOOK_ALLOW_LOOPBACK"),
+            webhook_timeout=number("WEBHOOK_TIMEOUT", 10.0, 0.05),
             history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
             min_free_bytes=int(number("MIN_FREE_BYTES", 0, 0)) if reserve else None,
         )

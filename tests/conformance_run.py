@@ -37,6 +37,7 @@ HARNESS_SUBDIR = "harness"
 INSTALL_STAMP = ".streamhold-install-stamp"
 
 EXPECTED_CONFORMANCE_TESTS = 332  # 338 in 0.3.6, minus the 6 opt-in subscription tests
+SUBSCRIPTION_TESTS = 6  # "Reserved subscription APIs": run only when asked (`subscriptions=True`)
 
 
 class NodeHarnessError(RuntimeError):
@@ -193,9 +194,12 @@ def parse_vitest_json(data: dict[str, object]) -> SuiteResult:
 
 
 def run_conformance_suite(
-    base_url: str, *, timeout: float = 300.0, long_poll_timeout_ms: int = 5000
+    base_url: str, *, timeout: float = 300.0, long_poll_timeout_ms: int = 5000, subscriptions: bool = False
 ) -> SuiteResult:
-    """Run the pinned conformance suite against a server origin, e.g. ``http://127.0.0.1:8000``."""
+    """Run the pinned conformance suite against a server origin, e.g. ``http://127.0.0.1:8000``.
+
+    ``subscriptions`` adds the opt-in subscription tests; their webhook receiver listens on loopback.
+    """
     cache = ensure_node_packages()
     with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
         report = Path(tmp) / "vitest.json"
@@ -213,6 +217,7 @@ def run_conformance_suite(
             env={
                 "CONFORMANCE_BASE_URL": base_url.rstrip("/"),
                 "CONFORMANCE_LONG_POLL_TIMEOUT_MS": str(long_poll_timeout_ms),
+                "CONFORMANCE_SUBSCRIPTIONS": "1" if subscriptions else "0",
                 "NO_COLOR": "1",
             },
         )
@@ -233,11 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     target.add_argument("--reference", action="store_true", help="start and test the upstream Node server")
     parser.add_argument("--timeout", type=float, default=300.0, help="hard limit for the vitest run, s")
     parser.add_argument("--long-poll-ms", type=int, default=5000, help="suite's long-poll test budget")
+    parser.add_argument(
+        "--subscriptions", action="store_true", help="add the subscription tests (webhooks to loopback)"
+    )
     args = parser.parse_args(argv)
 
     def run(url: str) -> SuiteResult:
         print(f"conformance suite against {url} ...", flush=True)
-        return run_conformance_suite(url, timeout=args.timeout, long_poll_timeout_ms=args.long_poll_ms)
+        return run_conformance_suite(
+            url,
+            timeout=args.timeout,
+            long_poll_timeout_ms=args.long_poll_ms,
+            subscriptions=args.subscriptions,
+        )
 
     if args.reference:
         with reference_server() as server:

@@ -18,6 +18,7 @@ import pytest
 from tests._server import ServerProcess
 from tests.conformance_run import (
     EXPECTED_CONFORMANCE_TESTS,
+    SUBSCRIPTION_TESTS,
     NodeHarnessError,
     SuiteResult,
     ensure_node_packages,
@@ -53,22 +54,27 @@ def node_packages() -> Path:
         pytest.fail(f"could not install the pinned npm packages: {exc}")
 
 
-def _run(url: str) -> SuiteResult:
-    result = run_conformance_suite(url, timeout=SUITE_TIMEOUT_S)
+def _run(url: str, subscriptions: bool = False) -> SuiteResult:
+    result = run_conformance_suite(url, timeout=SUITE_TIMEOUT_S, subscriptions=subscriptions)
     print(result.report())
     return result
 
 
 def test_streamhold_passes_conformance_suite(node_packages: Path, tmp_path: Path) -> None:
+    """The whole suite, the opt-in subscription tests included (their receiver listens on loopback)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    env = {"STREAMHOLD_DATA_DIR": str(data_dir), "STREAMHOLD_LONG_POLL_TIMEOUT": "0.5"}
+    env = {
+        "STREAMHOLD_DATA_DIR": str(data_dir),
+        "STREAMHOLD_LONG_POLL_TIMEOUT": "0.5",
+        "STREAMHOLD_WEBHOOK_ALLOW_LOOPBACK": "true",
+    }
     with ServerProcess(env=env) as server:
-        result = _run(server.url)
+        result = _run(server.url, subscriptions=True)
+    expected = EXPECTED_CONFORMANCE_TESTS + SUBSCRIPTION_TESTS
     assert not result.file_errors, result.report()
-    assert (result.ran, len(result.passed)) == (EXPECTED_CONFORMANCE_TESTS, EXPECTED_CONFORMANCE_TESTS), (
-        result.report()
-    )
+    assert (result.ran, len(result.passed)) == (expected, expected), result.report()
+    assert sum(name.startswith("Reserved subscription APIs") for name in result.passed) == SUBSCRIPTION_TESTS
 
 
 @pytest.mark.skipif(

@@ -169,6 +169,11 @@ FAMILY_TYPES = {
     "streamhold_http_responses_total": "counter",
     "streamhold_live_requests_total": "counter",
     "streamhold_http_request_duration_seconds": "histogram",
+    "streamhold_webhook_deliveries_total": "counter",
+    "streamhold_webhook_failures_total": "counter",
+    "streamhold_webhook_retries_total": "counter",
+    "streamhold_subscription_lease_takeovers_total": "counter",
+    "streamhold_wake_events_total": "counter",
 }
 
 

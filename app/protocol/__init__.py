@@ -42,6 +42,7 @@ from ..store.appends import media_type
 from ..store.chunk_files import FILE_CHUNK_MIN, Spool
 from ..store.store import NewStream, Store
 from .reads import read_stream
+from .subscriptions import RESERVED, reserved_app
 from .wire import (
     API_RESPONSE_HEADERS,
     PREFIX,
@@ -191,6 +192,8 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
     except StreamError as exc:
         return error(exc)
     headers = state_headers(state, state.tail, state.closed)
+    if created and state.tail:  # a create with a body is an append to subscriptions (noted, not waited on)
+        request.app.state.subscriptions.noted([state.id])
     if created:
         # Header values are Latin-1 on the wire: send the URL percent-encoded, as clients expect anyway.
         headers["location"] = absolute_url(request)
@@ -414,6 +417,10 @@ async def protocol_app(scope: Scope, receive: Receive, send: Send) -> None:
     A mounted ASGI handler: these requests skip Litestar's per-request signature parsing and injection,
     which cost more than the append itself.
     """
+    path = scope["path"]
+    if scope["type"] == ScopeType.HTTP and (path == RESERVED or path.startswith(RESERVED + "/")):
+        await reserved_app(scope, receive, send)
+        return
     method = scope["method"] if scope["type"] == ScopeType.HTTP else "WEBSOCKET"
     handler = HANDLERS.get(method)
     if handler is None:

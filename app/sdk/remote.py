@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from ..errors import (
     StreamError,
     StreamNotFoundError,
 )
+from . import webhooks
 from .base import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
 
 __all__ = [
@@ -325,3 +326,52 @@ class RemoteStreams(StreamService):
 
     async def delete(self, stream_id: str) -> None:
         await self._request("DELETE", f"/stream/{check_id(stream_id)}")
+
+    # --- subscriptions (the protocol's reserved APIs) ---------------------------------------------
+
+    async def create_subscription(
+        self,
+        subscription_id: str,
+        kind: str = "webhook",
+        *,
+        pattern: str | None = None,
+        streams: Sequence[str] | None = None,
+        webhook_url: str | None = None,
+        wake_stream: str | None = None,
+        lease_ttl_ms: int | None = None,
+        description: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a subscription (or re-confirm an identical one); returns its record.
+
+        `kind` is "webhook" (give `webhook_url`) or "pull-wake" (give `wake_stream`); `pattern` globs
+        stream paths (`*` one segment, `**` any), `streams` names streams explicitly.
+        """
+        body = webhooks.subscription_body(
+            kind,
+            pattern=pattern,
+            streams=streams,
+            webhook_url=webhook_url,
+            wake_stream=wake_stream,
+            lease_ttl_ms=lease_ttl_ms,
+            description=description,
+        )
+        record = await self._subscription_call("PUT", subscription_id, json=body)
+        assert record is not None
+        return record
+
+    async def get_subscription(self, subscription_id: str) -> dict[str, Any] | None:
+        """The subscription's record (its streams and their acknowledged offsets), or None."""
+        return await self._subscription_call("GET", subscription_id)
+
+    async def delete_subscription(self, subscription_id: str) -> None:
+        await self._subscription_call("DELETE", subscription_id)
+
+    async def _subscription_call(
+        self, method: str, subscription_id: str, **options: Any
+    ) -> dict[str, Any] | None:
+        try:
+            return await webhooks.call(
+                self._client, method, webhooks.subscription_path(subscription_id), **options
+            )
+        except httpx.TransportError as exc:
+            raise _unavailable(self.server_url, exc) from None

@@ -14,7 +14,8 @@
 //   cd .cache/node && CONFORMANCE_BASE_URL=http://127.0.0.1:8000 \
 //     npx vitest run harness/conformance.test.mjs
 //
-// The server under test should use a short long-poll timeout (0.5-1 s).
+// The server under test should use a short long-poll timeout (0.5-1 s). CONFORMANCE_SUBSCRIPTIONS=1
+// adds the subscription tests (the server needs STREAMHOLD_WEBHOOK_ALLOW_LOOPBACK=true for them).
 import { runConformanceTests } from "@durable-streams/server-conformance-tests"
 
 const baseUrl = process.env.CONFORMANCE_BASE_URL
@@ -26,4 +27,7 @@ runConformanceTests({
   baseUrl: baseUrl.replace(/\/+$/, ""),
   // Only widens the timeouts of the few tests that wait on a long-poll.
   longPollTimeoutMs: Number(process.env.CONFORMANCE_LONG_POLL_TIMEOUT_MS ?? 5000),
+  // The six opt-in tests of the reserved subscription APIs (webhooks, pull-wake); the server must
+  // then allow loopback webhook URLs, where the suite's receiver listens.
+  subscriptions: process.env.CONFORMANCE_SUBSCRIPTIONS === "1",
 })

@@ -1,0 +1,238 @@
+"""The protocol's reserved subscription APIs under /v1/stream/__ds/: subscriptions, JWKS, callbacks, claims.
+
+Every path under `__ds` is answered here, before any stream route: no stream is ever named `__ds`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+from litestar import Request
+from litestar.exceptions import HTTPException
+from litestar.types import Receive, Scope, Send
+
+from ..errors import StreamError
+from ..http.auth import bearer_token, require_key
+from ..http.responses import respond
+from ..settings import Settings
+from ..subscriptions import manage, state
+from ..subscriptions.engine import SubscriptionEngine, public_jwks
+from ..subscriptions.model import Config, SubscriptionError, check_id, invalid, not_found, stream_paths
+from ..subscriptions.signing import TokenError
+from ..subscriptions.urls import webhook_url_problem
+from .wire import PREFIX, read_body
+
+RESERVED = "/__ds"
+MAX_BODY = 256 * 1024
+JSON = {"content-type": "application/json"}
+
+
+def _origin(request: Request[Any, Any, Any], settings: Settings) -> str:
+    return settings.public_url or str(request.base_url).rstrip("/")
+
+
+def _segments(scope: Scope) -> list[str]:
+    """The path after `/v1/stream/__ds/`, split on raw slashes, so `%2F` inside a segment stays in it."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + scope["path"]
+    rest = path[len(PREFIX + RESERVED) :] if path.startswith(PREFIX + RESERVED) else ""
+    return [unquote(s) for s in rest.strip("/").split("/")] if rest.strip("/") else []
+
+
+async def _json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    raw = await read_body(request, MAX_BODY)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise invalid("the body must be a JSON object")
+    return body
+
+
+def _view(
+    engine: SubscriptionEngine, row: state.Row, cursors: list[state.Row], origin: str
+) -> dict[str, Any]:
+    config = Config.from_json(row["config_json"])
+    view: dict[str, Any] = {"id": row["id"], "subscription_id": row["id"], "type": row["kind"]}
+    if config.pattern is not None:
+        view["pattern"] = config.pattern
+    view["streams"] = [state.link_view(c) for c in cursors]
+    if config.webhook_url is not None:
+        view["webhook"] = {
+            "url": config.webhook_url,
+            "signing": {
+                "alg": "ed25519",
+                "kid": engine.key.kid,
+                "jwks_url": f"{origin}{PREFIX}{RESERVED}/jwks.json",
+            },
+        }
+    if config.wake_stream is not None:
+        view["wake_stream"] = config.wake_stream
+    view["lease_ttl_ms"] = config.lease_ttl_ms
+    view["created_at"] = _iso(row["created_at"])
+    view["status"] = row["status"]
+    if config.description is not None:
+        view["description"] = config.description
+    return view
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _bearer(request: Request[Any, Any, Any]) -> str:
+    token = bearer_token(request.headers.get("authorization", ""))
+    if not token:
+        raise SubscriptionError("TOKEN_INVALID", "send the wake's token as Authorization: Bearer <token>")
+    return token
+
+
+async def _put(engine: SubscriptionEngine, request: Request[Any, Any, Any], sid: str) -> tuple[int, Any]:
+    config = Config.parse(await _json_body(request))
+    origin = _origin(request, engine.settings)
+    existing = await engine.read(lambda conn, now: state.load(conn, sid, lock=False))
+    if existing is None and config.webhook_url is not None:
+        problem = webhook_url_problem(config.webhook_url, engine.settings.webhook_allow_loopback)
+        if problem is not None:
+            raise SubscriptionError("WEBHOOK_URL_REJECTED", problem)
+    row, created = await engine.run(lambda conn, now, effects: manage.create(conn, sid, config, origin, now))
+    engine.any_subscriptions = True
+    cursors = await engine.read(lambda conn, now: state.links_of(conn, sid))
+    return (201 if created else 200), _view(engine, row, cursors, origin)
+
+
+async def _get(engine: SubscriptionEngine, request: Request[Any, Any, Any], sid: str) -> tuple[int, Any]:
+    def both(conn: Any, now: float) -> tuple[state.Row | None, list[state.Row]]:
+        return state.load(conn, sid, lock=False), state.links_of(conn, sid)
+
+    row, cursors = await engine.read(both)
+    if row is None:
+        raise not_found(sid)
+    return 200, _view(engine, row, cursors, _origin(request, engine.settings))
+
+
+async def _callback(
+    engine: SubscriptionEngine, request: Request[Any, Any, Any], sid: str, action: str
+) -> tuple[int, Any]:
+    token = _bearer(request)  # before the body is read
+    body = await _json_body(request)
+
+    def apply(conn: Any, now: float, effects: state.Effects) -> bool:
+        row = state.fresh(conn, sid, now, effects)  # a lease that ran out has ended the wake: FENCED
+        try:
+            generation = engine.key.token_generation(token, sid, now)
+        except TokenError as exc:
+            raise SubscriptionError(exc.code, str(exc)) from None
+        wanted = "pull-wake" if action in ("ack", "release") else "webhook"
+        if row["kind"] != wanted:
+            raise invalid(f"{action} is for {wanted} subscriptions; this one is {row['kind']}")
+        state.fence(row, generation, body)
+        if action == "release":
+            state.release(conn, row, now, effects)
+        else:
+            state.acknowledge(conn, row, body, now, effects)
+        return effects.next_wake
+
+    next_wake = await engine.run(apply)
+    if action == "release":
+        return 204, None
+    return 200, {"ok": True, "next_wake": next_wake}
+
+
+async def _claim(engine: SubscriptionEngine, request: Request[Any, Any, Any], sid: str) -> tuple[int, Any]:
+    body = await _json_body(request)
+    worker = body.get("worker")
+    if not isinstance(worker, str) or not worker.strip() or len(worker) > 255:
+        raise invalid('claim needs a worker name: {"worker": "worker-1"}')
+
+    def claim(conn: Any, now: float, effects: state.Effects) -> dict[str, Any]:
+        row = state.claim(conn, sid, worker, now, effects)
+        config = Config.from_json(row["config_json"])
+        return {
+            "wake_id": row["wake_id"],
+            "generation": row["generation"],
+            "token": engine.key.mint_token(sid, row["generation"], now),
+            "streams": state.wake_streams(conn, row, now),
+            "lease_ttl_ms": config.lease_ttl_ms,
+        }
+
+    return 200, await engine.run(claim)
+
+
+async def _dispatch(request: Request[Any, Any, Any], engine: SubscriptionEngine) -> tuple[int, Any]:
+    parts, method = _segments(request.scope), request.method
+    settings = engine.settings
+    if parts == ["jwks.json"]:
+        if method != "GET":
+            raise _MethodNotAllowed("GET")
+        return 200, public_jwks(engine.keys)
+    if len(parts) < 2 or parts[0] != "subscriptions":
+        raise not_found("/".join(parts))
+    sid = check_id(parts[1])
+    rest = parts[2:]
+    if not rest:
+        allowed = {"PUT": _put, "GET": _get}
+        if method == "DELETE":
+            require_key(request, settings)
+            await engine.run(lambda conn, now, effects: manage.remove(conn, sid))
+            return 204, None
+        if method not in allowed:
+            raise _MethodNotAllowed("PUT, GET, DELETE")
+        require_key(request, settings)
+        return await allowed[method](engine, request, sid)
+    if rest[0] == "streams":
+        if len(rest) == 1 and method == "POST":
+            require_key(request, settings)
+            paths = stream_paths((await _json_body(request)).get("streams"), "streams")
+            await engine.run(lambda conn, now, effects: manage.add_streams(conn, sid, paths, now))
+            return 204, None
+        if len(rest) > 1 and method == "DELETE":
+            require_key(request, settings)
+            path = "/".join(rest[1:]).strip("/")
+            await engine.run(lambda conn, now, effects: manage.remove_stream(conn, sid, path))
+            return 204, None
+        raise _MethodNotAllowed("POST" if len(rest) == 1 else "DELETE")
+    if len(rest) == 1 and rest[0] in ("callback", "ack", "release", "claim"):
+        if method != "POST":
+            raise _MethodNotAllowed("POST")
+        if rest[0] == "claim":
+            require_key(request, settings)
+            return await _claim(engine, request, sid)
+        return await _callback(engine, request, sid, rest[0])
+    raise not_found(sid)
+
+
+class _MethodNotAllowed(Exception):
+    def __init__(self, allow: str) -> None:
+        super().__init__(allow)
+        self.allow = allow
+
+
+async def reserved_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Every request under /v1/stream/__ds/."""
+    request: Request[Any, Any, Any] = Request(scope, receive, send)
+    engine: SubscriptionEngine = request.app.state.subscriptions
+    headers = dict(JSON)
+    try:
+        status, payload = await _dispatch(request, engine)
+        if _segments(scope) == ["jwks.json"]:
+            headers = {"content-type": "application/jwk-set+json", "cache-control": "public, max-age=300"}
+        body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+    except SubscriptionError as exc:
+        status, body = exc.status, json.dumps(exc.body).encode()
+    except StreamError as exc:  # a body over the limit, or one that never arrived
+        status = exc.status
+        body = json.dumps({"error": {"code": "INVALID_REQUEST", "message": str(exc)}}).encode()
+    except _MethodNotAllowed as exc:
+        status, body = 405, b"method not allowed"
+        headers = {"content-type": "text/plain", "allow": exc.allow}
+    except HTTPException as exc:  # a missing API key, or a body over the server's limit
+        status, body = exc.status_code, json.dumps({"error": exc.detail}).encode()
+        headers = {**(exc.headers or {}), **JSON}
+    await respond(status, headers, body)(scope, receive, send)
