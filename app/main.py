@@ -27,7 +27,7 @@ from .sdk.context import AgentContext, AgentRuntime
 from .sdk.local import LocalStreams
 from .settings import Settings
 from .store.store import Store
-from .web import dashboard, viewer
+from .web import client, dashboard, viewer
 from .web.history import History
 
 log = logging.getLogger("streamhold")
@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
         *ops.routes,
         *dashboard.routes,
         *viewer.routes,
+        *client.routes,
         *route_handlers,
     ]
     static = HERE / "static"

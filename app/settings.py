@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
+# An origin a CSP `frame-ancestors` can name: scheme, host (optionally `*.` for its subdomains), port.
+EMBED_ORIGIN = re.compile(
+    r"^https?://(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$"
+    r"|^https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?$",
+    re.IGNORECASE,
+)
 
 
 class SettingsError(ValueError):
@@ -36,6 +43,7 @@ class Settings:
     llm_model: str = ""
     content_origin: str = ""
     cors_origins: tuple[str, ...] = ()
+    embed_origins: tuple[str, ...] = ()
     history_interval: float = 10.0
 
     @classmethod
@@ -72,6 +80,7 @@ class Settings:
                 "content only, so that content never shares the dashboard's origin"
             )
         cors = tuple(o.strip().rstrip("/") for o in text("CORS_ORIGINS").split(",") if o.strip())
+        embed = embed_origins(text("EMBED_ORIGINS"))
         return cls(
             data_dir=Path(text("DATA_DIR", "data")),
             database_url=text("DATABASE_URL"),
@@ -91,6 +100,7 @@ class Settings:
             llm_model=text("LLM_MODEL"),
             content_origin=content_origin,
             cors_origins=cors,
+            embed_origins=embed,
             history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
         )
 
@@ -117,3 +127,20 @@ class Settings:
     def origin(self) -> str:
         """The origin used in stream URLs."""
         return self.public_url or "http://127.0.0.1:8000"
+
+
+def embed_origins(raw: str) -> tuple[str, ...]:
+    """STREAMHOLD_EMBED_ORIGINS: the origins whose pages may frame the viewer's embed mode."""
+    origins = []
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/")
+        if not item.strip():
+            continue
+        if not EMBED_ORIGIN.match(origin):
+            raise SettingsError(
+                f"STREAMHOLD_EMBED_ORIGINS: {origin!r} is not an origin; list origins such as "
+                "https://blog.example.org or https://*.example.org:8443 (scheme, host, optional port, "
+                "no path), separated by commas"
+            )
+        origins.append(origin.lower())
+    return tuple(origins)

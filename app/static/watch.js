@@ -1,5 +1,8 @@
 /* Streamhold live viewer: follows a stream from the offset the server render ended at, over the Durable
-   Streams SSE endpoint. Every applied byte range is tracked by offset, so reconnects resume exactly. */
+   Streams SSE endpoint. Every applied byte range is tracked by offset, so reconnects resume exactly.
+   It renders with the same renderers as <streamhold-stream>, from the browser client module. */
+import { createRenderer } from "./streamhold.js";
+
 (() => {
   "use strict";
 
@@ -35,7 +38,8 @@
   let following = !closed;
   let scrollQueued = false;
 
-  const renderer = window.StreamholdRender.create(kind, $("rendered") || $("view"), {
+  // Plain text shows in the raw <pre> itself, which the server rendered.
+  const renderer = createRenderer(kind === "text" ? "none" : kind, $("rendered") || $("view"), {
     header: d.header, head: d.head, preview: PREVIEW, tsv: /tab-separated/.test(d.contentType || ""),
   });
   renderer.reset(chunks[0].text, { lineStart: true, atStreamStart: start === 0 });
@@ -339,7 +343,7 @@
   /* ---- controls ---- */
 
   const copy = $("copy-link");
-  copy.addEventListener("click", async () => {
+  if (copy) copy.addEventListener("click", async () => {
     const url = location.origin + location.pathname;
     let done = false;
     try {
