@@ -127,7 +127,9 @@ async def test_listed_origins_may_frame_the_embed_only(embedding: Client) -> Non
 
 def test_embed_origins_are_read_and_checked_at_start() -> None:
     settings = Settings.from_env(
-        {"STREAMHOLD_EMBED_ORIGINS": " https://Blog.example.org/ ,http://127.0.0.1:8123,https://*.example.net"}
+        {
+            "STREAMHOLD_EMBED_ORIGINS": " https://Blog.example.org/ ,http://127.0.0.1:8123,https://*.example.net"
+        }
     )
     assert settings.embed_origins == (BLOG, "http://127.0.0.1:8123", "https://*.example.net")
     assert Settings.from_env({}).embed_origins == ()

@@ -858,7 +858,7 @@ export async function follow(url, options = {}) {
           if (line === "") {
             if (type || data.length) {
               seen.events++;
-              const outcome = event(type || "message", data.join("\n"), id);
+              const outcome = await event(type || "message", data.join("\n"), id);
               if (outcome !== undefined) return outcome;
             }
             type = "";
@@ -879,7 +879,7 @@ export async function follow(url, options = {}) {
       reader.cancel().catch(() => {});
     }
 
-    function event(kind, payload, next) {
+    async function event(kind, payload, next) {
       if (kind === "control") {
         const control = JSON.parse(payload);
         if (control.streamCursor) cursor = control.streamCursor;
@@ -892,14 +892,37 @@ export async function follow(url, options = {}) {
         deliver(encoder.encode(payload), next, JSON.parse(payload));
         return undefined;
       }
-      const bytes = binary ? base64Bytes(payload) : encoder.encode(payload);
+      let bytes = binary ? base64Bytes(payload) : encoder.encode(payload);
       const expected = position(next) - position(at);
-      // SSE lines cannot carry a lone CR, and text events cannot carry half a character: when the byte
-      // count says the text is not the stream's bytes, read them exactly instead.
-      if (position(at) >= 0 && expected !== bytes.length) return false;
+      // SSE splits lines at CR, LF and CRLF alike, and a text event cannot carry half a character: when
+      // the text has a line break, or its byte count is off, read those bytes exactly instead.
+      if (!binary && position(at) >= 0 && (expected !== bytes.length || payload.includes("\n"))) {
+        bytes = await readExact(expected);
+        if (bytes.length !== expected) return false;
+      }
       deliver(bytes, next);
       return undefined;
     }
+  }
+
+  /* The next `n` bytes from `at`, by a plain read cut short. */
+  async function readExact(n) {
+    const response = await open({ offset: at });
+    const out = new Uint8Array(n);
+    let got = 0;
+    const reader = response.body ? response.body.getReader() : null;
+    try {
+      while (reader && got < n) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        const take = Math.min(value.length, n - got);
+        out.set(value.subarray(0, take), got);
+        got += take;
+      }
+    } finally {
+      reader?.cancel().catch(() => {});
+    }
+    return out.subarray(0, got);
   }
 
   function pause() {

@@ -10,6 +10,7 @@ import functools
 import hashlib
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from litestar import Request, Response, get
 
@@ -38,7 +39,7 @@ def _module() -> tuple[bytes, str]:
     return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
-def _answer(request: Request[object, object, object], cache_control: str) -> Response[bytes]:
+def _answer(request: Request[Any, Any, Any], cache_control: str) -> Response[bytes]:
     body, etag = _module()
     headers = {**CLIENT_HEADERS, "cache-control": cache_control, "etag": etag}
     if etag in request.headers.get("if-none-match", ""):
@@ -47,13 +48,13 @@ def _answer(request: Request[object, object, object], cache_control: str) -> Res
 
 
 @get(VERSIONED_PATH, name="client-versioned", include_in_schema=False)
-async def versioned(request: Request[object, object, object]) -> Response[bytes]:
+async def versioned(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The module under its version: the URL to put in other sites' pages."""
     return _answer(request, IMMUTABLE)
 
 
 @get("/static/streamhold.js", name="client-latest", include_in_schema=False)
-async def latest(request: Request[object, object, object]) -> Response[bytes]:
+async def latest(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The module under a stable name (the viewer imports it from here), revalidated every few minutes."""
     return _answer(request, SHORT)
 
