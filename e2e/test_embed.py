@@ -254,3 +254,37 @@ def test_follow_hands_exact_bytes_and_whole_characters(
     rest = outcome(page, start_follow(page, module, url, {**options, "offset": middle["offset"]}))
     tail_bytes = bytes(b for chunk in rest["chunks"] for b in chunk["bytes"])
     assert tail_bytes == whole[int(middle["offset"].split("_")[1]) :]
+
+
+def test_element_picks_the_renderer_by_type_and_can_stop_at_the_tail(
+    shared_server: ServerProcess, site: Site, context: BrowserContext
+) -> None:
+    base = shared_server.url
+    put(base, "blog/table.csv", "text/csv", b"id,name\n1,<b>one</b>\n")
+    put(base, "blog/events", "application/json", b'[{"event": "start", "n": 1}]')
+    put(base, "blog/snapshot.txt", "text/plain", b"what is there now\n")
+    page = context.new_page()
+    html = f"""<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
+<script type="module" src="{base}/static/streamhold.js"></script>
+<streamhold-stream id="csv" src="{base}/v1/stream/blog/table.csv"></streamhold-stream>
+<streamhold-stream id="json" src="{base}/v1/stream/blog/events"></streamhold-stream>
+<streamhold-stream id="once" src="{base}/v1/stream/blog/snapshot.txt" follow="false"></streamhold-stream>
+<streamhold-stream id="missing" src="{base}/v1/stream/blog/missing"></streamhold-stream>"""
+    page.goto(site.page("formats.html", html))
+    wait_element(page, "#csv", "live")
+    wait_element(page, "#json", "live")
+    wait_element(page, "#once", "stopped")
+    wait_element(page, "#missing", "gone")
+    post(base, "blog/table.csv", "text/csv", b"2,two\n", close=True)
+    post(base, "blog/events", "application/json", b'{"event": "end", "n": 2}', close=True)
+    post(base, "blog/snapshot.txt", "text/plain", b"and later\n")
+    wait_element(page, "#csv", "closed")
+    wait_element(page, "#json", "closed")
+    cells = page.locator("#csv table tbody tr td:nth-child(3)").all_text_contents()
+    assert cells == ["<b>one</b>", "two"]
+    assert page.locator("#csv b").count() == 0
+    assert page.locator("#json .record .tag").all_text_contents() == ["start", "end"]
+    assert element_text(page, "#json") == '{"event":"start","n":1}\n{"event":"end","n":2}\n'
+    assert element_text(page, "#once") == "what is there now\n"
+    assert page.locator("#once .streamhold-note").count() == 0
+    assert "deleted or has expired" in str(page.locator("#missing .streamhold-note").text_content())

@@ -1054,10 +1054,10 @@ export class StreamholdStream extends HTMLElement {
     const live = this.getAttribute("follow") !== "false";
     /** @type {Renderer|null} */
     let renderer = null;
-    const show = (state, detail) => {
+    const show = (state, detail, note = true) => {
       this.dataset.state = state;
       this.dispatchEvent(new CustomEvent("streamhold-state", { detail: { state, detail } }));
-      if (NOTES[state]) {
+      if (note && NOTES[state]) {
         const note = document.createElement("p");
         note.className = "streamhold-note";
         note.textContent = state === "gone" ? NOTES.gone : `${NOTES.stopped}: ${detail || "unknown error"}`;
@@ -1068,13 +1068,12 @@ export class StreamholdStream extends HTMLElement {
       signal: controller.signal,
       onState: (state, detail) => {
         if (controller.signal.aborted) return;
-        if (state === "live" && !live) {
+        if (state === "live" && !live) {  // up to date, and not asked to follow: stop here
           renderer?.finish();
           controller.abort();
-          show("stopped", "not following");
+          show("stopped", "not following", false);
           return;
         }
-        if (state === "stopped" && !NOTES[state]) return;
         show(state, detail);
       },
       onData: (chunk) => {
