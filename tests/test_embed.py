@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from litestar.testing import AsyncTestClient
 
+from streamhold.cli import main
 from streamhold.main import create_app
 from streamhold.settings import Settings, SettingsError
 from streamhold.web.client import MODULE, VERSION
@@ -137,3 +139,14 @@ def test_embed_origins_are_read_and_checked_at_start() -> None:
     for bad in (*bad_values, "'self'", "javascript:alert(1)", "https://a.org https://b.org"):
         with pytest.raises(SettingsError, match="STREAMHOLD_EMBED_ORIGINS: .* is not an origin"):
             Settings.from_env({"STREAMHOLD_EMBED_ORIGINS": bad})
+
+
+def test_serve_stops_at_start_on_a_malformed_embed_origin(tmp_path: Path) -> None:
+    env = {
+        "STREAMHOLD_DATA_DIR": str(tmp_path),
+        "STREAMHOLD_EMBED_ORIGINS": "https://ok.example.org,blog.example.org/x",
+    }
+    result = CliRunner(env=env).invoke(main, ["serve", "--port", "1"])
+    assert result.exit_code == 1
+    assert "STREAMHOLD_EMBED_ORIGINS: 'blog.example.org/x' is not an origin" in result.output
+    assert not (tmp_path / "streamhold.db").exists()
