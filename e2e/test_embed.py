@@ -136,6 +136,10 @@ def test_element_and_iframe_on_another_origin(
     page.reload()  # mid-stream: everything is read again from the start
     wait_everywhere(page, "live")
     write([f"After reload {n} 🙂\n" for n in range(10)])
+    context.set_offline(True)  # the reader's network drops while the writer goes on
+    wait_element(page, "#plain", "reconnecting", timeout=5000)
+    write([f"While offline {n}\n" for n in range(5)])
+    context.set_offline(False)
     page.wait_for_function("t => document.querySelector('#plain').text === t", arg=written, timeout=TIMEOUT)
     embedded_server.restart()  # same data directory, same port
     write([f"After restart {n}\n" for n in range(10)])

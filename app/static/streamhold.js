@@ -661,6 +661,8 @@ export function viewKind(contentType) {
  * @property {"sse"|"long-poll"} [live]  How to tail: SSE (the default, falling back to long-poll when SSE
  *   is cut on the way) or long-poll only.
  * @property {number} [maxRetries]  Consecutive failed attempts before giving up (default 1000).
+ * @property {number} [idleMs]  A connection that brings nothing, not even a keep-alive, for this long is
+ *   dropped and made again (default 60000; the server sends keep-alives every 15 s unless told otherwise).
  *
  * @typedef {object} FollowResult
  * @property {string} offset  The offset after the last chunk handed to onData.
@@ -680,6 +682,7 @@ export class StreamReadError extends Error {
 class Retry extends Error {}
 
 const FATAL = [400, 401, 403, 404, 410];
+const IDLE_MS = 60000;
 const RETRY_MIN_MS = 250;
 const RETRY_MAX_MS = 5000;
 const OFFSET = /^(\d+)_(\d+)$/;
@@ -725,6 +728,7 @@ function concat(parts) {
 export async function follow(url, options = {}) {
   const { onData = () => {}, onClose = () => {}, onState = () => {}, signal } = options;
   const maxRetries = options.maxRetries ?? 1000;
+  const idleMs = options.idleMs ?? IDLE_MS;
   const base = new URL(String(url), globalThis.location ? location.href : undefined);
   const decoder = new TextDecoder();
   const encoder = new TextEncoder();
@@ -750,6 +754,17 @@ export async function follow(url, options = {}) {
   };
   const stopped = () => Boolean(signal && signal.aborted);
 
+  // Each connection has its own abort: the caller's signal, going offline, or a silent connection ends it.
+  let current = new AbortController();
+  let idleTimer = 0;
+  const drop = () => current.abort();
+  const touch = () => {
+    clearTimeout(idleTimer);
+    idleTimer = setTimeout(drop, idleMs);
+  };
+  signal?.addEventListener("abort", drop);
+  globalThis.addEventListener?.("offline", drop);
+
   function deliver(bytes, next, messages) {
     const from = at;
     at = next;
@@ -761,7 +776,9 @@ export async function follow(url, options = {}) {
   }
 
   async function open(params) {
-    const response = await fetch(target(params), { cache: "no-store", signal });
+    if (current.signal.aborted) current = new AbortController();
+    touch();
+    const response = await fetch(target(params), { cache: "no-store", signal: current.signal });
     if (FATAL.includes(response.status)) {
       let message = `the server answered ${response.status}`;
       try {
@@ -799,6 +816,7 @@ export async function follow(url, options = {}) {
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
+      touch();
       const moved = advance(at, value.length);
       if (moved && position(at) >= 0 && !held.length) deliver(value, moved);
       else held.push(value);
@@ -850,6 +868,7 @@ export async function follow(url, options = {}) {
       for (;;) {
         const { done, value } = await reader.read();
         if (done) return false;
+        touch();
         buffer += value;
         let nl;
         while ((nl = buffer.indexOf("\n")) >= 0) {
@@ -991,6 +1010,9 @@ export async function follow(url, options = {}) {
       }
     }
   } finally {
+    clearTimeout(idleTimer);
+    signal?.removeEventListener("abort", drop);
+    globalThis.removeEventListener?.("offline", drop);
     globalThis.document?.removeEventListener("visibilitychange", onVisible);
   }
   setState("stopped");
