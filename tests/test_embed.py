@@ -87,11 +87,11 @@ async def test_module_exports_the_api_and_defines_the_element() -> None:
     assert not re.search(r"^\s*import ", source, re.M), "the module has no dependencies"
 
 
-async def test_the_viewer_renders_with_the_module(client: Client) -> None:
+async def test_the_viewer_renders_and_follows_with_the_module(client: Client) -> None:
     page = (await client.get("/watch/e/doc.md")).text
     assert '<script type="module" src="/static/watch.js"></script>' in page
     watch = (await client.get("/static/watch.js")).text
-    assert 'import { createRenderer } from "./streamhold.js";' in watch
+    assert 'import { createRenderer, follow } from "./streamhold.js";' in watch
     assert (await client.get("/static/watch-render.js")).status_code == 404
 
 
