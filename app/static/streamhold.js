@@ -661,6 +661,10 @@ export function viewKind(contentType) {
  * @property {"sse"|"long-poll"} [live]  How to tail: SSE (the default, falling back to long-poll when SSE
  *   is cut on the way) or long-poll only.
  * @property {number} [maxRetries]  Consecutive failed attempts before giving up (default 1000).
+ * @property {boolean} [exact]  true (the default): bytes are exact even where SSE cannot carry them, at the
+ *   cost of one plain read per SSE event that holds a line break (SSE cannot tell CR from LF). false: such
+ *   reads only when the byte count shows a change (CRLF, half a character), so a lone CR may arrive as LF;
+ *   the viewer and <streamhold-stream> use this, being for display.
  * @property {number} [idleMs]  A connection that brings nothing, not even a keep-alive, for this long is
  *   dropped and made again (default 60000; the server sends keep-alives every 15 s unless told otherwise).
  *
@@ -729,6 +733,7 @@ export async function follow(url, options = {}) {
   const { onData = () => {}, onClose = () => {}, onState = () => {}, signal } = options;
   const maxRetries = options.maxRetries ?? 1000;
   const idleMs = options.idleMs ?? IDLE_MS;
+  const exact = options.exact ?? true;
   const base = new URL(String(url), globalThis.location ? location.href : undefined);
   const decoder = new TextDecoder();
   const encoder = new TextEncoder();
@@ -915,7 +920,7 @@ export async function follow(url, options = {}) {
       const expected = position(next) - position(at);
       // SSE splits lines at CR, LF and CRLF alike, and a text event cannot carry half a character: when
       // the text has a line break, or its byte count is off, read those bytes exactly instead.
-      if (!binary && position(at) >= 0 && (expected !== bytes.length || payload.includes("\n"))) {
+      if (!binary && position(at) >= 0 && (expected !== bytes.length || (exact && payload.includes("\n")))) {
         bytes = await readExact(expected);
         if (bytes.length !== expected) return false;
       }
@@ -1088,6 +1093,7 @@ export class StreamholdStream extends HTMLElement {
     };
     follow(src, {
       signal: controller.signal,
+      exact: false,
       onState: (state, detail) => {
         if (controller.signal.aborted) return;
         if (state === "live" && !live) {  // up to date, and not asked to follow: stop here

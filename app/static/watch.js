@@ -210,6 +210,7 @@ import { createRenderer, follow } from "./streamhold.js";
   function connect() {
     follow(streamPath, {
       offset: token(offset),
+      exact: false,  // for display: a lone CR may show as a line break, saving a read per line
       maxRetries: MAX_ATTEMPTS,
       onData: apply,
       onState(state, detail) {
