@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .checks import InvalidInputError
-    from .main import create_app
-    from .models import (
+    from .errors import (
         ContentTypeMismatchError,
         InvalidRequestError,
         OffsetGoneError,
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
         StreamGoneError,
         StreamNotFoundError,
     )
+    from .main import create_app
     from .sdk.base import StreamService
     from .sdk.context import AgentContext, create_agent_context
     from .sdk.remote import RemoteStreamError, RemoteStreams, ServerUnavailableError, UnauthorizedError
@@ -38,18 +38,18 @@ _WHERE = {
     "RemoteStreams": "sdk.remote",
     "Settings": "settings",
     "SettingsError": "settings",
-    "StreamError": "models",
-    "StreamNotFoundError": "models",
-    "StreamGoneError": "models",
-    "OffsetGoneError": "models",
-    "StreamClosedError": "models",
-    "StreamConflictError": "models",
-    "ContentTypeMismatchError": "models",
-    "SeqConflictError": "models",
-    "ProducerSeqGapError": "models",
-    "StaleEpochError": "models",
-    "PayloadTooLargeError": "models",
-    "InvalidRequestError": "models",
+    "StreamError": "errors",
+    "StreamNotFoundError": "errors",
+    "StreamGoneError": "errors",
+    "OffsetGoneError": "errors",
+    "StreamClosedError": "errors",
+    "StreamConflictError": "errors",
+    "ContentTypeMismatchError": "errors",
+    "SeqConflictError": "errors",
+    "ProducerSeqGapError": "errors",
+    "StaleEpochError": "errors",
+    "PayloadTooLargeError": "errors",
+    "InvalidRequestError": "errors",
     "InvalidInputError": "checks",
     "RemoteStreamError": "sdk.remote",
     "ServerUnavailableError": "sdk.remote",

@@ -17,24 +17,21 @@ from litestar import Request, Router, delete, get, post, put, route
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
+from litestar.types import ControllerRouterHandler
 
 from . import checks
-from .http.auth import require_right
-from .http.content import RangeNotSatisfiableError, respond_with_content
-from .http.responses import respond
-from .live import LiveHub
-from .models import (
-    DEFAULT_TTL,
+from .errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     StreamClosedError,
     StreamError,
-    StreamFilter,
     StreamNotFoundError,
-    StreamState,
-    clamp_ttl,
-    iso,
 )
+from .http.auth import require_right
+from .http.content import RangeNotSatisfiableError, respond_with_content
+from .http.responses import respond
+from .live import LiveHub
+from .models import DEFAULT_TTL, StreamFilter, StreamState, clamp_ttl, iso, lifecycle
 from .protocol.wire import frame_json, read_body
 from .sdk.local import info_from_state
 from .settings import Settings
@@ -98,8 +95,9 @@ def wire_info(state: StreamState, origin: str) -> dict[str, Any]:
 
 async def _live(store: Store, stream_id: str) -> StreamState:
     state = await store.get(stream_id)
-    if state is None or state.expired() or state.deleted:
+    if not lifecycle(state).readable:  # this API answers 404 for deleted streams too, as Agentuity does
         raise StreamNotFoundError(f"stream {stream_id} not found (it may have expired or been deleted)")
+    assert state is not None
     return state
 
 
@@ -390,4 +388,4 @@ guarded = Router(
     ],
     guards=[require_right],
 )
-routes = [guarded, read_content, head_content, content_at_root]
+routes: list[ControllerRouterHandler] = [guarded, read_content, head_content, content_at_root]

@@ -11,7 +11,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .models import MAX_NAMESPACE_LENGTH, InvalidRequestError
+from .errors import InvalidRequestError
+from .models import MAX_NAMESPACE_LENGTH
 
 MAX_SAFE_INTEGER = 2**53 - 1
 MAX_DIGITS = 19  # past any size, offset or count this server holds (SQLite's INTEGER is 64-bit)

@@ -14,6 +14,7 @@ import httpx
 from .demo import MAX_SECONDS
 from .main import create_app
 from .settings import Settings
+from .urls import listen_origin, protocol_url
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -54,7 +55,7 @@ def _announce(started: dict[str, str], echo: Callable[[str], None]) -> None:
 async def _wait_closed(client: httpx.AsyncClient, name: str, stop: Callable[[], bool]) -> None:
     deadline = time.monotonic() + MAX_SECONDS + 30
     while time.monotonic() < deadline and not stop():
-        response = await client.head(f"/v1/stream/{name}")
+        response = await client.head(protocol_url("", name))
         if response.status_code != 200 or response.headers.get("stream-closed") == "true":
             return
         await asyncio.sleep(0.25)
@@ -66,7 +67,8 @@ async def serve_demo(
     """Serve the app in this process, run the demo through its own POST /demo, then linger; returns URLs."""
     import uvicorn
 
-    settings = dataclasses.replace(settings, public_url=settings.public_url or f"http://127.0.0.1:{port}")
+    public_url = settings.public_url or listen_origin("127.0.0.1", port)
+    settings = dataclasses.replace(settings, public_url=public_url)
     config = uvicorn.Config(
         create_app(settings),
         host="127.0.0.1",

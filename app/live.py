@@ -13,22 +13,21 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from litestar.channels.backends.base import ChannelsBackend
-from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
-from psycopg import AsyncConnection
 
-from .models import StreamState
+from .channels import PUBLISH_TIMEOUT, make_backend
+from .errors import StreamNotFoundError
+from .models import Change, StreamState, require_live
 from .settings import Settings
-from .store.store import Store
-from .store.writer import Change
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 log = logging.getLogger("streamhold.live")
 
@@ -38,75 +37,10 @@ COALESCE_FROM = 32  # readers of one stream before its doorbells are gathered
 COALESCE_PER_READER = 50e-6  # seconds of gathering per reader
 COALESCE_MAX = 0.05
 MAX_MESSAGE = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
-PUBLISH_TIMEOUT = 5.0
 SUBSCRIBE_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 2.0
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
-
-
-class PostgresDoorbells(PsycoPgChannelsBackend):
-    """Litestar's LISTEN/NOTIFY backend, publishing over one kept-open connection.
-
-    The upstream backend connects anew for every message, which costs the server a backend process each time.
-    """
-
-    def __init__(self, pg_dsn: str) -> None:
-        super().__init__(pg_dsn)
-        self._publisher: AsyncConnection[Any] | None = None
-        self._publish_lock = asyncio.Lock()
-
-    async def publish(self, data: bytes, channels: Iterable[str]) -> None:
-        async with self._publish_lock:
-            conn = self._publisher
-            if conn is None or conn.closed:
-                conn = await AsyncConnection.connect(self._pg_dsn, autocommit=True, connect_timeout=5)
-                self._publisher = conn
-            try:
-                for channel in channels:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (channel, data.decode()))
-            except BaseException:
-                self._publisher = None
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                raise
-
-    async def on_shutdown(self) -> None:
-        try:
-            await super().on_shutdown()
-        finally:
-            async with self._publish_lock:
-                if self._publisher is not None:
-                    with contextlib.suppress(Exception):
-                        await self._publisher.close()
-                    self._publisher = None
-
-
-def make_backend(url: str) -> ChannelsBackend | None:
-    """The channels backend for STREAMHOLD_CHANNELS_URL; None means in-process only."""
-    if not url or url == "memory://":
-        return None
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from litestar.channels.backends.redis import RedisChannelsPubSubBackend
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # No silent reconnects: the hub must see a dropped subscription, to wake readers once it is back.
-        client = Redis.from_url(
-            url,
-            socket_connect_timeout=5,
-            socket_timeout=PUBLISH_TIMEOUT,
-            health_check_interval=10,
-            retry=Retry(NoBackoff(), 0),
-            client_name="streamhold-doorbells",
-        )
-        return RedisChannelsPubSubBackend(redis=client)
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresDoorbells(pg_dsn=url)
-    raise ValueError(
-        "STREAMHOLD_CHANNELS_URL must be redis://, rediss://, unix://, postgresql:// or empty, "
-        f"got {url.split(':')[0]}:..."
-    )
+STALLED_READS = 3  # reads in a row that may come back short (compressed meanwhile) before a follow gives up
 
 
 def encode_doorbells(origin: str, changes: Iterable[Change]) -> list[bytes]:
@@ -186,6 +120,9 @@ class SharedCache(Generic[K, V]):
         self._size = size
         self._items: dict[K, V] = {}
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: K) -> V | None:
         return self._items.get(key)
 
@@ -196,10 +133,18 @@ class SharedCache(Generic[K, V]):
         return value
 
 
+class Source(Protocol):
+    """What the hub needs of the store beneath it: news of each commit, and reads of committed bytes."""
+
+    def subscribe(self, listener: Callable[[list[Change]], None]) -> None: ...
+
+    async def read(self, stream_id: str, start: int, end: int) -> bytes: ...
+
+
 class LiveHub:
     """Per-process doorbells: wakes local waiters on commit and carries doorbells to other processes."""
 
-    def __init__(self, store: Store, backend: ChannelsBackend | None) -> None:
+    def __init__(self, store: Source, backend: ChannelsBackend | None) -> None:
         self._store = store
         self._backend = backend
         self._watches: dict[str, _Watch] = {}
@@ -225,7 +170,7 @@ class LiveHub:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, store: Store, settings: Settings) -> AsyncIterator[LiveHub]:
+    async def open(cls, store: Source, settings: Settings) -> AsyncIterator[LiveHub]:
         """Run the hub (its one channel subscription and its publisher, if any) for the life of the block."""
         hub = cls(store, make_backend(settings.channels_url))
         store.subscribe(hub.on_commit)
@@ -275,6 +220,21 @@ class LiveHub:
             self.readers[kind] -= 1
             if watch.readers == 0 and not watch.fetching:
                 self._watches.pop(stream_id, None)
+
+    def advanced(self, state: StreamState, tail: int, closed: bool) -> StreamState:
+        """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed).
+
+        Shared by all readers woken by the same doorbell: a thousand readers make one copy, not a thousand.
+        """
+        key = (state.id, tail, closed)
+        shared = self.advanced_states.get(key)
+        if shared is None:
+            values = {name: getattr(state, name) for name in StreamState.__slots__}
+            values["tail"] = tail
+            if closed and values["closed_at"] is None:
+                values["closed_at"] = time.time()
+            shared = self.advanced_states.put(key, StreamState(**values))
+        return shared
 
     def live_readers(self, stream_id: str) -> int:
         """How many readers of this process are tailing the stream."""
@@ -465,3 +425,114 @@ class LiveHub:
         if end >= cached_end:
             watch.cache_start, watch.cache = start, data
         return data
+
+
+# --- following a stream ---------------------------------------------------------------------------
+
+DATA: Literal["data"] = "data"  # a piece, read up to `position`
+UP_TO_DATE: Literal["up-to-date"] = (
+    "up-to-date"  # at the committed tail, with nothing sent since the last wait
+)
+IDLE: Literal["idle"] = "idle"  # a wait ran out with no doorbell: time for a keep-alive
+CLOSED: Literal["closed"] = "closed"  # at the end of a closed stream: the follow is over
+
+
+class Event(NamedTuple, Generic[T]):
+    """One step of a follow: what happened, the stream as then known, the reader's position, the piece."""
+
+    kind: Literal["data", "up-to-date", "idle", "closed"]
+    state: StreamState
+    position: int
+    piece: T | None
+
+
+class StateReader(Protocol):
+    """Where a follow reads a stream's record afresh: the store."""
+
+    async def get(self, stream_id: str) -> StreamState | None: ...
+
+
+async def follow(
+    hub: LiveHub,
+    reader: StateReader,
+    state: StreamState,
+    start: int,
+    step: Callable[[StreamState, int], Awaitable[tuple[T, int]]],
+    *,
+    kind: str,
+    idle_after: float,
+    deadline: float | None = None,
+    cancel: asyncio.Future[None] | None = None,
+    reread: bool = False,
+) -> AsyncGenerator[Event[T], None]:
+    """Replay a stream from `start`, then wait on its doorbell for more, until closed, gone or cancelled.
+
+    `step(state, position)` reads the next piece and says where it ends, never past `state.tail` (the
+    committed tail); one piece is held at a time. A stream that vanishes raises StreamError; the follow just
+    ends when the server stops, `cancel` is done or the `deadline` (event-loop time) passes. With `reread`,
+    `state` is read again once the waiter is registered, so that no commit slips between the two.
+    """
+    loop = asyncio.get_running_loop()
+    position = start
+    with hub.watch(state.id, kind) as waiter:
+        if reread:
+            state = require_live(await reader.get(state.id))
+        hub.observe(state.id, state.tail, state.closed)
+        stalled = 0
+        delivered = False
+        while True:
+            while position < state.tail:
+                piece, after = await step(state, position)
+                if after <= position:
+                    break
+                position = after
+                stalled, delivered = 0, True
+                yield Event(DATA, state, position, piece)
+            if position < state.tail:  # a short read: the stream was compressed (or deleted) meanwhile
+                stalled += 1
+                if stalled > STALLED_READS:
+                    raise StreamNotFoundError("the stream changed while it was read: read it again")
+                state = require_live(await reader.get(state.id))
+                continue
+            if state.closed:
+                yield Event(CLOSED, state, position, None)
+                return
+            if not delivered:
+                yield Event(UP_TO_DATE, state, position, None)
+            delivered = True  # said: UP_TO_DATE comes again only after a wait that brought nothing
+            seconds = idle_after if deadline is None else min(idle_after, deadline - loop.time())
+            if hub.stopping or seconds <= 0 or (cancel is not None and cancel.done()):
+                return
+            woke = await (waiter.wait(seconds) if cancel is None else _wait_unless(waiter, seconds, cancel))
+            if hub.stopping or (cancel is not None and cancel.done()):
+                return
+            if waiter.gone:
+                raise StreamNotFoundError("stream was deleted")
+            if (
+                woke
+                and not state.compressed
+                and (
+                    waiter.tail > state.tail
+                    or (waiter.tail == state.tail and waiter.closed and not state.closed)
+                )
+            ):
+                state = hub.advanced(state, waiter.tail, waiter.closed)
+                continue
+            if not woke:
+                if deadline is not None and loop.time() >= deadline:
+                    return
+                yield Event(IDLE, state, position, None)
+            # No news in the doorbell (a timeout, a re-subscription, a tail behind ours): ask the store.
+            state = require_live(await reader.get(state.id))
+            hub.observe(state.id, state.tail, state.closed)
+            delivered = False
+
+
+async def _wait_unless(waiter: Waiter, seconds: float, cancel: asyncio.Future[None]) -> bool:
+    """Wait on the doorbell unless `cancel` (the client going away) completes first."""
+    waiting = asyncio.ensure_future(waiter.wait(seconds))
+    await asyncio.wait((waiting, cancel), return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        return False
+    return waiting.result()

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 from litestar import Litestar, Request, Response, Router
 from litestar.datastructures import State
@@ -16,12 +16,22 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPScope,
+    LifeSpanReceive,
+    LifeSpanScope,
+    LifeSpanSend,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 
 from . import agentuity_api, protocol
-from .http import guard, headers, ops
+from .errors import StreamError
+from .http import admin, guard, headers, ops
 from .live import LiveHub
-from .models import StreamError
 from .sdk.base import StreamService
 from .sdk.context import AgentContext, AgentRuntime
 from .sdk.local import LocalStreams
@@ -38,22 +48,30 @@ HERE = Path(__file__).parent
 APPEND_PATH = protocol.PREFIX + "/"
 
 
+def _is_http(scope: Scope | LifeSpanScope) -> TypeGuard[HTTPScope]:
+    return scope["type"] == "http"
+
+
 class Streamhold(Litestar):
     """The app: protocol appends go straight to their handler; everything else through the framework."""
 
     streamhold_settings: Settings
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+    async def __call__(
+        self, scope: Scope | LifeSpanScope, receive: Receive | LifeSpanReceive, send: Send | LifeSpanSend
+    ) -> None:
+        if _is_http(scope):
+            # ASGI pairs an HTTP scope with HTTP's receive and send; their types cannot say so.
+            http_receive, http_send = cast(Receive, receive), cast(Send, send)
             refusal = guard.refusal(scope, self.streamhold_settings)
             if refusal is not None:
-                await refusal(scope, receive, send)
+                await refusal(scope, http_receive, http_send)
                 return
             if scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH):
                 if guard.on_content_origin(scope, self.streamhold_settings):
-                    await guard.not_found()(scope, receive, send)
+                    await guard.not_found()(scope, http_receive, http_send)
                     return
-                await protocol.append_asgi(self.state, scope, receive, send)
+                await protocol.append_asgi(self.state, scope, http_receive, http_send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -67,7 +85,7 @@ def security_headers(settings: Settings) -> Callable[[ASGIApp], ASGIApp]:
 
     def wrap(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
+            if not _is_http(scope):
                 await app(scope, receive, send)
                 return
             handler = scope.get("route_handler")
@@ -169,6 +187,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
     routes: list[Any] = [
         Router("/", route_handlers=[*protocol.routes, *agentuity_api.routes], opt={"stream_api": True}),
         *ops.routes,
+        *admin.routes,
         *dashboard.routes,
         *viewer.routes,
         *client.routes,

@@ -1,7 +1,9 @@
-"""The vocabulary: value types, offsets, ids and domain errors (the tables are in store/tables.py)."""
+"""The vocabulary: value types, offsets and ids, and lifecycle(), the one live/closed/expired/gone rule
+(errors are in errors.py, the tables in store/schema.py)."""
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -11,7 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .store import clock
+from . import clock
+from .errors import StreamGoneError, StreamNotFoundError
 
 DEFAULT_TTL = 30 * 86400
 MIN_TTL = 60
@@ -55,7 +58,7 @@ class StreamState:
         return self.closed_at is not None
 
     def expired(self, now: float | None = None) -> bool:
-        """Whether it has expired by `now`, or else by the clock expiry is judged by (app/store/clock.py)."""
+        """Whether it has expired by `now`, or else by the clock expiry is judged by (app/clock.py)."""
         return self.expires_at is not None and self.expires_at <= (clock.now() if now is None else now)
 
     @classmethod
@@ -91,6 +94,47 @@ class StreamState:
         )
 
 
+class Lifecycle(enum.Enum):
+    """Where a stream is in its life, as every surface judges it (see `lifecycle`)."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+    EXPIRED = "expired"
+    DELETED = "deleted"  # soft-deleted: forks of it still read its bytes
+    MISSING = "missing"
+
+    @property
+    def readable(self) -> bool:
+        return self is Lifecycle.OPEN or self is Lifecycle.CLOSED
+
+
+def lifecycle(state: StreamState | None, now: float | None = None) -> Lifecycle:
+    """The one rule for whether a stream is live, closed, expired or gone.
+
+    `state` must come from a fresh read of the store (never a cache), and expiry is judged by the one
+    clock (app/store/clock.py) unless `now` is given: a refusal is never taken from a stale copy.
+    """
+    if state is None:
+        return Lifecycle.MISSING
+    if state.expired(now):  # an expired stream is gone even before the sweeper deletes it
+        return Lifecycle.EXPIRED
+    if state.deleted:
+        return Lifecycle.DELETED
+    return Lifecycle.CLOSED if state.closed_at is not None else Lifecycle.OPEN
+
+
+def require_live(state: StreamState | None, subject: str = "stream") -> StreamState:
+    """`state` if it is readable (open or closed); else StreamNotFoundError, or StreamGoneError when it
+    was deleted while forks of it remain. Surfaces map these to their own statuses."""
+    stage = lifecycle(state)
+    if stage.readable:
+        assert state is not None
+        return state
+    if stage is Lifecycle.DELETED:
+        raise StreamGoneError(f"{subject} was deleted; forks of it still exist")
+    raise StreamNotFoundError(f"{subject} not found")
+
+
 @dataclass(frozen=True, slots=True)
 class Producer:
     """Idempotent-producer headers of one append."""
@@ -119,6 +163,17 @@ class StreamFilter:
     metadata: tuple[tuple[str, str], ...] = ()
     state: str | None = None  # "open", "closed" or "expiring"
     id_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a committed operation changed about one stream: the message of a doorbell."""
+
+    stream_id: str
+    tail: int
+    closed: bool
+    gone: bool = False
+    added_chunk: int = 0  # the size of the chunk the operation added, if it added one
 
 
 # --- offsets and ids -----------------------------------------------------------------------------
@@ -207,72 +262,3 @@ def clamp_ttl(ttl: int | float | None) -> int | None:
     if ttl is None or ttl == 0:
         return None
     return int(min(max(ttl, MIN_TTL), MAX_TTL))
-
-
-# --- domain errors -------------------------------------------------------------------------------
-
-
-class StreamError(Exception):
-    """Base of the errors a stream operation can raise; `status` is the HTTP status it maps to."""
-
-    status = 400
-
-
-class StreamNotFoundError(StreamError):
-    status = 404
-
-
-class StreamGoneError(StreamError):
-    """The stream was deleted while forks of it still exist."""
-
-    status = 410
-
-
-class OffsetGoneError(StreamError):
-    """The offset was handed out by an earlier stream of this name, which has been deleted."""
-
-    status = 410
-
-
-class StreamClosedError(StreamError):
-    status = 409
-
-    def __init__(self, message: str, tail: int = 0, generation: int = 0) -> None:
-        super().__init__(message)
-        self.tail = tail
-        self.generation = generation
-
-
-class StreamConflictError(StreamError):
-    status = 409
-
-
-class ContentTypeMismatchError(StreamConflictError):
-    pass
-
-
-class SeqConflictError(StreamConflictError):
-    pass
-
-
-class ProducerSeqGapError(StreamConflictError):
-    def __init__(self, expected: int, received: int) -> None:
-        super().__init__(f"producer sequence gap: expected {expected}, received {received}")
-        self.expected = expected
-        self.received = received
-
-
-class StaleEpochError(StreamError):
-    status = 403
-
-    def __init__(self, current: int) -> None:
-        super().__init__(f"producer epoch is stale; the current epoch is {current}")
-        self.current = current
-
-
-class PayloadTooLargeError(StreamError):
-    status = 413
-
-
-class InvalidRequestError(StreamError):
-    status = 400

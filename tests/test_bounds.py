@@ -23,8 +23,8 @@ from sqlalchemy import select, update
 
 from streamhold.settings import Settings
 from streamhold.store import transactions
+from streamhold.store.schema import GzipChunkRow, StreamRow
 from streamhold.store.store import NewStream, Store
-from streamhold.store.tables import GzipChunkRow, StreamRow
 from tests._server import ServerProcess
 
 MIB = 1024 * 1024

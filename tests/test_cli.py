@@ -21,7 +21,8 @@ import uvicorn
 from click.testing import CliRunner
 from litestar.types import Receive, Scope, Send
 
-from streamhold.cli import _Protocol, main
+from streamhold.cli import main
+from streamhold.serve import Protocol
 from tests._server import REPO_ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -168,6 +169,64 @@ def test_serve_answers_with_a_date_but_without_naming_its_http_server(server: Se
     response = httpx.get(f"{server.url}/healthz")
     assert response.status_code == 200
     assert "date" in response.headers and "server" not in response.headers
+
+
+def serve_banner(env: dict[str, str], timeout: float = 60) -> tuple[str, int]:
+    """Start `streamhold serve` on a free port and return what it printed up to its banner's last line."""
+    port = free_port()
+    command = [sys.executable, "-m", "streamhold.cli", "serve", "--port", str(port)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMHOLD_")}
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env={**clean, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read(out: IO[bytes]) -> None:
+        for raw in out:
+            lines.append(raw.decode(errors="replace"))
+            if lines[-1].lstrip().startswith("API keys"):
+                done.set()
+        done.set()
+
+    assert process.stdout is not None
+    threading.Thread(target=read, args=(process.stdout,), daemon=True).start()
+    try:
+        done.wait(timeout)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    output = "".join(lines)
+    assert "API keys" in output, f"no banner within {timeout} s; the server printed:\n{output}"
+    return output, port
+
+
+def test_serve_prints_where_to_go_once_it_listens(tmp_path: Path) -> None:
+    output, port = serve_banner({"STREAMHOLD_DATA_DIR": str(tmp_path / "data"), "STREAMHOLD_API_KEYS": KEY})
+    origin = f"http://127.0.0.1:{port}"
+    banner = {line.split()[0]: line for line in output.splitlines()[-6:]}
+    assert banner["Streamhold"] == f"Streamhold is listening on {origin}"
+    assert banner["dashboard"].split() == ["dashboard", f"{origin}/"]
+    assert banner["demo"].split()[:2] == ["demo", f"{origin}/demo"]
+    assert banner["protocol"].split() == ["protocol", f"{origin}/v1/stream/"]
+    assert banner["data"].split() == ["data", str((tmp_path / "data").resolve()), "(SQLite)"]
+    assert banner["API"].startswith("  API keys   set (1)")
+    assert KEY not in output
+
+
+def test_serve_names_a_postgres_database_without_its_password(pg_url: str, tmp_path: Path) -> None:
+    user, rest = pg_url.removeprefix("postgresql://").split("@", 1)
+    password = "banner-secret-7731"
+    url = f"postgresql://{user}:{password}@{rest}"
+    output, _ = serve_banner({"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_DATABASE_URL": url})
+    host_port, database = rest.split("/", 1)
+    assert f"  data       PostgreSQL database {database} on {host_port} as {user}" in output
+    assert "  API keys   none" in output
+    assert password not in output
 
 
 def test_cat_prints_bytes_as_they_are(server: ServerProcess) -> None:
@@ -341,7 +400,7 @@ def test_an_unreachable_server_is_named_with_what_to_do() -> None:
     assert f"cannot reach the server at {url}" in flag.stderr.decode(), "--server wins over STREAMHOLD_URL"
 
 
-@pytest.mark.parametrize("protocol", [_Protocol, "httptools"])
+@pytest.mark.parametrize("protocol", [Protocol, "httptools"])
 def test_serve_reads_a_mebibyte_body_without_waiting_for_the_app(protocol: object) -> None:
     """`serve` buffers up to 1 MiB of a body before it waits for the app; uvicorn's own protocol, 64 KiB."""
     pieces: list[int] = []

@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, func, insert, select
 from streamhold.main import create_app
 from streamhold.models import new_stream_id
 from streamhold.settings import Settings
-from streamhold.store.store import chunks, metadata_pairs, streams
+from streamhold.store.schema import chunks, metadata_pairs, streams
 from streamhold.web import session
 from streamhold.web.dashboard import Rate
 from streamhold.web.dashboard_query import View

@@ -17,11 +17,12 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import update
 
+from streamhold.errors import StreamConflictError
 from streamhold.main import create_app
-from streamhold.models import StreamConflictError, StreamFilter
+from streamhold.models import StreamFilter
 from streamhold.settings import Settings
+from streamhold.store.schema import StreamRow
 from streamhold.store.store import NewStream, Store
-from streamhold.store.tables import StreamRow
 from tests._cluster import server_env, server_errors
 from tests._server import HOST, LOOPBACK, ServerProcess
 

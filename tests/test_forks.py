@@ -14,8 +14,8 @@ from sqlalchemy import func, select, update
 
 from streamhold.settings import Settings
 from streamhold.store import chunk_files, transactions
+from streamhold.store.schema import ChunkRow, StreamRow
 from streamhold.store.store import NewStream, Store
-from streamhold.store.tables import ChunkRow, StreamRow
 
 pytestmark = pytest.mark.timeout(120)
 

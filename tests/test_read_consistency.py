@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
+from streamhold.errors import StreamNotFoundError
 from streamhold.main import create_app
-from streamhold.models import StreamNotFoundError, StreamState, parse_offset
+from streamhold.models import StreamState, parse_offset
 from streamhold.settings import Settings
 from streamhold.store.store import Store
 from streamhold.store.transactions import NewStream

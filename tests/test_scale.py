@@ -25,10 +25,10 @@ from litestar.channels.backends.psycopg import PsycoPgChannelsBackend
 from litestar.channels.backends.redis import RedisChannelsPubSubBackend
 
 from streamhold.live import MAX_MESSAGE, encode_doorbells, make_backend
+from streamhold.models import Change
 from streamhold.settings import Settings
 from streamhold.store.store import NewStream, Store
 from streamhold.store.transactions import SWEEP_LOCK
-from streamhold.store.writer import Change
 from tests._cluster import (
     Channels,
     Received,

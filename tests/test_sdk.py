@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from streamhold.errors import PayloadTooLargeError, StreamClosedError, StreamNotFoundError
 from streamhold.live import LiveHub
-from streamhold.models import PayloadTooLargeError, StreamClosedError, StreamNotFoundError
 from streamhold.sdk.base import StreamService
 from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings

@@ -21,8 +21,8 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
+from streamhold.errors import StreamNotFoundError
 from streamhold.main import create_app
-from streamhold.models import StreamNotFoundError
 from streamhold.sdk.context import create_agent_context
 from streamhold.sdk.remote import RemoteStreams, ServerUnavailableError
 from streamhold.settings import Settings

@@ -17,21 +17,15 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, inspect, select, text, update
 
-from streamhold.models import (
-    InvalidRequestError,
-    StreamClosedError,
-    StreamFilter,
-    StreamNotFoundError,
-    format_offset,
-    new_stream_id,
-    parse_offset,
-)
+from streamhold.errors import InvalidRequestError, StreamClosedError, StreamNotFoundError
+from streamhold.models import StreamFilter, format_offset, new_stream_id, parse_offset
 from streamhold.settings import Settings
 from streamhold.store import chunk_files, transactions
+from streamhold.store.batches import PENDING_LIMIT
 from streamhold.store.chunk_files import FILE_CHUNK_MIN
+from streamhold.store.schema import ChunkRow, GzipChunkRow, StreamRow
 from streamhold.store.store import NewStream, Store
-from streamhold.store.tables import ChunkRow, GzipChunkRow, StreamRow
-from streamhold.store.writer import IDLE_CHECKPOINT_S, PENDING_LIMIT, QUICK_COMMIT_S
+from streamhold.store.writer import IDLE_CHECKPOINT_S, QUICK_COMMIT_S
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from streamhold.models import StreamClosedError
+from streamhold.errors import StreamClosedError
 from streamhold.settings import Settings
 from streamhold.store import chunk_files
 from streamhold.store import store as store_module
+from streamhold.store.batches import PENDING_LIMIT
 from streamhold.store.chunk_files import FILE_CHUNK_MIN
+from streamhold.store.schema import StreamRow
 from streamhold.store.store import Store
-from streamhold.store.tables import StreamRow
 from streamhold.store.transactions import NewStream
-from streamhold.store.writer import PENDING_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 

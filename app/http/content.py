@@ -7,10 +7,8 @@ chunk, so that a client can tell it from a complete one and resume.
 from __future__ import annotations
 
 import email.utils
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
 from typing import Any
 
 from anyio import create_task_group
@@ -20,14 +18,14 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
 from ..checks import count
-from ..live import LiveHub
-from ..models import InvalidRequestError, StreamError, StreamState
+from ..errors import InvalidRequestError, StreamError
+from ..live import CLOSED, DATA, LiveHub, follow
+from ..models import StreamState
 from ..settings import Settings
 from ..store.store import Store
 from .responses import BODY_SLICE, parse_query, respond, single
 
 TAIL_SLICE = 64 * 1024
-SHORT_READS = 3
 
 
 class RangeNotSatisfiableError(StreamError):
@@ -38,12 +36,12 @@ class RangeNotSatisfiableError(StreamError):
         self.length = length
 
 
-class _Cut(Exception):
+class CutOff(Exception):
     """The body cannot be finished (server stopping, stream deleted): end it without its last chunk."""
 
 
-class _Body(ASGIStreamingResponse):
-    """A streamed body cut off (no final chunk) when its source raises _Cut, so clients see it is short."""
+class CutOffBody(ASGIStreamingResponse):
+    """A streamed body cut off (no final chunk) when its source raises CutOff, so clients see it is short."""
 
     def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str], status: int = 200) -> None:
         super().__init__(iterator=body, headers=headers, status_code=status)
@@ -64,7 +62,7 @@ class _Body(ASGIStreamingResponse):
                     # before it is handed more: this empty write waits there, so that a client that stops
                     # reading holds one slice, not two.
                     await send({"type": "http.response.body", "body": b"", "more_body": True})
-            except _Cut:
+            except CutOff:
                 pass
             else:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -77,7 +75,7 @@ async def _plain(store: Store, state: StreamState, start: int, end: int) -> Asyn
         async for piece in store.iter_content(state, start, end, BODY_SLICE):
             yield piece
     except StreamError as exc:  # deleted meanwhile
-        raise _Cut from exc
+        raise CutOff from exc
 
 
 async def _gzipped(store: Store, stream_id: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -90,64 +88,35 @@ async def _gzipped(store: Store, stream_id: str, start: int, end: int) -> AsyncI
         position += len(packed)
         if position >= end:
             return
-    raise _Cut
+    raise CutOff
 
 
 async def tail(
-    store: Store, hub: LiveHub, settings: Settings, stream_id: str, start: int
-) -> AsyncIterator[bytes]:
+    store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int
+) -> AsyncGenerator[bytes, None]:
     """Send from `start` what exists, then each commit as it lands, until the stream is closed."""
-    async with aclosing(_follow(store, hub, settings, stream_id, start)) as pieces:
+
+    async def step(current: StreamState, position: int) -> tuple[bytes, int]:
+        end = min(current.tail, position + TAIL_SLICE)
+        if current.compressed:
+            data = b"".join([piece async for piece in store.iter_content(current, position, end)])
+        else:
+            data = await hub.read(current.id, position, end)
+        return data, position + len(data)
+
+    events = follow(
+        hub, store, state, start, step, kind="http", idle_after=settings.long_poll_timeout, reread=True
+    )
+    async with aclosing(events):
         try:
-            async for piece in pieces:
-                yield piece
-        except StreamError as exc:  # deleted while it was read
-            raise _Cut from exc
-
-
-async def _follow(
-    store: Store, hub: LiveHub, settings: Settings, stream_id: str, start: int
-) -> AsyncIterator[bytes]:
-    position = start
-    with hub.watch(stream_id, "http") as waiter:
-        # Read the state after registering, so that no commit can slip between the read and the wait.
-        state = await store.get(stream_id)
-        short = 0
-        while True:
-            if state is None or state.deleted or state.expired():
-                raise _Cut
-            hub.observe(state.id, state.tail, state.closed)
-            while position < state.tail:
-                end = min(state.tail, position + TAIL_SLICE)
-                if state.compressed:
-                    data = b"".join([piece async for piece in store.iter_content(state, position, end)])
-                else:
-                    data = await hub.read(state.id, position, end)
-                if not data:
-                    break
-                position += len(data)
-                yield data
-            if state.closed and position >= state.tail:
-                return
-            if hub.stopping or waiter.gone:
-                raise _Cut
-            if position < state.tail:  # a short read: the stream was compressed since; read it again
-                short += 1
-                if short > SHORT_READS:
-                    raise _Cut
-                state = await store.get(stream_id)
-                continue
-            woke = await waiter.wait(settings.long_poll_timeout)
-            if hub.stopping or waiter.gone:
-                raise _Cut
-            if woke and waiter.tail > state.tail and not state.compressed:
-                state = replace(
-                    state,
-                    tail=waiter.tail,
-                    closed_at=state.closed_at or (time.time() if waiter.closed else None),
-                )
-            else:
-                state = await store.get(stream_id)
+            async for event in events:
+                if event.kind == DATA and event.piece:
+                    yield event.piece
+                elif event.kind == CLOSED:
+                    return
+        except StreamError as exc:  # deleted or expired while it was read
+            raise CutOff from exc
+    raise CutOff  # the server is stopping: the body is not finished
 
 
 def _accepts_gzip(header: str | None) -> bool:
@@ -261,11 +230,11 @@ async def respond_with_content(
         headers.update({"cache-control": "no-store", "x-accel-buffering": "no"})
         if head:
             return ASGIResponse(body=b"", headers=headers, is_head_response=True)
-        return _Body(tail(store, hub, settings, state.id, start), headers)
+        return CutOffBody(tail(store, hub, settings, state, start), headers)
     headers.update({"content-length": str(state.tail - start), "cache-control": "no-store"})
     if head:
         return ASGIResponse(body=b"", headers=headers, is_head_response=True)
-    return _Body(_plain(store, state, start, state.tail), headers)
+    return CutOffBody(_plain(store, state, start, state.tail), headers)
 
 
 def _closed_content(
@@ -298,4 +267,4 @@ def _closed_content(
     if head:
         return ASGIResponse(body=b"", status_code=status, headers=headers, is_head_response=True)
     body = _gzipped(store, state.id, start, end) if gzipped else _plain(store, state, start, end)
-    return _Body(body, headers, status)
+    return CutOffBody(body, headers, status)

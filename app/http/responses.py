@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 from litestar import Request
 from litestar.response.base import ASGIResponse
 
-from ..models import InvalidRequestError
+from ..errors import InvalidRequestError
 
 # A body is read and sent this much at a time: what a client that stops reading holds in the server.
 BODY_SLICE = 64 * 1024

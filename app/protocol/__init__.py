@@ -12,25 +12,29 @@ from urllib.parse import unquote
 
 from litestar import Request, asgi
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPResponseStartEvent, Receive, Scope, Send
 
 from .. import checks
+from ..errors import (
+    ContentTypeMismatchError,
+    InvalidRequestError,
+    StreamClosedError,
+    StreamError,
+    StreamNotFoundError,
+)
 from ..http.auth import check_key, require_key
 from ..http.metrics import request_metrics
 from ..http.responses import respond
 from ..models import (
     AppendResult,
-    ContentTypeMismatchError,
-    InvalidRequestError,
     Producer,
-    StreamClosedError,
-    StreamError,
-    StreamNotFoundError,
     StreamState,
     format_offset,
     offset_belongs,
+    require_live,
     split_offset,
 )
 from ..settings import Settings
@@ -47,7 +51,6 @@ from .wire import (
     error_parts,
     frame_json,
     is_json,
-    live_state,
     name_from_path,
     namespace_of,
     read_body,
@@ -164,7 +167,7 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
         body = await read_body(request, settings.max_append_bytes)
         content_type = given_type
         if not content_type and fork_from is not None:
-            source = live_state(await store.get_by_name(fork_from))
+            source = require_live(await store.get_by_name(fork_from))
             content_type = source.content_type
         content_type = content_type or "application/octet-stream"
         json_mode = is_json(content_type)
@@ -242,7 +245,7 @@ async def _append(
     headers = _request_headers(scope)
     check_key(headers.get("authorization", ""), settings)
     name = name_from_path(scope.get("raw_path"), routed)
-    stream = live_state(await store.resolve(name))
+    stream = require_live(await store.resolve(name))
     close = headers.get("stream-closed", "").lower() == "true"
     producer = _producer(headers)
     declared = headers.get("content-length")
@@ -261,7 +264,7 @@ async def _append(
             body = _checked_body(stream, raw, given_type, close)
         except StreamError:
             # Checked against a cached copy: the name may have been made again elsewhere since.
-            fresh = live_state(await store.resolve(name, fresh=True))
+            fresh = require_live(await store.resolve(name, fresh=True))
             if fresh.id == stream.id:
                 raise
             if spool is not None:
@@ -284,7 +287,7 @@ async def _append(
             result = await store.append(stream.id, body, spool=spool, **options)
         except StreamNotFoundError:
             # The name may have been deleted and created again since it was cached: look once more.
-            fresh = live_state(await store.resolve(name, fresh=True))
+            fresh = require_live(await store.resolve(name, fresh=True))
             if fresh.id == stream.id:
                 raise
             stream = fresh
@@ -350,8 +353,13 @@ async def append_asgi(state: State, scope: Scope, receive: Receive, send: Send) 
     raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     if body:
         raw.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": raw + API_RESPONSE_HEADERS})
-    await send({"type": "http.response.body", "body": body})
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": raw + API_RESPONSE_HEADERS,
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
     request_metrics(state).record(APPEND_LABELS, status, time.perf_counter() - started)
 
 
@@ -367,7 +375,7 @@ async def head_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
     """A stream's metadata: type, tail, closed, TTL or expiry."""
     store = components(request)[0]
     try:
-        state = live_state(await store.get_by_name(request_name(request, name)))
+        state = require_live(await store.get_by_name(request_name(request, name)))
     except StreamError as exc:
         return respond(exc.status, {"content-type": "application/json"}, head_only=True)
     headers = {**state_headers(state, state.tail, state.closed), "cache-control": "no-store"}
@@ -383,7 +391,7 @@ async def delete_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
     store, _, settings = components(request)
     try:
         require_key(request, settings)
-        state = live_state(await store.get_by_name(request_name(request, name)))
+        state = require_live(await store.get_by_name(request_name(request, name)))
         await store.delete(state.id)
     except StreamError as exc:
         return error(exc)
@@ -406,9 +414,10 @@ async def protocol_app(scope: Scope, receive: Receive, send: Send) -> None:
     A mounted ASGI handler: these requests skip Litestar's per-request signature parsing and injection,
     which cost more than the append itself.
     """
-    handler = HANDLERS.get(scope["method"])
+    method = scope["method"] if scope["type"] == ScopeType.HTTP else "WEBSOCKET"
+    handler = HANDLERS.get(method)
     if handler is None:
-        body = json.dumps({"error": f"{scope['method']} is not a protocol method"}).encode()
+        body = json.dumps({"error": f"{method} is not a protocol method"}).encode()
         response = respond(405, {"allow": ", ".join(HANDLERS), "content-type": "application/json"}, body)
     else:
         request: Request[Any, Any, Any] = Request(scope, receive, send)

@@ -6,29 +6,20 @@ import asyncio
 import base64
 import json
 import re
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
-from ..http.content import _Body as CutOffBody
-from ..http.content import _Cut as Cut
+from ..errors import InvalidRequestError, OffsetGoneError, StreamError
+from ..http.content import CutOff, CutOffBody
 from ..http.responses import BODY_SLICE, parse_query, respond, single
-from ..live import LiveHub
-from ..models import (
-    InvalidRequestError,
-    OffsetGoneError,
-    StreamError,
-    StreamNotFoundError,
-    StreamState,
-    format_offset,
-    parse_offset,
-    split_offset,
-)
+from ..live import CLOSED, DATA, IDLE, UP_TO_DATE, LiveHub, follow
+from ..models import StreamState, format_offset, parse_offset, require_live, split_offset
 from ..settings import Settings
 from ..store.store import Store
 from .wire import (
@@ -41,7 +32,6 @@ from .wire import (
     error,
     is_text,
     json_body,
-    live_state,
     request_name,
     state_headers,
 )
@@ -49,15 +39,40 @@ from .wire import (
 # --- read ----------------------------------------------------------------------------------------
 
 
-def _start_offset(query: dict[str, list[str]], live: str | None) -> str:
-    raw = single(query, "offset")
-    if raw is None:
-        if live is not None:
-            raise InvalidRequestError("live reads need an offset: use offset=-1 for the start or offset=now")
-        return "-1"
-    if raw in ("-1", "now") or parse_offset(raw) is not None:
-        return raw
-    raise InvalidRequestError("offset must be -1, now, or an offset returned in Stream-Next-Offset")
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """What a protocol read asks for, parsed once from its query and headers."""
+
+    offset: str  # "-1", "now" or an offset token
+    live: Literal["long-poll", "sse"] | None
+    cursor: str | None
+    last_event_id: str | None
+    if_none_match: str | None
+
+    @classmethod
+    def parse(cls, request: Request[Any, Any, Any]) -> ReadRequest:
+        query = parse_query(request)
+        given = single(query, "live")
+        live: Literal["long-poll", "sse"] | None = None
+        if given == "long-poll":
+            live = "long-poll"
+        elif given == "sse":
+            live = "sse"
+        elif given is not None:
+            raise InvalidRequestError("live must be long-poll or sse")
+        offset = single(query, "offset")
+        if offset is None:
+            if live is not None:
+                raise InvalidRequestError(
+                    "live reads need an offset: use offset=-1 for the start or offset=now"
+                )
+            offset = "-1"
+        elif offset not in ("-1", "now") and parse_offset(offset) is None:
+            raise InvalidRequestError("offset must be -1, now, or an offset returned in Stream-Next-Offset")
+        headers = request.headers
+        return cls(
+            offset, live, single(query, "cursor"), headers.get("last-event-id"), headers.get("if-none-match")
+        )
 
 
 async def _position(store: Store, token: str, state: StreamState, last_event_id: str | None = None) -> int:
@@ -94,16 +109,11 @@ async def _body_iter(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[
         async for piece in rest:
             yield piece
     except StreamError as exc:  # deleted mid-body: cut it off, so the client sees it is short
-        raise Cut from exc
+        raise CutOff from exc
 
 
 async def _catch_up(
-    request: Request[Any, Any, Any],
-    store: Store,
-    state: StreamState,
-    start: int,
-    token: str,
-    extra: dict[str, str],
+    store: Store, state: StreamState, start: int, token: str, asked: ReadRequest, extra: dict[str, str]
 ) -> ASGIResponse:
     if token == "now":
         headers = {**state_headers(state, state.tail, state.closed), "stream-up-to-date": "true"}
@@ -136,7 +146,7 @@ async def _catch_up(
     headers = {**state_headers(state, end, closed), "etag": etag, **extra}
     if at_tail:
         headers["stream-up-to-date"] = "true"
-    if request.headers.get("if-none-match") == etag:
+    if asked.if_none_match == etag:
         return respond(304, headers)
     if data is not None:
         return respond(200, headers, json_body(data) if state.json_mode else data)
@@ -154,72 +164,45 @@ async def _long_poll(
     settings: Settings,
     state: StreamState,
     start: int,
-    extra: dict[str, str],
+    asked: ReadRequest,
 ) -> ASGIResponse:
-    client_cursor = single(parse_query(request), "cursor")
-    extra = {**extra, "stream-cursor": cursor(client_cursor)}
-    deadline = time.monotonic() + settings.long_poll_timeout
+    extra = {"stream-cursor": cursor(asked.cursor)}
+    deadline = asyncio.get_running_loop().time() + settings.long_poll_timeout
     gone_away = asyncio.ensure_future(_client_gone(request))
-    with hub.watch(state.id, "long-poll") as waiter:
-        try:
-            while True:
-                if start < state.tail:
-                    return await _catch_up(request, store, state, start, "", extra)
-                if state.closed:
+    events = follow(
+        hub,
+        store,
+        state,
+        start,
+        _reach,
+        kind="long-poll",
+        idle_after=settings.long_poll_timeout,
+        deadline=deadline,
+        cancel=gone_away,
+    )
+    try:
+        async with aclosing(events):
+            async for event in events:
+                state = event.state
+                if event.kind == DATA:
+                    return await _catch_up(store, state, start, "", asked, extra)
+                if event.kind == CLOSED:
                     headers = {**state_headers(state, state.tail, True), "stream-up-to-date": "true", **extra}
                     return respond(204, headers)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or hub.stopping or gone_away.done():
-                    headers = {
-                        **state_headers(state, state.tail, False),
-                        "stream-up-to-date": "true",
-                        **extra,
-                    }
-                    return respond(204, headers)
-                woke = await _wait_unless_gone(waiter, remaining, gone_away)
-                state = await _after_wake(store, hub, waiter, state, woke)
-        finally:
-            gone_away.cancel()
+    finally:
+        gone_away.cancel()
+    return respond(204, {**state_headers(state, state.tail, False), "stream-up-to-date": "true", **extra})
+
+
+async def _reach(state: StreamState, position: int) -> tuple[None, int]:
+    """A long-poll's step: it answers with a catch-up read from its offset once anything is there."""
+    return None, state.tail
 
 
 async def _client_gone(request: Request[Any, Any, Any]) -> None:
     """Return once the client has disconnected, so a waiting reader frees what it holds at once."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _wait_unless_gone(waiter: Any, seconds: float, gone_away: asyncio.Future[None]) -> bool:
-    waiting = asyncio.ensure_future(waiter.wait(seconds))
-    await asyncio.wait((waiting, gone_away), return_when=asyncio.FIRST_COMPLETED)
-    if not waiting.done():
-        waiting.cancel()
-        return False
-    return waiting.result()
-
-
-async def _after_wake(store: Store, hub: LiveHub, waiter: Any, state: StreamState, woke: bool) -> StreamState:
-    """The stream after a wake-up: from the doorbell when it says the tail moved, else from the store."""
-    if waiter.gone:
-        raise StreamNotFoundError("stream was deleted")
-    if woke and waiter.tail > state.tail and not state.compressed:
-        return _advanced(hub, state, waiter.tail, waiter.closed)
-    return live_state(await store.get(state.id))
-
-
-def _advanced(hub: LiveHub, state: StreamState, tail: int, closed: bool) -> StreamState:
-    """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed).
-
-    Shared by all readers woken by the same doorbell: a thousand readers make one copy, not a thousand.
-    """
-    key = (state.id, tail, closed)
-    shared = hub.advanced_states.get(key)
-    if shared is None:
-        values = {name: getattr(state, name) for name in StreamState.__slots__}
-        values["tail"] = tail
-        if closed and values["closed_at"] is None:
-            values["closed_at"] = time.time()
-        shared = hub.advanced_states.put(key, StreamState(**values))
-    return shared
 
 
 def _sse_event(kind: str, payload: str) -> str:
@@ -257,52 +240,32 @@ def _sse_data(state: StreamState, data: bytes, next_offset: int) -> str:
 
 async def _sse_events(
     store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int, client_cursor: str | None
-) -> AsyncIterator[str | bytes]:
-    async with aclosing(_sse_follow(store, hub, settings, state, start, client_cursor)) as events:
+) -> AsyncGenerator[str | bytes, None]:
+    """The SSE body: data events with their control events, keep-alives while idle, until closed or gone."""
+
+    async def step(current: StreamState, position: int) -> tuple[bytes, int]:
+        return await _next_block(store, hub, current, position, client_cursor)
+
+    events = follow(hub, store, state, start, step, kind="sse", idle_after=settings.sse_keepalive)
+    announced = said_closed = False
+    async with aclosing(events):
         try:
             async for event in events:
-                yield event
+                if event.kind == DATA:
+                    if event.piece is not None:
+                        yield event.piece
+                    announced = True
+                    said_closed = event.state.closed and event.position == event.state.tail
+                elif event.kind == IDLE:
+                    yield ": keep-alive\n\n"
+                elif event.kind == UP_TO_DATE:
+                    if not announced:
+                        yield _control(event.state, event.position, False, True, client_cursor)
+                        announced = True
+                elif not said_closed:  # closed with no data event that said so
+                    yield _control(event.state, event.position, True, True, client_cursor)
         except StreamError:  # the stream was deleted: end the connection cleanly, claiming nothing more
             return
-
-
-async def _sse_follow(
-    store: Store, hub: LiveHub, settings: Settings, state: StreamState, start: int, client_cursor: str | None
-) -> AsyncIterator[str | bytes]:
-    position = start
-    with hub.watch(state.id, "sse") as waiter:
-        hub.observe(state.id, state.tail, state.closed)
-        sent_any = False
-        while True:
-            while position < state.tail:
-                block, position = await _next_block(store, hub, state, position, client_cursor)
-                if not block:
-                    break
-                yield block
-                sent_any = True
-            if state.closed and position >= state.tail:
-                if not sent_any:
-                    yield _control(state, position, True, True, client_cursor)
-                return
-            if not sent_any:
-                yield _control(state, position, False, True, client_cursor)
-                sent_any = True
-            if hub.stopping:
-                return
-            woke = await waiter.wait(settings.sse_keepalive)
-            if hub.stopping or waiter.gone:
-                return
-            if not woke:
-                yield ": keep-alive\n\n"
-                state = live_state(await store.get(state.id))
-            elif waiter.tail > state.tail and not state.compressed:
-                state = _advanced(hub, state, waiter.tail, waiter.closed)
-            elif waiter.tail < state.tail or (state.closed == waiter.closed and waiter.tail == state.tail):
-                state = live_state(await store.get(state.id))
-            elif waiter.closed and not state.closed:
-                state = _advanced(hub, state, state.tail, True)
-            if state.closed and position >= state.tail:
-                sent_any = False
 
 
 async def _next_block(
@@ -362,17 +325,12 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
     store, hub, settings = components(request)
     try:
         name = request_name(request, name)
-        query = parse_query(request)
-        live = single(query, "live")
-        if live not in (None, "long-poll", "sse"):
-            raise InvalidRequestError("live must be long-poll or sse")
-        token = _start_offset(query, live)
-        state = live_state(await store.get_by_name(name))
+        asked = ReadRequest.parse(request)
+        state = require_live(await store.get_by_name(name))
         if state.sliding:
             await store.touch(state)
-        extra: dict[str, str] = {}
-        if live == "sse":
-            start = await _position(store, token, state, request.headers.get("last-event-id"))
+        if asked.live == "sse":
+            start = await _position(store, asked.offset, state, asked.last_event_id)
             headers = {
                 "content-type": "text/event-stream",
                 "cache-control": "no-cache",
@@ -380,11 +338,11 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
             }
             if not is_text(state.content_type):
                 headers["stream-sse-data-encoding"] = "base64"
-            events = _sse_events(store, hub, settings, state, start, single(query, "cursor"))
+            events = _sse_events(store, hub, settings, state, start, asked.cursor)
             return ASGIStreamingResponse(iterator=events, headers=headers)
-        start = await _position(store, token, state)
-        if live == "long-poll":
-            return await _long_poll(request, store, hub, settings, state, start, extra)
-        return await _catch_up(request, store, state, start, token, extra)
+        start = await _position(store, asked.offset, state)
+        if asked.live == "long-poll":
+            return await _long_poll(request, store, hub, settings, state, start, asked)
+        return await _catch_up(store, state, start, asked.offset, asked, {})
     except StreamError as exc:
         return error(exc)

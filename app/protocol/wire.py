@@ -15,28 +15,25 @@ from litestar.response.base import ASGIResponse
 from litestar.types import Receive
 
 from .. import checks
-from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
-from ..http.responses import respond
-from ..live import LiveHub
-from ..models import (
-    MAX_NAME_LENGTH,
+from ..errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     ProducerSeqGapError,
     StaleEpochError,
     StreamClosedError,
     StreamError,
-    StreamGoneError,
-    StreamNotFoundError,
-    StreamState,
-    format_offset,
 )
+from ..http.headers import API_RESPONSE_HEADERS, CORS  # noqa: F401  (the protocol's routes add these)
+from ..http.responses import respond
+from ..live import LiveHub
+from ..models import MAX_NAME_LENGTH, StreamState, format_offset
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.chunk_files import Spool
 from ..store.store import Store
+from ..urls import PROTOCOL_PREFIX
 
-PREFIX = "/v1/stream"
+PREFIX = PROTOCOL_PREFIX
 CATCHUP_LIMIT = 32 * 1024 * 1024
 JSON_CATCHUP_LIMIT = 4 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024
@@ -47,6 +44,7 @@ SPOOL_PATIENCE_S = 5.0
 SPOOL_HOLD_S = 30.0
 CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z, the protocol's cursor epoch
 CURSOR_INTERVAL = 20.0
+
 
 def components(request: Request[Any, Any, Any]) -> tuple[Store, LiveHub, Settings]:
     """The store, hub and settings, straight from app state: Litestar's injection spawns a task per value."""
@@ -84,7 +82,9 @@ def name_from_path(raw: bytes | None, routed: str) -> str:
     return name if name is not None else stream_name(routed)
 
 
-@functools.lru_cache(maxsize=4096)  # writers append to the same few streams over and over
+# Writers append to the same few streams over and over. Shared by every app in the process, safely: a
+# name depends on the raw path alone, never on an app's settings or data.
+@functools.lru_cache(maxsize=4096)
 def _name_in_raw_path(raw: bytes) -> str | None:
     path = unquote(raw.decode("latin-1").split("?", 1)[0])
     return stream_name(path[len(PREFIX) + 1 :]) if path.startswith(PREFIX + "/") else None
@@ -185,7 +185,7 @@ async def receive_body(
             except TimeoutError:
                 spool.release()
                 continue
-        if message["type"] == "http.disconnect":
+        if message["type"] != "http.request":  # http.disconnect
             raise InvalidRequestError("the client went away before sending the whole body")
         part = message.get("body", b"")
         size += len(part)
@@ -208,14 +208,6 @@ def cursor(client: str | None) -> str:
     if given is not None and interval <= given < checks.BEYOND:
         interval = given + random.randint(1, 180)
     return str(interval)
-
-
-def live_state(state: StreamState | None) -> StreamState:
-    if state is None or state.expired():
-        raise StreamNotFoundError("stream not found")
-    if state.deleted:
-        raise StreamGoneError("stream was deleted; forks of it still exist")
-    return state
 
 
 def state_headers(state: StreamState, tail: int, closed: bool) -> dict[str, str]:

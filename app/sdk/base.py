@@ -14,14 +14,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from .. import checks
-from ..models import (
-    DEFAULT_TTL,
-    StreamClosedError,
-    clamp_ttl,
-)
+from ..errors import StreamClosedError
+from ..models import DEFAULT_TTL, clamp_ttl
 
 
 class _Unset:
@@ -213,11 +209,3 @@ class StreamService(abc.ABC):
 
 def _dt(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC)
-
-
-def stream_url(origin: str, stream_id: str) -> str:
-    return f"{origin}/stream/{stream_id}"
-
-
-def viewer_url(origin: str, name: str) -> str:
-    return f"{origin}/watch/{quote(name, safe='/')}"

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from datetime import UTC, datetime
 
-from ..live import LiveHub
-from ..models import (
-    AppendResult,
-    PayloadTooLargeError,
-    StreamError,
-    StreamFilter,
-    StreamNotFoundError,
-    StreamState,
-)
+from ..errors import PayloadTooLargeError, StreamError, StreamGoneError, StreamNotFoundError
+from ..live import DATA, LiveHub, follow
+from ..models import AppendResult, StreamFilter, StreamState, lifecycle
 from ..settings import Settings
 from ..store.store import NewStream, Store
+from ..urls import stream_url, viewer_url
 from .base import (
     UNSET,
     ListResult,
@@ -27,8 +23,6 @@ from .base import (
     check_create,
     check_id,
     check_list,
-    stream_url,
-    viewer_url,
 )
 
 
@@ -112,8 +106,9 @@ class LocalStreams(StreamService):
 
     async def _live_state(self, stream_id: str) -> StreamState:
         state = await self.store.get(check_id(stream_id))
-        if state is None or state.expired() or state.deleted:
+        if not lifecycle(state).readable:
             raise StreamNotFoundError(f"stream {stream_id} not found")
+        assert state is not None
         return state
 
     async def get(self, stream_id: str) -> StreamInfo:
@@ -121,22 +116,27 @@ class LocalStreams(StreamService):
 
     async def download(self, stream_id: str) -> AsyncIterator[bytes]:
         state = await self._live_state(stream_id)
-        offset = 0
-        with self.hub.watch(state.id, "sdk") as waiter:
-            while True:
-                if offset < state.tail or state.compressed:
-                    async for piece in self.store.iter_content(state, offset):
-                        offset += len(piece)
-                        yield piece
-                    if state.compressed:
-                        return
-                if state.closed and offset >= state.tail:
-                    return
-                if offset >= state.tail:
-                    await waiter.wait(self.settings.long_poll_timeout)
-                    if self.hub.stopping:
-                        return
-                state = await self._live_state(stream_id)
+        reading: tuple[AsyncIterator[bytes], int] | None = None  # the content being read, and its end
+
+        async def step(current: StreamState, position: int) -> tuple[bytes, int]:
+            nonlocal reading
+            if reading is None or reading[1] <= position:
+                reading = (self.store.iter_content(current, position, current.tail), current.tail)
+            piece = await anext(reading[0], b"")
+            if not piece:
+                reading = None
+            return piece, position + len(piece)
+
+        events = follow(
+            self.hub, self.store, state, 0, step, kind="sdk", idle_after=self.settings.long_poll_timeout
+        )
+        async with aclosing(events):
+            try:
+                async for event in events:
+                    if event.kind == DATA and event.piece:
+                        yield event.piece
+            except StreamGoneError:  # deleted while forks of it remain: to this API it is not found
+                raise StreamNotFoundError(f"stream {stream_id} not found") from None
 
     async def delete(self, stream_id: str) -> None:
         await self._live_state(stream_id)

@@ -15,12 +15,7 @@ from typing import Any
 
 import httpx
 
-from ..models import (
-    PayloadTooLargeError,
-    StreamClosedError,
-    StreamError,
-    StreamNotFoundError,
-)
+from ..errors import PayloadTooLargeError, StreamClosedError, StreamError, StreamNotFoundError
 from .base import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
 
 __all__ = [

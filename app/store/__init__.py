@@ -1,1 +1,1 @@
-"""The store: SQL tables and statements, group commit, transactions, chunk files, and the facade over them."""
+"""The store: tables, statements, reads, group commit, transactions, chunk files, and their facade."""

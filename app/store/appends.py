@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from ..models import (
-    AppendResult,
+from ..errors import (
     ContentTypeMismatchError,
     InvalidRequestError,
-    Producer,
     ProducerSeqGapError,
     SeqConflictError,
     StaleEpochError,
     StreamClosedError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamState,
 )
+from ..models import AppendResult, Producer, StreamState
 from .chunk_files import Spool
 
 
@@ -26,7 +24,7 @@ class AppendOp:
     """One append (or close) waiting for the writer."""
 
     stream_id: str
-    data: bytes
+    data: bytes | bytearray  # a bytearray once later writes are joined to it (Writer.join_last)
     future: asyncio.Future[AppendResult]
     content_type: str | None = None
     seq: str | None = None
@@ -76,7 +74,7 @@ class Pending:
     expires_at: float | None
     compress: bool
     appends: int = 0
-    parts: list[bytes] = field(default_factory=list)
+    parts: list[bytes | bytearray] = field(default_factory=list)
     changed: bool = False
     spool: Spool | None = None
 

@@ -68,6 +68,20 @@ def sync_directory(path: Path) -> None:
         os.close(dir_fd)
 
 
+def try_lock(path: str) -> int:
+    """The descriptor of an exclusive lock on the file at `path` (made if need be), or -1 if another holds it.
+
+    The lock lasts until the descriptor is closed, or the process ends.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # another process holds it, until it stops
+        os.close(fd)
+        return -1
+    return fd
+
+
 class Claim:
     """A stream's chunk file, open and locked against other writers until closed."""
 
@@ -240,6 +254,20 @@ class ChunkFiles:
                 os.truncate(path, tail)
         except FileNotFoundError:
             pass
+
+    def trim_unheld(self, stream_id: str, tail: int) -> bool:
+        """Trim a stream's file to its tail unless a writer holds the file; whether it was not held."""
+        try:
+            claim = self.claim(stream_id, create=False)
+        except FileNotFoundError:
+            return True
+        if claim is None:
+            return False
+        try:
+            self.trim(stream_id, tail)
+        finally:
+            claim.close()
+        return True
 
     def remove(self, stream_id: str) -> None:
         try:

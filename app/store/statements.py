@@ -22,14 +22,12 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql import ClauseElement, ColumnElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from ..models import StreamState
-from .tables import ChunkRow, ProducerRow, StreamRow
+from .schema import chunks, producers, streams
 
-streams = StreamRow.__table__
-chunks = ChunkRow.__table__
-producers = ProducerRow.__table__
 # A stream's record without its pending bytes, which only reads of content and the writer need.
 STREAM_COLUMNS = [c.name for c in streams.columns if c.name != "pending"]
 STREAM_STATE = [streams.c[name] for name in STREAM_COLUMNS]
@@ -73,6 +71,8 @@ class Prepared:
 
     def __init__(self, statement: ClauseElement, engine: Engine) -> None:
         compiled = statement.compile(dialect=engine.dialect)
+        if not isinstance(compiled, SQLCompiler):  # DDL compiles otherwise; every statement here is DML
+            raise TypeError(f"not a statement that takes parameters: {statement}")
         self.sql = str(compiled)
         self._order = compiled.positiontup if engine.dialect.positional else None
         # Literals in the statement (such as a COALESCE default) are parameters too.
@@ -125,7 +125,7 @@ class Statements:
             ),
             engine,
         )
-        record = {
+        record: dict[str, ColumnElement[Any]] = {
             "tail": bindparam("tail"),
             "stored_bytes": bindparam("stored_bytes"),
             "appends": bindparam("appends"),
@@ -182,8 +182,9 @@ class DriverConnections:
         pooled = getattr(self._local, "pooled", None)
         if pooled is None:
             pooled = self._engine.raw_connection()
-            if self._postgres:
-                pooled.driver_connection.autocommit = True
+            driver = pooled.driver_connection
+            if self._postgres and driver is not None:
+                driver.autocommit = True
             self._local.pooled = pooled
             with self._lock:
                 self._opened.append(pooled)

@@ -1,92 +1,61 @@
-"""Every SQL statement of Streamhold: create, append, read, close, compress, list, delete and sweep."""
+"""The store's face: one object the surfaces and the SDK use to create, append, read, list and delete.
+
+Reads are `Reader`'s (reads.py), on a small thread pool; every write goes through the one group-committing
+`Writer` (writer.py), as a batch of appends or as a transaction of transactions.py. Listings are in
+listing.py. Besides, the store keeps a cache of names for writes, compacts streams that gathered many small
+chunks, compresses closed streams and removes chunk files no chunk refers to any more.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
-import fcntl
 import functools
 import logging
 import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    func,
-    inspect,
-    or_,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
-from ..models import (
-    AppendResult,
-    InvalidRequestError,
-    Producer,
-    StreamFilter,
-    StreamNotFoundError,
-    StreamState,
-    offset_belongs,
-)
+from .. import clock
+from ..errors import InvalidRequestError, StreamNotFoundError
+from ..models import AppendResult, Change, Producer, StreamFilter, StreamState
 from ..settings import Settings
-from . import chunk_files, clock, transactions
+from . import chunk_files, listing, schema, transactions
 from .appends import AppendOp
 from .chunk_files import ChunkFiles, Spool
 from .engines import make_engines
-from .statements import STREAM_STATE, DriverConnections, Prepared, Statements, state_from_tuple
-from .tables import ChunkRow, GzipChunkRow, MetadataRow, ProducerRow, SessionRow, StreamRow
+from .reads import Reader
+from .schema import CHUNK_TARGET, sessions, streams
 from .transactions import NewStream
-from .writer import Change, Writer
+from .writer import Writer
 
 log = logging.getLogger("streamhold.store")
 
-streams = StreamRow.__table__
-chunks = ChunkRow.__table__
-gzip_chunks = GzipChunkRow.__table__
-metadata_pairs = MetadataRow.__table__
-producers = ProducerRow.__table__
-sessions = SessionRow.__table__
-
-READ_SLICE = 4 * 1024 * 1024
 TRIM_RETRY_S = 1.0  # a closed stream's file held by a spooled body is trimmed again this much later
-# A read of a gzip body fetches its pieces this many at most, and no more bytes than this unless one piece is.
-GZIP_BATCH_ROWS = 64
-GZIP_BATCH_BYTES = 256 * 1024
-SHORT_READS = 3  # a read that comes back short looks at the stream again this many times
-COMPACT_AFTER = 64  # small chunks added to a stream (each at least writer.PENDING_LIMIT bytes)
+COMPACT_AFTER = 64  # small chunks added to a stream (each at least batches.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
-SORTS = {
-    "created": "created_at",
-    "size": "tail",
-    "namespace": "namespace",
-    "name": "name",
-    "updated": "updated_at",
-}
-
-T = TypeVar("T")
 
 
-class Store:
+class Store(Reader):
     """The stream store: reads run on a small thread pool, writes go through one group-committing writer."""
 
     def __init__(self, settings: Settings) -> None:
+        postgres = not settings.is_sqlite
+        write_engine, read_engine = make_engines(settings)
+        database = "" if postgres else write_engine.url.database or ""
+        super().__init__(read_engine, postgres, ChunkFiles.beside(database))
         self.settings = settings
-        self.postgres = not settings.is_sqlite
-        self._write_engine, self._read_engine = make_engines(settings)
-        self._readers = ThreadPoolExecutor(8, thread_name_prefix="streamhold-read")
-        self.statements = Statements(self._read_engine, self.postgres)
-        self._driver = DriverConnections(self._read_engine, self.postgres)
-        self._inline_reads = not self.postgres
+        self._write_engine = write_engine
         self._names: dict[str, StreamState] = {}
         self._ids: dict[str, str] = {}
         self._listeners: list[Callable[[list[Change]], None]] = []
@@ -97,8 +66,6 @@ class Store:
         self._recent_files: list[str] = []
         self._sweep_lock = -1  # the descriptor of the SQLite sweep lock file, once held
         self._closing = False
-        database = "" if self.postgres else self._write_engine.url.database or ""
-        self.files = ChunkFiles.beside(database)
         self.writer = Writer(self._write_engine, self.postgres, self._changed, self.statements, self.files)
         self.writer.after_close = self._after_close
 
@@ -136,7 +103,7 @@ class Store:
             if self.postgres:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
             SQLModel.metadata.create_all(conn)
-            _upgrade(conn, self.postgres)
+            schema.upgrade(conn, self.postgres)
             if self.postgres:
                 clock.set_to(float(conn.execute(text(f"SELECT {transactions.DATABASE_NOW}")).scalar_one()))
             else:
@@ -207,34 +174,6 @@ class Store:
             # unaffected.
             log.error("background compaction, compression or file removal failed", exc_info=task.exception())
 
-    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
-
-    # --- reads -----------------------------------------------------------------------------------
-
-    async def ping(self) -> None:
-        """Raise if the database does not answer."""
-        await self._read(self._ping_sync)
-
-    def _ping_sync(self) -> None:
-        with self._read_engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-
-    async def _hot_read(self, fn: Callable[..., T], *args: Any) -> T:
-        # SQLite answers these single-statement reads from its cache in microseconds and WAL readers never
-        # wait for the writer, so a thread hop would cost more than the query; PostgreSQL goes over a socket.
-        if self._inline_reads:
-            return fn(*args)
-        return await self._read(fn, *args)
-
-    async def get(self, stream_id: str) -> StreamState | None:
-        """The stream with this id, expired or not, or None."""
-        return await self._hot_read(self._get_sync, self.statements.stream_by_id, {"id": stream_id})
-
-    async def get_by_name(self, name: str) -> StreamState | None:
-        """The stream with this protocol name, expired or not, or None."""
-        return await self._hot_read(self._get_sync, self.statements.stream_by_name, {"name": name})
-
     async def resolve(self, name: str, fresh: bool = False) -> StreamState | None:
         """The stream named `name` for a write: cached, since the writer checks its state again anyway.
 
@@ -267,156 +206,6 @@ class Store:
         if cached is not None and change.closed and not cached.closed:
             self._names[name] = dataclasses.replace(cached, tail=change.tail, closed_at=time.time())
 
-    def _get_sync(self, statement: Prepared, values: dict[str, Any]) -> StreamState | None:
-        row = self._driver_query(statement, values, one=True)
-        return state_from_tuple(row) if row is not None else None
-
-    def _driver_query(self, statement: Prepared, values: dict[str, Any], one: bool = False) -> Any:
-        """Run a hot read on this thread's driver connection, reconnecting once if it broke."""
-        for attempt in (1, 2):
-            conn = self._driver.get()
-            try:
-                cursor = conn.execute(statement.sql, statement.args(values))
-                return cursor.fetchone() if one else cursor.fetchall()
-            except Exception:
-                self._driver.discard()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def read(self, stream_id: str, start: int, end: int) -> bytes:
-        """The uncompressed bytes [start, end) of a stream; `end` must not pass its committed tail.
-
-        All of them, or StreamNotFoundError if the stream was deleted meanwhile: never fewer.
-        """
-        if end <= start:
-            return b""
-        data = await self._hot_read(self._read_sync, stream_id, start, end)
-        if data is None:  # inflating a compressed source may take a while: not on the event loop
-            data = await self._read(self._read_forked, stream_id, start, end)
-        if len(data) == end - start:
-            return data
-        # Short: the stream was compressed (its chunks replaced) or deleted since the caller read its state.
-        state = await self._still_there(stream_id)
-        return b"".join([piece async for piece in self.iter_content(state, start, end)])
-
-    async def offset_belongs(self, state: StreamState, generation: int, position: int) -> bool:
-        """Whether an offset of `generation` may be read from `position` in this stream (see models)."""
-        if generation == state.generation:
-            return True
-
-        def by_id(stream_id: str) -> StreamState | None:
-            return self._get_sync(self.statements.stream_by_id, {"id": stream_id})
-
-        return await self._read(offset_belongs, state, generation, position, by_id)
-
-    async def _still_there(self, stream_id: str) -> StreamState:
-        """The stream's state now, for a read that came back short; raises if it was deleted."""
-        state = await self.get(stream_id)
-        if state is None or state.deleted:
-            raise StreamNotFoundError("the stream was deleted while it was being read")
-        return state
-
-    def _read_sync(self, stream_id: str, start: int, end: int) -> bytes | None:
-        rows = self._driver_query(self.statements.chunk_range, {"id": stream_id, "lo": start, "hi": end})
-        if not rows or rows[0][0] > start:  # no chunk of its own holds `start`: it may be in a fork's source
-            return None
-        return transactions.slice_rows(rows, stream_id, start, end, self.files)
-
-    def _read_forked(self, stream_id: str, start: int, end: int) -> bytes:
-        """Read [start, end) of a stream and of the sources it forked from, in one snapshot."""
-        with self._read_engine.connect() as conn:
-            if self.postgres:  # so that a source compressed or deleted meanwhile is seen whole or not at all
-                conn = conn.execution_options(isolation_level="REPEATABLE READ")
-            row = conn.execute(select(*STREAM_STATE).where(streams.c.id == stream_id)).first()
-            if row is None:
-                return b""
-            return b"".join(transactions.iter_range(conn, StreamState.from_row(row), start, end, self.files))
-
-    async def iter_content(
-        self, state: StreamState, start: int = 0, end: int | None = None, slice_size: int = READ_SLICE
-    ) -> AsyncIterator[bytes]:
-        """The uncompressed content [start, end) in slices, whether it is stored compressed or not.
-
-        All of it, even if the stream is compressed meanwhile; StreamNotFoundError if it is deleted.
-        """
-        end = state.tail if end is None else min(end, state.tail)
-        position = start
-        for _ in range(SHORT_READS):
-            parts = [(state, position, end)]
-            if state.fork_source is not None and not state.compressed and position < (state.fork_offset or 0):
-                # Read each source's part in one pass: a compressed one is then inflated once, not per slice.
-                parts = await self._read(self._fork_parts, state, position, end)
-            for owner, _, hi in parts:
-                if owner.compressed:
-                    async for piece in self._iter_decompressed(owner.id, position, hi):
-                        position += len(piece)
-                        yield piece
-                while position < hi and not owner.compressed:
-                    want = min(hi, position + slice_size)
-                    piece = await self._hot_read(self._read_sync, owner.id, position, want)
-                    if piece is None or len(piece) < want - position:
-                        break
-                    position = want
-                    yield piece
-                if position < hi:
-                    break
-            if position >= end:
-                return
-            state = await self._still_there(state.id)
-        raise StreamNotFoundError("the stream kept changing while it was being read; read it again")
-
-    def _fork_parts(self, state: StreamState, start: int, end: int) -> list[tuple[StreamState, int, int]]:
-        with self._read_engine.connect() as conn:
-            return transactions.fork_parts(conn, state, start, end)
-
-    async def iter_gzip(self, stream_id: str, seq: int = 0) -> AsyncIterator[bytes]:
-        """The stored gzip body of a compressed stream, from its piece `seq` on."""
-        while True:
-            rows = await self._read(self._gzip_rows, stream_id, seq)
-            if not rows:
-                return
-            for _, data in rows:
-                yield data
-            seq = rows[-1][0]
-            seq += 1
-
-    def _gzip_rows(self, stream_id: str, seq: int) -> list[tuple[int, bytes]]:
-        """The next pieces from `seq`: as many as fit in GZIP_BATCH_BYTES, at least one."""
-        after = gzip_chunks.c.stream_id == stream_id, gzip_chunks.c.seq >= seq
-        with self._read_engine.connect() as conn:
-            sizes = conn.execute(
-                select(gzip_chunks.c.seq, func.length(gzip_chunks.c.data))
-                .where(*after)
-                .order_by(gzip_chunks.c.seq)
-                .limit(GZIP_BATCH_ROWS)
-            ).all()
-            if not sizes:
-                return []
-            last, total = sizes[0][0], 0
-            for row_seq, size in sizes:
-                if total and total + size > GZIP_BATCH_BYTES:
-                    break
-                last, total = row_seq, total + size
-            query = select(gzip_chunks.c.seq, gzip_chunks.c.data).where(*after, gzip_chunks.c.seq <= last)
-            return [(r.seq, bytes(r.data)) for r in conn.execute(query.order_by(gzip_chunks.c.seq))]
-
-    def _seek_point(self, stream_id: str, start: int) -> tuple[int, int]:
-        with self._read_engine.connect() as conn:
-            return transactions.seek_point(conn, stream_id, start)
-
-    async def _iter_decompressed(self, stream_id: str, start: int, end: int) -> AsyncIterator[bytes]:
-        seq, position = await self._read(self._seek_point, stream_id, start)
-        wanted = transactions.RangeInflater(start, end, position, raw=seq > 0)
-        async for packed in self.iter_gzip(stream_id, seq):
-            for piece in wanted.feed(packed):
-                if piece:
-                    yield piece
-                # Each slice costs a fraction of a millisecond; other requests run between them.
-                await asyncio.sleep(0)
-            if wanted.done:
-                return
-
     async def list(
         self,
         where: StreamFilter,
@@ -427,59 +216,19 @@ class Store:
         offset: int = 0,
     ) -> tuple[int, list[StreamState]]:
         """The total number of live streams matching `where`, and one page of them."""
-        if sort not in SORTS:
-            raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+        if sort not in listing.SORTS:
+            raise InvalidRequestError(f"sort must be one of {', '.join(listing.SORTS)}, got {sort!r}")
         if direction not in ("asc", "desc"):
             raise InvalidRequestError(f"direction must be asc or desc, got {direction!r}")
         if not 1 <= limit <= 1000:
             raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}")
         if offset < 0:
             raise InvalidRequestError(f"offset must be 0 or more, got {offset}")
-        return await self._read(self._list_sync, where, sort, direction, limit, offset)
-
-    def _list_sync(
-        self, where: StreamFilter, sort: str, direction: str, limit: int, offset: int
-    ) -> tuple[int, list[StreamState]]:
-        conditions = _filter_conditions(where, clock.now())
-        column = streams.c[SORTS[sort]]
-        order = [column.desc() if direction == "desc" else column.asc(), streams.c.id.desc()]
-        with self._read_engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(streams).where(*conditions)).scalar_one()
-            rows = conn.execute(
-                select(*STREAM_STATE).where(*conditions).order_by(*order).limit(limit).offset(offset)
-            )
-            return total, [StreamState.from_row(r) for r in rows]
+        return await self._read(listing.page, self._read_engine, where, sort, direction, limit, offset)
 
     async def summary(self, where: StreamFilter | None = None) -> dict[str, Any]:
         """Totals (streams, open streams, bytes) and per-namespace counts for live streams."""
-        return await self._read(self._summary_sync, where or StreamFilter())
-
-    def _summary_sync(self, where: StreamFilter) -> dict[str, Any]:
-        conditions = _filter_conditions(where, clock.now())
-        with self._read_engine.connect() as conn:
-            totals = conn.execute(
-                select(
-                    func.count(),
-                    func.coalesce(func.sum(streams.c.stored_bytes), 0),
-                    func.coalesce(func.sum(streams.c.tail), 0),
-                    func.count(streams.c.closed_at),
-                ).where(*conditions)
-            ).one()
-            by_namespace = conn.execute(
-                select(streams.c.namespace, func.count(), func.coalesce(func.sum(streams.c.stored_bytes), 0))
-                .where(*conditions)
-                .group_by(streams.c.namespace)
-                .order_by(streams.c.namespace)
-            ).all()
-        return {
-            "streams": totals[0],
-            "stored_bytes": int(totals[1]),
-            "content_bytes": int(totals[2]),
-            "open": totals[0] - totals[3],
-            "namespaces": [
-                {"namespace": n, "streams": c, "stored_bytes": int(b)} for n, c, b in by_namespace
-            ],
-        }
+        return await self._read(listing.summary, self._read_engine, where or StreamFilter())
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -571,7 +320,7 @@ class Store:
         files = self.files
         if state is None or not state.closed or files is None:
             return state
-        if not await self._read(_trim_unheld, files, stream_id, state.tail):
+        if not await self._read(files.trim_unheld, stream_id, state.tail):
 
             def retry() -> None:
                 if not self._closing:
@@ -603,7 +352,7 @@ class Store:
             buffer += deflater.flush() if final else deflater.flush(zlib.Z_FULL_FLUSH)
             staged.append(transactions.GzipPiece(seq, bytes(buffer), plain_start))
             seq, stored, buffer = seq + 1, stored + len(buffer), bytearray()
-            if final or stored - staged_from >= transactions.CHUNK_TARGET:
+            if final or stored - staged_from >= CHUNK_TARGET:
                 if not await self._stage(state.id, staged):
                     return False
                 staged.clear()
@@ -631,9 +380,9 @@ class Store:
         if swapped:
             self._remove_file_later(state.id)
 
-    async def _stage(self, stream_id: str, pieces: list[transactions.GzipPiece]) -> bool:
+    async def _stage(self, stream_id: str, pieces: builtins.list[transactions.GzipPiece]) -> bool:
         postgres = self.postgres
-        batch = list(pieces)
+        batch = builtins.list(pieces)
         staged: bool = await self.writer.call(
             lambda conn: transactions.stage_gzip(conn, stream_id, batch, postgres)
         )
@@ -663,17 +412,18 @@ class Store:
 
     async def touch(self, state: StreamState) -> None:
         """Slide a sliding TTL forward on a read; writes at most once per tenth of the TTL."""
-        if not state.sliding or not state.ttl_seconds or state.expires_at is None:
+        ttl, expires_at = state.ttl_seconds, state.expires_at
+        if not state.sliding or not ttl or expires_at is None:
             return
         now = clock.now()
-        if now + state.ttl_seconds - state.expires_at < state.ttl_seconds / 10:
+        if now + ttl - expires_at < ttl / 10:
             return
 
         def slide(conn: Connection) -> tuple[None, list[Change]]:
             conn.execute(
                 update(streams)
                 .where(streams.c.id == state.id, streams.c.expires_at > now)
-                .values(expires_at=now + state.ttl_seconds)
+                .values(expires_at=now + ttl)
             )
             return None, []
 
@@ -686,18 +436,16 @@ class Store:
         """
         if self.files is None or self._sweep_lock >= 0:
             return True
-        fd = os.open(f"{self._write_engine.url.database}-sweep", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another process holds it, until it stops
-            os.close(fd)
-            return False
-        self._sweep_lock = fd
-        return True
+        self._sweep_lock = chunk_files.try_lock(f"{self._write_engine.url.database}-sweep")
+        return self._sweep_lock >= 0
 
     async def compact(self, stream_id: str, full: bool = False) -> None:
         """Merge small chunks into larger ones so that reads need few rows; the content is unchanged."""
-        await self.writer.call(lambda conn: (transactions.compact(conn, stream_id, full, self.postgres), []))
+        def merge(conn: Connection) -> tuple[None, list[Change]]:
+            transactions.compact(conn, stream_id, full, self.postgres)
+            return None, []
+
+        await self.writer.call(merge)
 
     async def sweep(self) -> int:
         """Delete expired streams and collect deleted sources with no forks left; returns how many.
@@ -741,68 +489,3 @@ class Store:
         await self.writer.call(
             lambda conn: (conn.execute(sessions.delete().where(sessions.c.id_hash == id_hash)), [])
         )
-
-
-def _trim_unheld(files: ChunkFiles, stream_id: str, tail: int) -> bool:
-    """Trim a stream's file to its tail unless a writer holds the file; whether it was not held."""
-    try:
-        claim = files.claim(stream_id, create=False)
-    except FileNotFoundError:
-        return True
-    if claim is None:
-        return False
-    try:
-        files.trim(stream_id, tail)
-    finally:
-        claim.close()
-    return True
-
-
-def _filter_conditions(where: StreamFilter, now: float) -> list[Any]:
-    conditions: list[Any] = [
-        streams.c.deleted.is_(False),
-        or_(streams.c.expires_at.is_(None), streams.c.expires_at > now),
-    ]
-    if where.namespace:
-        conditions.append(streams.c.namespace == where.namespace)
-    if where.id_prefix:
-        escaped = where.id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        conditions.append(
-            or_(
-                streams.c.id.like(escaped + "%", escape="\\"), streams.c.name.like(escaped + "%", escape="\\")
-            )
-        )
-    for key, value in where.metadata:
-        conditions.append(
-            streams.c.id.in_(
-                select(metadata_pairs.c.stream_id).where(
-                    metadata_pairs.c.key == key, metadata_pairs.c.value == value
-                )
-            )
-        )
-    if where.state == "open":
-        conditions.append(streams.c.closed_at.is_(None))
-    elif where.state == "closed":
-        conditions.append(streams.c.closed_at.is_not(None))
-    elif where.state == "expiring":
-        conditions.append(streams.c.expires_at <= now + 86400)
-    elif where.state:
-        raise InvalidRequestError(f"state must be open, closed or expiring, got {where.state!r}")
-    return conditions
-
-
-def _upgrade(conn: Connection, postgres: bool) -> None:
-    """Bring a database made by an earlier version up to this schema (create_all adds only new tables)."""
-    found = inspect(conn)
-    if "pending" not in {c["name"] for c in found.get_columns("streams")}:
-        empty = "''::bytea" if postgres else "x''"
-        kind = "BYTEA" if postgres else "BLOB"
-        conn.execute(text(f"ALTER TABLE streams ADD COLUMN pending {kind} NOT NULL DEFAULT {empty}"))
-    if "ix_streams_stored_bytes" in {i["name"] for i in found.get_indexes("streams")}:
-        conn.execute(text("DROP INDEX ix_streams_stored_bytes"))
-    if "file_bytes" not in {c["name"] for c in found.get_columns("chunks")}:
-        conn.execute(text("ALTER TABLE chunks ADD COLUMN file_bytes BIGINT NOT NULL DEFAULT 0"))
-    if "plain_start" not in {c["name"] for c in found.get_columns("gzip_chunks")}:
-        conn.execute(text("ALTER TABLE gzip_chunks ADD COLUMN plain_start BIGINT"))
-    if "generation" not in {c["name"] for c in found.get_columns("streams")}:
-        conn.execute(text("ALTER TABLE streams ADD COLUMN generation BIGINT NOT NULL DEFAULT 0"))

@@ -1,13 +1,12 @@
 """The store's write transactions besides appends: create (and fork), delete, compact, compress, sweep.
 
 Each runs on the writer's thread inside one transaction and returns its result with the changes that
-doorbells announce. Appends are batched in app/store/writer.py.
+doorbells announce. Appends are batched by writer.py and written by batches.py.
 """
 
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,37 +14,26 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
 from sqlalchemy import delete as sql_delete
 
-from ..models import (
+from .. import clock
+from ..errors import (
     ContentTypeMismatchError,
     InvalidRequestError,
     StreamConflictError,
     StreamGoneError,
     StreamNotFoundError,
-    StreamState,
-    new_stream_id,
 )
-from . import clock
+from ..models import Change, StreamState, new_stream_id
 from .appends import media_type
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
-from .statements import CHUNK_RANGE, CHUNK_SIZE, STREAM_STATE
-from .tables import ChunkRow, CounterRow, GzipChunkRow, MetadataRow, ProducerRow, StreamRow
-from .writer import Change
+from .reads import iter_range
+from .schema import CHUNK_TARGET, chunks, counters, gzip_chunks, metadata_pairs, producers, streams
+from .statements import CHUNK_SIZE, STREAM_STATE
 
-streams = StreamRow.__table__
-chunks = ChunkRow.__table__
-gzip_chunks = GzipChunkRow.__table__
-metadata_pairs = MetadataRow.__table__
-producers = ProducerRow.__table__
-counters = CounterRow.__table__
 GENERATION = "stream_generation"  # the counters row of the last generation a created stream got
 
-CHUNK_TARGET = 1024 * 1024
 # A compressed stream's gzip body has a full flush point (where inflating can begin) every this many plain
 # bytes, so that a read from deep inside it inflates at most this much it does not send.
 SEEK_STEP = 1024 * 1024
-# Inflating yields at most this much at once, whatever the compression ratio.
-INFLATE_SLICE = 64 * 1024
-GZIP_ROWS_AT_ONCE = 4  # gzip pieces fetched at a time by a read inside a transaction
 # Compaction merges only chunks smaller than this, so never one held in a chunk file.
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
@@ -401,40 +389,6 @@ def _purge(conn: Connection, stream_id: str) -> None:
     conn.execute(sql_delete(streams).where(streams.c.id == stream_id))
 
 
-def read_range(conn: Connection, stream_id: str, start: int, end: int, files: ChunkFiles | None) -> bytes:
-    rows = conn.execute(CHUNK_RANGE, {"id": stream_id, "lo": start, "hi": end})
-    return slice_rows(rows, stream_id, start, end, files)
-
-
-def slice_rows(rows: Any, stream_id: str, start: int, end: int, files: ChunkFiles | None) -> bytes:
-    """The bytes [start, end) out of the (start, data, file bytes) rows of CHUNK_RANGE that cover them."""
-    pieces: list[bytes | memoryview] = []
-    run_lo = run_hi = -1  # consecutive bytes in the chunk file, read at once
-    for row_start, data, file_bytes in rows:
-        lo, hi = max(start, row_start), min(end, row_start + (file_bytes or len(data)))
-        if file_bytes and lo == run_hi:
-            run_hi = hi
-            continue
-        if run_hi > run_lo:
-            pieces.append(_read_file(files, stream_id, run_lo, run_hi))
-            run_lo = run_hi = -1
-        if file_bytes:
-            run_lo, run_hi = lo, hi
-        else:
-            pieces.append(memoryview(data)[lo - row_start : hi - row_start])
-    if run_hi > run_lo:
-        pieces.append(_read_file(files, stream_id, run_lo, run_hi))
-    if len(pieces) == 1 and isinstance(pieces[0], bytes):
-        return pieces[0]
-    return b"".join(pieces)
-
-
-def _read_file(files: ChunkFiles | None, stream_id: str, lo: int, hi: int) -> bytes:
-    if files is None:
-        raise OSError(f"stream {stream_id} has chunks in files, but this store keeps no chunk files")
-    return files.read(stream_id, lo, hi - lo)
-
-
 @dataclass
 class GzipPiece:
     """A piece of a gzip body; `plain_start` is set when inflating can begin at it (a full flush point)."""
@@ -442,122 +396,6 @@ class GzipPiece:
     seq: int
     data: bytes
     plain_start: int | None
-
-
-class RangeInflater:
-    """The bytes [start, end) of a compressed stream's content, inflated a bounded slice at a time.
-
-    It begins at the gzip body's start, or at a seek point: a piece starting after a full flush, whose
-    deflate data stands alone (raw, no header), `position` plain bytes into the content.
-    """
-
-    def __init__(self, start: int, end: int, position: int = 0, raw: bool = False) -> None:
-        self._inflater = zlib.decompressobj(-15 if raw else 31)
-        self._start = start
-        self._end = end
-        self._position = position
-
-    @property
-    def done(self) -> bool:
-        return self._position >= self._end or self._inflater.eof
-
-    def feed(self, packed: bytes) -> Iterator[bytes]:
-        """The wanted parts of what the next piece inflates to, each at most INFLATE_SLICE; some empty.
-
-        Every slice is yielded, wanted or not, so that a caller can let others run between slices.
-        """
-        data = packed
-        while not self.done:
-            out = self._inflater.decompress(data, INFLATE_SLICE)
-            data = self._inflater.unconsumed_tail
-            if not out and not data:
-                return
-            yield self._wanted(out)
-
-    def _wanted(self, data: bytes) -> bytes:
-        lo, hi = max(self._start - self._position, 0), min(self._end - self._position, len(data))
-        self._position += len(data)
-        return data[lo:hi] if lo < hi else b""
-
-
-def seek_point(conn: Connection, stream_id: str, start: int) -> tuple[int, int]:
-    """The (seq, plain offset) of the last gzip piece at which inflating can begin, at or before `start`."""
-    row = conn.execute(
-        select(gzip_chunks.c.seq, gzip_chunks.c.plain_start)
-        .where(
-            gzip_chunks.c.stream_id == stream_id,
-            gzip_chunks.c.plain_start.is_not(None),
-            gzip_chunks.c.plain_start <= start,
-        )
-        .order_by(gzip_chunks.c.seq.desc())
-        .limit(1)
-    ).first()
-    return (row.seq, row.plain_start) if row is not None else (0, 0)
-
-
-def iter_range(
-    conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
-) -> Iterator[bytes]:
-    """Read [start, end) of a stream inside the caller's transaction, in slices.
-
-    A fork's bytes below its fork offset are its source's, up a chain of forks; it ends short if it cannot
-    read them.
-    """
-    for owner, lo, hi in fork_parts(conn, state, start, end):
-        position = lo
-        for piece in _iter_own(conn, owner, lo, hi, files):
-            position += len(piece)
-            yield piece
-        if position < hi:
-            return
-
-
-def fork_parts(
-    conn: Connection, state: StreamState, start: int, end: int
-) -> list[tuple[StreamState, int, int]]:
-    """Which stream of a fork chain holds which part of [start, end), in order."""
-    parts: list[tuple[StreamState, int, int]] = []
-    # A compressed fork's gzip body holds all of its content, from offset 0.
-    while state.fork_source is not None and not state.compressed and start < (state.fork_offset or 0):
-        if end > (state.fork_offset or 0):
-            parts.append((state, state.fork_offset or 0, end))
-            end = state.fork_offset or 0
-        row = conn.execute(select(*STREAM_STATE).where(streams.c.id == state.fork_source)).first()
-        if row is None:  # gone: a fork made when forks copied their prefix still has its own copy
-            break
-        state = StreamState.from_row(row)
-    parts.append((state, start, end))
-    return parts[::-1]
-
-
-def _iter_own(
-    conn: Connection, state: StreamState, start: int, end: int, files: ChunkFiles | None
-) -> Iterator[bytes]:
-    if state.compressed:
-        seq, position = seek_point(conn, state.id, start)
-        wanted = RangeInflater(start, end, position, raw=seq > 0)
-        # A few pieces at a time: a client-side cursor would fetch the whole gzip body past `seq` at once.
-        rows = conn.execute(
-            select(gzip_chunks.c.data)
-            .where(gzip_chunks.c.stream_id == state.id, gzip_chunks.c.seq >= seq)
-            .order_by(gzip_chunks.c.seq)
-            .execution_options(yield_per=GZIP_ROWS_AT_ONCE)
-        )
-        with rows:
-            for (packed,) in rows:
-                for piece in wanted.feed(packed):
-                    if piece:
-                        yield piece
-                if wanted.done:
-                    return
-        return
-    position = start
-    while position < end:
-        piece = read_range(conn, state.id, position, min(end, position + CHUNK_TARGET), files)
-        if not piece:
-            return
-        position += len(piece)
-        yield piece
 
 
 def compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> None:

@@ -21,9 +21,10 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import FromPath, FromQuery
 
+from ..errors import StreamGoneError, StreamNotFoundError
 from ..http.headers import PAGE_HEADERS
 from ..live import LiveHub
-from ..models import StreamGoneError, StreamNotFoundError, StreamState
+from ..models import StreamState
 from ..settings import Settings
 from ..store.store import Store
 from . import charts, session

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..live import LiveHub
 from ..models import StreamState, iso
-from ..sdk.base import viewer_url
+from ..urls import viewer_url
 from .dashboard_query import View
 from .humanize import human_bytes, relative
 

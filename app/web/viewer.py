@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
@@ -22,16 +21,18 @@ from litestar.response import Redirect, Stream, Template
 from markupsafe import Markup, escape
 
 from .. import demo
+from ..errors import StreamError
 from ..http.auth import bearer, require_key
 from ..http.headers import content_headers, page_headers
 from ..http.responses import BODY_SLICE
-from ..models import StreamError, StreamState, iso
+from ..models import StreamState, iso, require_live
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
-from ..protocol.wire import PREFIX, is_text, live_state, stream_name
+from ..protocol.wire import is_text, stream_name
 from ..sdk.context import AgentContext
 from ..settings import Settings
 from ..store.appends import media_type
 from ..store.store import Store
+from ..urls import protocol_url, viewer_url
 from . import session
 from .humanize import human_bytes, relative
 
@@ -156,7 +157,7 @@ def raw_url(settings: Settings, state: StreamState) -> str:
     """The stream's bytes on the content origin, when there is one (the page itself reads them here)."""
     if not settings.content_origin:
         return ""
-    return f"{settings.content_origin}{PREFIX}/{quote(state.name, safe='/')}?offset=-1"
+    return protocol_url(settings.content_origin, state.name) + "?offset=-1"
 
 
 async def watch_context(
@@ -215,7 +216,7 @@ async def watch(
     ancestors = settings.embed_origins if embed else ()
     gone = {"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf, "embed": embed}
     try:
-        state = live_state(await store.get_by_name(stream_name(name)))
+        state = require_live(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page(gone, status=404, frame_ancestors=ancestors)
     operator = not embed and (not settings.api_keys or (current is not None and current.signed_in))
@@ -287,7 +288,7 @@ async def start_demo(
         return Response({"error": str(exc)}, status_code=429, headers={"retry-after": "5"})
     if "application/json" in request.headers.get("accept", ""):
         return Response(started.as_dict(), status_code=201)
-    return Redirect(path=f"/watch/{started.answer.id}", status_code=303)
+    return Redirect(path=viewer_url("", started.answer.id), status_code=303)
 
 
 routes = [watch, start_demo]

@@ -1,8 +1,8 @@
-"""The database tables, as SQLModel classes."""
+"""The database tables: SQLModel classes, the Core tables statements are built on, and schema upgrades."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary
+from sqlalchemy import BigInteger, Column, Connection, Index, LargeBinary, Table, inspect, text
 from sqlmodel import Field, SQLModel
 
 from ..models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
@@ -35,7 +35,7 @@ class StreamRow(SQLModel, table=True):
     fork_source: str | None = Field(default=None, max_length=64, index=True)
     fork_offset: int | None = Field(default=None, sa_type=BigInteger)
     deleted: bool = False
-    # The stream's last bytes, [tail - len(pending), tail), until they fill a chunk (writer.PENDING_LIMIT):
+    # The stream's last bytes, [tail - len(pending), tail), until they fill a chunk (batches.PENDING_LIMIT):
     # a small append then rewrites only this row, instead of adding a chunk and an index entry as well.
     pending: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False, default=b""))
     # Which incarnation of its name this stream is: the first field of its offsets, so that an offset of a
@@ -107,3 +107,37 @@ class SessionRow(SQLModel, table=True):
 
     id_hash: str = Field(primary_key=True, max_length=64)  # sha256 of the id in the cookie
     expires_at: float = Field(index=True)
+
+
+def _table(row: type[SQLModel]) -> Table:
+    """The Core table of a row class (SQLModel declares `__table__` only at run time)."""
+    return SQLModel.metadata.tables[str(row.__tablename__)]
+
+
+streams = _table(StreamRow)
+counters = _table(CounterRow)
+chunks = _table(ChunkRow)
+gzip_chunks = _table(GzipChunkRow)
+metadata_pairs = _table(MetadataRow)
+producers = _table(ProducerRow)
+sessions = _table(SessionRow)
+
+# Chunks are written, merged (compaction) and read back at most about this large.
+CHUNK_TARGET = 1024 * 1024
+
+
+def upgrade(conn: Connection, postgres: bool) -> None:
+    """Bring a database made by an earlier version up to this schema (create_all adds only new tables)."""
+    found = inspect(conn)
+    if "pending" not in {c["name"] for c in found.get_columns("streams")}:
+        empty = "''::bytea" if postgres else "x''"
+        kind = "BYTEA" if postgres else "BLOB"
+        conn.execute(text(f"ALTER TABLE streams ADD COLUMN pending {kind} NOT NULL DEFAULT {empty}"))
+    if "ix_streams_stored_bytes" in {i["name"] for i in found.get_indexes("streams")}:
+        conn.execute(text("DROP INDEX ix_streams_stored_bytes"))
+    if "file_bytes" not in {c["name"] for c in found.get_columns("chunks")}:
+        conn.execute(text("ALTER TABLE chunks ADD COLUMN file_bytes BIGINT NOT NULL DEFAULT 0"))
+    if "plain_start" not in {c["name"] for c in found.get_columns("gzip_chunks")}:
+        conn.execute(text("ALTER TABLE gzip_chunks ADD COLUMN plain_start BIGINT"))
+    if "generation" not in {c["name"] for c in found.get_columns("streams")}:
+        conn.execute(text("ALTER TABLE streams ADD COLUMN generation BIGINT NOT NULL DEFAULT 0"))
