@@ -1037,7 +1037,10 @@ const NOTES = {
  * "json", "binary"); `follow` ("false" shows what is there now and stops). It sets `data-state`
  * (connecting, live, reconnecting, closed, gone, stopped) and fires `streamhold-state` and `streamhold-data`.
  */
-export class StreamholdStream extends HTMLElement {
+// Where there is no DOM (a worker, Node), follow() still imports; the element is then never defined.
+const ElementBase = /** @type {typeof HTMLElement} */ (globalThis.HTMLElement ?? class {});
+
+export class StreamholdStream extends ElementBase {
   static observedAttributes = ["src", "format", "follow"];
 
   /** @type {AbortController|null} */
