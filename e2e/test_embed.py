@@ -267,18 +267,24 @@ def test_element_picks_the_renderer_by_type_and_can_stop_at_the_tail(
     put(base, "blog/table.csv", "text/csv", b"id,name\n1,<b>one</b>\n")
     put(base, "blog/events", "application/json", b'[{"event": "start", "n": 1}]')
     put(base, "blog/snapshot.txt", "text/plain", b"what is there now\n")
+    put(base, "blog/hidden.md", "text/markdown", b"# Title\n\n")
     page = context.new_page()
+    # As in a hidden tab, animation frames never run: the views must keep up without them.
+    page.add_init_script("window.requestAnimationFrame = () => 0;")
     html = f"""<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
 <script type="module" src="{base}/static/streamhold.js"></script>
 <streamhold-stream id="csv" src="{base}/v1/stream/blog/table.csv"></streamhold-stream>
 <streamhold-stream id="json" src="{base}/v1/stream/blog/events"></streamhold-stream>
 <streamhold-stream id="once" src="{base}/v1/stream/blog/snapshot.txt" follow="false"></streamhold-stream>
-<streamhold-stream id="missing" src="{base}/v1/stream/blog/missing"></streamhold-stream>"""
+<streamhold-stream id="missing" src="{base}/v1/stream/blog/missing"></streamhold-stream>
+<streamhold-stream id="hidden" src="{base}/v1/stream/blog/hidden.md"></streamhold-stream>"""
     page.goto(site.page("formats.html", html))
     wait_element(page, "#csv", "live")
     wait_element(page, "#json", "live")
     wait_element(page, "#once", "stopped")
     wait_element(page, "#missing", "gone")
+    wait_element(page, "#hidden", "live")
+    post(base, "blog/hidden.md", "text/markdown", b"Some **bold** words.\n")
     post(base, "blog/table.csv", "text/csv", b"2,two\n", close=True)
     post(base, "blog/events", "application/json", b'{"event": "end", "n": 2}', close=True)
     post(base, "blog/snapshot.txt", "text/plain", b"and later\n")
@@ -292,3 +298,5 @@ def test_element_picks_the_renderer_by_type_and_can_stop_at_the_tail(
     assert element_text(page, "#once") == "what is there now\n"
     assert page.locator("#once .streamhold-note").count() == 0
     assert "deleted or has expired" in str(page.locator("#missing .streamhold-note").text_content())
+    page.locator("#hidden .md strong").wait_for(timeout=TIMEOUT)
+    assert page.locator("#hidden .md h1").text_content() == "Title"
