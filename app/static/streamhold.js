@@ -725,7 +725,7 @@ function concat(parts) {
  * Replay the stream at `url` from `options.offset`, then tail it until it closes or `signal` aborts.
  * Survives dropped connections, reloads of the server and restarts: it tracks the last offset it applied
  * and reconnects from there with backoff, so `onData` never sees a byte twice or misses one.
- * @param {string|URL} url  The stream's URL (`…/v1/stream/<name>`), with any query it needs (a share link).
+ * @param {string|URL} url  The stream's URL (`…/v1/stream/<name>`); a query on it is kept on every read.
  * @param {FollowOptions} [options]
  * @returns {Promise<FollowResult>}  Rejects with StreamReadError when the stream is gone or refused.
  */
