@@ -39,7 +39,7 @@ from .sdk.local import LocalStreams
 from .settings import Settings
 from .store.store import Store
 from .subscriptions.engine import SubscriptionEngine
-from .web import dashboard, viewer
+from .web import client, dashboard, viewer
 from .web.history import History
 
 log = logging.getLogger("streamhold")
@@ -201,6 +201,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
         *admin.routes,
         *dashboard.routes,
         *viewer.routes,
+        *client.routes,
         *route_handlers,
     ]
     static = HERE / "static"

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
+# An origin a CSP `frame-ancestors` can name: scheme, host (optionally `*.` for its subdomains), port.
+EMBED_ORIGIN = re.compile(
+    r"^https?://(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$"
+    r"|^https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?$",
+    re.IGNORECASE,
+)
 
 
 class SettingsError(ValueError):
@@ -38,6 +45,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     webhook_allow_loopback: bool = False
     webhook_timeout: float = 10.0
+    embed_origins: tuple[str, ...] = ()
     history_interval: float = 10.0
     # Free space kept for deletes and the WAL checkpoint: below it appends and creates are refused (507).
     # None: 64 MiB, or a twentieth of a smaller filesystem; 0: no reserve.
@@ -86,6 +94,7 @@ class Settings:
             )
         reserve = text("MIN_FREE_BYTES")
         cors = tuple(o.strip().rstrip("/") for o in text("CORS_ORIGINS").split(",") if o.strip())
+        embed = embed_origins(text("EMBED_ORIGINS"))
         return cls(
             data_dir=Path(text("DATA_DIR", "data")),
             database_url=text("DATABASE_URL"),
@@ -107,6 +116,7 @@ class Settings:
             cors_origins=cors,
             webhook_allow_loopback=flag("WEBHOOK_ALLOW_LOOPBACK"),
             webhook_timeout=number("WEBHOOK_TIMEOUT", 10.0, 0.05),
+            embed_origins=embed,
             history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
             min_free_bytes=int(number("MIN_FREE_BYTES", 0, 0)) if reserve else None,
         )
@@ -134,3 +144,20 @@ class Settings:
     def origin(self) -> str:
         """The origin used in stream URLs."""
         return self.public_url or "http://127.0.0.1:8000"
+
+
+def embed_origins(raw: str) -> tuple[str, ...]:
+    """STREAMHOLD_EMBED_ORIGINS: the origins whose pages may frame the viewer's embed mode."""
+    origins = []
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/")
+        if not item.strip():
+            continue
+        if not EMBED_ORIGIN.match(origin):
+            raise SettingsError(
+                f"STREAMHOLD_EMBED_ORIGINS: {origin!r} is not an origin; list origins such as "
+                "https://blog.example.org or https://*.example.org:8443 (scheme, host, optional port, "
+                "no path), separated by commas"
+            )
+        origins.append(origin.lower())
+    return tuple(origins)

@@ -86,7 +86,7 @@ async def test_first_render_is_the_catch_up_to_the_tail(client: Client) -> None:
     assert "&#13;" in page  # a carriage return survives HTML parsing
     assert raw_text(page) == "hello wörld\r\nline two\n"
     assert "script-src 'self'" in response.headers["content-security-policy"]
-    assert '<script src="/static/watch.js">' in page
+    assert '<script type="module" src="/static/watch.js">' in page
 
 
 async def test_content_is_escaped_everywhere(client: Client) -> None:

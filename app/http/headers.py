@@ -56,6 +56,21 @@ PAGE_CSP = (
 )
 PAGE_HEADERS = {"content-security-policy": PAGE_CSP, "x-frame-options": "DENY"}
 
+
+def page_headers(frame_ancestors: tuple[str, ...] = ()) -> dict[str, str]:
+    """A page's CSP and frame options; an embeddable page (the viewer's embed mode) names who may frame it.
+
+    With no origins listed nobody may, as for every other page.
+    """
+    if not frame_ancestors:
+        return dict(PAGE_HEADERS)
+    csp = PAGE_CSP.replace("frame-ancestors 'none'", "frame-ancestors " + " ".join(frame_ancestors))
+    return {"content-security-policy": csp}
+
+
+# The browser client module is loaded by other sites' pages, as a module script, which is a CORS request.
+CLIENT_HEADERS = {"access-control-allow-origin": "*", "cross-origin-resource-policy": "cross-origin"}
+
 # Types a browser renders as a document that can run script (XML can carry XHTML, and with it script).
 ACTIVE_TYPES = frozenset(
     {

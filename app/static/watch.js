@@ -1,5 +1,8 @@
-/* Streamhold live viewer: follows a stream from the offset the server render ended at, over the Durable
-   Streams SSE endpoint. Every applied byte range is tracked by offset, so reconnects resume exactly. */
+/* Streamhold live viewer: follows a stream from the offset the server render ended at, with the browser
+   client's follow(), which tracks every applied byte range by offset, so reconnects resume exactly. It
+   renders with the same renderers as <streamhold-stream>. */
+import { createRenderer, follow } from "./streamhold.js";
+
 (() => {
   "use strict";
 
@@ -11,6 +14,7 @@
   const WINDOW = Number(d.window);
   const PREVIEW = 1024;
   const MAX_ATTEMPTS = 500;
+  const OFFLINE = "Offline, waiting for the network…";
   const LABELS = { connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…", closed: "Closed", gone: "Gone" };
   const $ = (id) => document.getElementById(id);
   const raw = $("raw");
@@ -18,8 +22,6 @@
   const earlier = $("earlier");
   const scroller = document.scrollingElement;
   const streamPath = `/v1/stream/${d.name.split("/").map(encodeURIComponent).join("/")}`;
-  const encoder = new TextEncoder();
-  const decoder = new TextDecoder();
 
   let start = Number(d.start);
   let offset = Number(d.offset);
@@ -27,15 +29,11 @@
   let closed = d.closed === "true";
   let gone = false;
   let chunks = [{ a: start, b: offset, text: raw ? raw.textContent : "" }];
-  let source = null;
-  let position = 0;
-  let attempts = 0;
-  let retryTimer = 0;
-  let queue = Promise.resolve();
   let following = !closed;
   let scrollQueued = false;
 
-  const renderer = window.StreamholdRender.create(kind, $("rendered") || $("view"), {
+  // Plain text shows in the raw <pre> itself, which the server rendered.
+  const renderer = createRenderer(kind === "text" ? "none" : kind, $("rendered") || $("view"), {
     header: d.header, head: d.head, preview: PREVIEW, tsv: /tab-separated/.test(d.contentType || ""),
   });
   renderer.reset(chunks[0].text, { lineStart: true, atStreamStart: start === 0 });
@@ -85,7 +83,7 @@
 
   const atBottom = () => scroller.scrollHeight - scroller.scrollTop - window.innerHeight < 48;
 
-  function follow() {
+  function stick() {
     if (!following || scrollQueued) return;
     scrollQueued = true;
     requestAnimationFrame(() => {
@@ -104,15 +102,10 @@
   jump.addEventListener("click", () => {
     following = true;
     jump.hidden = true;
-    follow();
+    stick();
   });
 
   /* ---- applying data ---- */
-
-  function enqueue(task) {
-    queue = queue.then(task).catch((error) => console.warn("streamhold viewer:", error));
-    return queue;
-  }
 
   async function fetchBytes(from, to) {
     const response = await fetch(`${streamPath}?offset=${token(from)}`, { cache: "no-store" });
@@ -131,27 +124,13 @@
     return out.subarray(0, n);
   }
 
-  async function onData(data, from, to) {
-    if (to <= offset) return;
-    if (from !== offset) {
-      restart();
-      return;
-    }
-    let text = "";
-    if (encoding === "json") {
-      text = JSON.parse(data).map((value) => `${JSON.stringify(value)}\n`).join("");
-    } else if (encoding === "base64") {
-      const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-      if (kind === "binary") renderer.bytes(bytes);
-      else text = decoder.decode(bytes, { stream: true });
-    } else {
-      text = data;
-      // SSE turns CRLF into LF; when the byte count shows that happened, read the exact bytes instead.
-      if (encoder.encode(text).length !== to - from) {
-        const bytes = await fetchBytes(from, to).catch(() => null);
-        if (bytes && bytes.length === to - from) text = new TextDecoder().decode(bytes);
-      }
-    }
+  /** One chunk from follow(): its text (or bytes, for the hex view) joins the page at its offset. */
+  function apply(chunk) {
+    const from = parseOffset(chunk.from);
+    const to = parseOffset(chunk.offset);
+    if (to < from || from !== offset) return;  // follow() hands on each byte once, in order
+    const text = kind === "binary" ? "" : chunk.text;
+    if (kind === "binary") renderer.bytes(chunk.bytes);
     const last = chunks[chunks.length - 1];
     if (kind === "binary") chunks = [];
     else if (last && last.b === from && last.b - last.a < 16384) {
@@ -164,26 +143,13 @@
     if (text) renderer.append(text);
     trim();
     showFigures();
-    follow();
+    stick();
     if (!following && d.state === "live") jump.hidden = false;
-  }
-
-  function onControl(data) {
-    const control = JSON.parse(data);
-    size = Math.max(size, parseOffset(control.streamNextOffset));
-    attempts = 0;
-    if (control.streamClosed) {
-      finish();
-      return;
-    }
-    if (control.upToDate) setState("live");
-    showFigures();
   }
 
   function finish() {
     closed = true;
     d.closed = "true";
-    drop();
     renderer.finish();
     setState("closed");
     showFigures();
@@ -241,82 +207,25 @@
 
   /* ---- the live connection ---- */
 
-  function drop() {
-    if (source) source.close();
-    source = null;
-  }
-
   function connect() {
-    if (closed || gone || source) return;
-    if (d.state !== "live") setState(attempts ? "reconnecting" : "connecting");
-    position = offset;
-    const es = new EventSource(`${streamPath}?offset=${token(offset)}&live=sse`);
-    source = es;
-    es.addEventListener("data", (event) => {
-      const from = position;
-      const to = parseOffset(event.lastEventId);
-      position = to;
-      enqueue(() => onData(event.data, from, to));
+    follow(streamPath, {
+      offset: token(offset),
+      exact: false,  // for display: a lone CR may show as a line break, saving a read per line
+      maxRetries: MAX_ATTEMPTS,
+      onData: apply,
+      onState(state, detail) {
+        if (state === "live" || state === "connecting") setState(state);
+        else if (state === "reconnecting") setState(state, detail === "offline" ? OFFLINE : LABELS.reconnecting);
+      },
+      onClose: finish,
+    }).catch((error) => {
+      if (error && (error.status === 404 || error.status === 410)) setGone();
+      else setState("reconnecting", "Disconnected: reload to try again");
     });
-    es.addEventListener("control", (event) => enqueue(() => onControl(event.data)));
-    es.onerror = () => {
-      if (source !== es) return;
-      drop();
-      // Let already received events apply first, so the next connection starts at the right offset.
-      enqueue(retryLater);
-    };
-  }
-
-  function restart() {
-    drop();
-    enqueue(check);
-  }
-
-  function retryLater() {
-    if (closed || gone) return;
-    clearTimeout(retryTimer);
-    if (attempts >= MAX_ATTEMPTS) {
-      setState("reconnecting", "Disconnected: reload to try again");
-      return;
-    }
-    setState("reconnecting", navigator.onLine ? LABELS.reconnecting : "Offline, waiting for the network…");
-    const delay = Math.min(400 * 2 ** attempts, 3000) * (0.8 + Math.random() * 0.4);
-    attempts++;
-    retryTimer = setTimeout(() => enqueue(check), delay);
-  }
-
-  async function check() {
-    retryTimer = 0;
-    if (closed || gone || source) return;
-    let response;
-    try {
-      response = await fetch(streamPath, { method: "HEAD", cache: "no-store" });
-    } catch (_) {
-      retryLater();
-      return;
-    }
-    if (response.status === 404 || response.status === 410) {
-      setGone();
-      return;
-    }
-    if (!response.ok) {
-      retryLater();
-      return;
-    }
-    const next = response.headers.get("stream-next-offset") || "";
-    if (!next.startsWith(`${generation}_`)) {  // deleted and created again: not the stream on this page
-      setGone();
-      return;
-    }
-    const tail = parseOffset(next);
-    size = Math.max(size, tail);
-    if (response.headers.get("stream-closed") === "true" && offset >= tail) finish();
-    else connect();
   }
 
   function setGone() {
     gone = true;
-    drop();
     setState("gone");
     const note = document.createElement("p");
     note.className = "gone-note";
@@ -324,22 +233,10 @@
     $("view").before(note);
   }
 
-  window.addEventListener("offline", () => {
-    if (closed || gone) return;
-    drop();
-    enqueue(retryLater);
-  });
-  window.addEventListener("online", () => {
-    if (closed || gone || source) return;
-    clearTimeout(retryTimer);
-    attempts = 0;
-    enqueue(check);
-  });
-
   /* ---- controls ---- */
 
   const copy = $("copy-link");
-  copy.addEventListener("click", async () => {
+  if (copy) copy.addEventListener("click", async () => {
     const url = location.origin + location.pathname;
     let done = false;
     try {
@@ -373,7 +270,7 @@
     renderer.finish();
     setState("closed");
   } else {
-    follow();
+    stick();
     connect();
   }
 })();

@@ -23,7 +23,7 @@ from markupsafe import Markup, escape
 from .. import demo
 from ..errors import StreamError
 from ..http.auth import bearer, require_key
-from ..http.headers import PAGE_HEADERS, content_headers
+from ..http.headers import content_headers, page_headers
 from ..http.responses import BODY_SLICE
 from ..models import StreamState, iso, require_live
 from ..protocol.reads import whole_utf8 as protocol_whole_utf8
@@ -147,8 +147,9 @@ def download_name(state: StreamState) -> str:
     return base if base.endswith(ext) else base + ext
 
 
-def page(context: dict[str, Any], status: int = 200) -> Template:
-    headers = {**PAGE_HEADERS, "cache-control": "no-store", "referrer-policy": "same-origin"}
+def page(context: dict[str, Any], status: int = 200, frame_ancestors: tuple[str, ...] = ()) -> Template:
+    """The watch page; in embed mode (`frame_ancestors` given) it may be framed by those origins."""
+    headers = {**page_headers(frame_ancestors), "cache-control": "no-store", "referrer-policy": "same-origin"}
     return Template("watch.html", context=context, status_code=status, headers=headers)
 
 
@@ -206,30 +207,31 @@ async def watch(
     settings: NamedDependency[Settings],
     before: FromQuery[int | None] = None,
     download: FromQuery[bool] = False,
+    embed: FromQuery[bool] = False,
 ) -> Response[Any]:
-    """The live viewer; `?download=1` saves the content so far, `?before=N` is an earlier JSON-mode range."""
+    """The live viewer; `?download=1` saves the content so far, `?before=N` is an earlier JSON-mode range,
+    `?embed=1` the page without the app's chrome, for the origins in STREAMHOLD_EMBED_ORIGINS to frame."""
     current = await session.current(request, settings)
-    demo_csrf = current.csrf if current is not None else ""
+    demo_csrf = current.csrf if current is not None and not embed else ""
+    ancestors = settings.embed_origins if embed else ()
+    gone = {"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf, "embed": embed}
     try:
         state = require_live(await store.get_by_name(stream_name(name)))
     except StreamError:
-        return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
-    operator = not settings.api_keys or (current is not None and current.signed_in)
+        return page(gone, status=404, frame_ancestors=ancestors)
+    operator = not embed and (not settings.api_keys or (current is not None and current.signed_in))
     try:
-        return await _watch_response(store, settings, state, demo_csrf, operator, before, download)
+        if before is not None or download:
+            return await _watch_range(store, state, before, download)
+        context = await watch_context(store, state, settings, show_metadata=operator)
     except StreamError:  # deleted while it was read
-        return page({"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf}, status=404)
+        return page(gone, status=404, frame_ancestors=ancestors)
+    context.update(gone=False, name=state.name, demo_csrf=demo_csrf, embed=embed)
+    return page(context, frame_ancestors=ancestors)
 
 
-async def _watch_response(
-    store: Store,
-    settings: Settings,
-    state: StreamState,
-    demo_csrf: str,
-    operator: bool,
-    before: int | None,
-    download: bool,
-) -> Response[Any]:
+async def _watch_range(store: Store, state: StreamState, before: int | None, download: bool) -> Response[Any]:
+    """The content so far as a download, or the JSON-mode window before `before` for "Load earlier"."""
     if download:
         return Stream(
             _content(store, state, state.tail),
@@ -240,16 +242,13 @@ async def _watch_response(
                 "content-length": str(state.tail),
             },
         )
-    if before is not None:
-        end = min(max(before, 0), state.tail)
-        window = await read_window(store, state, view_kind(state.content_type), end)
-        return Response(
-            window.text,
-            media_type="text/plain; charset=utf-8",
-            headers={"stream-range-start": str(window.start), "stream-range-end": str(window.end)},
-        )
-    context = await watch_context(store, state, settings, show_metadata=operator)
-    return page({**context, "gone": False, "name": state.name, "demo_csrf": demo_csrf})
+    end = min(max(before or 0, 0), state.tail)
+    window = await read_window(store, state, view_kind(state.content_type), end)
+    return Response(
+        window.text,
+        media_type="text/plain; charset=utf-8",
+        headers={"stream-range-start": str(window.start), "stream-range-end": str(window.end)},
+    )
 
 
 async def _content(store: Store, state: StreamState, end: int) -> AsyncIterator[bytes]:
