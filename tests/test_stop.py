@@ -122,7 +122,8 @@ async def test_stop_over_http(settings: Settings) -> None:
 
 async def test_a_protocol_stream_is_stopped_by_its_name(tmp_path: Path) -> None:
     async with AsyncTestClient(create_app(Settings(data_dir=tmp_path)), base_url=LOOPBACK) as client:
-        assert (await client.put("/v1/stream/jobs-1", headers={"content-type": "text/plain"})).status_code == 201
+        created = await client.put("/v1/stream/jobs-1", headers={"content-type": "text/plain"})
+        assert created.status_code == 201
         response = await client.post("/stream/jobs-1/stop")
         assert response.status_code == 202 and response.json()["id"].startswith("stream_")
 
