@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -141,6 +142,30 @@ async def test_stop_needs_the_write_right(tmp_path: Path) -> None:
         assert (await client.post(f"/stream/{UNKNOWN}/stop")).status_code == 401
         assert (await client.post(f"/stream/{stream_id}/stop", headers=auth)).status_code == 202
         assert (await client.get(f"/stream/{stream_id}/stop", headers=auth)).json()["stop_requested"]
+
+
+def _stop_button(page: str) -> re.Match[str] | None:
+    return re.search(r'id="stop" data-stream="(stream_[0-9a-f]{32})" data-csrf="([0-9a-f]*)"', page)
+
+
+async def test_the_viewer_offers_stop_to_a_signed_in_operator(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, api_keys=(KEY,)))
+    auth = {"authorization": f"Bearer {KEY}"}
+    async with AsyncTestClient(app, base_url=LOOPBACK) as client:
+        stream_id = (await client.post("/stream", json={"name": "jobs"}, headers=auth)).json()["id"]
+        assert _stop_button((await client.get(f"/watch/{stream_id}")).text) is None  # not signed in
+        signin = await client.post("/signin", data={"key": KEY, "next": "/"}, follow_redirects=False)
+        assert signin.status_code == 303
+        page = (await client.get(f"/watch/{stream_id}")).text
+        button = _stop_button(page)
+        assert button is not None and button.group(1) == stream_id and '/static/stop.js' in page
+        # The session alone is not enough: the page's CSRF token must come with it.
+        refused = await client.post(f"/stream/{stream_id}/stop", headers={"x-csrf-token": "0" * 64})
+        assert refused.status_code == 403 and "CSRF" in refused.text
+        stopped = await client.post(f"/stream/{stream_id}/stop", headers={"x-csrf-token": button.group(2)})
+        assert stopped.status_code == 202 and stopped.json()["stop_requested"] is True
+        assert (await client.post(f"/stream/{stream_id}/complete", headers=auth)).status_code == 204
+        assert _stop_button((await client.get(f"/watch/{stream_id}")).text) is None  # closed: nothing to stop
 
 
 async def _wait_closed(client: Any, stream_id: str, within: float) -> float:

@@ -249,7 +249,9 @@ async def _watch_response(
             headers={"stream-range-start": str(window.start), "stream-range-end": str(window.end)},
         )
     context = await watch_context(store, state, settings, show_metadata=operator)
-    return page({**context, "gone": False, "name": state.name, "demo_csrf": demo_csrf})
+    # Whoever may start a demo here may stop a stream's writer (POST /stream/{id}/stop checks it again).
+    may_stop = bool(demo_csrf)
+    return page({**context, "gone": False, "name": state.name, "demo_csrf": demo_csrf, "may_stop": may_stop})
 
 
 async def _content(store: Store, state: StreamState, end: int) -> AsyncIterator[bytes]:
