@@ -1,4 +1,4 @@
-"""The viewer's Stop button: pressed on one device, the demo's writer stops and every viewer shows it closed."""
+"""The viewer's Stop button: pressed on one device, the demo's writer stops and every viewer shows it."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def test_stop_from_a_second_device(shared_server: ServerProcess, browser: Browse
     try:
         for page in (first, second):
             expect(page.locator("#stop")).to_be_visible()
-        expect(second.locator(".md h1")).to_have_text("How a durable stream survives a refresh", timeout=TIMEOUT)
+        heading = "How a durable stream survives a refresh"
+        expect(second.locator(".md h1")).to_have_text(heading, timeout=TIMEOUT)
         second.click("#stop")
         clicked = time.monotonic()
         while not httpx.post(f"{base}/stream/{answer}/info").json()["completed"]:
