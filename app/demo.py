@@ -188,6 +188,8 @@ class _Written:
     tokens: int = 0
     bytes: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
+    fences: int = 0  # Markdown code fences opened or closed so far
+    tail: str = ""  # the last characters written, to find a fence split between tokens
 
 
 async def _write_tokens(answer: Stream, audit: Stream, tokens: AsyncIterator[str], written: _Written) -> None:
@@ -196,6 +198,9 @@ async def _write_tokens(answer: Stream, audit: Stream, tokens: AsyncIterator[str
         data = token.encode()
         answer.write(data)
         written.digest.update(data)
+        seen = written.tail + token
+        written.fences += seen.count("```") - written.tail.count("```")
+        written.tail = seen[-2:]
         written.tokens, written.bytes = written.tokens + 1, written.bytes + len(data)
         if written.tokens % PROGRESS_EVERY == 0:
             progress = {"event": "progress", "tokens": written.tokens, "bytes": written.bytes}
@@ -245,7 +250,8 @@ async def run(answer: Stream, audit: Stream, tokens: AsyncIterator[str], model: 
             writing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writing
-            answer.write(STOPPED_LINE)
+            # Stopped inside a code block: close it, or the line would show as code.
+            answer.write(("\n```" if written.fences % 2 else "") + STOPPED_LINE)
             outcome = {"event": "stopped"}
     except Exception as exc:  # the reader should see why the answer stopped, in both streams
         answer.write(f"\n\n> **The model call failed:** {exc}\n")

@@ -55,7 +55,7 @@ async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> Non
 def _answer(state: StreamState) -> dict[str, Any]:
     return {
         "id": state.id,
-        "stop_requested": state.stop_requested_at is not None and not state.closed,
+        "stop_requested": state.stop_requested_at is not None,
         "stop_requested_at": iso(state.stop_requested_at),
         "closed": state.closed,
     }
@@ -72,7 +72,7 @@ async def stop_stream(
     await _authorise(request, settings)
     state = await store.request_stop((await _stream(store, stream_id)).id)
     if state.closed:
-        return _json(200, {**_answer(state), "stopped": False, "reason": "closed"})
+        return _json(200, {**_answer(state), "stop_requested": False, "stopped": False, "reason": "closed"})
     return _json(202, _answer(state))
 
 

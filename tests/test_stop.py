@@ -199,6 +199,26 @@ async def test_the_demo_stops_within_a_second(tmp_path: Path) -> None:
         assert last["event"] == "stopped" and last["tokens"] > 0
 
 
+async def test_a_demo_stopped_inside_a_code_block_closes_it(tmp_path: Path) -> None:
+    typed = asyncio.Event()
+
+    async def tokens() -> AsyncIterator[str]:
+        for token in ["# T\n", "``", "`py\n", "x = 1\n"]:
+            yield token
+        typed.set()
+        await asyncio.sleep(60)  # a model that stalls: the stop must not wait for its next token
+
+    async with local_streams(Settings(data_dir=tmp_path)) as streams:
+        answer, audit = await streams.create("demo"), await streams.create("demo")
+        running = asyncio.ensure_future(demo.run(answer, audit, tokens(), "m", "p"))
+        await typed.wait()
+        await streams.stop(answer.id)
+        async with asyncio.timeout(1.0):
+            await running
+        content = b"".join([piece async for piece in streams.download(answer.id)]).decode()
+        assert content == "# T\n```py\nx = 1\n\n```" + demo.STOPPED_LINE
+
+
 async def test_stop_crosses_processes(tmp_path: Path, pg_server: str) -> None:
     """A stop posted to process A reaches a demo writer and a remote-SDK writer served by process B."""
     with fresh_database(pg_server) as database:

@@ -61,10 +61,12 @@ class _LocalStream(Stream):
 
     async def _poll_stop(self, seconds: float) -> bool | None:
         state = await self._service.store.get(self.id)
-        if not lifecycle(state).readable or state is None or state.closed:
+        if not lifecycle(state).readable or state is None:
             return None
         if state.stop_requested_at is not None:
             return True
+        if state.closed:
+            return None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._stop.wait()

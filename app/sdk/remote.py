@@ -170,6 +170,10 @@ class RemoteStream(Stream):
         # One long-poll at a time on the stream's small stop endpoint, each at most STOP_WAIT seconds, from
         # the first look at `stop_requested` until the stream is closed: no cost for writers that never look.
         if self._stop_watcher is None and not self._closed and not self._stop.is_set():
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # looked at outside the event loop: nothing can watch for it there
+                return
             self._stop_watcher = self._service._watch(self.wait_stop())
 
     async def _poll_stop(self, seconds: float) -> bool | None:
@@ -186,7 +190,7 @@ class RemoteStream(Stream):
         if response.is_error:
             raise error_for(response)
         answer = response.json()
-        return None if answer.get("closed") else bool(answer.get("stop_requested"))
+        return True if answer.get("stop_requested") else None if answer.get("closed") else False
 
     async def _finish(self) -> None:
         if self._stop_watcher is not None:
@@ -370,4 +374,4 @@ class RemoteStreams(StreamService):
 
     async def stop(self, stream_id: str) -> bool:
         response = await self._post(f"/stream/{check_id(stream_id)}/stop")
-        return bool(response.json().get("stop_requested"))
+        return response.status_code == 202  # 200: the stream is closed, there is nothing to stop
