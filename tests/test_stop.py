@@ -79,16 +79,14 @@ async def test_wait_stop_ends_when_the_stream_is_closed(settings: Settings) -> N
             assert await stream.wait_stop() is False
 
 
-def test_an_old_database_gains_the_column(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path)
-
+def test_an_old_database_gains_the_column(settings: Settings) -> None:
     async def open_once() -> None:
         async with local_streams(settings) as streams:
             stream = await streams.create("jobs")
             assert await streams.stop(stream.id)
 
     asyncio.run(open_once())
-    engine = create_engine(f"sqlite:///{tmp_path / 'streamhold.db'}")
+    engine = create_engine(settings.sqlalchemy_url)
     try:
         with engine.begin() as conn:
             assert "stop_requested_at" in {c["name"] for c in inspect(conn).get_columns("streams")}
