@@ -17,8 +17,9 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import create_engine, inspect, text
 
 from streamhold import demo
-from streamhold.live import LiveHub
+from streamhold.live import LiveHub, encode_doorbells
 from streamhold.main import create_app
+from streamhold.models import Change
 from streamhold.sdk.local import LocalStreams
 from streamhold.sdk.remote import RemoteStreams, UnauthorizedError
 from streamhold.settings import Settings
@@ -77,6 +78,13 @@ async def test_wait_stop_ends_when_the_stream_is_closed(settings: Settings) -> N
         await stream.close()
         async with asyncio.timeout(1.0):
             assert await stream.wait_stop() is False
+
+
+def test_the_stop_flag_rides_the_doorbell_only_when_set() -> None:
+    """Processes of earlier versions read the first four fields of an item: they must stay as they were."""
+    message = encode_doorbells("o", [Change("s1", 5, False), Change("s2", -1, False, stop=True)])[0]
+    items = json.loads(message)["c"]
+    assert items == [["s1", 5, False, False], ["s2", -1, False, False, True]]
 
 
 def test_an_old_database_gains_the_column(settings: Settings) -> None:
