@@ -90,6 +90,7 @@ def wire_info(state: StreamState, origin: str) -> dict[str, Any]:
         "stored_bytes": state.stored_bytes,
         "protocol_name": state.name,
         "viewer_url": info.viewer_url,
+        "stop_requested": state.stop_requested_at is not None,
     }
 
 

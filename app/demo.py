@@ -7,13 +7,14 @@ are set, and otherwise from a simulated model that types a canned answer at a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ MAX_TOKENS = 8192
 MAX_SECONDS = 180.0
 SIMULATED_RATE = 50.0
 PROGRESS_EVERY = 40
+STOPPED_LINE = "\n\n> **Stopped:** someone pressed Stop, so the answer ends here.\n"
 PROMPT = "How does a durable stream survive a page refresh? Show how to write one from Python."
 SYSTEM = (
     "You answer in GitHub-flavoured Markdown: a heading, a short paragraph, a numbered list, "
@@ -179,12 +181,52 @@ async def start(ctx: AgentContext, settings: Settings, prompt: str = PROMPT) -> 
     return DemoStarted(answer, audit, model)
 
 
-async def run(answer: Stream, audit: Stream, tokens: AsyncIterator[str], model: str, prompt: str) -> None:
-    """Write the answer token by token and the audit records beside it; always close both streams."""
+@dataclass
+class _Written:
+    """How much of the answer has been written so far."""
+
+    tokens: int = 0
+    bytes: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+    fences: int = 0  # Markdown code fences opened or closed so far
+    tail: str = ""  # the last characters written, to find a fence split between tokens
+
+
+async def _write_tokens(answer: Stream, audit: Stream, tokens: AsyncIterator[str], written: _Written) -> None:
     began = time.monotonic()
-    digest = hashlib.sha256()
-    count = size = 0
+    async for token in tokens:
+        data = token.encode()
+        answer.write(data)
+        written.digest.update(data)
+        seen = written.tail + token
+        written.fences += seen.count("```") - written.tail.count("```")
+        written.tail = seen[-2:]
+        written.tokens, written.bytes = written.tokens + 1, written.bytes + len(data)
+        if written.tokens % PROGRESS_EVERY == 0:
+            progress = {"event": "progress", "tokens": written.tokens, "bytes": written.bytes}
+            audit.write({**progress, "elapsed_ms": _ms(began)})
+        if written.tokens >= MAX_TOKENS:
+            break
+
+
+async def _stop_asked(answer: Stream, audit: Stream) -> bool:
+    """True once a stop of either stream is asked (POST /stream/{id}/stop, the viewer's Stop button)."""
+    waits = [asyncio.ensure_future(answer.wait_stop()), asyncio.ensure_future(audit.wait_stop())]
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return any(wait.result() for wait in done)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+async def run(answer: Stream, audit: Stream, tokens: AsyncIterator[str], model: str, prompt: str) -> None:
+    """Write the answer token by token and the audit records beside it, until done or asked to stop; always
+    close both streams."""
+    began = time.monotonic()
+    written = _Written()
     outcome: dict[str, Any] = {"event": "cancelled"}
+    writing = stopping = None
     try:
         audit.write(
             {
@@ -196,23 +238,31 @@ async def run(answer: Stream, audit: Stream, tokens: AsyncIterator[str], model: 
             }
         )
         async with asyncio.timeout(MAX_SECONDS):
-            async for token in tokens:
-                data = token.encode()
-                answer.write(data)
-                digest.update(data)
-                count, size = count + 1, size + len(data)
-                if count % PROGRESS_EVERY == 0:
-                    progress = {"event": "progress", "tokens": count, "bytes": size, "elapsed_ms": _ms(began)}
-                    audit.write(progress)
-                if count >= MAX_TOKENS:
-                    break
-        outcome = {"event": "complete", "tokens": count, "bytes": size, "sha256": digest.hexdigest()}
+            writing = asyncio.ensure_future(_write_tokens(answer, audit, tokens, written))
+            stopping = asyncio.ensure_future(_stop_asked(answer, audit))
+            await asyncio.wait((writing, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not writing.done() and not stopping.result():  # a stream was closed elsewhere: no stop
+                await writing
+        if writing.done():
+            writing.result()
+            outcome = {"event": "complete", "sha256": written.digest.hexdigest()}
+        else:
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writing
+            # Stopped inside a code block: close it, or the line would show as code.
+            answer.write(("\n```" if written.fences % 2 else "") + STOPPED_LINE)
+            outcome = {"event": "stopped"}
     except Exception as exc:  # the reader should see why the answer stopped, in both streams
         answer.write(f"\n\n> **The model call failed:** {exc}\n")
-        outcome = {"event": "error", "message": str(exc), "tokens": count, "bytes": size}
+        outcome = {"event": "error", "message": str(exc)}
     finally:
+        for task in (writing, stopping):
+            if task is not None and not task.done():
+                task.cancel()
         _running.discard(answer.id)
-        audit.write({**outcome, "at": iso(time.time()), "duration_ms": _ms(began)})
+        counts = {"tokens": written.tokens, "bytes": written.bytes}
+        audit.write({**outcome, **counts, "at": iso(time.time()), "duration_ms": _ms(began)})
         await asyncio.gather(answer.close(), audit.close())
 
 

@@ -50,7 +50,10 @@ def encode_doorbells(origin: str, changes: Iterable[Change]) -> list[bytes]:
     items: list[str] = []
     size = len(prefix) + 2
     for change in changes:
-        item = json.dumps([change.stream_id, change.tail, change.closed, change.gone], separators=(",", ":"))
+        fields: list[Any] = [change.stream_id, change.tail, change.closed, change.gone]
+        if change.stop:  # a fifth field only when set: processes of earlier versions read the first four
+            fields.append(True)
+        item = json.dumps(fields, separators=(",", ":"))
         if items and size + len(item) + 1 > MAX_MESSAGE:
             messages.append((prefix + ",".join(items) + "]}").encode())
             items, size = [], len(prefix) + 2
@@ -154,6 +157,7 @@ class LiveHub:
         self._outbox: dict[str, Change] = {}
         self._outbox_ready = asyncio.Event()
         self._pings: dict[str, asyncio.Future[None]] = {}
+        self._stop_listeners: dict[str, set[Callable[[], None]]] = {}
         self._closed = False
         self._publish_failing = False
         self.sent = 0
@@ -261,6 +265,7 @@ class LiveHub:
                     max(change.tail, queued.tail),
                     change.closed or queued.closed,
                     change.gone or queued.gone,
+                    stop=change.stop or queued.stop,
                 )
             self._outbox[change.stream_id] = change
         self._outbox_ready.set()
@@ -323,7 +328,25 @@ class LiveHub:
         for watch in self._watches.values():
             watch.ring()
 
+    def on_stop(self, stream_id: str, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` when a stop of the stream is asked, on any process; returns the unsubscribe."""
+        self._stop_listeners.setdefault(stream_id, set()).add(listener)
+
+        def unsubscribe() -> None:
+            listeners = self._stop_listeners.get(stream_id)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    del self._stop_listeners[stream_id]
+
+        return unsubscribe
+
     def _ring_local(self, change: Change) -> None:
+        if change.stop:
+            for listener in list(self._stop_listeners.get(change.stream_id, ())):
+                listener()
+            if change.tail < 0 and not change.closed and not change.gone:
+                return  # only the stop: the stream's readers have nothing new to read
         watch = self._watches.get(change.stream_id)
         if watch is None:
             return
@@ -393,8 +416,9 @@ class LiveHub:
         self.received += 1
         for item in payload.get("c", ()):
             try:
-                stream_id, tail, closed, gone = item
-                change = Change(str(stream_id), int(tail), bool(closed), bool(gone))
+                stream_id, tail, closed, gone, *more = item
+                stop = bool(more and more[0])
+                change = Change(str(stream_id), int(tail), bool(closed), bool(gone), stop=stop)
             except (ValueError, TypeError):
                 continue
             self._ring_local(change)

@@ -28,7 +28,7 @@ from litestar.types import (
     Send,
 )
 
-from . import agentuity_api, protocol
+from . import agentuity_api, protocol, stop_api
 from .errors import StreamError
 from .http import admin, guard, headers, ops
 from .http.metrics import request_metrics
@@ -196,7 +196,11 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
         return AgentContext(state.runtime)
 
     routes: list[Any] = [
-        Router("/", route_handlers=[*protocol.routes, *agentuity_api.routes], opt={"stream_api": True}),
+        Router(
+            "/",
+            route_handlers=[*protocol.routes, *agentuity_api.routes, *stop_api.routes],
+            opt={"stream_api": True},
+        ),
         *ops.routes,
         *admin.routes,
         *dashboard.routes,

@@ -52,6 +52,7 @@ class StreamState:
     fork_offset: int | None
     deleted: bool
     generation: int = 0
+    stop_requested_at: float | None = None  # when someone asked the writer to stop (POST /stream/{id}/stop)
 
     @property
     def closed(self) -> bool:
@@ -91,7 +92,16 @@ class StreamState:
             fork_offset=get("fork_offset"),
             deleted=bool(get("deleted")),
             generation=get("generation") or 0,
+            stop_requested_at=_optional(get, "stop_requested_at"),
         )
+
+
+def _optional(get: Callable[[str], Any], key: str) -> Any:
+    """A column that rows selected before it existed (old statements, old backups) may lack."""
+    try:
+        return get(key)
+    except (KeyError, AttributeError):
+        return None
 
 
 class Lifecycle(enum.Enum):
@@ -174,6 +184,7 @@ class Change:
     closed: bool
     gone: bool = False
     added_chunk: int = 0  # the size of the chunk the operation added, if it added one
+    stop: bool = False  # someone asked the stream's writer to stop (then `tail` may be -1: no news of it)
 
 
 # --- offsets and ids -----------------------------------------------------------------------------

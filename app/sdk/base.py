@@ -19,6 +19,8 @@ from .. import checks
 from ..errors import StreamClosedError
 from ..models import DEFAULT_TTL, clamp_ttl
 
+STOP_POLL = 10.0  # seconds a stop wait lasts before it asks the store (or server) again
+
 
 class _Unset:
     def __repr__(self) -> str:
@@ -45,6 +47,7 @@ class StreamInfo:
     created_at: datetime
     closed_at: datetime | None
     expires_at: datetime | None
+    stop_requested: bool = False  # someone asked the writer to stop (POST /stream/{id}/stop)
 
     @property
     def closed(self) -> bool:
@@ -119,6 +122,7 @@ class Stream:
         self._pending: set[asyncio.Future[Any]] = set()
         self._error: BaseException | None = None
         self._last: asyncio.Future[Any] | None = None  # the future of the latest write
+        self._stop = asyncio.Event()
 
     def write(self, data: Any) -> asyncio.Future[Any]:
         """Queue `data` now; await the result to know it is committed."""
@@ -158,6 +162,29 @@ class Stream:
         if self._error is not None:
             raise self._error
         await self._finish()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop of this stream's writer was asked (POST /stream/{id}/stop): look between writes."""
+        self._watch_stop()
+        return self._stop.is_set()
+
+    async def wait_stop(self) -> bool:
+        """Wait until a stop is asked (True) or the stream is closed (False); asyncio.timeout bounds it"""
+        while not self._stop.is_set() and not self._closed:
+            asked = await self._poll_stop(STOP_POLL)
+            if asked is None:  # closed or gone: no stop will come
+                break
+            if asked:
+                self._stop.set()
+        return self._stop.is_set()
+
+    def _watch_stop(self) -> None:
+        """Start keeping `stop_requested` up to date, if this kind of stream needs to do something for it."""
+
+    @abc.abstractmethod
+    async def _poll_stop(self, seconds: float) -> bool | None:
+        """Whether a stop is asked, waiting up to `seconds` for one; None once the stream is closed."""
 
     async def __aenter__(self) -> Stream:
         return self
@@ -205,6 +232,10 @@ class StreamService(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, stream_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self, stream_id: str) -> bool:
+        """Ask the stream's writer to stop, wherever it runs; False when the stream is already closed."""
 
 
 def _dt(ts: float | None) -> datetime | None:

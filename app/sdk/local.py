@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ def info_from_state(state: StreamState, origin: str) -> StreamInfo:
         created_at=datetime.fromtimestamp(state.created_at, UTC),
         closed_at=_dt(state.closed_at),
         expires_at=_dt(state.expires_at),
+        stop_requested=state.stop_requested_at is not None,
     )
 
 
@@ -48,6 +50,8 @@ class _LocalStream(Stream):
     def __init__(self, info: StreamInfo, compressed: bool, service: LocalStreams) -> None:
         super().__init__(info, compressed)
         self._service = service
+        # The stop doorbell reaches this process wherever the stop was posted; wait_stop reads the store too.
+        self._unlisten = service.hub.on_stop(self.id, self._stop.set)
 
     def _send(self, chunk: bytes) -> asyncio.Future[AppendResult]:
         limit = self._service.settings.max_append_bytes
@@ -55,7 +59,21 @@ class _LocalStream(Stream):
             raise PayloadTooLargeError(f"a write may be at most {limit} bytes; split it into smaller writes")
         return self._service.store.write_nowait(self.id, chunk)
 
+    async def _poll_stop(self, seconds: float) -> bool | None:
+        state = await self._service.store.get(self.id)
+        if not lifecycle(state).readable or state is None:
+            return None
+        if state.stop_requested_at is not None:
+            return True
+        if state.closed:
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        return self._stop.is_set()
+
     async def _finish(self) -> None:
+        self._unlisten()
         store = self._service.store
         await store.append_nowait(self.id, b"", close=True, compress=self.compressed)
         await store.finish(self.id)
@@ -141,3 +159,7 @@ class LocalStreams(StreamService):
     async def delete(self, stream_id: str) -> None:
         await self._live_state(stream_id)
         await self.store.delete(stream_id)
+
+    async def stop(self, stream_id: str) -> bool:
+        state = await self.store.request_stop((await self._live_state(stream_id)).id)
+        return not state.closed

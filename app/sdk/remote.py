@@ -37,6 +37,7 @@ __all__ = [
 DEFAULT_MAX_APPEND = 5 * 1024 * 1024
 RETRY_DELAYS = (0.2, 0.4, 0.8, 1.6, 2.0)
 IDENTITY = {"accept-encoding": "identity"}
+STOP_WAIT = 25.0  # seconds one stop long-poll waits (the server allows 30)
 
 
 class UnauthorizedError(StreamError, PermissionError):
@@ -113,6 +114,7 @@ def info_from_wire(data: Mapping[str, Any]) -> StreamInfo:
         created_at=_time(data.get("created_at")),  # type: ignore[arg-type]
         closed_at=_time(data.get("closed_at")),
         expires_at=_time(data.get("expires_at")),
+        stop_requested=bool(data.get("stop_requested", False)),
     )
 
 
@@ -128,6 +130,7 @@ class RemoteStream(Stream):
         self.max_append = max_append
         self._queue: collections.deque[tuple[bytes, asyncio.Future[None]]] = collections.deque()
         self._sender: asyncio.Task[None] | None = None
+        self._stop_watcher: asyncio.Task[bool] | None = None
 
     def _send(self, chunk: bytes) -> asyncio.Future[None]:
         if len(chunk) > self.max_append:
@@ -164,7 +167,35 @@ class RemoteStream(Stream):
                 if not future.done():
                     future.set_result(None)
 
+    def _watch_stop(self) -> None:
+        # One long-poll at a time on the stream's small stop endpoint, each at most STOP_WAIT seconds, from
+        # the first look at `stop_requested` until the stream is closed: no cost for writers that never look.
+        if self._stop_watcher is None and not self._closed and not self._stop.is_set():
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # looked at outside the event loop: nothing can watch for it there
+                return
+            self._stop_watcher = self._service._watch(self.wait_stop())
+
+    async def _poll_stop(self, seconds: float) -> bool | None:
+        wait = min(seconds, STOP_WAIT)
+        try:
+            response = await self._service._client.get(
+                f"/stream/{self.id}/stop", params={"wait": f"{wait:.3f}"}, timeout=wait + 10.0
+            )
+        except httpx.TransportError:
+            await asyncio.sleep(min(wait, RETRY_DELAYS[-1]))  # the server is away: ask again shortly
+            return False
+        if response.status_code == 404:
+            return None
+        if response.is_error:
+            raise error_for(response)
+        answer = response.json()
+        return True if answer.get("stop_requested") else None if answer.get("closed") else False
+
     async def _finish(self) -> None:
+        if self._stop_watcher is not None:
+            self._stop_watcher.cancel()
         headers = {"x-compress": "gzip"} if self.compressed else {}
         await self._service._post(f"/stream/{self.id}/complete", headers=headers)
 
@@ -189,6 +220,7 @@ class RemoteStreams(StreamService):
             base_url=self.server_url, headers=headers, timeout=timeout, transport=transport
         )
         self._senders: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[bool]] = set()
 
     async def __aenter__(self) -> RemoteStreams:
         return self
@@ -200,6 +232,9 @@ class RemoteStreams(StreamService):
         """Wait for queued writes, then close the connections."""
         while self._senders:
             await asyncio.gather(*list(self._senders), return_exceptions=True)
+        for watcher in list(self._watchers):
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         await self._client.aclose()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -207,6 +242,17 @@ class RemoteStreams(StreamService):
         self._senders.add(task)
         task.add_done_callback(self._senders.discard)
         return task
+
+    def _watch(self, work: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
+        task: asyncio.Task[bool] = asyncio.get_running_loop().create_task(work)
+        self._watchers.add(task)
+        task.add_done_callback(self._watched)
+        return task
+
+    def _watched(self, task: asyncio.Task[bool]) -> None:
+        self._watchers.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen: stop_requested stays False, and wait_stop() raises it itself
 
     async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
         try:
@@ -326,6 +372,10 @@ class RemoteStreams(StreamService):
 
     async def delete(self, stream_id: str) -> None:
         await self._request("DELETE", f"/stream/{check_id(stream_id)}")
+
+    async def stop(self, stream_id: str) -> bool:
+        response = await self._post(f"/stream/{check_id(stream_id)}/stop")
+        return response.status_code == 202  # 200: the stream is closed, there is nothing to stop
 
     # --- subscriptions (the protocol's reserved APIs) ---------------------------------------------
 

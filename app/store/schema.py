@@ -41,6 +41,8 @@ class StreamRow(SQLModel, table=True):
     # Which incarnation of its name this stream is: the first field of its offsets, so that an offset of a
     # deleted stream is never read inside a later one of the same name. 0 for streams made before it existed.
     generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # When someone asked the writer to stop (POST /stream/{id}/stop); the writer decides when it does.
+    stop_requested_at: float | None = None
 
 
 class CounterRow(SQLModel, table=True):
@@ -141,3 +143,6 @@ def upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text("ALTER TABLE gzip_chunks ADD COLUMN plain_start BIGINT"))
     if "generation" not in {c["name"] for c in found.get_columns("streams")}:
         conn.execute(text("ALTER TABLE streams ADD COLUMN generation BIGINT NOT NULL DEFAULT 0"))
+    if "stop_requested_at" not in {c["name"] for c in found.get_columns("streams")}:
+        kind = "DOUBLE PRECISION" if postgres else "FLOAT"
+        conn.execute(text(f"ALTER TABLE streams ADD COLUMN stop_requested_at {kind}"))

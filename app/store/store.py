@@ -426,6 +426,10 @@ class Store(Reader):
         await self.writer.call(delete)
         self.space.recheck()
 
+    async def request_stop(self, stream_id: str) -> StreamState:
+        """Ask a stream's writer to stop, on every process; a closed stream is returned as it is."""
+        return await self.writer.call(lambda conn: transactions.request_stop(conn, stream_id, self.postgres))
+
     async def delete_matching(self, where: StreamFilter) -> int:
         """Delete every live stream matching `where`; returns how many."""
         deleted = 0

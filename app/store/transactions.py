@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
@@ -22,7 +22,7 @@ from ..errors import (
     StreamGoneError,
     StreamNotFoundError,
 )
-from ..models import Change, StreamState, new_stream_id
+from ..models import Change, StreamState, lifecycle, new_stream_id
 from .appends import media_type
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from .reads import iter_range
@@ -221,6 +221,24 @@ def delete_many(conn: Connection, stream_ids: list[str], postgres: bool) -> tupl
             continue
         deleted += 1
     return deleted, changes
+
+
+def request_stop(conn: Connection, stream_id: str, postgres: bool) -> tuple[StreamState, list[Change]]:
+    """Record that the writer was asked to stop (the first request's time is kept) and ring its doorbell.
+
+    A closed stream has nothing to stop: it is returned unchanged, with no doorbell.
+    """
+    state = _locked(conn, streams.c.id, stream_id, postgres)
+    if state is None or not lifecycle(state).readable:
+        raise StreamNotFoundError(f"stream {stream_id} not found (it may have expired or been deleted)")
+    if state.closed:
+        return state, []
+    if state.stop_requested_at is None:
+        now = clock.now()
+        conn.execute(update(streams).where(streams.c.id == stream_id).values(stop_requested_at=now))
+        state = replace(state, stop_requested_at=now)
+    # Rung again on a repeated request: a writer that missed the first doorbell hears this one.
+    return state, [Change(stream_id, -1, False, stop=True)]
 
 
 def stage_gzip(

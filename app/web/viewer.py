@@ -226,7 +226,8 @@ async def watch(
         context = await watch_context(store, state, settings, show_metadata=operator)
     except StreamError:  # deleted while it was read
         return page(gone, status=404, frame_ancestors=ancestors)
-    context.update(gone=False, name=state.name, demo_csrf=demo_csrf, embed=embed)
+    # Whoever may start a demo here may stop a stream's writer (POST /stream/{id}/stop checks it again).
+    context.update(gone=False, name=state.name, demo_csrf=demo_csrf, embed=embed, may_stop=bool(demo_csrf))
     return page(context, frame_ancestors=ancestors)
 
 
