@@ -96,6 +96,12 @@ def backup(database: Path, dest: Path) -> Manifest:
     """Write a consistent backup of the store whose database is `database` into the new folder `dest`."""
     if not database.is_file():
         raise BackupError(f"no database at {database}: point --data-dir at the server's data directory")
+    home = database.resolve().parent
+    if dest.resolve() == home or home in dest.resolve().parents:
+        raise BackupError(
+            f"{dest} is inside the data directory {home}: a backup there is lost with the store (and in its "
+            "chunk folder it breaks the store); back up into a folder elsewhere"
+        )
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} exists and is not an empty folder: back up into a new folder")
     staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")

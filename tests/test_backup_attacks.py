@@ -1,0 +1,70 @@
+"""Operator mistakes and bad luck around backups and a full disk: refused or survived, never harmful."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import httpx
+
+from tests._operator import STARTUP, append, cli, create, read_all
+from tests._server import ServerProcess
+from tests.test_disk_full import BIG, Client, fill, serve, small_disk, wait_for
+
+__all__ = ["small_disk"]  # the fixture, used by name
+KIB = 1024
+
+
+def test_backup_into_the_data_directory_is_refused(tmp_path: Path) -> None:
+    """A backup inside the store's own folder dies with it, and in the chunk folder it breaks the store."""
+    data = tmp_path / "data"
+    with (
+        ServerProcess(env={"STREAMHOLD_DATA_DIR": str(data)}, startup_timeout=STARTUP) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        stream_id = create(client)
+        append(client, stream_id, b"small")
+        for inside in ("streamhold.db-chunks", "streamhold.db-chunks/x.chunks", "backups/b", "."):
+            dest = data / inside
+            refused = client.post("/admin/backup", json={"dest": str(dest)})
+            assert refused.status_code == 400 and "data directory" in refused.text, refused.text
+            dotted = client.post("/admin/backup", json={"dest": f"{tmp_path}/elsewhere/../data/{inside}"})
+            assert dotted.status_code == 400 and "data directory" in dotted.text, dotted.text
+            assert not (data / "streamhold.db-chunks" / "manifest.json").exists()
+            assert not (data / "streamhold.db-chunks" / "x.chunks").exists()
+            assert not (data / "backups").exists()
+        said = cli("backup", str(data / "backups" / "b"), "--data-dir", str(data))
+        assert said.returncode == 1 and "data directory" in said.stderr, said.stderr
+        big = KIB * 100
+        append(client, stream_id, b"b" * big)  # the chunk folder is still the store's
+        assert read_all(client, stream_id) == b"small" + b"b" * big
+    assert cli("check", "--data-dir", str(data)).returncode == 0
+
+
+def test_close_with_compress_on_a_full_disk_keeps_the_stream_whole(small_disk: Path) -> None:
+    """Compressing at close needs room for the gzip copy: a full disk refuses it or not, but loses nothing."""
+    ballast, rng = small_disk / "ballast", random.Random(7)
+    with serve(small_disk, reserve=0) as server:
+        client = Client(server.url)
+        paths = [client.create(f"c{i}") for i in range(3)]
+        for _ in range(8):
+            for i, path in enumerate(paths):
+                size = BIG if i else 30 * KIB  # chunk files, or rows in the database
+                assert client.append(path, rng.randbytes(size)).status_code == 204  # gzip cannot shrink it
+        fill(ballast, leave=256 * KIB)
+        for path in paths:
+            closed = client.request("POST", path, headers={"stream-closed": "true", "x-compress": "gzip"})
+            assert closed.status_code in (204, 507), (closed.status_code, closed.text)
+        client.check_content()
+        late = client.request("PUT", "/v1/stream/late", headers={"content-type": "text/plain"})
+        assert late.status_code in (201, 507), late.text
+        ballast.unlink()
+        for path in paths:
+            assert wait_for(
+                lambda p=path: client.request("POST", p, headers={"stream-closed": "true"}).status_code
+                in (204, 409)
+            )
+        client.check_content()
+        client.assert_no_server_errors()
+    checked = cli("check", "--data-dir", str(small_disk / "data"))
+    assert checked.returncode == 0, checked.stderr + checked.stdout
