@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import random
 from pathlib import Path
 
 import httpx
+import pytest
 
+from streamhold import create_agent_context
+from streamhold.settings import Settings
+from streamhold.store import backup as backups
 from tests._operator import STARTUP, append, cli, create, read_all
 from tests._server import ServerProcess
 from tests.test_disk_full import BIG, Client, fill, serve, small_disk, wait_for
@@ -68,3 +75,51 @@ def test_close_with_compress_on_a_full_disk_keeps_the_stream_whole(small_disk: P
         client.assert_no_server_errors()
     checked = cli("check", "--data-dir", str(small_disk / "data"))
     assert checked.returncode == 0, checked.stderr + checked.stdout
+
+
+async def _store_with_chunk_files(data: Path) -> dict[str, bytes]:
+    contents = {}
+    async with create_agent_context(Settings(data_dir=data)) as ctx:
+        for parts in ([b"small"], [b"head", random.randbytes(100 * KIB)], [random.randbytes(80 * KIB)]):
+            stream = await ctx.stream.create("attack")
+            for part in parts:
+                await stream.write(part)
+            contents[stream.id] = b"".join(parts)
+    return contents
+
+
+def _reseal(backup: Path, files: list[dict[str, object]]) -> None:
+    """Rewrite a backup's manifest and SHA256SUMS to match `files`, as someone editing it by hand would."""
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest["files"] = files
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    sums = [f"{f['sha256']}  {f['path']}\n" for f in files]
+    sums.append(f"{hashlib.sha256((backup / 'manifest.json').read_bytes()).hexdigest()}  manifest.json\n")
+    (backup / "SHA256SUMS").write_text("".join(sums))
+
+
+@pytest.mark.parametrize("damage", ["dropped", "cut short"])
+def test_restore_refuses_a_backup_whose_chunk_files_do_not_cover_its_database(
+    tmp_path: Path, damage: str
+) -> None:
+    """Checksums that agree prove no more than that: a restore whose rows find no bytes would answer 5xx."""
+    data, dest = tmp_path / "data", tmp_path / "backup"
+    asyncio.run(_store_with_chunk_files(data))
+    backups.backup(data / "streamhold.db", dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    files = manifest["files"]
+    victim = next(f for f in files if str(f["path"]).endswith(".chunks"))
+    if damage == "dropped":
+        files.remove(victim)
+        (dest / victim["path"]).unlink()
+    else:
+        path = dest / victim["path"]
+        path.write_bytes(path.read_bytes()[: victim["size"] // 2])
+        victim["size"], victim["sha256"] = path.stat().st_size, backups.sha256_of(path)
+    _reseal(dest, files)
+    backups.verify(dest)  # the checksums alone agree
+    target = tmp_path / "restored"
+    result = cli("restore", str(dest), "--data-dir", str(target))
+    assert result.returncode == 1, result.stdout
+    assert "chunk file" in result.stderr and "damaged" in result.stderr, result.stderr
+    assert not target.exists()
