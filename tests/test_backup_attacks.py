@@ -40,6 +40,8 @@ def test_backup_into_the_data_directory_is_refused(tmp_path: Path) -> None:
             assert not (data / "streamhold.db-chunks" / "manifest.json").exists()
             assert not (data / "streamhold.db-chunks" / "x.chunks").exists()
             assert not (data / "backups").exists()
+        nul = client.post("/admin/backup", json={"dest": f"{tmp_path}/a\u0000b"})
+        assert nul.status_code == 400 and "absolute" in nul.text, nul.text
         said = cli("backup", str(data / "backups" / "b"), "--data-dir", str(data))
         assert said.returncode == 1 and "data directory" in said.stderr, said.stderr
         big = KIB * 100
