@@ -102,7 +102,7 @@ def _reseal(backup: Path, files: list[dict[str, object]]) -> None:
     (backup / "SHA256SUMS").write_text("".join(sums))
 
 
-@pytest.mark.parametrize("damage", ["dropped", "cut short"])
+@pytest.mark.parametrize("damage", ["dropped", "cut short", "not a database"])
 def test_restore_refuses_a_backup_whose_chunk_files_do_not_cover_its_database(
     tmp_path: Path, damage: str
 ) -> None:
@@ -113,7 +113,12 @@ def test_restore_refuses_a_backup_whose_chunk_files_do_not_cover_its_database(
     manifest = json.loads((dest / "manifest.json").read_text())
     files = manifest["files"]
     victim = next(f for f in files if str(f["path"]).endswith(".chunks"))
-    if damage == "dropped":
+    if damage == "not a database":
+        victim = next(f for f in files if f["path"] == "streamhold.db")
+        path = dest / victim["path"]
+        path.write_bytes(b"not SQLite at all" * 1000)
+        victim["size"], victim["sha256"] = path.stat().st_size, backups.sha256_of(path)
+    elif damage == "dropped":
         files.remove(victim)
         (dest / victim["path"]).unlink()
     else:
@@ -125,5 +130,5 @@ def test_restore_refuses_a_backup_whose_chunk_files_do_not_cover_its_database(
     target = tmp_path / "restored"
     result = cli("restore", str(dest), "--data-dir", str(target))
     assert result.returncode == 1, result.stdout
-    assert "chunk file" in result.stderr and "damaged" in result.stderr, result.stderr
+    assert "damaged" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not target.exists()

@@ -296,8 +296,11 @@ def restore(source: Path, data_dir: Path) -> Manifest:
 def _check_covered(data_dir: Path) -> None:
     """Every byte range the restored rows keep in chunk files is there: checksums that agree prove no more."""
     uri = (data_dir / DATABASE).resolve().as_uri() + "?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True)) as conn:
-        ranges = file_ranges(conn)
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as conn:
+            ranges = file_ranges(conn)
+    except sqlite3.Error as exc:
+        raise BackupError(f"the backup's database cannot be read ({exc}): the backup is damaged") from None
     for stream_id, runs in ranges.items():
         path = data_dir / CHUNKS / (stream_id + SUFFIX)
         size = path.stat().st_size if path.is_file() else -1
