@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +164,27 @@ def test_no_store_is_a_clear_failure(tmp_path: Path) -> None:
     result = cli("check", "--data-dir", str(tmp_path / "nothing"))
     assert result.returncode == 1
     assert "no database here" in result.stderr
+
+
+def test_repair_waits_the_grace_after_it_saw_a_file_unreferenced(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file just unreferenced (its stream compressed or deleted) may still be read by a read that found its
+    row a moment before, however old the file is: repair removes it a grace after it saw it unused, as the
+    server does, never at once."""
+    from streamhold.store import check as checking
+
+    monkeypatch.setattr(checking, "REMOVE_GRACE", 2.0)
+    stray = store.data / "streamhold.db-chunks" / "stream_22222222222222222222222222222222.chunks"
+    stray.write_bytes(b"written long ago, unreferenced a moment ago" * 100)
+    os.utime(stray, (time.time() - STRAY_AGE, time.time() - STRAY_AGE))
+    reports: list[checking.Report] = []
+    started = time.monotonic()
+    database = store.data / "streamhold.db"
+    repair = threading.Thread(target=lambda: reports.append(checking.check(database, repair=True)))
+    repair.start()
+    time.sleep(1.0)
+    assert stray.exists(), "removed at once, with no grace for reads that found its row"
+    repair.join(timeout=30)
+    assert not stray.exists() and reports[0].removed == [stray] and reports[0].ok
+    assert time.monotonic() - started >= 2.0

@@ -41,7 +41,7 @@ async def backup_store(
     except Exception:
         body = None
     dest = body.get("dest") if isinstance(body, dict) else None
-    if not isinstance(dest, str) or not dest.startswith("/"):
+    if not isinstance(dest, str) or not dest.startswith("/") or "\x00" in dest:  # no path holds a NUL
         raise ValidationException('send {"dest": "/absolute/path/of/a/new/folder"} on the server\'s machine')
     try:
         database = backup.database_path(settings.sqlalchemy_url)

@@ -96,6 +96,12 @@ def backup(database: Path, dest: Path) -> Manifest:
     """Write a consistent backup of the store whose database is `database` into the new folder `dest`."""
     if not database.is_file():
         raise BackupError(f"no database at {database}: point --data-dir at the server's data directory")
+    home = database.resolve().parent
+    if dest.resolve() == home or home in dest.resolve().parents:
+        raise BackupError(
+            f"{dest} is inside the data directory {home}: a backup there is lost with the store (and in its "
+            "chunk folder it breaks the store); back up into a folder elsewhere"
+        )
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} exists and is not an empty folder: back up into a new folder")
     staging = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
@@ -273,6 +279,7 @@ def restore(source: Path, data_dir: Path) -> Manifest:
             target = data_dir / entry.path
             target.parent.mkdir(exist_ok=True)
             _copy_checked(source / entry.path, target, entry)
+        _check_covered(data_dir)
         if (data_dir / CHUNKS).is_dir():
             sync_directory(data_dir / CHUNKS)
         sync_directory(data_dir)
@@ -284,6 +291,25 @@ def restore(source: Path, data_dir: Path) -> Manifest:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     return manifest
+
+
+def _check_covered(data_dir: Path) -> None:
+    """Every byte range the restored rows keep in chunk files is there: checksums that agree prove no more."""
+    uri = (data_dir / DATABASE).resolve().as_uri() + "?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as conn:
+            ranges = file_ranges(conn)
+    except sqlite3.Error as exc:
+        raise BackupError(f"the backup's database cannot be read ({exc}): the backup is damaged") from None
+    for stream_id, runs in ranges.items():
+        path = data_dir / CHUNKS / (stream_id + SUFFIX)
+        size = path.stat().st_size if path.is_file() else -1
+        if size < runs[-1][1]:
+            held = "is missing" if size < 0 else f"holds {size} bytes"
+            raise BackupError(
+                f"the backup's chunk file of stream {stream_id} {held}, but its database refers to bytes "
+                f"up to {runs[-1][1]}: the backup is damaged; restore another one"
+            )
 
 
 def _copy_checked(source: Path, target: Path, entry: Entry) -> None:

@@ -88,7 +88,8 @@ def _check_database(
         in_files = _check_chunks(conn, streams, chunks_dir, opened, report)
         _check_gzip(conn, streams, report)
         conn.execute("COMMIT")
-        _find_strays(conn, chunks_dir, in_files, repair, report)
+        unused_at = time.monotonic()  # every file the snapshot did not refer to was unused by now
+        _find_strays(conn, chunks_dir, in_files, repair, report, unused_at)
 
 
 def _fork_offset(source: str | None, offset: int | None) -> int | None:
@@ -227,7 +228,12 @@ def _inflate(stream: Stream, pieces: Iterable[tuple[int, bytes, int | None]]) ->
 
 
 def _find_strays(
-    conn: sqlite3.Connection, chunks_dir: Path, in_files: set[str], repair: bool, report: Report
+    conn: sqlite3.Connection,
+    chunks_dir: Path,
+    in_files: set[str],
+    repair: bool,
+    report: Report,
+    unused_at: float,
 ) -> None:
     """Chunk files no row refers to; a file written in the last moments may be an append not yet committed."""
     if not chunks_dir.is_dir():
@@ -243,6 +249,10 @@ def _find_strays(
     report.strays = strays
     if not strays or not repair:
         return
+    # A file's age says when it was written, not when its stream stopped referring to it (a compress or
+    # delete a moment ago): wait the grace from when it was seen unused, as the server does, so that a read
+    # that found its row just before is over.
+    time.sleep(max(0.0, unused_at + REMOVE_GRACE - time.monotonic()))
     files = ChunkFiles(chunks_dir)
     for path in strays:
         stream_id = path.name[: -len(SUFFIX)]
