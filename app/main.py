@@ -30,7 +30,7 @@ from litestar.types import (
 
 from . import agentuity_api, protocol
 from .errors import StreamError
-from .http import admin, guard, headers, ops
+from .http import admin, guard, headers, ops, token_api
 from .live import LiveHub
 from .sdk.base import StreamService
 from .sdk.context import AgentContext, AgentRuntime
@@ -188,6 +188,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
         Router("/", route_handlers=[*protocol.routes, *agentuity_api.routes], opt={"stream_api": True}),
         *ops.routes,
         *admin.routes,
+        *token_api.routes,
         *dashboard.routes,
         *viewer.routes,
         *route_handlers,

@@ -52,6 +52,7 @@ class StreamState:
     fork_offset: int | None
     deleted: bool
     generation: int = 0
+    visibility: str | None = None  # "public", "private", or None to follow STREAMHOLD_READS
 
     @property
     def closed(self) -> bool:
@@ -91,6 +92,7 @@ class StreamState:
             fork_offset=get("fork_offset"),
             deleted=bool(get("deleted")),
             generation=get("generation") or 0,
+            visibility=get("visibility"),
         )
 
 

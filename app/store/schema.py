@@ -41,6 +41,8 @@ class StreamRow(SQLModel, table=True):
     # Which incarnation of its name this stream is: the first field of its offsets, so that an offset of a
     # deleted stream is never read inside a later one of the same name. 0 for streams made before it existed.
     generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # "public" or "private" when chosen at create; None follows STREAMHOLD_READS (and streams made before).
+    visibility: str | None = Field(default=None, max_length=16)
 
 
 class CounterRow(SQLModel, table=True):
@@ -109,6 +111,21 @@ class SessionRow(SQLModel, table=True):
     expires_at: float = Field(index=True)
 
 
+class TokenRow(SQLModel, table=True):
+    """A scoped token: what it may do where, and a digest of its secret (the secret itself is never kept)."""
+
+    __tablename__ = "tokens"
+
+    id: str = Field(primary_key=True, max_length=32)
+    secret_hash: str = Field(max_length=64)  # sha256 hex of the token's secret part
+    scopes: str = Field(max_length=64)  # comma-separated: read, write, manage
+    namespaces_json: str = "[]"
+    label: str = Field(default="", max_length=255)
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+
 def _table(row: type[SQLModel]) -> Table:
     """The Core table of a row class (SQLModel declares `__table__` only at run time)."""
     return SQLModel.metadata.tables[str(row.__tablename__)]
@@ -121,6 +138,7 @@ gzip_chunks = _table(GzipChunkRow)
 metadata_pairs = _table(MetadataRow)
 producers = _table(ProducerRow)
 sessions = _table(SessionRow)
+tokens = _table(TokenRow)
 
 # Chunks are written, merged (compaction) and read back at most about this large.
 CHUNK_TARGET = 1024 * 1024
@@ -141,3 +159,5 @@ def upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text("ALTER TABLE gzip_chunks ADD COLUMN plain_start BIGINT"))
     if "generation" not in {c["name"] for c in found.get_columns("streams")}:
         conn.execute(text("ALTER TABLE streams ADD COLUMN generation BIGINT NOT NULL DEFAULT 0"))
+    if "visibility" not in {c["name"] for c in found.get_columns("streams")}:
+        conn.execute(text("ALTER TABLE streams ADD COLUMN visibility VARCHAR(16)"))
