@@ -165,6 +165,8 @@ class StreamFilter:
     metadata: tuple[tuple[str, str], ...] = ()
     state: str | None = None  # "open", "closed" or "expiring"
     id_prefix: str | None = None
+    # Namespaces (exact, `prefix/*` or `*`) a listing is kept within, as a token's are; None for all.
+    namespaces: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,8 @@ from litestar.exceptions import (
 )
 from litestar.handlers.base import BaseRouteHandler
 
-from ..models import InvalidRequestError, StreamState
+from ..errors import InvalidRequestError
+from ..models import StreamState
 from ..settings import Settings
 from ..store.tokens import TokenRecord, Tokens
 
@@ -135,8 +136,8 @@ async def resolve(authorization: str, settings: Settings, tokens: Tokens) -> Pri
     record = await tokens.check(presented)
     if record is None:
         raise unauthorized(
-            "the key or token was refused: it is unknown, revoked or expired; send a valid "
-            "Authorization: Bearer <key or token>"
+            "the key or token was refused (unknown, revoked or expired): this call needs an API key or a "
+            "valid token; send Authorization: Bearer <key or token>"
         )
     return _from_record(record)
 
@@ -161,7 +162,8 @@ def require(principal: Principal, right: Right, namespace: str | None = None) ->
         return
     if principal.kind == "anonymous":
         raise unauthorized(
-            "this call needs an API key or a token: send Authorization: Bearer <key or token>"
+            "this call needs an API key or a token: send Authorization: Bearer <key or token> (a key of "
+            "STREAMHOLD_API_KEYS, or a token minted at /tokens)"
         )
     if right not in principal.scopes:
         raise PermissionDeniedException(f"this token lacks the {right} scope")

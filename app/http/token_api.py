@@ -8,6 +8,7 @@ from typing import Any
 
 from litestar import Request, delete, get, post
 from litestar.exceptions import NotFoundException, PermissionDeniedException, ValidationException
+from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
 from .. import checks
@@ -132,8 +133,8 @@ async def list_tokens(request: Request[Any, Any, Any]) -> ASGIResponse:
     return _json(200, {"tokens": [token_json(r) for r in await tokens.list()]})
 
 
-@delete("/tokens/{token_id:str}", status_code=204)
-async def revoke_token(token_id: str, request: Request[Any, Any, Any]) -> ASGIResponse:
+@delete("/tokens/{token_id:str}", status_code=200)
+async def revoke_token(token_id: FromPath[str], request: Request[Any, Any, Any]) -> ASGIResponse:
     """Revoke a token: every process refuses it within a second."""
     tokens = await _admin(request)
     if len(token_id) > 32 or not await tokens.revoke(token_id):
