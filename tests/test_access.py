@@ -276,3 +276,144 @@ def test_the_token_commands_against_a_server(tmp_path: Path) -> None:
         assert json.loads(streamhold("token", "ls", "--json", server=server).stdout) == []
         bad = streamhold("token", "create", "--scope", "admin", "--namespace", NS, server=server)
         assert bad.returncode == 1 and "unknown scope 'admin'" in bad.stderr
+
+
+async def test_bad_token_requests_get_a_clear_400(client: AsyncTestClient[Any]) -> None:
+    cases = [
+        ({"scopes": ["admin"], "namespaces": [NS]}, "unknown scope 'admin'"),
+        ({"scopes": [], "namespaces": [NS]}, "scopes must be a non-empty list"),
+        ({"scopes": ["read"], "namespaces": []}, "namespaces must list at least one namespace"),
+        ({"scopes": ["read"]}, "namespaces must list at least one namespace"),
+        ({"scopes": ["read"], "namespaces": [NS], "ttl": -5}, "ttl must be a number of seconds"),
+        ({"scopes": ["read"], "namespaces": [NS], "ttl": "1d"}, "ttl must be a number of seconds"),
+        ({"scopes": ["read"], "namespaces": [NS], "ttl": True}, "ttl must be a number of seconds"),
+        ({"scopes": ["read"], "namespaces": ["a\nb"]}, "is not a namespace"),
+        ({"scopes": ["read"], "namespaces": [NS], "owner": "x"}, "unknown fields ['owner']"),
+    ]
+    for body, message in cases:
+        answer = await client.post("/tokens", json=body, headers=bearer(KEY))
+        assert answer.status_code == 400, body
+        assert message in answer.text, (body, answer.text)
+    assert (await client.delete("/tokens/nosuchtoken", headers=bearer(KEY))).status_code == 404
+    token = (await mint(client, ["read", "write", "manage"], ["*"]))["token"]
+    for call in (client.get("/tokens", headers=bearer(token)), client.get("/tokens")):
+        assert (await call).status_code in (401, 403)
+    assert (await client.get("/tokens", headers=bearer(token))).json()["error"].startswith(
+        "managing tokens needs an API key"
+    )
+
+
+async def test_a_token_is_kept_only_as_a_digest_and_listed_without_it(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, api_keys=(KEY,)))
+    async with AsyncTestClient(app, base_url=LOOPBACK) as client:
+        made = await mint(client, ["read"], [NS], ttl=3600)
+        assert set(made) == {"id", "token", "scopes", "namespaces", "expires_at", "label", "created_at"}
+        listed = (await client.get("/tokens", headers=bearer(KEY))).json()["tokens"]
+        assert [t["id"] for t in listed] == [made["id"]] and "token" not in listed[0]
+        store = app.state.store
+        rows = await asyncio.to_thread(_token_rows, store)
+    secret = made["token"].rsplit("_", 1)[1]
+    assert len(rows) == 1 and secret not in repr(rows) and made["token"] not in repr(rows)
+
+
+def _token_rows(store: Any) -> list[Any]:
+    from sqlalchemy import select
+
+    from streamhold.store.schema import tokens
+
+    with store._read_engine.connect() as conn:
+        return list(conn.execute(select(tokens)).all())
+
+
+async def test_a_token_lists_and_counts_only_the_namespaces_it_manages(client: AsyncTestClient[Any]) -> None:
+    for namespace in ("chat", "chat", "exports/daily", "exports", "exportsx", "other"):
+        await client.post("/stream", json={"name": namespace}, headers=bearer(KEY))
+    token = (await mint(client, ["manage"], ["chat", "exports/*"]))["token"]
+    page = (await client.post("/stream/list", json={"limit": 2}, headers=bearer(token))).json()
+    assert page["total"] == 4 and len(page["streams"]) == 2
+    every = (await client.post("/stream/list", json={}, headers=bearer(token))).json()["streams"]
+    assert sorted(s["namespace"] for s in every) == ["chat", "chat", "exports", "exports/daily"]
+    assert (await client.post("/stream/list", json={}, headers=bearer(KEY))).json()["total"] == 6
+    # A prefix covers writes as well: a protocol stream's namespace is its first path segment.
+    writer = (await mint(client, ["write"], ["exports/*"]))["token"]
+    text = {"content-type": "text/plain", **bearer(writer)}
+    assert (await client.put("/v1/stream/exports/a/b", headers=text)).status_code == 201
+    refused = await client.put("/v1/stream/chat/a", headers=text)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "this token does not cover namespace chat"
+    lacking = await client.post("/stream/list", json={}, headers=bearer(writer))
+    assert lacking.status_code == 403 and lacking.json()["error"] == "this token lacks the manage scope"
+
+
+async def test_a_private_stream_tells_nothing_without_a_read_credential(client: AsyncTestClient[Any]) -> None:
+    text = {"content-type": "text/plain"}
+    path = f"/v1/stream/{NS}/secret"
+    created = await client.put(path, headers={**text, "streamhold-visibility": "private", **bearer(KEY)})
+    assert created.status_code == 201
+    await client.post(path, content=b"the secret", headers={**text, **bearer(KEY)})
+    for answer in (
+        await client.get(path, params={"offset": "-1"}),
+        await client.get(path, params={"offset": "-1", "live": "long-poll"}),
+        await client.get(path, params={"offset": "-1", "live": "sse"}),
+        await client.head(path),
+        await client.get(f"/watch/{NS}/secret"),
+    ):
+        assert answer.status_code == 401
+        assert b"the secret" not in answer.content
+        assert not {"stream-next-offset", "stream-total-size", "content-range"} & set(answer.headers)
+    reader = (await mint(client, ["read"], [NS]))["token"]
+    assert (await client.get(path, params={"offset": "-1"}, headers=bearer(reader))).content == b"the secret"
+    assert (await client.get(f"/watch/{NS}/secret", headers=bearer(reader))).status_code == 200
+    hidden = {**text, "streamhold-visibility": "hidden", **bearer(KEY)}
+    bad = await client.put(f"/v1/stream/{NS}/x", headers=hidden)
+    assert bad.status_code == 400 and "Streamhold-Visibility must be public or private" in bad.text
+    body = await client.post("/stream", json={"name": NS, "public": "no"}, headers=bearer(KEY))
+    assert body.status_code == 400 and "public must be public or private" in body.text
+
+
+async def test_reads_private_makes_streams_private_unless_they_choose(settings: Settings) -> None:
+    app = create_app(dataclasses.replace(settings, api_keys=(KEY,), reads="private"))
+    async with AsyncTestClient(app, base_url=LOOPBACK) as client:
+        text = {"content-type": "text/plain", **bearer(KEY)}
+        await client.put("/v1/stream/chat/default", headers=text)
+        await client.put("/v1/stream/chat/open", headers={**text, "streamhold-visibility": "public"})
+        assert (await client.head("/v1/stream/chat/default")).status_code == 401
+        assert (await client.head("/v1/stream/chat/open")).status_code == 200
+    assert Settings.from_env({"STREAMHOLD_READS": "private"}).reads == "private"
+    with pytest.raises(ValueError, match="STREAMHOLD_READS must be public or private"):
+        Settings.from_env({"STREAMHOLD_READS": "secret"})
+
+
+async def test_a_keyless_server_still_allows_everything(tmp_path: Path) -> None:
+    async with AsyncTestClient(create_app(Settings(data_dir=tmp_path)), base_url=LOOPBACK) as client:
+        text = {"content-type": "text/plain"}
+        path = "/v1/stream/chat/private"
+        private = {**text, "streamhold-visibility": "private"}
+        assert (await client.put(path, headers=private)).status_code == 201
+        assert (await client.post(path, content=b"x", headers=text)).status_code == 204
+        assert (await client.get(path, params={"offset": "-1"})).content == b"x"
+        assert (await client.post("/stream/list", json={})).json()["total"] == 1
+        made = await client.post("/tokens", json={"scopes": ["read"], "namespaces": [NS]})
+        assert made.status_code == 201
+        assert (await client.delete(path)).status_code == 204
+
+
+def test_an_older_database_gains_the_visibility_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    database = tmp_path / "streamhold.db"
+    asyncio.run(_open_and_close(Settings(data_dir=tmp_path)))
+    with sqlite3.connect(database) as conn:
+        conn.execute("ALTER TABLE streams DROP COLUMN visibility")
+    asyncio.run(_open_and_close(Settings(data_dir=tmp_path)))
+    with sqlite3.connect(database) as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(streams)")}
+        kept = conn.execute("SELECT visibility FROM streams").fetchall()
+    assert "visibility" in columns and kept == [(None,), (None,)]
+
+
+async def _open_and_close(settings: Settings) -> None:
+    from streamhold.store.store import NewStream, Store
+
+    async with Store.open(settings) as store:
+        await store.create(NewStream(namespace="chat"))
