@@ -417,3 +417,34 @@ async def _open_and_close(settings: Settings) -> None:
 
     async with Store.open(settings) as store:
         await store.create(NewStream(namespace="chat"))
+
+
+async def test_the_local_sdk_chooses_a_visibility(settings: Settings) -> None:
+    from streamhold.http.auth import ANONYMOUS, may_read
+    from streamhold.live import LiveHub
+    from streamhold.sdk.local import LocalStreams
+    from streamhold.store.store import Store
+
+    async with Store.open(settings) as store, LiveHub.open(store, settings) as hub:
+        service = LocalStreams(store, hub, settings)
+        hidden = await service.create(NS, content_type="text/plain", public=False)
+        shown = await service.create(NS, content_type="text/plain", public=True)
+        chosen = await service.create(NS, content_type="text/plain")
+        states = [await store.get(s.id) for s in (hidden, shown, chosen)]
+        assert [s.visibility for s in states if s is not None] == ["private", "public", None]
+        assert [may_read(ANONYMOUS, s, settings) for s in states if s is not None] == [False, True, True]
+        with pytest.raises(TypeError, match="public must be True, False or None"):
+            await service.create(NS, public="no")  # type: ignore[arg-type]
+
+
+async def test_forking_a_private_stream_needs_the_read_right(client: AsyncTestClient[Any]) -> None:
+    text = {"content-type": "text/plain"}
+    source = f"/v1/stream/{NS}/source"
+    await client.put(source, headers={**text, "streamhold-visibility": "private", **bearer(KEY)})
+    writer = (await mint(client, ["write"], [NS]))["token"]
+    fork = {**text, "stream-forked-from": source, **bearer(writer)}
+    refused = await client.put(f"/v1/stream/{NS}/fork", headers=fork)
+    assert refused.status_code == 403 and refused.json()["error"] == "this token lacks the read scope"
+    both = (await mint(client, ["read", "write"], [NS]))["token"]
+    forked = await client.put(f"/v1/stream/{NS}/fork", headers={**fork, **bearer(both)})
+    assert forked.status_code == 201
