@@ -448,3 +448,27 @@ async def test_forking_a_private_stream_needs_the_read_right(client: AsyncTestCl
     both = (await mint(client, ["read", "write"], [NS]))["token"]
     forked = await client.put(f"/v1/stream/{NS}/fork", headers={**fork, **bearer(both)})
     assert forked.status_code == 201
+
+
+async def test_a_burst_of_requests_with_one_token_reads_it_once(settings: Settings) -> None:
+    from sqlalchemy import event
+
+    from streamhold.store.store import Store
+
+    async with Store.open(settings) as store:
+        _, token = await store.tokens.mint(("write",), (NS,), None, "")
+        reads: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "FROM tokens" in statement:
+                reads.append(statement)
+
+        event.listen(store._read_engine, "before_cursor_execute", count)
+        found = await asyncio.gather(*(store.tokens.check(token) for _ in range(50)))
+        assert all(f is not None for f in found) and len(reads) == 1
+        await asyncio.gather(*(store.tokens.check(token) for _ in range(50)))
+        assert len(reads) == 1, "within the cache's half second, no read at all"
+        await asyncio.sleep(0.6)
+        assert await store.tokens.check(token) is not None and len(reads) == 2
+        wrong = token[:-1] + ("1" if token.endswith("0") else "0")
+        assert await store.tokens.check(wrong) is None, "a right id with a wrong secret is refused"

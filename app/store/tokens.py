@@ -81,6 +81,7 @@ class Tokens:
         self._writer = writer
         self._read_engine = read_engine
         self._cache: dict[str, tuple[float, TokenRecord | None]] = {}
+        self._reading: dict[str, asyncio.Future[TokenRecord | None]] = {}
 
     async def mint(
         self, scopes: tuple[str, ...], namespaces: tuple[str, ...], ttl: float | None, label: str
@@ -143,6 +144,13 @@ class Tokens:
         if cached is not None and now - cached[0] < CACHE_SECONDS:
             return cached[1]
 
+        pending = self._reading.get(token_id)
+        if pending is None:  # one read per token at a time: a burst of requests shares it
+            pending = self._reading[token_id] = asyncio.ensure_future(self._read(token_id, now))
+            pending.add_done_callback(lambda _: self._reading.pop(token_id, None))
+        return await asyncio.shield(pending)
+
+    async def _read(self, token_id: str, now: float) -> TokenRecord | None:
         def read() -> TokenRecord | None:
             with self._read_engine.connect() as conn:
                 row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
