@@ -178,7 +178,7 @@ def is_public(state: StreamState, settings: Settings) -> bool:
 def may_read(principal: Principal, state: StreamState, settings: Settings) -> bool:
     """Whether the principal may read the stream's content and metadata.
 
-    The single place every read asks; share links and dashboard sessions will be principals judged here.
+    The single place every read asks; share links and dashboard sign-ins will be principals judged here.
     """
     return is_public(state, settings) or principal.may("read", state.namespace)
 
