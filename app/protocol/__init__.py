@@ -33,6 +33,7 @@ from ..models import (
     Producer,
     StreamState,
     format_offset,
+    lifecycle,
     offset_belongs,
     require_live,
     split_offset,
@@ -170,10 +171,13 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
         fork_from, fork_offset, sub = _fork_options(request)
         body = await read_body(request, settings.max_append_bytes)
         content_type = given_type
-        if fork_from is not None:  # a fork reads its source: so may only one who may read the source
-            source = require_live(await store.get_by_name(fork_from))
-            require_read(principal, source, settings)
-            content_type = content_type or source.content_type
+        if fork_from is not None:
+            found = await store.get_by_name(fork_from)
+            if lifecycle(found).readable:  # a fork reads its source: so may only one who may read it
+                assert found is not None
+                require_read(principal, found, settings)
+            if not content_type:
+                content_type = require_live(found).content_type
         content_type = content_type or "application/octet-stream"
         json_mode = is_json(content_type)
         initial = frame_json(body, allow_empty_array=True) if json_mode and body else body
