@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from litestar import Request, Router, delete, get, post, put, route
 from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.types import ControllerRouterHandler
@@ -27,7 +28,7 @@ from .errors import (
     StreamError,
     StreamNotFoundError,
 )
-from .http.auth import require_right
+from .http.auth import Right, principal_of, require, require_read, require_right, visibility_of
 from .http.content import RangeNotSatisfiableError, respond_with_content
 from .http.responses import respond
 from .live import LiveHub
@@ -102,6 +103,15 @@ async def _live(store: Store, stream_id: str) -> StreamState:
     return state
 
 
+async def _allowed(
+    request: Request[Any, Any, Any], store: Store, stream_id: str, right: Right
+) -> StreamState:
+    """The live stream, once the request's principal holds `right` over its namespace (else 403)."""
+    state = await _live(store, stream_id)
+    require(await principal_of(request), right, state.namespace)
+    return state
+
+
 async def _json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > JSON_LIMIT:
@@ -165,7 +175,9 @@ async def create_stream(
         content_type=_content_type(body.get("headers")),
         metadata=checks.metadata(body.get("metadata"), coerce=True),
         ttl_seconds=_ttl(body),
+        visibility=visibility_of(body.get("public"), "public"),
     )
+    require(await principal_of(request), "write", new.namespace)
     state, _ = await store.create(new)
     info = wire_info(state, settings.origin())
     return _json(
@@ -173,16 +185,19 @@ async def create_stream(
     )
 
 
-@post(_paths("/list"), status_code=200, opt={"right": "read"})
+@post(_paths("/list"), status_code=200, opt={"right": "manage"})
 async def list_streams(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> ASGIResponse:
     """One page of the live streams matching {name?, metadata?}, with the total number of matches."""
     body = await _json_object(request)
     namespace = body.get("name") or body.get("namespace")
+    principal = await principal_of(request)
     where = StreamFilter(
         namespace=checks.namespace(namespace) if namespace else None,
         metadata=tuple(checks.metadata(body.get("metadata"), coerce=True).items()),
+        # A token sees, and counts, only the streams of namespaces it may manage.
+        namespaces=None if principal.full else principal.namespaces,
     )
     sort = body.get("sort") or "created"
     if not isinstance(sort, str) or sort not in SORTS:
@@ -195,25 +210,27 @@ async def list_streams(
     return _json(200, {"success": True, "streams": [wire_info(s, origin) for s in states], "total": total})
 
 
-@post(_paths("/{stream_id:str}/info"), status_code=200, opt={"right": "read"})
+@post(_paths("/{stream_id:str}/info"), status_code=200, opt={"right": "manage"})
 async def stream_info(
     stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
     store: NamedDependency[Store],
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """A stream's record."""
-    state = await _live(store, stream_id)
+    state = await _allowed(request, store, stream_id, "manage")
     return _json(200, wire_info(state, settings.origin()))
 
 
 @delete(_paths("/{stream_id:str}"), status_code=200, opt={"right": "manage"})
 async def delete_stream(
     stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
     store: NamedDependency[Store],
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Delete a stream; its URL answers 404 from then on."""
-    await store.delete((await _live(store, stream_id)).id)
+    await store.delete((await _allowed(request, store, stream_id, "manage")).id)
     return respond(204)
 
 
@@ -234,7 +251,7 @@ async def append_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Append the raw body; answered once it is committed."""
-    state = _writable(await _live(store, stream_id))
+    state = _writable(await _allowed(request, store, stream_id, "write"))
     body = await read_body(request, settings.max_append_bytes)
     if body:
         if state.json_mode:  # a Durable Streams JSON stream keeps one message per line
@@ -265,7 +282,7 @@ async def complete_stream(
 ) -> ASGIResponse:
     """Close the stream (gzip it first with `X-Compress: gzip`); idempotent."""
     compress = _compress_header(request)
-    state = await _live(store, stream_id)
+    state = await _allowed(request, store, stream_id, "write")
     await _complete(store, state.id, compress)
     return respond(204)
 
@@ -302,7 +319,7 @@ async def put_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """The older whole-body upload: the body (streamed, maybe gzipped) is appended in slices, then closed."""
-    state = _writable(await _live(store, stream_id))
+    state = _writable(await _allowed(request, store, stream_id, "write"))
     if state.json_mode:
         raise StreamClosedError(f"stream {state.id} takes JSON messages: send each with POST .../append")
     encoding = request.headers.get("content-encoding", "").strip().lower()
@@ -334,9 +351,16 @@ async def _read(
     head: bool,
 ) -> ASGIResponse:
     try:
-        return await respond_with_content(request, store, hub, settings, await _live(store, stream_id), head)
+        state = await _live(store, stream_id)
+        require_read(await principal_of(request), state, settings)
+        return await respond_with_content(request, store, hub, settings, state, head)
     except StreamError as exc:
         return _error(exc, head)
+    except HTTPException as exc:  # a private stream, read without a key or a read token for it
+        headers = {**(exc.headers or {}), "content-type": "application/json", "cache-control": "no-store"}
+        if head:
+            return ASGIResponse(body=b"", status_code=exc.status_code, headers=headers, is_head_response=True)
+        return _json(exc.status_code, {"error": exc.detail}, headers)
 
 
 @get("/stream/{stream_id:str}", opt={"stream_content": True})

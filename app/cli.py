@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import backup_cli, client_cli, urls
+from . import backup_cli, client_cli, token_cli, urls
 from .settings import Settings, SettingsError
 
 
@@ -70,6 +70,7 @@ COMMANDS: tuple[click.Command, ...] = (
     backup_cli.backup,
     backup_cli.restore,
     backup_cli.check,
+    token_cli.token,
 )
 
 

@@ -56,7 +56,9 @@ def run(work: Coroutine[Any, Any, T], key: str | None) -> T:
     """Run a client coroutine; any failure becomes one line on stderr and exit status 1."""
     try:
         return asyncio.run(work)
-    except UnauthorizedError:
+    except UnauthorizedError as exc:
+        if exc.status == 403:  # a token that lacks a scope or a namespace: the server says which
+            raise click.ClickException(shown(str(exc))) from None
         hint = "the API key was refused" if key else "the server needs an API key"
         raise click.ClickException(f"{hint}: pass --key or set STREAMHOLD_API_KEY") from None
     except ServerUnavailableError as exc:

@@ -30,7 +30,7 @@ from litestar.types import (
 
 from . import agentuity_api, protocol, stop_api
 from .errors import StreamError
-from .http import admin, guard, headers, ops
+from .http import admin, guard, headers, ops, token_api
 from .http.metrics import request_metrics
 from .live import LiveHub
 from .sdk.base import StreamService
@@ -203,6 +203,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
         ),
         *ops.routes,
         *admin.routes,
+        *token_api.routes,
         *dashboard.routes,
         *viewer.routes,
         *client.routes,

@@ -53,6 +53,7 @@ class StreamState:
     deleted: bool
     generation: int = 0
     stop_requested_at: float | None = None  # when someone asked the writer to stop (POST /stream/{id}/stop)
+    visibility: str | None = None  # "public", "private", or None to follow STREAMHOLD_READS
 
     @property
     def closed(self) -> bool:
@@ -93,6 +94,7 @@ class StreamState:
             deleted=bool(get("deleted")),
             generation=get("generation") or 0,
             stop_requested_at=_optional(get, "stop_requested_at"),
+            visibility=_optional(get, "visibility"),
         )
 
 
@@ -173,6 +175,8 @@ class StreamFilter:
     metadata: tuple[tuple[str, str], ...] = ()
     state: str | None = None  # "open", "closed" or "expiring"
     id_prefix: str | None = None
+    # Namespaces (exact, `prefix/*` or `*`) a listing is kept within, as a token's are; None for all.
+    namespaces: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

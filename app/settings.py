@@ -50,6 +50,7 @@ class Settings:
     # Free space kept for deletes and the WAL checkpoint: below it appends and creates are refused (507).
     # None: 64 MiB, or a twentieth of a smaller filesystem; 0: no reserve.
     min_free_bytes: int | None = None
+    reads: str = "public"  # who may read a stream that chose no visibility: anyone, or keys and tokens
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +94,9 @@ class Settings:
                 "content only, so that content never shares the dashboard's origin"
             )
         reserve = text("MIN_FREE_BYTES")
+        reads = text("READS", "public").lower()
+        if reads not in ("public", "private"):
+            raise SettingsError(f"STREAMHOLD_READS must be public or private, got {reads!r}")
         cors = tuple(o.strip().rstrip("/") for o in text("CORS_ORIGINS").split(",") if o.strip())
         embed = embed_origins(text("EMBED_ORIGINS"))
         return cls(
@@ -119,6 +123,7 @@ class Settings:
             embed_origins=embed,
             history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
             min_free_bytes=int(number("MIN_FREE_BYTES", 0, 0)) if reserve else None,
+            reads=reads,
         )
 
     @property

@@ -19,7 +19,7 @@ from litestar.response.base import ASGIResponse
 
 from .agentuity_api import _json, _paths
 from .errors import InvalidRequestError, StreamNotFoundError
-from .http.auth import bearer, require_right
+from .http.auth import bearer, principal_of, require, require_right
 from .live import LiveHub
 from .models import StreamState, iso, lifecycle
 from .settings import Settings
@@ -39,8 +39,9 @@ async def _stream(store: Store, stream_id: str) -> StreamState:
     return state
 
 
-async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> None:
-    """A key or token with the write right; or, from a viewer page, its session and its CSRF token."""
+async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> bool:
+    """A key or token with the write right (True), or, from a viewer page, its session and CSRF token
+    (False: a page may stop any stream it shows)."""
     if not bearer(request) and settings.api_keys:
         current = await session.current(request, settings)
         if current is not None:
@@ -48,8 +49,9 @@ async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> Non
                 raise PermissionDeniedException(
                     "stopping a stream from a page needs its CSRF token (X-CSRF-Token); reload the page"
                 )
-            return
-    require_right(request, request.route_handler)
+            return False
+    await require_right(request, request.route_handler)
+    return True
 
 
 def _answer(state: StreamState) -> dict[str, Any]:
@@ -69,8 +71,11 @@ async def stop_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Ask the stream's writer to stop (202); a closed stream has nothing to stop (200, `stopped: false`)."""
-    await _authorise(request, settings)
-    state = await store.request_stop((await _stream(store, stream_id)).id)
+    by_credential = await _authorise(request, settings)
+    found = await _stream(store, stream_id)
+    if by_credential:  # a token must also cover the stream's namespace
+        require(await principal_of(request), "write", found.namespace)
+    state = await store.request_stop(found.id)
     if state.closed:
         return _json(200, {**_answer(state), "stop_requested": False, "stopped": False, "reason": "closed"})
     return _json(202, _answer(state))

@@ -103,7 +103,8 @@ async def test_every_guarded_route_at_both_bases_answers_401_alike(client: Async
             assert response.headers["content-type"] == "application/json"
             answers.add(response.json()["error"])
     assert answers == {
-        "this call needs an API key: send Authorization: Bearer <key> (one of STREAMHOLD_API_KEYS)"
+        "this call needs an API key or a token: send Authorization: Bearer <key or token> (a key of "
+        "STREAMHOLD_API_KEYS, or a token minted at /tokens)"
     }
     info = await client.post(f"/{stream_id}/info", headers=bearer(KEY))
     assert info.json()["size_bytes"] == 0, "the stream was left untouched"
@@ -124,8 +125,8 @@ def test_every_guarded_handler_declares_the_right_it_needs(tmp_path: Path) -> No
     ]
     assert {h.handler_name: h.opt["right"] for h in handlers} == {
         "create_stream": "write",
-        "list_streams": "read",
-        "stream_info": "read",
+        "list_streams": "manage",
+        "stream_info": "manage",
         "delete_stream": "manage",
         "append_stream": "write",
         "complete_stream": "write",

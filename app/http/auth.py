@@ -1,24 +1,40 @@
-"""API keys: `Authorization: Bearer <key>` on every call that changes or lists streams, when keys are set.
+"""Who is asking and what they may do: the one access rule of both APIs, the viewer and the SDK's server.
+
+A request's principal is one of: `open` (a keyless server: loopback only, everything allowed), `admin` (a key
+of STREAMHOLD_API_KEYS: every right everywhere), `token` (a scoped token minted at /tokens: its scopes over
+its namespaces) or `anonymous` (no credential). A credential that is presented but unknown, revoked or
+expired is a 401, never taken as anonymous.
 
 `require_right` is the /stream API's guard: each handler declares the right it needs (read, write or
-manage); an admin key holds them all, and scoped tokens will be judged against the same declarations.
+manage) and checks the stream's namespace itself once it knows it (`require`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.exceptions import ImproperlyConfiguredException, NotAuthorizedException
+from litestar.exceptions import (
+    ImproperlyConfiguredException,
+    NotAuthorizedException,
+    PermissionDeniedException,
+)
 from litestar.handlers.base import BaseRouteHandler
 
+from ..errors import InvalidRequestError
+from ..models import StreamState
 from ..settings import Settings
+from ..store.tokens import TokenRecord, Tokens
 
 Right = Literal["read", "write", "manage"]
 RIGHTS: tuple[Right, ...] = ("read", "write", "manage")
+Kind = Literal["open", "admin", "token", "anonymous"]
+CHALLENGE = {"www-authenticate": 'Bearer realm="streamhold"'}
+STATE_KEY = "streamhold_principal"
 
 
 def key_is_valid(presented: str, keys: tuple[str, ...]) -> bool:
@@ -57,10 +73,140 @@ def check_key(authorization: str, settings: Settings) -> None:
         )
 
 
-def require_right(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request comes from, and what that lets it do."""
+
+    kind: Kind
+    scopes: frozenset[str] = frozenset()
+    namespaces: tuple[str, ...] = ()
+    token_id: str = ""
+
+    @property
+    def full(self) -> bool:
+        """Every right over every namespace: an admin key, or anyone at a keyless server."""
+        return self.kind in ("open", "admin")
+
+    def covers(self, namespace: str) -> bool:
+        """Whether the namespace is one of the token's, exactly or under a prefix written `exports/*`."""
+        if self.full:
+            return True
+        return any(namespace_matches(pattern, namespace) for pattern in self.namespaces)
+
+    def may(self, right: Right, namespace: str | None = None) -> bool:
+        if self.full:
+            return True
+        if self.kind != "token" or right not in self.scopes:
+            return False
+        return namespace is None or self.covers(namespace)
+
+
+OPEN = Principal("open")
+ADMIN = Principal("admin")
+ANONYMOUS = Principal("anonymous")
+
+
+def namespace_matches(pattern: str, namespace: str) -> bool:
+    """`*` is every namespace; `exports/*` is `exports` and every namespace that starts with `exports/`."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("/*"):
+        stem = pattern[:-2]
+        return namespace == stem or namespace.startswith(stem + "/")
+    return namespace == pattern
+
+
+def _from_record(record: TokenRecord) -> Principal:
+    return Principal("token", frozenset(record.scopes), record.namespaces, record.id)
+
+
+def unauthorized(message: str) -> NotAuthorizedException:
+    return NotAuthorizedException(message, headers=CHALLENGE)
+
+
+async def resolve(authorization: str, settings: Settings, tokens: Tokens) -> Principal:
+    """The principal of an Authorization header value; raises 401 for a credential that is no longer good."""
+    if not settings.api_keys:
+        return OPEN
+    presented = bearer_token(authorization)
+    if not presented:
+        return ANONYMOUS
+    if key_is_valid(presented, settings.api_keys):
+        return ADMIN
+    record = await tokens.check(presented)
+    if record is None:
+        raise unauthorized(
+            "the key or token was refused (unknown, revoked or expired): this call needs an API key or a "
+            "valid token; send Authorization: Bearer <key or token>"
+        )
+    return _from_record(record)
+
+
+async def principal_of(connection: Any) -> Principal:
+    """The principal of a Litestar request (resolved once per request, then kept in its state)."""
+    state = connection.scope.setdefault("state", {})
+    found = state.get(STATE_KEY)
+    if isinstance(found, Principal):
+        return found
+    app_state = connection.app.state
+    principal = await resolve(
+        connection.headers.get("authorization", ""), app_state.settings, app_state.store.tokens
+    )
+    state[STATE_KEY] = principal
+    return principal
+
+
+def require(principal: Principal, right: Right, namespace: str | None = None) -> None:
+    """Raise 401 without a credential, 403 naming what a token lacks; return when the right is held."""
+    if principal.may(right, namespace):
+        return
+    if principal.kind == "anonymous":
+        raise unauthorized(
+            "this call needs an API key or a token: send Authorization: Bearer <key or token> (a key of "
+            "STREAMHOLD_API_KEYS, or a token minted at /tokens)"
+        )
+    if right not in principal.scopes:
+        raise PermissionDeniedException(f"this token lacks the {right} scope")
+    raise PermissionDeniedException(f"this token does not cover namespace {namespace}")
+
+
+def is_public(state: StreamState, settings: Settings) -> bool:
+    """Whether anyone with the URL may read the stream: its own choice, else STREAMHOLD_READS."""
+    return (state.visibility or settings.reads) == "public"
+
+
+def may_read(principal: Principal, state: StreamState, settings: Settings) -> bool:
+    """Whether the principal may read the stream's content and metadata.
+
+    The single place every read asks; share links and dashboard sign-ins will be principals judged here.
+    """
+    return is_public(state, settings) or principal.may("read", state.namespace)
+
+
+def require_read(principal: Principal, state: StreamState, settings: Settings) -> None:
+    """Raise 401 (no credential) or 403 (a token without read on its namespace) for a stream not readable."""
+    if not may_read(principal, state, settings):
+        if principal.kind == "anonymous":
+            raise unauthorized("this stream is private: send Authorization: Bearer <key or read token>")
+        require(principal, "read", state.namespace)
+
+
+def visibility_of(value: Any, what: str) -> str | None:
+    """A requested visibility: "public", "private", or None (follow STREAMHOLD_READS); 400 otherwise."""
+    if value is None:
+        return None
+    if value is True or value == "public":
+        return "public"
+    if value is False or value == "private":
+        return "private"
+    raise InvalidRequestError(f"{what} must be public or private (true or false in JSON), got {value!r}")
+
+
+async def require_right(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """A guard: let a request through only with the right its handler declares in `opt={"right": ...}`.
 
-    An admin key (STREAMHOLD_API_KEYS) carries every right over every namespace; a handler under this
+    An admin key (STREAMHOLD_API_KEYS) carries every right over every namespace; a token must hold the
+    right as a scope (the handler checks the stream's namespace once it knows it); a handler under this
     guard that declares no right is refused, so a new route fails closed.
     """
     if isinstance(connection, Request) and connection.method == "OPTIONS":  # a CORS preflight has no key
@@ -70,5 +216,4 @@ def require_right(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseR
         raise ImproperlyConfiguredException(
             f"{handler} declares no right: give it opt={{'right': ...}}, one of {', '.join(RIGHTS)}"
         )
-    settings: Settings = connection.app.state.settings
-    check_key(connection.headers.get("authorization", ""), settings)
+    require(await principal_of(connection), right)

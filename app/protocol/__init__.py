@@ -25,7 +25,7 @@ from ..errors import (
     StreamError,
     StreamNotFoundError,
 )
-from ..http.auth import check_key, require_key
+from ..http.auth import principal_of, require, require_read, resolve, visibility_of
 from ..http.metrics import request_metrics
 from ..http.responses import respond
 from ..models import (
@@ -33,6 +33,7 @@ from ..models import (
     Producer,
     StreamState,
     format_offset,
+    lifecycle,
     offset_belongs,
     require_live,
     split_offset,
@@ -61,6 +62,7 @@ from .wire import (
     stream_name,
 )
 
+VISIBILITY = "streamhold-visibility"  # public or private, at create; else STREAMHOLD_READS decides
 APPEND_LABELS = (("method", "POST"), ("route", PREFIX))
 log = logging.getLogger("streamhold.protocol")
 
@@ -158,8 +160,11 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
     """Create a stream (idempotent when the configuration matches), optionally closed or forked."""
     store, _, settings = components(request)
     try:
-        require_key(request, settings)
+        principal = await principal_of(request)
+        require(principal, "write")
         name = request_name(request, name)
+        require(principal, "write", namespace_of(name))
+        visibility = visibility_of(request.headers.get(VISIBILITY), "Streamhold-Visibility")
         given_type = request.headers.get("content-type", "").strip()
         if given_type:
             checks.content_type(given_type)
@@ -167,9 +172,13 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
         fork_from, fork_offset, sub = _fork_options(request)
         body = await read_body(request, settings.max_append_bytes)
         content_type = given_type
-        if not content_type and fork_from is not None:
-            source = require_live(await store.get_by_name(fork_from))
-            content_type = source.content_type
+        if fork_from is not None:
+            found = await store.get_by_name(fork_from)
+            if lifecycle(found).readable:  # a fork reads its source: so may only one who may read it
+                assert found is not None
+                require_read(principal, found, settings)
+            if not content_type:
+                content_type = require_live(found).content_type
         content_type = content_type or "application/octet-stream"
         json_mode = is_json(content_type)
         initial = frame_json(body, allow_empty_array=True) if json_mode and body else body
@@ -187,6 +196,7 @@ async def create_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
                 fork_from=fork_from,
                 fork_offset=fork_offset[1] if fork_offset is not None else None,
                 fork_point=_fork_point(fork_offset, sub) if fork_from is not None else None,
+                visibility=visibility,
             )
         )
     except StreamError as exc:
@@ -246,9 +256,11 @@ async def _append(
     store: Store = state.store
     settings: Settings = state.settings
     headers = _request_headers(scope)
-    check_key(headers.get("authorization", ""), settings)
+    principal = await resolve(headers.get("authorization", ""), settings, store.tokens)
+    require(principal, "write")
     name = name_from_path(scope.get("raw_path"), routed)
     stream = require_live(await store.resolve(name))
+    require(principal, "write", stream.namespace)  # a name made again keeps its namespace: its first segment
     close = headers.get("stream-closed", "").lower() == "true"
     producer = _producer(headers)
     declared = headers.get("content-length")
@@ -376,11 +388,15 @@ async def _append_mounted(name: str, request: Request[Any, Any, Any]) -> ASGIRes
 
 async def head_stream(name: str, request: Request[Any, Any, Any]) -> ASGIResponse:
     """A stream's metadata: type, tail, closed, TTL or expiry."""
-    store = components(request)[0]
+    store, _, settings = components(request)
     try:
         state = require_live(await store.get_by_name(request_name(request, name)))
+        require_read(await principal_of(request), state, settings)
     except StreamError as exc:
         return respond(exc.status, {"content-type": "application/json"}, head_only=True)
+    except HTTPException as exc:  # a private stream: not even its size is told
+        refused = {**(exc.headers or {}), "content-type": "application/json"}
+        return respond(exc.status_code, refused, head_only=True)
     headers = {**state_headers(state, state.tail, state.closed), "cache-control": "no-store"}
     if state.sliding and state.ttl_seconds:
         headers["stream-ttl"] = str(state.ttl_seconds)
@@ -393,8 +409,10 @@ async def delete_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespo
     """Delete a stream (soft-delete while forks of it remain)."""
     store, _, settings = components(request)
     try:
-        require_key(request, settings)
+        principal = await principal_of(request)
+        require(principal, "manage")
         state = require_live(await store.get_by_name(request_name(request, name)))
+        require(principal, "manage", state.namespace)
         await store.delete(state.id)
     except StreamError as exc:
         return error(exc)

@@ -16,6 +16,7 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
 from ..errors import InvalidRequestError, OffsetGoneError, StreamError
+from ..http.auth import principal_of, require_read
 from ..http.content import CutOff, CutOffBody
 from ..http.responses import BODY_SLICE, parse_query, respond, single
 from ..live import CLOSED, DATA, IDLE, UP_TO_DATE, LiveHub, follow
@@ -327,6 +328,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
         name = request_name(request, name)
         asked = ReadRequest.parse(request)
         state = require_live(await store.get_by_name(name))
+        require_read(await principal_of(request), state, settings)
         if state.sliding:
             await store.touch(state)
         if asked.live == "sse":

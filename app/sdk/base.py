@@ -211,6 +211,7 @@ class StreamService(abc.ABC):
         compress: bool = False,
         metadata: Mapping[str, str] | None = None,
         ttl: int | float | None = UNSET,
+        public: bool | None = None,
     ) -> Stream: ...
 
     @abc.abstractmethod

@@ -95,10 +95,17 @@ class LocalStreams(StreamService):
         compress: bool = False,
         metadata: Mapping[str, str] | None = None,
         ttl: int | float | None = UNSET,
+        public: bool | None = None,
     ) -> Stream:
         meta, seconds = check_create(namespace, content_type, metadata, ttl)
         state, _ = await self.store.create(
-            NewStream(namespace=namespace, content_type=content_type, metadata=meta, ttl_seconds=seconds)
+            NewStream(
+                namespace=namespace,
+                content_type=content_type,
+                metadata=meta,
+                ttl_seconds=seconds,
+                visibility=_visibility(public),
+            )
         )
         return _LocalStream(info_from_state(state, self.settings.origin()), bool(compress), self)
 
@@ -163,3 +170,12 @@ class LocalStreams(StreamService):
     async def stop(self, stream_id: str) -> bool:
         state = await self.store.request_stop((await self._live_state(stream_id)).id)
         return not state.closed
+
+
+def _visibility(public: bool | None) -> str | None:
+    """A stream's stored visibility: None follows STREAMHOLD_READS."""
+    if public is None:
+        return None
+    if not isinstance(public, bool):
+        raise TypeError("public must be True, False or None (None follows STREAMHOLD_READS)")
+    return "public" if public else "private"

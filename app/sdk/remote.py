@@ -46,6 +46,12 @@ class UnauthorizedError(StreamError, PermissionError):
     status = 401
 
 
+class ForbiddenError(UnauthorizedError):
+    """The key or token is good but does not cover this call (a scope or a namespace it lacks)."""
+
+    status = 403
+
+
 class ServerUnavailableError(StreamError, ConnectionError):
     """The server could not be reached, or the connection broke."""
 
@@ -75,7 +81,9 @@ def error_for(response: httpx.Response) -> Exception:
     message, status = _message(response), response.status_code
     if status == 400:
         return ValueError(message)
-    if status in (401, 403):
+    if status == 403:
+        return ForbiddenError(message)
+    if status == 401:
         return UnauthorizedError(message)
     if status == 404:
         return StreamNotFoundError(message)
@@ -274,10 +282,13 @@ class RemoteStreams(StreamService):
         compress: bool = False,
         metadata: Mapping[str, str] | None = None,
         ttl: int | float | None = UNSET,
+        public: bool | None = None,
     ) -> RemoteStream:
         meta, seconds = check_create(namespace, content_type, metadata, ttl)
         headers = {"content-type": content_type}
-        body = {"name": namespace, "metadata": meta, "headers": headers, "ttl": seconds or 0}
+        body: dict[str, Any] = {"name": namespace, "metadata": meta, "headers": headers, "ttl": seconds or 0}
+        if public is not None:
+            body["public"] = bool(public)
         response = await self._post("/stream", json=body)
         limit = response.headers.get("stream-max-append-bytes", "")
         max_append = int(limit) if limit.isdigit() else DEFAULT_MAX_APPEND

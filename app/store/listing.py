@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import Engine, false, func, or_, select, true
 
 from .. import clock
 from ..errors import InvalidRequestError
@@ -73,6 +73,8 @@ def filter_conditions(where: StreamFilter, now: float) -> list[Any]:
     ]
     if where.namespace:
         conditions.append(streams.c.namespace == where.namespace)
+    if where.namespaces is not None:
+        conditions.append(or_(false(), *(_within(pattern) for pattern in where.namespaces)))
     if where.id_prefix:
         escaped = where.id_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         conditions.append(
@@ -97,3 +99,14 @@ def filter_conditions(where: StreamFilter, now: float) -> list[Any]:
     elif where.state:
         raise InvalidRequestError(f"state must be open, closed or expiring, got {where.state!r}")
     return conditions
+
+
+def _within(pattern: str) -> Any:
+    """The condition of a namespace pattern: `*` is every namespace, `exports/*` is exports and below."""
+    if pattern == "*":
+        return true()
+    if pattern.endswith("/*"):
+        stem = pattern[:-2]
+        escaped = stem.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return or_(streams.c.namespace == stem, streams.c.namespace.like(escaped + "/%", escape="\\"))
+    return streams.c.namespace == pattern

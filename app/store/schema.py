@@ -43,6 +43,8 @@ class StreamRow(SQLModel, table=True):
     generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     # When someone asked the writer to stop (POST /stream/{id}/stop); the writer decides when it does.
     stop_requested_at: float | None = None
+    # "public" or "private" when chosen at create; None follows STREAMHOLD_READS (and streams made before).
+    visibility: str | None = Field(default=None, max_length=16)
 
 
 class CounterRow(SQLModel, table=True):
@@ -111,6 +113,21 @@ class SessionRow(SQLModel, table=True):
     expires_at: float = Field(index=True)
 
 
+class TokenRow(SQLModel, table=True):
+    """A scoped token: what it may do where, and a digest of its secret (the secret itself is never kept)."""
+
+    __tablename__ = "tokens"
+
+    id: str = Field(primary_key=True, max_length=32)
+    secret_hash: str = Field(max_length=64)  # sha256 hex of the token's secret part
+    scopes: str = Field(max_length=64)  # comma-separated: read, write, manage
+    namespaces_json: str = "[]"
+    label: str = Field(default="", max_length=255)
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+
 def _table(row: type[SQLModel]) -> Table:
     """The Core table of a row class (SQLModel declares `__table__` only at run time)."""
     return SQLModel.metadata.tables[str(row.__tablename__)]
@@ -123,6 +140,7 @@ gzip_chunks = _table(GzipChunkRow)
 metadata_pairs = _table(MetadataRow)
 producers = _table(ProducerRow)
 sessions = _table(SessionRow)
+tokens = _table(TokenRow)
 
 # Chunks are written, merged (compaction) and read back at most about this large.
 CHUNK_TARGET = 1024 * 1024
@@ -146,3 +164,5 @@ def upgrade(conn: Connection, postgres: bool) -> None:
     if "stop_requested_at" not in {c["name"] for c in found.get_columns("streams")}:
         kind = "DOUBLE PRECISION" if postgres else "FLOAT"
         conn.execute(text(f"ALTER TABLE streams ADD COLUMN stop_requested_at {kind}"))
+    if "visibility" not in {c["name"] for c in found.get_columns("streams")}:
+        conn.execute(text("ALTER TABLE streams ADD COLUMN visibility VARCHAR(16)"))

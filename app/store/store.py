@@ -37,6 +37,7 @@ from .disk import DiskSpace
 from .engines import make_engines
 from .reads import Reader
 from .schema import CHUNK_TARGET, sessions, streams
+from .tokens import Tokens
 from .transactions import NewStream
 from .writer import Writer
 
@@ -73,6 +74,7 @@ class Store(Reader):
         folder = Path(database).parent if self.files is not None else None
         self.space = DiskSpace(folder, settings.min_free_bytes, database, lambda: self.writer.commits)
         self.writer.space = self.space
+        self.tokens = Tokens(self.writer, read_engine)
 
     @classmethod
     @asynccontextmanager

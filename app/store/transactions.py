@@ -58,6 +58,7 @@ class NewStream:
     initial: bytes = b""
     fork_from: str | None = None
     fork_offset: int | None = None
+    visibility: str | None = None  # "public", "private", or None to follow STREAMHOLD_READS
     # Where a fork starts, given its source, a reader of the source's bytes [start, end) in slices and a
     # lookup of streams by id (the sources of the source, whose offsets it shares up to its fork point).
     fork_point: (
@@ -146,6 +147,7 @@ def create(
         "fork_offset": fork_offset,
         "deleted": False,
         "generation": generation,
+        "visibility": new.visibility,
     }
     conn.execute(insert(streams).values(row))
     if new.metadata:
@@ -374,6 +376,7 @@ def _same_config(existing: StreamState, new: NewStream) -> bool:
         and existing.ttl_seconds == new.ttl_seconds
         and (new.ttl_seconds is not None or existing.expires_at == new.expires_at)
         and existing.closed == new.closed
+        and existing.visibility == new.visibility
     )
 
 

@@ -22,7 +22,7 @@ from markupsafe import Markup, escape
 
 from .. import demo
 from ..errors import StreamError
-from ..http.auth import bearer, require_key
+from ..http.auth import CHALLENGE, bearer, may_read, principal_of, require_key
 from ..http.headers import content_headers, page_headers
 from ..http.responses import BODY_SLICE
 from ..models import StreamState, iso, require_live
@@ -219,6 +219,13 @@ async def watch(
         state = require_live(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page(gone, status=404, frame_ancestors=ancestors)
+    if not may_read(await principal_of(request), state, settings):
+        return Response(
+            "this stream is private: open it with an API key or a read token for its namespace",
+            status_code=401,
+            media_type="text/plain",
+            headers={**page_headers(ancestors), "cache-control": "no-store", **CHALLENGE},
+        )
     operator = not embed and (not settings.api_keys or (current is not None and current.signed_in))
     try:
         if before is not None or download:
