@@ -150,6 +150,26 @@ async def test_stop_needs_the_write_right(tmp_path: Path) -> None:
         assert (await client.get(f"/stream/{stream_id}/stop", headers=auth)).json()["stop_requested"]
 
 
+async def test_a_token_stops_only_streams_of_its_namespaces(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, api_keys=(KEY,)))
+    auth = {"authorization": f"Bearer {KEY}"}
+    async with AsyncTestClient(app, base_url=LOOPBACK) as client:
+        stream_id = (await client.post("/stream", json={"name": "jobs"}, headers=auth)).json()["id"]
+
+        async def token(scope: str, namespace: str) -> dict[str, str]:
+            body = {"scopes": [scope], "namespaces": [namespace]}
+            minted = await client.post("/tokens", json=body, headers=auth)
+            return {"authorization": f"Bearer {minted.json()['token']}"}
+
+        other = await client.post(f"/stream/{stream_id}/stop", headers=await token("write", "chat"))
+        assert other.status_code == 403 and "namespace jobs" in other.text
+        reader = await client.post(f"/stream/{stream_id}/stop", headers=await token("read", "jobs"))
+        assert reader.status_code == 403 and "write scope" in reader.text
+        assert (await client.get(f"/stream/{stream_id}/stop", headers=auth)).json()["stop_requested"] is False
+        writer = await client.post(f"/stream/{stream_id}/stop", headers=await token("write", "jobs"))
+        assert writer.status_code == 202
+
+
 def _stop_button(page: str) -> re.Match[str] | None:
     return re.search(r'id="stop" data-stream="(stream_[0-9a-f]{32})" data-csrf="([0-9a-f]*)"', page)
 
