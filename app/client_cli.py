@@ -106,7 +106,7 @@ async def _stdin_chunks(source: BinaryIO) -> AsyncIterator[bytes]:
     def pump() -> None:
         while True:
             try:
-                data: bytes | BaseException = source.read1(READ_SIZE)  # type: ignore[attr-defined]
+                data: bytes | BaseException = source.read1(READ_SIZE)  # type: ignore[attr-defined]  # stdin's buffer has read1; BinaryIO omits it
             except (OSError, ValueError) as exc:
                 data = exc
             try:

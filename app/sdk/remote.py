@@ -10,7 +10,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -119,7 +119,7 @@ def info_from_wire(data: Mapping[str, Any]) -> StreamInfo:
         size_bytes=int(data.get("size_bytes", 0)),
         stored_bytes=int(data.get("stored_bytes", data.get("size_bytes", 0))),
         compressed=bool(data.get("compressed", False)),
-        created_at=_time(data.get("created_at")),  # type: ignore[arg-type]
+        created_at=_time(data.get("created_at")) or datetime.fromtimestamp(0, UTC),
         closed_at=_time(data.get("closed_at")),
         expires_at=_time(data.get("expires_at")),
         stop_requested=bool(data.get("stop_requested", False)),

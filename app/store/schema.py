@@ -128,19 +128,19 @@ class TokenRow(SQLModel, table=True):
     revoked_at: float | None = None
 
 
-def _table(row: type[SQLModel]) -> Table:
+def table_of(row: type[SQLModel]) -> Table:
     """The Core table of a row class (SQLModel declares `__table__` only at run time)."""
     return SQLModel.metadata.tables[str(row.__tablename__)]
 
 
-streams = _table(StreamRow)
-counters = _table(CounterRow)
-chunks = _table(ChunkRow)
-gzip_chunks = _table(GzipChunkRow)
-metadata_pairs = _table(MetadataRow)
-producers = _table(ProducerRow)
-sessions = _table(SessionRow)
-tokens = _table(TokenRow)
+streams = table_of(StreamRow)
+counters = table_of(CounterRow)
+chunks = table_of(ChunkRow)
+gzip_chunks = table_of(GzipChunkRow)
+metadata_pairs = table_of(MetadataRow)
+producers = table_of(ProducerRow)
+sessions = table_of(SessionRow)
+tokens = table_of(TokenRow)
 
 # Chunks are written, merged (compaction) and read back at most about this large.
 CHUNK_TARGET = 1024 * 1024

@@ -6,6 +6,7 @@ from sqlalchemy import BigInteger, Column, LargeBinary, Text
 from sqlmodel import Field, SQLModel
 
 from ..models import MAX_NAME_LENGTH
+from .schema import table_of
 
 MAX_SUBSCRIPTION_ID = 255
 
@@ -59,7 +60,7 @@ class SigningKeyRow(SQLModel, table=True):
     created_at: float
 
 
-subscriptions = SubscriptionRow.__table__  # type: ignore[attr-defined]
-links = SubscriptionLinkRow.__table__  # type: ignore[attr-defined]
-signing_keys = SigningKeyRow.__table__  # type: ignore[attr-defined]
+subscriptions = table_of(SubscriptionRow)
+links = table_of(SubscriptionLinkRow)
+signing_keys = table_of(SigningKeyRow)
 SUBSCRIPTION_TABLES = (subscriptions, links, signing_keys)
