@@ -417,7 +417,10 @@ class Store(Reader):
         """Create a stream; returns (state, created). The same name with the same settings is no error."""
         if self.space.short():
             raise self.space.refuse()
-        return await self.writer.call(lambda conn: transactions.create(conn, new, self.postgres, self.files))
+        # Concurrent creates share a commit (each in a savepoint of its own), as concurrent appends do.
+        return await self.writer.call(
+            lambda conn: transactions.create(conn, new, self.postgres, self.files), group=True, key=new.name or ""
+        )
 
     async def delete(self, stream_id: str) -> None:
         """Delete a stream and reclaim its storage (soft-delete while forks of it remain)."""
@@ -481,7 +484,8 @@ class Store(Reader):
             transactions.compact(conn, stream_id, full, self.postgres)
             return None, []
 
-        await self.writer.call(merge)
+        # Grouped: every close compacts, and closes come as many at once as creates do.
+        await self.writer.call(merge, group=True)
 
     async def sweep(self) -> int:
         """Delete expired streams and collect deleted sources with no forks left; returns how many.

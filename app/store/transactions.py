@@ -77,10 +77,7 @@ def create(
         if postgres:
             # SELECT ... FOR UPDATE locks no row for a name not yet taken: without this, two processes
             # creating one name both insert it and one fails on the unique name.
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), hashtext(:name))"),
-                {"c": CREATE_LOCK, "name": new.name},
-            )
+            lock_names(conn, [new.name])
         existing = _locked(conn, streams.c.name, new.name, postgres)
         if existing is not None:
             if existing.expired(now):
@@ -155,6 +152,15 @@ def create(
         )
     state = StreamState.from_row(row)
     return (state, True), changes
+
+
+def lock_names(conn: Connection, names: list[str]) -> None:
+    """PostgreSQL: take the create locks of several names, in the order given."""
+    for name in names:
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), hashtext(:name))"),
+            {"c": CREATE_LOCK, "name": name},
+        )
 
 
 def _next_generation(conn: Connection) -> int:
