@@ -11,7 +11,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import delete as sql_delete
 
 from .. import clock
@@ -40,6 +52,23 @@ COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely 
 SWEEP_LOCK = 0x53575045  # advisory lock key: one process sweeps at a time
 CREATE_LOCK = 0x4E414D45  # advisory lock class for (this, hash of a name): one create of a name at a time
 DATABASE_NOW = "extract(epoch from clock_timestamp())"
+
+
+# Built once: building a statement cost more than running it, measured under concurrent creates.
+_INSERT_STREAM = insert(streams)
+_INSERT_METADATA = insert(metadata_pairs)
+_INSERT_CHUNK = insert(chunks)
+_BUMP_GENERATION = update(counters).where(counters.c.name == GENERATION).values(value=counters.c.value + 1)
+_GENERATION = select(counters.c.value).where(counters.c.name == GENERATION)
+_BY = {
+    (column.name, lock): (
+        select(*STREAM_STATE).where(column == bindparam("value")).with_for_update()
+        if lock
+        else select(*STREAM_STATE).where(column == bindparam("value"))
+    )
+    for column in (streams.c.id, streams.c.name)
+    for lock in (False, True)
+}
 
 
 @dataclass
@@ -116,7 +145,7 @@ def create(
     # slices between other writes, would cost as much again in storage and WAL for every fork.
     tail = fork_offset or 0
     if new.initial:
-        conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=new.initial))
+        conn.execute(_INSERT_CHUNK, {"stream_id": stream_id, "start": tail, "data": new.initial})
         tail += len(new.initial)
     generation = _next_generation(conn)
     row = {
@@ -144,10 +173,10 @@ def create(
         "deleted": False,
         "generation": generation,
     }
-    conn.execute(insert(streams).values(row))
+    conn.execute(_INSERT_STREAM, row)
     if new.metadata:
         conn.execute(
-            insert(metadata_pairs),
+            _INSERT_METADATA,
             [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
         )
     state = StreamState.from_row(row)
@@ -165,9 +194,8 @@ def lock_names(conn: Connection, names: list[str]) -> None:
 
 def _next_generation(conn: Connection) -> int:
     """A generation higher than any handed out before, in this database, whatever process asks."""
-    where = counters.c.name == GENERATION
-    conn.execute(update(counters).where(where).values(value=counters.c.value + 1))
-    return int(conn.execute(select(counters.c.value).where(where)).scalar_one())
+    conn.execute(_BUMP_GENERATION)
+    return int(conn.execute(_GENERATION).scalar_one())
 
 
 def same_fork(
@@ -349,6 +377,10 @@ def remove_unused_files(
 def _locked(
     conn: Connection, column: Any, value: str, postgres: bool, skip_locked: bool = False
 ) -> StreamState | None:
+    prebuilt = _BY.get((column.name, postgres)) if not skip_locked and column.table is streams else None
+    if prebuilt is not None:
+        row = conn.execute(prebuilt, {"value": value}).first()
+        return StreamState.from_row(row) if row is not None else None
     query = select(*STREAM_STATE).where(column == value)
     if postgres:
         query = query.with_for_update(skip_locked=skip_locked)
