@@ -225,7 +225,10 @@ class Writer(AppendBatches):
             failed: dict[str, Exception] = {}
             for op, (ok, value) in zip(batch, outcomes, strict=True):
                 if not ok and not isinstance(value, StreamError):
-                    value = self.space.classify(value)
+                    classified = self.space.classify(value)
+                    if classified is value and isinstance(op, CallOp):
+                        log.error("a write failed", exc_info=value)
+                    value = classified
                     if isinstance(op, AppendOp):
                         failed.setdefault(op.stream_id, value)
                 if op.future.done():
