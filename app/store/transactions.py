@@ -436,18 +436,27 @@ class GzipPiece:
     plain_start: int | None
 
 
+# Every close compacts (most closed streams have nothing to merge): its statements are built once.
+_COMPACT_FROM = select(streams.c.compact_from, streams.c.tail).where(streams.c.id == bindparam("id"))
+_COMPACT_FROM_LOCKED = _COMPACT_FROM.with_for_update()
+_CHUNK_SIZES = (
+    select(chunks.c.start, CHUNK_SIZE)
+    .where(chunks.c.stream_id == bindparam("id"), chunks.c.start >= bindparam("begin"))
+    .order_by(chunks.c.start)
+)
+_SET_COMPACT_FROM = (
+    update(streams).where(streams.c.id == bindparam("sid")).values(compact_from=bindparam("new_from"))
+)
+
+
 def compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> None:
-    query = select(streams.c.compact_from, streams.c.tail).where(streams.c.id == stream_id)
     # Lock the stream so that another process's writer cannot append or compact it meanwhile.
-    row = conn.execute(query.with_for_update() if postgres else query).first()
+    query = _COMPACT_FROM_LOCKED if postgres else _COMPACT_FROM
+    row = conn.execute(query, {"id": stream_id}).first()
     if row is None:
         return
     begin = 0 if full else row.compact_from
-    sizes = conn.execute(
-        select(chunks.c.start, CHUNK_SIZE)
-        .where(chunks.c.stream_id == stream_id, chunks.c.start >= begin)
-        .order_by(chunks.c.start)
-    ).all()
+    sizes = conn.execute(_CHUNK_SIZES, {"id": stream_id, "begin": begin}).all()
     groups: list[list[int]] = []
     current: list[int] = []
     current_size = 0
@@ -477,6 +486,4 @@ def compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> Non
         conn.execute(insert(chunks).values(stream_id=stream_id, start=group[0], data=merged))
     if sizes:  # later compactions start where these chunks end; bytes still pending are not in a chunk
         last_start, last_size = sizes[-1]
-        conn.execute(
-            update(streams).where(streams.c.id == stream_id).values(compact_from=last_start + last_size)
-        )
+        conn.execute(_SET_COMPACT_FROM, {"sid": stream_id, "new_from": last_start + last_size})
