@@ -82,7 +82,7 @@ def specs(sizes: Sizes) -> list[Spec]:
         Spec("mixed", "mixed", writes.mixed, 120.0),
         Spec("sdk", "sdk", None, 120.0),
         Spec("create", "create", scale.create, 120.0, rounds=sizes.disk_rounds),
-        Spec("append-spread", "append-spread", scale.append_spread, 240.0),
+        Spec("append-spread", "append-spread", scale.append_spread, 480.0),
     ]
 
 
