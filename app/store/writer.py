@@ -97,6 +97,10 @@ class _Thread:
                 future.get_loop().call_soon_threadsafe(_settle, future, True, result)
 
 
+class _CallFailed(Exception):
+    """A grouped call failed in a transaction without savepoints: run the group again with them."""
+
+
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if future.done():  # its awaiter was cancelled meanwhile
         return
@@ -381,11 +385,13 @@ class Writer(AppendBatches):
         return batch
 
     def _run_calls(self, ops: list[CallOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
-        """Run calls in one transaction: one alone as it is, several each in a savepoint of its own.
+        """Run calls in one transaction: one alone as it is, several together.
 
-        A grouped call that fails rolls back its savepoint only; the others commit. If the shared
-        transaction fails before its COMMIT was sent (a deadlock between processes, say), nothing of it is
-        committed and each call runs again alone. Every future is settled only after the COMMIT.
+        Several run first without savepoints, which cost as much as a create; if one fails, the shared
+        transaction is rolled back and run again with each call in a savepoint of its own, so that only the
+        failing call fails. If the shared transaction fails before its COMMIT was sent (a deadlock between
+        processes, say), nothing of it is committed and each call runs again alone. Every future is
+        settled only after the COMMIT.
         """
         if len(ops) == 1:
             try:
@@ -395,41 +401,53 @@ class Writer(AppendBatches):
                 return [(False, exc)], []
             self.commits += 1
             return [(True, result)], changes
-        results: dict[int, tuple[bool, Any]] = {}
-        changes = []
-        committing = False
-        # In the order of what they lock (stably: creates of one name keep theirs), so that processes
-        # creating the same names in shared transactions never wait for each other in a circle.
-        order = sorted(range(len(ops)), key=lambda i: ops[i].key)
+        committing = [False]
         try:
-            with self._engine.begin() as conn:
-                if self._postgres:
-                    transactions.lock_names(conn, sorted({op.key for op in ops if op.key}))
-                for i in order:
-                    savepoint = conn.begin_nested()
-                    try:
-                        result, done = ops[i].fn(conn)
-                    except Exception as exc:
-                        savepoint.rollback()
-                        results[i] = (False, exc)
-                    else:
-                        savepoint.commit()
-                        results[i] = (True, result)
-                        changes += done
-                committing = True
+            try:
+                return self._shared(ops, False, committing)
+            except _CallFailed:
+                return self._shared(ops, True, committing)
         except Exception:
-            if committing:
+            if committing[0]:
                 raise
             log.warning("a transaction of %d grouped writes failed; running them apart", len(ops))
-            outcomes, changes = [], []
+            outcomes: list[tuple[bool, Any]] = []
+            apart: list[Change] = []
             for op in ops:
                 try:
                     (outcome,), done = self._run_calls([op])
                 except Exception as exc:
                     outcome, done = (False, exc), []
                 outcomes.append(outcome)
-                changes += done
-            return outcomes, changes
+                apart += done
+            return outcomes, apart
+
+    def _shared(
+        self, ops: list[CallOp], savepoints: bool, committing: list[bool]
+    ) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        results: dict[int, tuple[bool, Any]] = {}
+        changes = []
+        # In the order of what they lock (stably: creates of one name keep theirs), so that processes
+        # creating the same names in shared transactions never wait for each other in a circle.
+        order = sorted(range(len(ops)), key=lambda i: ops[i].key)
+        with self._engine.begin() as conn:
+            if self._postgres:
+                transactions.lock_names(conn, sorted({op.key for op in ops if op.key}))
+            for i in order:
+                savepoint = conn.begin_nested() if savepoints else None
+                try:
+                    result, done = ops[i].fn(conn)
+                except Exception as exc:
+                    if savepoint is None:
+                        raise _CallFailed() from exc
+                    savepoint.rollback()
+                    results[i] = (False, exc)
+                else:
+                    if savepoint is not None:
+                        savepoint.commit()
+                    results[i] = (True, result)
+                    changes += done
+            committing[0] = True
         self.commits += 1
         return [results[i] for i in range(len(ops))], changes
 
