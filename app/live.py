@@ -22,7 +22,7 @@ from litestar.channels.backends.base import ChannelsBackend
 
 from .channels import PUBLISH_TIMEOUT, make_backend
 from .errors import StreamNotFoundError
-from .models import Change, StreamState, require_live
+from .models import LRU, Change, StreamState, require_live
 from .settings import Settings
 
 K = TypeVar("K")
@@ -117,11 +117,10 @@ class Waiter:
 
 
 class SharedCache(Generic[K, V]):
-    """A small map of values that many readers share, emptied whenever it fills (entries are short-lived)."""
+    """A small map of values that many readers share, forgetting the least recently used first."""
 
     def __init__(self, size: int = 256) -> None:
-        self._size = size
-        self._items: dict[K, V] = {}
+        self._items: LRU[K, V] = LRU(size)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -130,9 +129,7 @@ class SharedCache(Generic[K, V]):
         return self._items.get(key)
 
     def put(self, key: K, value: V) -> V:
-        if len(self._items) >= self._size:
-            self._items.clear()
-        self._items[key] = value
+        self._items.put(key, value)
         return value
 
 

@@ -8,10 +8,11 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from . import clock
 from .errors import StreamGoneError, StreamNotFoundError
@@ -277,3 +278,50 @@ def clamp_ttl(ttl: int | float | None) -> int | None:
     if ttl is None or ttl == 0:
         return None
     return int(min(max(ttl, MIN_TTL), MAX_TTL))
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """A map of at most `size` entries that forgets the least recently used one first.
+
+    Per-stream caches are these, so that what a process keeps never grows with the streams it has seen,
+    and a working set larger than the bound costs a miss per evicted entry, not an emptied cache.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items)
+
+    def get(self, key: K, default: V | None = None) -> V | None:
+        """The value, marked as just used; `default` if absent."""
+        try:
+            self._items.move_to_end(key)
+        except KeyError:
+            return default
+        return self._items[key]
+
+    def put(self, key: K, value: V) -> tuple[K, V] | None:
+        """Set the value (marked as just used); returns the entry evicted to make room, if any."""
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self.size:
+            return self._items.popitem(last=False)
+        return None
+
+    def pop(self, key: K, default: V | None = None) -> V | None:
+        return self._items.pop(key, default)
+
+    def clear(self) -> None:
+        self._items.clear()

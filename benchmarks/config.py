@@ -30,6 +30,9 @@ class Sizes:
     resume_drops: int = 100
     resume_interval_s: float = 0.001
     sdk_writes: int = 20_000
+    creators: int = 16
+    creates_per_creator: int = 250
+    spread_streams: int = 10_000
 
 
 FULL = Sizes()
@@ -48,6 +51,8 @@ QUICK = Sizes(
     fanout_drain_s=8.0,
     resume_drops=20,
     sdk_writes=2_000,
+    creates_per_creator=30,
+    spread_streams=1_000,
 )
 
 

@@ -20,6 +20,7 @@ _MUST_BE = {
     "all_readers_connected": True,
     "writer_stalled": False,
     "stream_closed": True,
+    "stream_exists": True,
 }
 _ZERO_METRICS = ("lost", "duplicated")
 

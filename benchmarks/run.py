@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fanout, live, reads, report, sdk_bench, servers, writes
+from benchmarks import fanout, live, reads, report, scale, sdk_bench, servers, writes
 from benchmarks.config import FULL, QUICK, Sizes, Target
 from benchmarks.wire import parse_origin
 
@@ -31,7 +31,19 @@ STARTERS: dict[str, Callable[[], servers.Server]] = {
     "reference": servers.start_reference,
 }
 RESULTS = Path(__file__).resolve().parent / "results"  # ignored by the repo's .gitignore
-GROUPS = ("append", "append-large", "catch-up", "catch-up-small", "ttfb", "fanout", "resume", "mixed", "sdk")
+GROUPS = (
+    "append",
+    "append-large",
+    "catch-up",
+    "catch-up-small",
+    "ttfb",
+    "fanout",
+    "resume",
+    "mixed",
+    "sdk",
+    "create",
+    "append-spread",
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,8 @@ def specs(sizes: Sizes) -> list[Spec]:
         Spec("resume", "resume", live.resume, 120.0),
         Spec("mixed", "mixed", writes.mixed, 120.0),
         Spec("sdk", "sdk", None, 120.0),
+        Spec("create", "create", scale.create, 120.0, rounds=sizes.disk_rounds),
+        Spec("append-spread", "append-spread", scale.append_spread, 480.0),
     ]
 
 

@@ -162,3 +162,41 @@ def _matches(piece: bytes, position: int, chunk: bytes) -> bool:
     repeated = piece * 3
     start = position % len(piece)
     return repeated[start : start + len(chunk)] == chunk
+
+
+async def test_sigkill_among_concurrent_creates_loses_no_acknowledged_stream(tmp_path: Path) -> None:
+    """Creates share commits: each is acknowledged only once its shared commit is done."""
+    acknowledged: list[str] = []
+    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(tmp_path / "data")}) as server:
+        stop = time.monotonic() + 30
+
+        async def creator(c: int) -> None:
+            async with httpx.AsyncClient(timeout=5) as client:
+                for i in range(10_000):
+                    if time.monotonic() > stop:
+                        return
+                    name = f"made/{c}/{i}"
+                    try:
+                        response = await client.put(f"{server.url}/v1/stream/{name}")
+                    except httpx.HTTPError:
+                        return  # the server is gone; nothing after this was acknowledged
+                    if response.status_code != 201:
+                        return
+                    acknowledged.append(name)
+
+        loop = asyncio.get_running_loop()
+        creating = asyncio.ensure_future(asyncio.gather(*(creator(c) for c in range(16))))
+        deadline = time.monotonic() + 20
+        while len(acknowledged) < 300 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls another task's progress
+            await asyncio.sleep(0.05)
+        await loop.run_in_executor(None, server.kill)
+        await creating
+        assert len(acknowledged) >= 300, "the creates were under way when the process was killed"
+        await loop.run_in_executor(None, server.restart)
+        async with httpx.AsyncClient(timeout=30) as client:
+            missing = [
+                name
+                for name in acknowledged
+                if (await client.head(f"{server.url}/v1/stream/{name}")).status_code != 200
+            ]
+    assert missing == [], "every acknowledged create exists after kill -9"

@@ -17,12 +17,13 @@ from sqlalchemy import Engine
 
 from .. import clock
 from ..errors import StreamError
-from ..models import Change
+from ..models import LRU, Change
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from .statements import Prepared, Statements, state_from_tuple
 
-MAX_CACHED_ROWS = 4096
+# Enough for the records of 10,000 streams written at once; past it, the least recently written go.
+MAX_CACHED_ROWS = 16384
 WAL_FRAME_HEADER = 24
 # Small appends collect in the stream's record (its `pending` bytes) until they make a chunk this large. A
 # commit of small appends then writes a few pages of the streams table, rather than also a chunk row and
@@ -55,7 +56,7 @@ class AppendBatches:
         # SQLite only: stream rows (and their pending byte counts) as this connection's last commit left
         # them. They stay valid while no other connection commits, which `PRAGMA data_version` tells, so a
         # batch skips re-reading them.
-        self._rows: dict[str, Record] = {}
+        self._rows: LRU[str, Record] = LRU(MAX_CACHED_ROWS)
         self._written: dict[str, Record] = {}
         self._data_version = -1
         self._commit_sent = False
@@ -122,20 +123,21 @@ class AppendBatches:
             claim.close()
         self._claims.clear()
 
-    def _cached_rows(self, cursor: Any) -> dict[str, Record]:
+    def _cached_rows(self, cursor: Any) -> LRU[str, Record]:
         """The row cache, emptied first if another connection has committed since this one last did."""
         if self._postgres:
-            return {}
+            return self._rows  # always empty: another process may commit at any time
         cursor.execute("PRAGMA data_version")
         version = cursor.fetchone()[0]
-        if version != self._data_version or len(self._rows) > MAX_CACHED_ROWS:
+        if version != self._data_version:
             self._rows.clear()
             self._data_version = version
         self._written.clear()
         return self._rows
 
     def _committed(self) -> None:
-        self._rows.update(self._written)
+        for stream_id, record in self._written.items():
+            self._rows.put(stream_id, record)
         self._written.clear()
 
     def _append_transaction(

@@ -28,7 +28,7 @@ from sqlmodel import SQLModel
 
 from .. import clock
 from ..errors import InvalidRequestError, StorageFullError, StreamNotFoundError
-from ..models import AppendResult, Change, Producer, StreamFilter, StreamState
+from ..models import LRU, AppendResult, Change, Producer, StreamFilter, StreamState
 from ..settings import Settings
 from . import chunk_files, listing, schema, transactions
 from .appends import AppendOp
@@ -59,10 +59,11 @@ class Store(Reader):
         super().__init__(read_engine, postgres, ChunkFiles.beside(database))
         self.settings = settings
         self._write_engine = write_engine
-        self._names: dict[str, StreamState] = {}
-        self._ids: dict[str, str] = {}
+        # Per-stream caches are bounded and forget the least recently used stream first.
+        self._names: LRU[str, StreamState] = LRU(NAME_CACHE)
+        self._ids: dict[str, str] = {}  # the ids of the names cached, and no others
         self._listeners: list[Callable[[list[Change]], None]] = []
-        self._small_chunks: dict[str, int] = {}
+        self._small_chunks: LRU[str, int] = LRU(NAME_CACHE)
         self._compressing: dict[str, asyncio.Future[None]] = {}
         self._followups: set[asyncio.Task[Any]] = set()
         self._removals: dict[str, asyncio.TimerHandle] = {}
@@ -137,13 +138,11 @@ class Store(Reader):
                 self._small_chunks.pop(change.stream_id, None)
                 self._remove_file_later(change.stream_id)
             if not change.gone and not change.closed and 0 < change.added_chunk < transactions.SMALL_CHUNK:
-                if change.stream_id not in self._small_chunks and len(self._small_chunks) >= NAME_CACHE:
-                    # Streams deleted by another process leave their counts here: start counting afresh.
-                    self._small_chunks.clear()
-                count = self._small_chunks.get(change.stream_id, 0) + 1
-                self._small_chunks[change.stream_id] = count
+                # A stream forgotten here starts counting afresh: it is compacted a little later.
+                count = (self._small_chunks.get(change.stream_id) or 0) + 1
+                self._small_chunks.put(change.stream_id, count)
                 if count >= COMPACT_AFTER:
-                    self._small_chunks[change.stream_id] = 0
+                    self._small_chunks.put(change.stream_id, 0)
                     self._follow_up(self.compact(change.stream_id))
         for listener in self._listeners:
             listener(changes)
@@ -192,13 +191,17 @@ class Store(Reader):
             return cached
         state = await self.get_by_name(name)
         if state is not None and not state.expired() and not state.deleted:
-            if len(self._names) >= NAME_CACHE:
-                self._names.clear()
-                self._ids.clear()
-            self._names[name] = state
+            was = self._names.pop(name)
+            if was is not None:
+                self._ids.pop(was.id, None)
+            evicted = self._names.put(name, state)
+            if evicted is not None:
+                self._ids.pop(evicted[1].id, None)
             self._ids[state.id] = name
         elif name in self._names:
-            self._ids.pop(self._names.pop(name).id, None)
+            was = self._names.pop(name)
+            if was is not None:
+                self._ids.pop(was.id, None)
         return state
 
     def _refresh_cached(self, change: Change) -> None:
@@ -212,7 +215,7 @@ class Store(Reader):
         cached = self._names.get(name)
         # Writers need only the stream's fixed facts and whether it closed; its tail may lag behind.
         if cached is not None and change.closed and not cached.closed:
-            self._names[name] = dataclasses.replace(cached, tail=change.tail, closed_at=time.time())
+            self._names.put(name, dataclasses.replace(cached, tail=change.tail, closed_at=time.time()))
 
     async def list(
         self,
@@ -419,7 +422,11 @@ class Store(Reader):
         """Create a stream; returns (state, created). The same name with the same settings is no error."""
         if self.space.short():
             raise self.space.refuse()
-        return await self.writer.call(lambda conn: transactions.create(conn, new, self.postgres, self.files))
+        # Concurrent creates share a commit (each in a savepoint of its own), as concurrent appends do.
+        postgres, files = self.postgres, self.files
+        return await self.writer.call(
+            lambda conn: transactions.create(conn, new, postgres, files), group=True, key=new.name or ""
+        )
 
     async def delete(self, stream_id: str) -> None:
         """Delete a stream and reclaim its storage (soft-delete while forks of it remain)."""
@@ -487,7 +494,8 @@ class Store(Reader):
             transactions.compact(conn, stream_id, full, self.postgres)
             return None, []
 
-        await self.writer.call(merge)
+        # Grouped: every close compacts, and closes come as many at once as creates do.
+        await self.writer.call(merge, group=True)
 
     async def sweep(self) -> int:
         """Delete expired streams and collect deleted sources with no forks left; returns how many.

@@ -11,7 +11,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, literal, literal_column, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import delete as sql_delete
 
 from .. import clock
@@ -40,6 +52,23 @@ COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely 
 SWEEP_LOCK = 0x53575045  # advisory lock key: one process sweeps at a time
 CREATE_LOCK = 0x4E414D45  # advisory lock class for (this, hash of a name): one create of a name at a time
 DATABASE_NOW = "extract(epoch from clock_timestamp())"
+
+
+# Built once: building a statement cost more than running it, measured under concurrent creates.
+_INSERT_STREAM = insert(streams)
+_INSERT_METADATA = insert(metadata_pairs)
+_INSERT_CHUNK = insert(chunks)
+_BUMP_GENERATION = update(counters).where(counters.c.name == GENERATION).values(value=counters.c.value + 1)
+_GENERATION = select(counters.c.value).where(counters.c.name == GENERATION)
+_BY = {
+    (column.name, lock): (
+        select(*STREAM_STATE).where(column == bindparam("value")).with_for_update()
+        if lock
+        else select(*STREAM_STATE).where(column == bindparam("value"))
+    )
+    for column in (streams.c.id, streams.c.name)
+    for lock in (False, True)
+}
 
 
 @dataclass
@@ -78,10 +107,7 @@ def create(
         if postgres:
             # SELECT ... FOR UPDATE locks no row for a name not yet taken: without this, two processes
             # creating one name both insert it and one fails on the unique name.
-            conn.execute(
-                text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), hashtext(:name))"),
-                {"c": CREATE_LOCK, "name": new.name},
-            )
+            lock_names(conn, [new.name])
         existing = _locked(conn, streams.c.name, new.name, postgres)
         if existing is not None:
             if existing.expired(now):
@@ -120,7 +146,7 @@ def create(
     # slices between other writes, would cost as much again in storage and WAL for every fork.
     tail = fork_offset or 0
     if new.initial:
-        conn.execute(insert(chunks).values(stream_id=stream_id, start=tail, data=new.initial))
+        conn.execute(_INSERT_CHUNK, {"stream_id": stream_id, "start": tail, "data": new.initial})
         tail += len(new.initial)
     generation = _next_generation(conn)
     row = {
@@ -149,21 +175,29 @@ def create(
         "generation": generation,
         "visibility": new.visibility,
     }
-    conn.execute(insert(streams).values(row))
+    conn.execute(_INSERT_STREAM, row)
     if new.metadata:
         conn.execute(
-            insert(metadata_pairs),
+            _INSERT_METADATA,
             [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
         )
     state = StreamState.from_row(row)
     return (state, True), changes
 
 
+def lock_names(conn: Connection, names: list[str]) -> None:
+    """PostgreSQL: take the create locks of several names, in the order given."""
+    for name in names:
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), hashtext(:name))"),
+            {"c": CREATE_LOCK, "name": name},
+        )
+
+
 def _next_generation(conn: Connection) -> int:
     """A generation higher than any handed out before, in this database, whatever process asks."""
-    where = counters.c.name == GENERATION
-    conn.execute(update(counters).where(where).values(value=counters.c.value + 1))
-    return int(conn.execute(select(counters.c.value).where(where)).scalar_one())
+    conn.execute(_BUMP_GENERATION)
+    return int(conn.execute(_GENERATION).scalar_one())
 
 
 def same_fork(
@@ -363,6 +397,10 @@ def remove_unused_files(
 def _locked(
     conn: Connection, column: Any, value: str, postgres: bool, skip_locked: bool = False
 ) -> StreamState | None:
+    prebuilt = _BY.get((column.name, postgres)) if not skip_locked and column.table is streams else None
+    if prebuilt is not None:
+        row = conn.execute(prebuilt, {"value": value}).first()
+        return StreamState.from_row(row) if row is not None else None
     query = select(*STREAM_STATE).where(column == value)
     if postgres:
         query = query.with_for_update(skip_locked=skip_locked)
@@ -419,18 +457,27 @@ class GzipPiece:
     plain_start: int | None
 
 
+# Every close compacts (most closed streams have nothing to merge): its statements are built once.
+_COMPACT_FROM = select(streams.c.compact_from, streams.c.tail).where(streams.c.id == bindparam("id"))
+_COMPACT_FROM_LOCKED = _COMPACT_FROM.with_for_update()
+_CHUNK_SIZES = (
+    select(chunks.c.start, CHUNK_SIZE)
+    .where(chunks.c.stream_id == bindparam("id"), chunks.c.start >= bindparam("begin"))
+    .order_by(chunks.c.start)
+)
+_SET_COMPACT_FROM = (
+    update(streams).where(streams.c.id == bindparam("sid")).values(compact_from=bindparam("new_from"))
+)
+
+
 def compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> None:
-    query = select(streams.c.compact_from, streams.c.tail).where(streams.c.id == stream_id)
     # Lock the stream so that another process's writer cannot append or compact it meanwhile.
-    row = conn.execute(query.with_for_update() if postgres else query).first()
+    query = _COMPACT_FROM_LOCKED if postgres else _COMPACT_FROM
+    row = conn.execute(query, {"id": stream_id}).first()
     if row is None:
         return
     begin = 0 if full else row.compact_from
-    sizes = conn.execute(
-        select(chunks.c.start, CHUNK_SIZE)
-        .where(chunks.c.stream_id == stream_id, chunks.c.start >= begin)
-        .order_by(chunks.c.start)
-    ).all()
+    sizes = conn.execute(_CHUNK_SIZES, {"id": stream_id, "begin": begin}).all()
     groups: list[list[int]] = []
     current: list[int] = []
     current_size = 0
@@ -460,6 +507,4 @@ def compact(conn: Connection, stream_id: str, full: bool, postgres: bool) -> Non
         conn.execute(insert(chunks).values(stream_id=stream_id, start=group[0], data=merged))
     if sizes:  # later compactions start where these chunks end; bytes still pending are not in a chunk
         last_start, last_size = sizes[-1]
-        conn.execute(
-            update(streams).where(streams.c.id == stream_id).values(compact_from=last_start + last_size)
-        )
+        conn.execute(_SET_COMPACT_FROM, {"sid": stream_id, "new_from": last_start + last_size})

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine
 
 from ..errors import StreamError
 from ..models import AppendResult, Change
+from . import transactions
 from .appends import AppendOp
 from .batches import AppendBatches
 from .chunk_files import ChunkFiles
@@ -49,6 +50,9 @@ class CallOp:
 
     fn: Callable[[Connection], tuple[Any, list[Change]]]
     future: asyncio.Future[Any]
+    # Whether it may share a transaction with other such ops, each in a savepoint of its own (creates).
+    group: bool = False
+    key: str = ""  # what it locks first on PostgreSQL (a name): a shared transaction takes them in order
 
 
 class _Thread:
@@ -91,6 +95,10 @@ class _Thread:
                 future.get_loop().call_soon_threadsafe(_settle, future, False, exc)
             else:
                 future.get_loop().call_soon_threadsafe(_settle, future, True, result)
+
+
+class _CallFailed(Exception):
+    """A grouped call failed in a transaction without savepoints: run the group again with them."""
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -182,9 +190,12 @@ class Writer(AppendBatches):
         self._queue.append(op)
         self._wakeup.set()
 
-    async def call(self, fn: Callable[[Connection], tuple[Any, list[Change]]]) -> Any:
+    async def call(
+        self, fn: Callable[[Connection], tuple[Any, list[Change]]], group: bool = False, key: str = ""
+    ) -> Any:
+        """Run `fn(conn)` in a transaction; with `group`, one it may share with other grouped calls."""
         future: asyncio.Future[Any] = self.new_future()
-        self.submit(CallOp(fn, future))
+        self.submit(CallOp(fn, future, group, key))
         return await future
 
     async def _run(self) -> None:
@@ -200,9 +211,7 @@ class Writer(AppendBatches):
             batch = self._take_batch()
             try:
                 if isinstance(batch[0], CallOp):
-                    outcome = await self._thread.run(self._run_call, batch[0])
-                    outcomes: list[tuple[bool, Any]] = [outcome[0]]
-                    changes = outcome[1]
+                    outcomes, changes = await self._thread.run(self._run_calls, cast(list[CallOp], batch))
                 else:
                     # A batch is one CallOp or appends only (_take_batch).
                     outcomes, changes = await self._isolated_appends(cast(list[AppendOp], batch))
@@ -219,9 +228,13 @@ class Writer(AppendBatches):
             _close_spools(batch)
             failed: dict[str, Exception] = {}
             for op, (ok, value) in zip(batch, outcomes, strict=True):
-                if not ok and isinstance(op, AppendOp) and not isinstance(value, StreamError):
-                    value = self.space.classify(value)
-                    failed.setdefault(op.stream_id, value)
+                if not ok and not isinstance(value, StreamError):
+                    classified = self.space.classify(value)
+                    if classified is value and isinstance(op, CallOp):
+                        log.error("a write failed", exc_info=value)
+                    value = classified
+                    if isinstance(op, AppendOp):
+                        failed.setdefault(op.stream_id, value)
                 if op.future.done():
                     continue
                 if ok:
@@ -352,9 +365,15 @@ class Writer(AppendBatches):
 
     def _take_batch(self) -> list[AppendOp | CallOp]:
         first = self._queue.popleft()
-        if isinstance(first, CallOp):
-            return [first]
         batch: list[AppendOp | CallOp] = [first]
+        if isinstance(first, CallOp):
+            # Grouped calls (creates) commit together, as appends do.
+            while first.group and self._queue and len(batch) < MAX_BATCH_OPS:
+                op = self._queue[0]
+                if not isinstance(op, CallOp) or not op.group:
+                    break
+                batch.append(self._queue.popleft())
+            return batch
         size = len(first.data)
         while self._queue and len(batch) < MAX_BATCH_OPS and size < MAX_BATCH_BYTES:
             op = self._queue[0]
@@ -365,14 +384,72 @@ class Writer(AppendBatches):
             batch.append(op)
         return batch
 
-    def _run_call(self, op: CallOp) -> tuple[tuple[bool, Any], list[Change]]:
+    def _run_calls(self, ops: list[CallOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        """Run calls in one transaction: one alone as it is, several together.
+
+        Several run first without savepoints, which cost as much as a create; if one fails, the shared
+        transaction is rolled back and run again with each call in a savepoint of its own, so that only the
+        failing call fails. If the shared transaction fails before its COMMIT was sent (a deadlock between
+        processes, say), nothing of it is committed and each call runs again alone. Every future is
+        settled only after the COMMIT.
+        """
+        if len(ops) == 1:
+            try:
+                with self._engine.begin() as conn:
+                    result, changes = ops[0].fn(conn)
+            except StreamError as exc:
+                return [(False, exc)], []
+            self.commits += 1
+            return [(True, result)], changes
+        committing = [False]
         try:
-            with self._engine.begin() as conn:
-                result, changes = op.fn(conn)
-        except StreamError as exc:
-            return (False, exc), []
+            try:
+                return self._shared(ops, False, committing)
+            except _CallFailed:
+                return self._shared(ops, True, committing)
+        except Exception:
+            if committing[0]:
+                raise
+            log.warning("a transaction of %d grouped writes failed; running them apart", len(ops))
+            outcomes: list[tuple[bool, Any]] = []
+            apart: list[Change] = []
+            for op in ops:
+                try:
+                    (outcome,), done = self._run_calls([op])
+                except Exception as exc:
+                    outcome, done = (False, exc), []
+                outcomes.append(outcome)
+                apart += done
+            return outcomes, apart
+
+    def _shared(
+        self, ops: list[CallOp], savepoints: bool, committing: list[bool]
+    ) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        results: dict[int, tuple[bool, Any]] = {}
+        changes = []
+        # In the order of what they lock (stably: creates of one name keep theirs), so that processes
+        # creating the same names in shared transactions never wait for each other in a circle.
+        order = sorted(range(len(ops)), key=lambda i: ops[i].key)
+        with self._engine.begin() as conn:
+            if self._postgres:
+                transactions.lock_names(conn, sorted({op.key for op in ops if op.key}))
+            for i in order:
+                savepoint = conn.begin_nested() if savepoints else None
+                try:
+                    result, done = ops[i].fn(conn)
+                except Exception as exc:
+                    if savepoint is None:
+                        raise _CallFailed() from exc
+                    savepoint.rollback()
+                    results[i] = (False, exc)
+                else:
+                    if savepoint is not None:
+                        savepoint.commit()
+                    results[i] = (True, result)
+                    changes += done
+            committing[0] = True
         self.commits += 1
-        return (True, result), changes
+        return [results[i] for i in range(len(ops))], changes
 
     def may_commit_on_loop(self, size: int) -> bool:
         """Whether a batch of `size` bytes may commit on the event loop: quick or large, and no checkpoint.
