@@ -7,12 +7,17 @@ import asyncio
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, func, select
+from sqlmodel import SQLModel
 
 from streamhold import RemoteStreams, verify_webhook
+from streamhold.store.subscription_tables import signing_keys
+from streamhold.subscriptions import keys
 from tests._operator import cli
 from tests.test_subscriptions import JSON, Receiver, eventually, server
 
@@ -137,3 +142,22 @@ async def test_rotation_keeps_old_signatures_verifiable_and_signs_new_ones_with_
         with server(tmp_path) as again:
             jwks = httpx.get(f"{again.url}/v1/stream/__ds/jwks.json", timeout=30).json()  # noqa: ASYNC210
             assert [k["kid"] for k in jwks["keys"]] == [new_kid]
+
+
+def test_the_previous_key_is_published_for_the_grace_only(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    SQLModel.metadata.create_all(engine, tables=[signing_keys])
+    with engine.begin() as conn:
+        keys.ensure(conn)  # made now
+        now = time.time() + 1
+        first = keys.published(conn, now)
+        assert len(first) == 1
+        new = keys.rotate(conn, now)
+        assert [k.kid for k in keys.published(conn, now)] == [new.kid, first[0].kid]
+        late = now + keys.KEY_GRACE_S + 1
+        assert [k.kid for k in keys.published(conn, late)] == [new.kid]
+        newer = keys.rotate(conn, late)  # deletes the key past its grace, keeps the one it replaces
+        assert [k.kid for k in keys.published(conn, late)] == [newer.kid, new.kid]
+        assert conn.execute(select(func.count()).select_from(signing_keys)).scalar() == 2
+        assert keys.retire(conn, late) == [new.kid]
+        assert [k.kid for k in keys.published(conn, late)] == [newer.kid]

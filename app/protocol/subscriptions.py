@@ -128,7 +128,7 @@ async def _callback(
     def apply(conn: Any, now: float, effects: state.Effects) -> bool:
         row = state.fresh(conn, sid, now, effects)  # a lease that ran out has ended the wake: FENCED
         try:
-            generation = engine.token_generation(token, sid, now)
+            generation = engine.token_generation(token, sid, now, conn)
         except TokenError as exc:
             raise SubscriptionError(exc.code, str(exc)) from None
         wanted = "pull-wake" if action in ("ack", "release") else "webhook"

@@ -162,8 +162,19 @@ class SubscriptionEngine:
         if published:
             self.keys, self.key = published, published[0]
 
-    def token_generation(self, token: str, subscription_id: str, now: float) -> int:
-        """A callback token's generation, if any published key made it (one made before a rotation too)."""
+    def token_generation(self, token: str, subscription_id: str, now: float, conn: Connection) -> int:
+        """A callback token's generation, if any published key made it (one made before a rotation too).
+
+        A token no key here made may come from a key another process just rotated in: the keys are read
+        again once before it is refused.
+        """
+        try:
+            return self._token_generation(token, subscription_id, now)
+        except NotIssuedError:
+            self.use_keys(keyring.published(conn, now))
+            return self._token_generation(token, subscription_id, now)
+
+    def _token_generation(self, token: str, subscription_id: str, now: float) -> int:
         for key in self.keys[1:]:
             with contextlib.suppress(NotIssuedError):
                 return key.token_generation(token, subscription_id, now)
