@@ -47,8 +47,9 @@ def test_two_processes_on_one_postgres_pass_the_suite(
         print(result.report())
         assert other.running, "the second process stayed up"
         errors = server_errors(tested) + server_errors(other)
+        logs = tested.log_tail(80) + "\n" + other.log_tail(30)
     expected = EXPECTED_CONFORMANCE_TESTS + SUBSCRIPTION_TESTS
     assert not result.file_errors, result.report()
-    assert (result.ran, len(result.passed)) == (expected, expected), result.report()
+    assert (result.ran, len(result.passed)) == (expected, expected), result.report() + "\n" + logs
     assert sum(name.startswith("Reserved subscription APIs") for name in result.passed) == SUBSCRIPTION_TESTS
     assert errors == [], errors
