@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import backup_cli, client_cli, token_cli, urls
+from . import backup_cli, client_cli, subscription_cli, token_cli, urls
 from .settings import Settings, SettingsError
 
 
@@ -67,6 +67,7 @@ COMMANDS: tuple[click.Command, ...] = (
     client_cli.list_command,
     client_cli.info,
     client_cli.rm,
+    subscription_cli.subscriptions,
     backup_cli.backup,
     backup_cli.restore,
     backup_cli.check,

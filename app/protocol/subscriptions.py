@@ -5,23 +5,25 @@ Every path under `__ds` is answered here, before any stream route: no stream is 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
 from litestar import Request
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotAuthorizedException
 from litestar.types import Receive, Scope, Send
 
 from ..errors import StreamError
 from ..http.auth import bearer_token, require_key
 from ..http.responses import respond
 from ..settings import Settings
-from ..subscriptions import manage, state
+from ..subscriptions import activity, manage, state
+from ..subscriptions import keys as keyring
 from ..subscriptions.engine import SubscriptionEngine, public_jwks
 from ..subscriptions.model import Config, SubscriptionError, check_id, invalid, not_found, stream_paths
-from ..subscriptions.signing import TokenError
+from ..subscriptions.signing import SigningKey, TokenError
 from ..subscriptions.urls import webhook_url_problem
 from .wire import PREFIX, read_body
 
@@ -126,7 +128,7 @@ async def _callback(
     def apply(conn: Any, now: float, effects: state.Effects) -> bool:
         row = state.fresh(conn, sid, now, effects)  # a lease that ran out has ended the wake: FENCED
         try:
-            generation = engine.key.token_generation(token, sid, now)
+            generation = engine.token_generation(token, sid, now, conn)
         except TokenError as exc:
             raise SubscriptionError(exc.code, str(exc)) from None
         wanted = "pull-wake" if action in ("ack", "release") else "webhook"
@@ -153,6 +155,7 @@ async def _claim(engine: SubscriptionEngine, request: Request[Any, Any, Any], si
 
     def claim(conn: Any, now: float, effects: state.Effects) -> dict[str, Any]:
         row = state.claim(conn, sid, worker, now, effects)
+        activity.record(conn, sid, True, None, now)
         config = Config.from_json(row["config_json"])
         return {
             "wake_id": row["wake_id"],
@@ -172,6 +175,16 @@ async def _dispatch(request: Request[Any, Any, Any], engine: SubscriptionEngine)
         if method != "GET":
             raise _MethodNotAllowed("GET")
         return 200, public_jwks(engine.keys)
+    if parts in (["jwks", "rotate"], ["jwks", "retire"]):
+        if method != "POST":
+            raise _MethodNotAllowed("POST")
+        _require_admin(request, settings)
+        return 200, await _keys_action(engine, parts[1])
+    if parts == ["subscriptions"]:
+        if method != "GET":
+            raise _MethodNotAllowed("GET")
+        _require_admin(request, settings)
+        return 200, await _listing(engine)
     if len(parts) < 2 or parts[0] != "subscriptions":
         raise not_found("/".join(parts))
     sid = check_id(parts[1])
@@ -206,6 +219,47 @@ async def _dispatch(request: Request[Any, Any, Any], engine: SubscriptionEngine)
             return await _claim(engine, request, sid)
         return await _callback(engine, request, sid, rest[0])
     raise not_found(sid)
+
+
+def _require_admin(request: Request[Any, Any, Any], settings: Settings) -> None:
+    """An API key when keys are set; without keys, a caller on the server's own machine only."""
+    require_key(request, settings)
+    host = request.client.host if request.client else ""
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not settings.api_keys and not local:
+        raise NotAuthorizedException("a server without API keys takes this call from its own machine only")
+
+
+async def _listing(engine: SubscriptionEngine) -> dict[str, Any]:
+    """Every subscription with what it last did: not part of the protocol, for operators."""
+    found = await engine.read(lambda conn, now: activity.listing(conn))
+    for item in found:
+        item["created_at"] = _iso(item["created_at"])
+        if item["last_delivery_at"] is not None:
+            item["last_delivery_at"] = _iso(item["last_delivery_at"])
+    return {"subscriptions": found}
+
+
+async def _keys_action(engine: SubscriptionEngine, action: str) -> dict[str, Any]:
+    """Rotate (a new key signs; the previous stays published for a grace) or retire the older keys."""
+
+    def act(conn: Any, now: float, effects: state.Effects) -> tuple[list[SigningKey], list[str]]:
+        retired = keyring.retire(conn, now) if action == "retire" else []
+        if action == "rotate":
+            keyring.rotate(conn, now)
+        return keyring.published(conn, now), retired
+
+    published, retired = await engine.run(act)
+    engine.use_keys(published)  # this process at once; the others at their next reload of the keys
+    return {
+        "kid": published[0].kid,
+        "published": [k.kid for k in published],
+        "retired": retired,
+        "grace_s": keyring.KEY_GRACE_S,
+    }
 
 
 class _MethodNotAllowed(Exception):

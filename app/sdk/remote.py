@@ -7,6 +7,7 @@ async with RemoteStreams("http://127.0.0.1:8000", api_key="...") as streams:
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -427,12 +428,26 @@ class RemoteStreams(StreamService):
     async def delete_subscription(self, subscription_id: str) -> None:
         await self._subscription_call("DELETE", subscription_id)
 
+    async def list_subscriptions(self) -> builtins.list[dict[str, Any]]:
+        """Every subscription with its last delivery and failures (an admin call, not the protocol's)."""
+        found = await self._reserved_call("GET", f"{webhooks.RESERVED}/subscriptions")
+        return builtins.list((found or {}).get("subscriptions", []))
+
+    async def rotate_signing_key(self, retire: bool = False) -> dict[str, Any]:
+        """Make a new webhook signing key (the previous stays published for a grace), or with `retire`,
+        stop publishing every key but the newest. Returns the signing kid and the published kids."""
+        action = "retire" if retire else "rotate"
+        answer = await self._reserved_call("POST", f"{webhooks.RESERVED}/jwks/{action}")
+        assert answer is not None
+        return answer
+
     async def _subscription_call(
         self, method: str, subscription_id: str, **options: Any
     ) -> dict[str, Any] | None:
+        return await self._reserved_call(method, webhooks.subscription_path(subscription_id), **options)
+
+    async def _reserved_call(self, method: str, path: str, **options: Any) -> dict[str, Any] | None:
         try:
-            return await webhooks.call(
-                self._client, method, webhooks.subscription_path(subscription_id), **options
-            )
+            return await webhooks.call(self._client, method, path, **options)
         except httpx.TransportError as exc:
             raise _unavailable(self.server_url, exc) from None

@@ -50,8 +50,21 @@ class SubscriptionLinkRow(SQLModel, table=True):
     acked_offset: str = Field(max_length=40)
 
 
+class SubscriptionActivityRow(SQLModel, table=True):
+    """What one subscription last did, for people to see: its last delivery (or claim) and its failures."""
+
+    __tablename__ = "subscription_activity"
+
+    subscription_id: str = Field(primary_key=True, max_length=MAX_SUBSCRIPTION_ID)
+    last_delivery_at: float | None = None
+    last_ok: bool | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    failures: int = 0  # failed webhook deliveries, all time
+
+
 class SigningKeyRow(SQLModel, table=True):
-    """The server's Ed25519 key pair (its raw private bytes), made once and kept."""
+    """The server's Ed25519 key pairs (raw private bytes): the newest signs; a retired one is no longer
+    published once `retire_at` has passed."""
 
     __tablename__ = "signing_keys"
 
@@ -63,4 +76,5 @@ class SigningKeyRow(SQLModel, table=True):
 subscriptions = table_of(SubscriptionRow)
 links = table_of(SubscriptionLinkRow)
 signing_keys = table_of(SigningKeyRow)
-SUBSCRIPTION_TABLES = (subscriptions, links, signing_keys)
+activity = table_of(SubscriptionActivityRow)
+SUBSCRIPTION_TABLES = (subscriptions, links, signing_keys, activity)

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
-from sqlalchemy import Connection, insert, select, text
+from sqlalchemy import Connection, select, text
 from sqlmodel import SQLModel
 
 from .. import clock
@@ -32,9 +32,10 @@ from ..models import Change
 from ..settings import Settings
 from ..store.schema import streams
 from ..store.store import Store
-from ..store.subscription_tables import SUBSCRIPTION_TABLES, signing_keys
-from . import state
-from .signing import SigningKey
+from ..store.subscription_tables import SUBSCRIPTION_TABLES
+from . import activity, state
+from . import keys as keyring
+from .signing import NotIssuedError, SigningKey
 from .urls import webhook_url_problem
 
 log = logging.getLogger("streamhold.subscriptions")
@@ -121,11 +122,10 @@ class SubscriptionEngine:
         cls, store: Store, settings: Settings, registry: CollectorRegistry | None = None
     ) -> AsyncIterator[SubscriptionEngine]:
         """Make the tables and the key if missing, then run the engine for the life of the block."""
-        raw_keys, any_subscriptions = await store.writer.call(
+        published, any_subscriptions = await store.writer.call(
             lambda conn: (_prepare(conn, store.postgres), [])
         )
-        keys = [SigningKey.from_raw(raw) for raw in raw_keys]
-        engine = cls(store, settings, keys[0], keys, registry)
+        engine = cls(store, settings, published[0], published, registry)
         engine.any_subscriptions = any_subscriptions
         store.subscribe(engine._on_commit)
         loop = asyncio.get_running_loop()
@@ -156,6 +156,29 @@ class SubscriptionEngine:
 
     async def read(self, fn: Callable[[Connection, float], T]) -> T:
         return await self.store.writer.call(lambda conn: (fn(conn, clock.now()), []))
+
+    def use_keys(self, published: list[SigningKey]) -> None:
+        """Sign with the newest of the published keys (another process may have rotated them)."""
+        if published:
+            self.keys, self.key = published, published[0]
+
+    def token_generation(self, token: str, subscription_id: str, now: float, conn: Connection) -> int:
+        """A callback token's generation, if any published key made it (one made before a rotation too).
+
+        A token no key here made may come from a key another process just rotated in: the keys are read
+        again once before it is refused.
+        """
+        try:
+            return self._token_generation(token, subscription_id, now)
+        except NotIssuedError:
+            self.use_keys(keyring.published(conn, now))
+            return self._token_generation(token, subscription_id, now)
+
+    def _token_generation(self, token: str, subscription_id: str, now: float) -> int:
+        for key in self.keys[1:]:
+            with contextlib.suppress(NotIssuedError):
+                return key.token_generation(token, subscription_id, now)
+        return self.key.token_generation(token, subscription_id, now)
 
     async def follow(self, effects: state.Effects) -> None:
         if effects.deliveries_due:
@@ -217,6 +240,8 @@ class SubscriptionEngine:
                 self.any_subscriptions = state.any_subscriptions(conn)
                 found, resume = state.sweep(conn, now, reconcile)
                 _merge(effects, found)
+                if reconcile is not None:
+                    self.use_keys(keyring.published(conn, now))
                 return resume
 
             try:
@@ -255,27 +280,30 @@ class SubscriptionEngine:
             self.metrics.takeovers.inc()
         if delivery.attempts:
             self.metrics.retries.inc()
-        ok, done = await self._send(delivery)
+        ok, done, error = await self._send(delivery)
         self.metrics.deliveries.inc()
         if not ok:
             self.metrics.failures.inc()
         delay = retry_delay(delivery.attempts + 1)
         try:
-            await self.run(
-                lambda conn, now, effects: _merge(
-                    effects, state.delivered(conn, delivery, self.me, ok, done, delay, now)
-                )
-            )
+
+            def record(conn: Connection, now: float, effects: state.Effects) -> None:
+                _merge(effects, state.delivered(conn, delivery, self.me, ok, done, delay, now))
+                if state.load(conn, delivery.subscription_id, lock=False) is not None:
+                    activity.record(conn, delivery.subscription_id, ok, error, now)
+
+            await self.run(record)
         except Exception:
             log.exception("could not record a webhook delivery; it is retried when its hold lapses")
         self._due.set()
 
-    async def _send(self, delivery: state.Delivery) -> tuple[bool, bool]:
+    async def _send(self, delivery: state.Delivery) -> tuple[bool, bool, str | None]:
+        """(answered 2xx, answered done, why it failed)."""
         # Checked again before every connection: the rules (or the loopback switch) may have changed.
         problem = webhook_url_problem(delivery.url, self.settings.webhook_allow_loopback)
         if problem is not None:
             log.warning("webhook of subscription %r not sent: %s", delivery.subscription_id, problem)
-            return False, False
+            return False, False, f"not sent: {problem}"
         payload = {
             "subscription_id": delivery.subscription_id,
             "wake_id": delivery.wake_id,
@@ -301,15 +329,15 @@ class SubscriptionEngine:
                     status = reply.status_code
         except (TimeoutError, httpx.HTTPError) as exc:
             log.info("webhook of subscription %r failed: %s", delivery.subscription_id, exc)
-            return False, False
+            return False, False, f"no answer: {type(exc).__name__} {exc}".strip()
         if not 200 <= status < 300:
             log.info("webhook of subscription %r answered %d", delivery.subscription_id, status)
-            return False, False
+            return False, False, f"answered HTTP {status}"
         try:
             reply_json = json.loads(bytes(answer)) if len(answer) <= MAX_RESPONSE_BYTES else None
         except ValueError:
             reply_json = None
-        return True, isinstance(reply_json, dict) and reply_json.get("done") is True
+        return True, isinstance(reply_json, dict) and reply_json.get("done") is True, None
 
 
 def callback_url(origin: str, subscription_id: str) -> str:
@@ -328,21 +356,16 @@ def _hook(conn: Connection, now: float, effects: state.Effects, stream_ids: list
         _merge(effects, state.on_appends(conn, sorted(names), now))
 
 
-def _prepare(conn: Connection, postgres: bool) -> tuple[list[bytes], bool]:
+def _prepare(conn: Connection, postgres: bool) -> tuple[list[SigningKey], bool]:
     """Make the subscription tables and the signing key unless there.
 
-    Returns the keys (oldest first) and whether any subscription exists.
+    Returns the published keys (the signing key first) and whether any subscription exists.
     """
     if postgres:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
     SQLModel.metadata.create_all(conn, tables=list(SUBSCRIPTION_TABLES))
-    query = select(signing_keys.c.private_key).order_by(signing_keys.c.created_at, signing_keys.c.kid)
-    found = list(conn.execute(query).scalars())
-    if not found:
-        key = SigningKey.generate()
-        conn.execute(insert(signing_keys).values(kid=key.kid, private_key=key.raw(), created_at=clock.now()))
-        found = [key.raw()]
-    return found, state.any_subscriptions(conn)
+    keyring.ensure(conn)
+    return keyring.published(conn, clock.now()), state.any_subscriptions(conn)
 
 
 def public_jwks(keys: list[SigningKey]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, and_, delete, insert, or_, select, update
 
 from ..models import format_offset
 from ..store.schema import streams
-from ..store.subscription_tables import links, subscriptions
+from ..store.subscription_tables import activity, links, subscriptions
 from .model import ZERO_OFFSET, Config, SubscriptionError, not_found
 from .state import Row, links_of, load, tails
 
@@ -71,6 +71,7 @@ def _current_or_zero(conn: Connection, paths: list[str], now: float) -> dict[str
 def remove(conn: Connection, subscription_id: str) -> None:
     conn.execute(delete(links).where(links.c.subscription_id == subscription_id))
     conn.execute(delete(subscriptions).where(subscriptions.c.id == subscription_id))
+    conn.execute(delete(activity).where(activity.c.subscription_id == subscription_id))
 
 
 def add_streams(conn: Connection, subscription_id: str, paths: list[str], now: float) -> None:

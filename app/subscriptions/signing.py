@@ -38,6 +38,13 @@ class TokenError(Exception):
         self.code = code
 
 
+class NotIssuedError(TokenError):
+    """A token whose MAC this key did not make (another published key may have)."""
+
+    def __init__(self) -> None:
+        super().__init__("TOKEN_INVALID", "the token is not one this server issued")
+
+
 @dataclass(frozen=True)
 class SigningKey:
     private: Ed25519PrivateKey
@@ -93,7 +100,7 @@ class SigningKey:
         try:
             expected = hmac.new(self.token_key, payload.encode(), hashlib.sha256).digest()
             if not mac or not hmac.compare_digest(expected, _unb64url(mac)):
-                raise TokenError("TOKEN_INVALID", "the token is not one this server issued")
+                raise NotIssuedError()
             claims = json.loads(_unb64url(payload))
         except (ValueError, UnicodeError):
             raise TokenError("TOKEN_INVALID", "the token is malformed") from None

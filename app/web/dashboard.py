@@ -30,6 +30,8 @@ from ..store.store import Store
 from . import charts, session
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
 from .dashboard_query import STATES, View
+from .dashboard_subscriptions import SubscriptionLine
+from .dashboard_subscriptions import lines as subscription_lines
 
 PAGE_SIZE = 50
 HTML_HEADERS = {"cache-control": "no-store", "vary": "HX-Request, HX-Target", **PAGE_HEADERS}
@@ -70,6 +72,7 @@ class Page:
     csrf: str = ""
     signed_in: bool = False
     storage: str = ""  # why storage counts as full, shown as a banner while it does
+    subscriptions: list[SubscriptionLine] = field(default_factory=list)
 
     @property
     def pages(self) -> int:
@@ -112,16 +115,17 @@ async def build(
     request: Request[Any, Any, Any], store: Store, hub: LiveHub, view: View, *, facets: bool
 ) -> Page:
     """Read what a view shows: one page of streams, the totals and (for the filter form) namespace counts."""
-    (total, states), summary, counted = await asyncio.gather(
+    now = time.time()
+    (total, states), summary, counted, subscribed = await asyncio.gather(
         _page_of(store, view),
         store.summary(),
         store.summary(replace(view.where, namespace=None)) if facets else asyncio.sleep(0, None),
+        subscription_lines(request.app.state.get("subscriptions"), now),
     )
     if not states and total and view.page > 1:
         view = replace(view, page=max(1, math.ceil(total / PAGE_SIZE)))
         total, states = await _page_of(store, view)
     rate = _rate(request.app.state).sample(store.writer.appends, store.writer.bytes_appended)
-    now = time.time()
     page = Page(
         view=view,
         total=total,
@@ -129,6 +133,7 @@ async def build(
         figures=figures(summary, rate, hub.readers),
         namespaces=namespace_lines(summary, view),
         storage=store.space.problem() or "",
+        subscriptions=subscribed,
     )
     page.history = history_panel(request)
     if counted is not None:
