@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
 from litestar import Request
-from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.types import Receive, Scope, Send
 
 from ..errors import StreamError
-from ..http.auth import bearer_token, require_key
+from ..http.auth import Principal, bearer_token, principal_of, require, require_key
 from ..http.responses import respond
 from ..settings import Settings
 from ..subscriptions import activity, manage, state
@@ -25,7 +27,7 @@ from ..subscriptions.engine import SubscriptionEngine, public_jwks
 from ..subscriptions.model import Config, SubscriptionError, check_id, invalid, not_found, stream_paths
 from ..subscriptions.signing import SigningKey, TokenError
 from ..subscriptions.urls import webhook_url_problem
-from .wire import PREFIX, read_body
+from .wire import PREFIX, namespace_of, read_body
 
 RESERVED = "/__ds"
 MAX_BODY = 256 * 1024
@@ -96,7 +98,9 @@ def _bearer(request: Request[Any, Any, Any]) -> str:
 
 
 async def _put(engine: SubscriptionEngine, request: Request[Any, Any, Any], sid: str) -> tuple[int, Any]:
+    principal = await _manager(request)
     config = Config.parse(await _json_body(request))
+    await _check_reach(principal, engine, sid, [config])
     origin = _origin(request, engine.settings)
     existing = await engine.read(lambda conn, now: state.load(conn, sid, lock=False))
     if existing is None and config.webhook_url is not None:
@@ -192,21 +196,23 @@ async def _dispatch(request: Request[Any, Any, Any], engine: SubscriptionEngine)
     if not rest:
         allowed = {"PUT": _put, "GET": _get}
         if method == "DELETE":
-            require_key(request, settings)
+            await _check_reach(await _manager(request), engine, sid)
             await engine.run(lambda conn, now, effects: manage.remove(conn, sid))
             return 204, None
         if method not in allowed:
             raise _MethodNotAllowed("PUT, GET, DELETE")
-        require_key(request, settings)
+        if method == "GET":
+            await _check_reach(await _manager(request), engine, sid)
         return await allowed[method](engine, request, sid)
     if rest[0] == "streams":
         if len(rest) == 1 and method == "POST":
-            require_key(request, settings)
+            principal = await _manager(request)
             paths = stream_paths((await _json_body(request)).get("streams"), "streams")
+            await _check_reach(principal, engine, sid, paths=paths)
             await engine.run(lambda conn, now, effects: manage.add_streams(conn, sid, paths, now))
             return 204, None
         if len(rest) > 1 and method == "DELETE":
-            require_key(request, settings)
+            await _check_reach(await _manager(request), engine, sid)
             path = "/".join(rest[1:]).strip("/")
             await engine.run(lambda conn, now, effects: manage.remove_stream(conn, sid, path))
             return 204, None
@@ -215,10 +221,65 @@ async def _dispatch(request: Request[Any, Any, Any], engine: SubscriptionEngine)
         if method != "POST":
             raise _MethodNotAllowed("POST")
         if rest[0] == "claim":
-            require_key(request, settings)
+            await _check_reach(await _manager(request), engine, sid)
             return await _claim(engine, request, sid)
         return await _callback(engine, request, sid, rest[0])
     raise not_found(sid)
+
+
+GLOB = re.compile(r"[*?\[\]{}]")
+
+
+def reach(config: Config) -> set[str] | None:
+    """The namespaces a subscription's streams (and its wake stream) can be in; None when its pattern can
+    match any namespace. A stream's namespace is its name's first segment, or `default` for one segment.
+    """
+    found = {namespace_of(path) for path in config.streams}
+    if config.wake_stream is not None:
+        found.add(namespace_of(config.wake_stream))
+    if config.pattern is None:
+        return found
+    head, slash, _ = config.pattern.partition("/")
+    if slash:
+        return None if GLOB.search(head) else found | {head}
+    return None if "**" in head else found | {"default"}
+
+
+async def _manager(request: Request[Any, Any, Any]) -> Principal:
+    """The caller, if it may manage subscriptions at all: 401 without a credential, 403 without `manage`."""
+    principal = await principal_of(request)
+    require(principal, "manage")
+    return principal
+
+
+async def _check_reach(
+    principal: Principal,
+    engine: SubscriptionEngine,
+    sid: str,
+    asked: Iterable[Config] = (),
+    paths: Iterable[str] = (),
+) -> None:
+    """A token manages a subscription only if it covers every namespace the subscription (as it is, and as
+    asked) can reach; an admin key manages every one."""
+    if principal.full:
+        return
+    configs = list(asked)
+    existing = await engine.read(lambda conn, now: state.load(conn, sid, lock=False))
+    if existing is not None:
+        configs.append(Config.from_json(existing["config_json"]))
+    namespaces = {namespace_of(path) for path in paths}
+    for config in configs:
+        reached = reach(config)
+        if reached is None:
+            if "*" not in principal.namespaces:
+                raise PermissionDeniedException(
+                    f"the pattern {config.pattern!r} can match streams of any namespace: managing it needs "
+                    "an admin key or a manage token for every namespace (*)"
+                )
+            continue
+        namespaces |= reached
+    for namespace in sorted(namespaces):
+        require(principal, "manage", namespace)
 
 
 def _require_admin(request: Request[Any, Any, Any], settings: Settings) -> None:
