@@ -15,26 +15,13 @@ from tests._cluster import cluster, server_env, server_errors
 from tests.conformance_run import (
     EXPECTED_CONFORMANCE_TESTS,
     SUBSCRIPTION_TESTS,
-    NodeHarnessError,
-    ensure_node_packages,
-    missing_node_tools,
     run_conformance_suite,
 )
+from tests.test_conformance import INSTALL_TIMEOUT_S, node_packages
 
 SUITE_TIMEOUT_S = 300.0
-INSTALL_TIMEOUT_S = 240.0
+__all__ = ["node_packages"]  # the fixture, used by name
 pytestmark = pytest.mark.timeout(INSTALL_TIMEOUT_S + SUITE_TIMEOUT_S + 90)
-
-
-@pytest.fixture(scope="module")
-def node_packages() -> Path:
-    missing = missing_node_tools()
-    if missing:
-        pytest.skip(f"conformance suite skipped: Node.js tools not on PATH: {', '.join(missing)}")
-    try:
-        return ensure_node_packages(timeout=INSTALL_TIMEOUT_S)
-    except NodeHarnessError as exc:
-        pytest.fail(f"could not install the pinned npm packages: {exc}")
 
 
 def test_two_processes_on_one_postgres_pass_the_suite(

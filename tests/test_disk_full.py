@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,9 @@ import pytest
 from streamhold import RemoteStreams, StorageFullError, StreamError, create_agent_context
 from streamhold.settings import Settings
 from streamhold.store.disk import is_storage_full
+from tests import _tmpfs as tmpfs
 from tests._server import ServerProcess
+from tests._tmpfs import fill
 
 MIB = 1024 * 1024
 PIECE = 32 * 1024  # stays in the database (below the chunk-file size)
@@ -32,30 +32,9 @@ RESERVE = MIB
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MiB tmpfs mounted in the test's folder, unmounted afterwards; skips unless root may mount one."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("the full-disk tests mount a small tmpfs, which needs root and mount(8)")
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the full-disk tests did not run")
-    try:
+    """A 32 MiB tmpfs in the test's folder."""
+    with tmpfs.small_disk(tmp_path / "disk", "32m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def fill(path: Path, leave: int) -> None:
-    """Take all but `leave` bytes of the filesystem that holds `path` with a ballast file at `path`."""
-    stats = os.statvfs(path.parent)
-    size = max(stats.f_bavail * stats.f_frsize - leave, 0)
-    with path.open("wb") as ballast:
-        while size > 0:
-            ballast.write(b"\0" * min(size, MIB))
-            size -= min(size, MIB)
 
 
 def serve(data: Path, reserve: int) -> ServerProcess:

@@ -10,12 +10,8 @@ import asyncio
 import os
 import pickle
 import random
-import shutil
-import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +21,7 @@ from tests._fault_check import check, report
 from tests._fault_history import History
 from tests._fault_workload import Plan, Workload
 from tests._server import ServerProcess
+from tests._tmpfs import fill, small_disk
 
 TORTURE = os.environ.get("STREAMHOLD_TORTURE", "") not in ("", "0")
 SECONDS = float(os.environ.get("STREAMHOLD_FAULT_SECONDS") or (90 if TORTURE else 4))
@@ -91,33 +88,6 @@ def test_two_processes_sqlite(tmp_path: Path, seed: int) -> None:
         run(servers, Plan(seconds=SECONDS), seed, tmp_path)
     finally:
         stop_servers(servers)
-
-
-@contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `folder`, unmounted afterwards; skips unless root may mount one."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("the full-disk case mounts a small tmpfs, which needs root and mount(8)")
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the full-disk case did not run")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-def fill(path: Path, leave: int) -> None:
-    """Take all but `leave` bytes of the file system that holds `path`."""
-    stats = os.statvfs(path.parent)
-    size = max(stats.f_bavail * stats.f_frsize - leave, 0)
-    with path.open("wb") as ballast:
-        for _ in range(size // (1 << 20)):
-            ballast.write(b"\0" * (1 << 20))
-        ballast.write(b"\0" * (size % (1 << 20)))
 
 
 def test_full_disk_sqlite(tmp_path: Path, seed: int) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .chunk_files import SUFFIX, sync_directory
+from .chunk_files import SUFFIX, sync_path
 
 FORMAT = "streamhold-backup"
 VERSION = 1
@@ -112,7 +112,7 @@ def backup(database: Path, dest: Path) -> Manifest:
         if dest.exists():
             dest.rmdir()
         staging.rename(dest)
-        sync_directory(dest.parent)
+        sync_path(dest.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -147,10 +147,10 @@ def _write(database: Path, staging: Path) -> Manifest:
     sums = [*entries, _entry(staging, MANIFEST)]
     (staging / SUMS).write_text("".join(f"{e.sha256}  {e.path}\n" for e in sums))
     for name in (MANIFEST, SUMS):
-        _sync(staging / name)
+        sync_path(staging / name)
     if ranges:
-        sync_directory(staging / CHUNKS)
-    sync_directory(staging)
+        sync_path(staging / CHUNKS)
+    sync_path(staging)
     return manifest
 
 
@@ -204,14 +204,6 @@ def _files(root: Path) -> Iterator[str]:
 def _entry(root: Path, name: str) -> Entry:
     path = root / name
     return Entry(name, path.stat().st_size, sha256_of(path))
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- restore ------------------------------------------------------------------------------------
@@ -281,8 +273,8 @@ def restore(source: Path, data_dir: Path) -> Manifest:
             _copy_checked(source / entry.path, target, entry)
         _check_covered(data_dir)
         if (data_dir / CHUNKS).is_dir():
-            sync_directory(data_dir / CHUNKS)
-        sync_directory(data_dir)
+            sync_path(data_dir / CHUNKS)
+        sync_path(data_dir)
     except BaseException:
         if created:
             shutil.rmtree(data_dir, ignore_errors=True)

@@ -56,16 +56,16 @@ def make_directory(path: Path) -> None:
         at = at.parent
     for directory in reversed(missing):
         directory.mkdir(exist_ok=True)  # another process may make it too; syncing it again is harmless
-        sync_directory(directory.parent)
+        sync_path(directory.parent)
 
 
-def sync_directory(path: Path) -> None:
-    """Make the names in a directory durable: a file's data is synced apart from its name."""
-    dir_fd = os.open(path, os.O_RDONLY)
+def sync_path(path: Path) -> None:
+    """Sync a file; or a directory, so the names in it are durable (apart from the data of its files)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def try_lock(path: str) -> int:
@@ -226,7 +226,7 @@ class ChunkFiles:
             if claim.created or claim.stream_id not in self._named:
                 self._naming.append(claim.stream_id)
         if self._naming:  # a file's name must be durable too
-            sync_directory(self.directory)
+            sync_path(self.directory)
 
     def committed(self) -> None:
         """The commit after the last `write` succeeded: the names it synced stay durable."""
