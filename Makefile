@@ -31,7 +31,7 @@ system-deps:
 		{ echo "installing Node.js for the conformance suite"; apt-get update -qq && apt-get install -y -qq nodejs npm; }
 
 test: install system-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30
 
 # The fault and race harness at length: minutes of each configuration instead of the test run's seconds.
 # STREAMHOLD_FAULT_SECONDS sets the length of each run; STREAMHOLD_FAULT_SEED=<seed> replays a failure.
