@@ -229,11 +229,16 @@ async def test_a_token_sign_in_bulk_deletes_only_its_namespaces(tmp_path: Path) 
             page = await client.get("/?state=open")
             assert total(page.text) == 2
             change = {**BOARD, "x-csrf-token": csrf_of(page.text)}
+            # A manage token without `read` lists its private streams but does not read them.
+            assert (await client.get(f"/watch/{ids['exports-private']}")).status_code == 403
+            # Its page's CSRF token stops a writer only where the token may write, and starts no demo.
+            stop = await client.post(f"/stream/{ids['daily-public']}/stop", headers=change)
+            assert stop.status_code == 403 and "lacks the write scope" in stop.text
+            demo = await client.post("/demo", data={"csrf": csrf_of(page.text)})
+            assert demo.status_code == 403 and "demo needs an API key" in demo.text
             # Confirming 2 streams of an unfiltered view deletes the token's 2, not the server's 6.
             done = await client.delete("/dashboard/streams?expected=2", headers=change)
             assert done.status_code == 200 and "Deleted 2 streams." in done.text
-            # A manage token without `read` lists its private streams but does not read them.
-            assert (await client.get(f"/watch/{ids['chat-private']}")).status_code == 403
         assert await live_names(app.state.store, ids) == set(STREAMS) - SEES["exports"]
 
 
@@ -277,7 +282,7 @@ def test_an_older_database_gains_the_token_column(tmp_path: Path) -> None:
     assert kept == [("a" * 64, None), ("b" * 64, "t1")]
 
 
-def test_token_session_cookies_are_signed_by_their_token() -> None:
+def test_token_sign_in_cookies_are_signed_by_their_token() -> None:
     from streamhold.store.tokens import TokenRecord
 
     record = TokenRecord("t1", ("manage",), ("chat",), "", 0.0, None, None, "ab" * 32)

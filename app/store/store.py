@@ -515,7 +515,7 @@ class Store(Reader):
     # --- dashboard sessions ----------------------------------------------------------------------
 
     async def add_session(self, id_hash: str, expires_at: float, token_id: str | None = None) -> None:
-        """Record a signed-in session, with the token it signed in with (and forget the expired ones)."""
+        """Record a dashboard sign-in, with the token it used if any (and forget the expired ones)."""
 
         def add(conn: Connection) -> tuple[None, list[Change]]:
             conn.execute(sessions.delete().where(sessions.c.expires_at <= time.time()))
@@ -525,7 +525,7 @@ class Store(Reader):
         await self.writer.call(add)
 
     async def session_holder(self, id_hash: str) -> str | None:
-        """Who a recorded, unexpired session signed in as: a token id, "" for an API key, None for no one.
+        """Who a recorded, unexpired sign-in is: a token id, "" for an API key, None for no one.
 
         Read fresh, so that a sign-out anywhere counts at once.
         """

@@ -329,7 +329,7 @@ async def signin_form(
 async def signin(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> Response[str]:
-    """Check an API key or a `manage` token and start a session: an HttpOnly, SameSite=Strict cookie."""
+    """Check an API key or a `manage` token and sign the browser in: an HttpOnly, SameSite=Strict cookie."""
     form = await session.read_form(request)
     target = session.safe_next(str(form.get("next", "/")))
     if not settings.api_keys:

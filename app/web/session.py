@@ -1,7 +1,7 @@
-"""Dashboard sign-in: signed session cookies, and CSRF checks on every change.
+"""Dashboard sign-in: signed cookies recorded in the database, and CSRF checks on every change.
 
 A browser signs in with an API key (every right everywhere) or a scoped token holding `manage` (the token's
-rights over its namespaces). The sessions table records which token a sign-in used, and every request reads
+rights over its namespaces). The database records which token a sign-in used, and every request reads
 that token again (at most `tokens.CACHE_SECONDS` old), so revoking it or its expiry ends the sign-in on every
 process within a second.
 """
@@ -77,7 +77,7 @@ def _secret_for(key: str) -> bytes:
 
 def _token_secret(record: TokenRecord) -> bytes:
     """A signing secret per token, from the digest the server keeps (the token itself is never stored)."""
-    label = b"streamhold dashboard token session v1"
+    label = b"streamhold dashboard token sign-in v1"
     return hmac.new(record.secret_hash.encode(), label, hashlib.sha256).digest()
 
 
@@ -99,7 +99,7 @@ async def start(store: Store, key: str) -> str:
 
 
 async def start_with_token(store: Store, record: TokenRecord) -> str:
-    """A new session of a token (which the caller has checked); `current` ends it when the token ends."""
+    """A new sign-in with a token (which the caller has checked); `current` ends it when the token ends."""
     value = _signed(_token_secret(record), int(time.time() + SESSION_SECONDS))
     await store.add_session(_id_hash(value), float(value.split(".")[1]), record.id)
     return value
@@ -145,7 +145,7 @@ def verify(value: str, settings: Settings, now: float | None = None) -> Session 
 
 
 def verify_token(value: str, record: TokenRecord, now: float | None = None) -> Session | None:
-    """The session of a token's cookie value; None when it is forged or expired, or the token is not live."""
+    """The sign-in a token's cookie value stands for; None when forged or expired, or the token is dead."""
     parts = _parts(value, now)
     if parts is None or not record.alive(now):
         return None
@@ -158,8 +158,8 @@ def verify_token(value: str, record: TokenRecord, now: float | None = None) -> S
 async def current(request: Request[Any, Any, Any], settings: Settings) -> Session | None:
     """The request's session; without API keys every request has an anonymous one.
 
-    A token's session is judged again on every request: when its token was revoked or has expired, the
-    session is over (None) and `denied` sends the browser to sign in with a notice saying why.
+    A token's sign-in is judged again on every request: when its token was revoked or has expired, the
+    sign-in is over (None) and `denied` sends the browser to sign in with a notice saying why.
     """
     if not settings.api_keys:
         return Session("open", _PROCESS_SECRET, 0, False, OPEN)
