@@ -145,7 +145,7 @@ def verify(value: str, settings: Settings, now: float | None = None) -> Session 
 
 
 def verify_token(value: str, record: TokenRecord, now: float | None = None) -> Session | None:
-    """The sign-in a token's cookie value stands for; None when forged or expired, or the token is dead."""
+    """The sign-in a token's cookie value stands for; None when forged or expired, or the token has ended."""
     parts = _parts(value, now)
     if parts is None or not record.alive(now):
         return None
