@@ -19,7 +19,7 @@ from litestar.response.base import ASGIResponse
 
 from .agentuity_api import _json, _paths
 from .errors import InvalidRequestError, StreamNotFoundError
-from .http.auth import bearer, principal_of, require, require_right
+from .http.auth import Principal, bearer, principal_of, require, require_right
 from .live import LiveHub
 from .models import StreamState, iso, lifecycle
 from .settings import Settings
@@ -39,9 +39,9 @@ async def _stream(store: Store, stream_id: str) -> StreamState:
     return state
 
 
-async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> bool:
-    """A key or token with the write right (True), or, from a viewer page, its session and CSRF token
-    (False: a page may stop any stream it shows)."""
+async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> Principal:
+    """Whose stop this is: a key or token with the write right, or, from a viewer page, its sign-in with
+    its CSRF token (an API key's sign-in may stop any stream a page shows; a token's, those it may write)."""
     if not bearer(request) and settings.api_keys:
         current = await session.current(request, settings)
         if current is not None:
@@ -49,9 +49,9 @@ async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> boo
                 raise PermissionDeniedException(
                     "stopping a stream from a page needs its CSRF token (X-CSRF-Token); reload the page"
                 )
-            return False
+            return current.principal
     await require_right(request, request.route_handler)
-    return True
+    return await principal_of(request)
 
 
 def _answer(state: StreamState) -> dict[str, Any]:
@@ -71,10 +71,9 @@ async def stop_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Ask the stream's writer to stop (202); a closed stream has nothing to stop (200, `stopped: false`)."""
-    by_credential = await _authorise(request, settings)
+    principal = await _authorise(request, settings)
     found = await _stream(store, stream_id)
-    if by_credential:  # a token must also cover the stream's namespace
-        require(await principal_of(request), "write", found.namespace)
+    require(principal, "write", found.namespace)  # a token must also cover the stream's namespace
     state = await store.request_stop(found.id)
     if state.closed:
         return _json(200, {**_answer(state), "stop_requested": False, "stopped": False, "reason": "closed"})

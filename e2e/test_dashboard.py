@@ -3,8 +3,10 @@ live growth without a reload, and sign-in with CSRF protection when API keys are
 
 from __future__ import annotations
 
+import json
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -207,52 +209,109 @@ def test_new_streams_and_growth_appear_without_a_reload(shared_server: ServerPro
     assert polls == [], "a hidden tab should not poll"
 
 
-def test_sign_in_is_required_when_keys_are_set(tmp_path: Any, browser: Browser) -> None:
-    with serve(tmp_path / "data", STREAMHOLD_API_KEYS=f"{KEY},second-key") as server:
-        base = server.url
-        put(base, "sec/one", b"1", key=KEY)
-        put(base, "sec/two", b"2", key=KEY)
-        context = browser.new_context(viewport=VIEWPORT)
-        try:
-            page = context.new_page()
-            page.goto(base + "/?namespace=sec")
-            expect(page).to_have_url(re.compile(r"/signin\?next="))
-            expect(page.locator("#streams")).to_have_count(0)
-            page.fill("#key", "wrong-key")
-            page.click("button[type=submit]")
-            expect(page.locator(".problem")).to_contain_text("not one of this server's API keys")
-            page.fill("#key", KEY)
-            page.click("button[type=submit]")
-            expect(page).to_have_url(f"{base}/?namespace=sec")
-            expect_rows(page, ["sec/one", "sec/two"])
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server with API keys for the sign-in tests, each keeping to namespaces of its own."""
+    with serve(tmp_path_factory.mktemp("keyed") / "data", STREAMHOLD_API_KEYS=f"{KEY},second-key") as server:
+        yield server
 
-            cookie = next(c for c in context.cookies() if c["name"] == "streamhold_session")
-            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-            assert page.evaluate("document.cookie") == ""
 
-            stream_id = page.locator('tr[data-name="sec/one"]').get_attribute("data-id")
-            status = page.evaluate(
-                "async (url) => (await fetch(url, {method: 'DELETE'})).status",
-                f"/dashboard/streams/{stream_id}",
-            )
-            assert status == 403
-            assert context.request.delete(f"{base}/dashboard/streams/{stream_id}").status == 403
-            assert httpx.head(f"{base}/v1/stream/sec/one").status_code == 200
+def test_sign_in_is_required_when_keys_are_set(keyed_server: ServerProcess, browser: Browser) -> None:
+    base = keyed_server.url
+    put(base, "sec/one", b"1", key=KEY)
+    put(base, "sec/two", b"2", key=KEY)
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        page = context.new_page()
+        page.goto(base + "/?namespace=sec")
+        expect(page).to_have_url(re.compile(r"/signin\?next="))
+        expect(page.locator("#streams")).to_have_count(0)
+        page.fill("#key", "wrong-key")
+        page.click("button[type=submit]")
+        expect(page.locator(".problem")).to_contain_text("not one of this server's API keys")
+        page.fill("#key", KEY)
+        page.click("button[type=submit]")
+        expect(page).to_have_url(f"{base}/?namespace=sec")
+        expect_rows(page, ["sec/one", "sec/two"])
 
-            page.once("dialog", lambda dialog: dialog.accept())
-            page.get_by_role("button", name="Delete sec/one").click()
-            expect(page.locator(".notice")).to_have_text("Deleted sec/one.")
-            expect_rows(page, ["sec/two"])
+        cookie = next(c for c in context.cookies() if c["name"] == "streamhold_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert page.evaluate("document.cookie") == ""
 
-            page.get_by_role("button", name="Sign out").click()
-            expect(page).to_have_url(f"{base}/signin")
-            page.goto(base + "/")
-            expect(page).to_have_url(f"{base}/signin")
-            partial = {"hx-request": "true", "hx-target": "streams"}
-            anonymous = httpx.get(f"{base}/?namespace=sec", headers=partial)
-            assert anonymous.status_code == 401 and "sec/two" not in anonymous.text
-        finally:
-            context.close()
+        stream_id = page.locator('tr[data-name="sec/one"]').get_attribute("data-id")
+        status = page.evaluate(
+            "async (url) => (await fetch(url, {method: 'DELETE'})).status",
+            f"/dashboard/streams/{stream_id}",
+        )
+        assert status == 403
+        assert context.request.delete(f"{base}/dashboard/streams/{stream_id}").status == 403
+        assert httpx.head(f"{base}/v1/stream/sec/one").status_code == 200
+
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Delete sec/one").click()
+        expect(page.locator(".notice")).to_have_text("Deleted sec/one.")
+        expect_rows(page, ["sec/two"])
+
+        page.get_by_role("button", name="Sign out").click()
+        expect(page).to_have_url(f"{base}/signin")
+        page.goto(base + "/")
+        expect(page).to_have_url(f"{base}/signin")
+        partial = {"hx-request": "true", "hx-target": "streams"}
+        anonymous = httpx.get(f"{base}/?namespace=sec", headers=partial)
+        assert anonymous.status_code == 401 and "sec/two" not in anonymous.text
+    finally:
+        context.close()
+
+
+def test_a_manage_token_signs_in_to_its_own_namespaces(keyed_server: ServerProcess, browser: Browser) -> None:
+    base = keyed_server.url
+    admin = {"authorization": f"Bearer {KEY}"}
+    for name in ("ops/one", "ops/two", "team/secret"):
+        put(base, name, b"x", key=KEY)
+    minted = httpx.post(f"{base}/tokens", json={"scopes": ["manage"], "namespaces": ["ops"]}, headers=admin)
+    reader = httpx.post(f"{base}/tokens", json={"scopes": ["read"], "namespaces": ["ops"]}, headers=admin)
+    token, listed = minted.json(), httpx.post(f"{base}/stream/list", json={}, headers=admin).json()
+    team_id = next(s["id"] for s in listed["streams"] if s["namespace"] == "team")
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        page = context.new_page()
+        page.goto(base + "/")
+        page.fill("#key", reader.json()["token"])
+        page.click("button[type=submit]")
+        expect(page.locator(".problem")).to_contain_text("this token lacks the manage scope")
+        page.fill("#key", token["token"])
+        page.click("button[type=submit]")
+        expect(page).to_have_url(f"{base}/")
+        expect_rows(page, ["ops/one", "ops/two"])
+        expect(page.locator('[data-figure="streams"]')).to_have_text("2")
+        expect(page.locator("#namespaces li")).to_have_count(1)
+        expect(page.locator('#namespaces li[data-namespace="ops"]')).to_be_visible()
+        expect(page.locator("#charts")).to_have_count(0)
+
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Delete ops/one").click()
+        expect(page.locator(".notice")).to_have_text("Deleted ops/one.")
+        expect_rows(page, ["ops/two"])
+        expect(page.locator('[data-figure="streams"]')).to_have_text("1")
+
+        csrf = json.loads(page.locator("#dashboard").get_attribute("hx-headers") or "{}")["X-CSRF-Token"]
+        refused = page.evaluate(
+            "async ([url, csrf]) => { const r = await fetch(url, {method: 'DELETE', headers: "
+            "{'X-CSRF-Token': csrf}}); return [r.status, await r.text()]; }",
+            [f"/dashboard/streams/{team_id}", csrf],
+        )
+        assert refused == [403, "this sign-in's token does not cover namespace team: nothing was deleted"]
+        assert httpx.head(f"{base}/v1/stream/team/secret").status_code == 200
+        page.goto(base + "/?namespace=team")
+        expect(rows(page)).to_have_count(0)
+
+        httpx.delete(f"{base}/tokens/{token['id']}", headers=admin).raise_for_status()
+        page.wait_for_timeout(1000)  # a revocation counts everywhere within a second
+        page.goto(base + "/")
+        expect(page).to_have_url(re.compile(r"/signin\?ended=token$"))
+        expect(page.locator("[data-notice=ended]")).to_contain_text("revoked or has expired")
+    finally:
+        context.close()
 
 
 def test_the_demo_starts_from_the_dashboard(shared_server: ServerProcess, page: Page) -> None:

@@ -111,6 +111,8 @@ class SessionRow(SQLModel, table=True):
 
     id_hash: str = Field(primary_key=True, max_length=64)  # sha256 of the id in the cookie
     expires_at: float = Field(index=True)
+    # The scoped token it was signed in with (re-checked on every request); None for an API key.
+    token_id: str | None = Field(default=None, max_length=32)
 
 
 class TokenRow(SQLModel, table=True):
@@ -166,3 +168,5 @@ def upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text(f"ALTER TABLE streams ADD COLUMN stop_requested_at {kind}"))
     if "visibility" not in {c["name"] for c in found.get_columns("streams")}:
         conn.execute(text("ALTER TABLE streams ADD COLUMN visibility VARCHAR(16)"))
+    if "token_id" not in {c["name"] for c in found.get_columns("sessions")}:
+        conn.execute(text("ALTER TABLE sessions ADD COLUMN token_id VARCHAR(32)"))

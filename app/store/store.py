@@ -514,29 +514,32 @@ class Store(Reader):
 
     # --- dashboard sessions ----------------------------------------------------------------------
 
-    async def add_session(self, id_hash: str, expires_at: float) -> None:
-        """Record a signed-in session (and forget the ones that have expired)."""
+    async def add_session(self, id_hash: str, expires_at: float, token_id: str | None = None) -> None:
+        """Record a dashboard sign-in, with the token it used if any (and forget the expired ones)."""
 
         def add(conn: Connection) -> tuple[None, list[Change]]:
             conn.execute(sessions.delete().where(sessions.c.expires_at <= time.time()))
-            conn.execute(sessions.insert().values(id_hash=id_hash, expires_at=expires_at))
+            conn.execute(sessions.insert().values(id_hash=id_hash, expires_at=expires_at, token_id=token_id))
             return None, []
 
         await self.writer.call(add)
 
-    async def session_alive(self, id_hash: str) -> bool:
-        """Whether a session is recorded and unexpired, read fresh, so a sign-out anywhere counts at once."""
+    async def session_holder(self, id_hash: str) -> str | None:
+        """Who a recorded, unexpired sign-in is: a token id, "" for an API key, None for no one.
 
-        def alive() -> bool:
+        Read fresh, so that a sign-out anywhere counts at once.
+        """
+
+        def holder() -> str | None:
             with self._read_engine.connect() as conn:
                 found = conn.execute(
-                    select(sessions.c.id_hash).where(
+                    select(sessions.c.token_id).where(
                         sessions.c.id_hash == id_hash, sessions.c.expires_at > time.time()
                     )
                 ).first()
-            return found is not None
+            return None if found is None else found[0] or ""
 
-        return await self._read(alive)
+        return await self._read(holder)
 
     async def end_session(self, id_hash: str) -> None:
         await self.writer.call(

@@ -1,6 +1,8 @@
 """The operator dashboard at `/`: streams with filters, sorting, paging, deletes and live figures.
 
 One handler serves the full page or the partial the page includes (htmx); deletes answer with the partial too.
+A sign-in with a scoped token sees, counts and deletes only the streams of the token's namespaces: the
+namespaces go down to the store as part of the filter, so the database does the counting.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import FromPath, FromQuery
 
 from ..errors import StreamGoneError, StreamNotFoundError
+from ..http.auth import Principal
 from ..http.headers import PAGE_HEADERS
 from ..live import LiveHub
-from ..models import StreamState
+from ..models import StreamFilter, StreamState
 from ..settings import Settings
 from ..store.store import Store
 from . import charts, session
@@ -71,6 +74,7 @@ class Page:
     notice: str = ""
     csrf: str = ""
     signed_in: bool = False
+    scoped: bool = False  # a token's sign-in: server-wide figures, charts and subscriptions are not shown
     storage: str = ""  # why storage counts as full, shown as a banner while it does
     subscriptions: list[SubscriptionLine] = field(default_factory=list)
 
@@ -104,38 +108,58 @@ def _rate(state: State) -> Rate:
     return rate
 
 
-async def _page_of(store: Store, view: View) -> tuple[int, list[StreamState]]:
+def within(where: StreamFilter, principal: Principal) -> StreamFilter:
+    """The filter kept to the namespaces the sign-in covers (all of them for an API key)."""
+    return where if principal.full else replace(where, namespaces=principal.namespaces)
+
+
+async def _page_of(store: Store, view: View, principal: Principal) -> tuple[int, list[StreamState]]:
     offset = (view.page - 1) * PAGE_SIZE
     return await store.list(
-        view.where, sort=view.sort, direction=view.direction, limit=PAGE_SIZE, offset=offset
+        within(view.where, principal),
+        sort=view.sort,
+        direction=view.direction,
+        limit=PAGE_SIZE,
+        offset=offset,
     )
 
 
 async def build(
-    request: Request[Any, Any, Any], store: Store, hub: LiveHub, view: View, *, facets: bool
+    request: Request[Any, Any, Any],
+    store: Store,
+    hub: LiveHub,
+    view: View,
+    principal: Principal,
+    *,
+    facets: bool,
 ) -> Page:
     """Read what a view shows: one page of streams, the totals and (for the filter form) namespace counts."""
     now = time.time()
+    scoped = not principal.full
     (total, states), summary, counted, subscribed = await asyncio.gather(
-        _page_of(store, view),
-        store.summary(),
-        store.summary(replace(view.where, namespace=None)) if facets else asyncio.sleep(0, None),
-        subscription_lines(request.app.state.get("subscriptions"), now),
+        _page_of(store, view, principal),
+        store.summary(within(StreamFilter(), principal)),
+        store.summary(within(replace(view.where, namespace=None), principal))
+        if facets
+        else asyncio.sleep(0, None),
+        # Listing subscriptions takes an admin key, as on the protocol's API.
+        asyncio.sleep(0, []) if scoped else subscription_lines(request.app.state.get("subscriptions"), now),
     )
     if not states and total and view.page > 1:
         view = replace(view, page=max(1, math.ceil(total / PAGE_SIZE)))
-        total, states = await _page_of(store, view)
+        total, states = await _page_of(store, view, principal)
     rate = _rate(request.app.state).sample(store.writer.appends, store.writer.bytes_appended)
     page = Page(
         view=view,
         total=total,
         rows=rows(states, view, hub, now),
-        figures=figures(summary, rate, hub.readers),
+        figures=figures(summary, rate, hub.readers, server_wide=not scoped),
         namespaces=namespace_lines(summary, view),
         storage=store.space.problem() or "",
         subscriptions=subscribed,
+        scoped=scoped,
     )
-    page.history = history_panel(request)
+    page.history = None if scoped else history_panel(request)
     if counted is not None:
         page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
         if view.namespace and view.namespace not in {name for name, _ in page.facets}:
@@ -207,10 +231,17 @@ async def dashboard(
         return session.denied(request, change=False)
     target = _target(request)
     if target == "charts":
+        if current.scoped:
+            return _refused("the history charts cover the whole server: they need an API key's sign-in")
         return html(render(request, "_dashboard_charts.html", history=history_panel(request)))
-    page = await build(request, store, hub, View.from_query(request.url.query), facets=target != "streams")
+    view = View.from_query(request.url.query)
+    page = await build(request, store, hub, view, current.principal, facets=target != "streams")
     page.csrf, page.signed_in = current.csrf, current.signed_in
     return respond(request, page, target)
+
+
+def _refused(message: str) -> Response[str]:
+    return Response(message, status_code=403, media_type="text/plain", headers={"cache-control": "no-store"})
 
 
 @delete("/dashboard/streams/{stream_id:str}", status_code=200)
@@ -226,6 +257,10 @@ async def delete_stream(
     if isinstance(allowed, Response):
         return allowed
     state = await store.get(stream_id)
+    if state is not None and not allowed.principal.may("manage", state.namespace):
+        return _refused(
+            f"this sign-in's token does not cover namespace {state.namespace}: nothing was deleted"
+        )
     try:
         await store.delete(stream_id)
         notice = f"Deleted {state.name if state else stream_id}."
@@ -249,14 +284,15 @@ async def delete_filtered(
     expected = parse_qs(request.url.query).get("expected", [""])[-1]
     if not expected.isdigit():
         return html("a bulk delete needs ?expected=N, the number of streams the user confirmed", status=400)
-    total, _ = await store.list(view.where, limit=1)
+    where = within(view.where, allowed.principal)
+    total, _ = await store.list(where, limit=1)
     if total > int(expected):
         notice = (
             f"Nothing was deleted: the filter now matches {total:,} streams, not the {int(expected):,} you "
             "confirmed. Check the list and try again."
         )
     else:
-        deleted = await store.delete_matching(view.where)
+        deleted = await store.delete_matching(where)
         notice = f"Deleted {deleted:,} stream{'s' if deleted != 1 else ''}."
     return await _after_change(request, store, hub, allowed, notice, replace(view, page=1))
 
@@ -269,26 +305,31 @@ async def _after_change(
     notice: str,
     view: View | None = None,
 ) -> Response[str]:
-    page = await build(request, store, hub, view or View.from_query(request.url.query), facets=True)
+    view = view or View.from_query(request.url.query)
+    page = await build(request, store, hub, view, current.principal, facets=True)
     page.csrf, page.signed_in, page.notice = current.csrf, current.signed_in, notice
     return respond(request, page, "board")
 
 
 @get("/signin", name="signin")
 async def signin_form(
-    request: Request[Any, Any, Any], settings: NamedDependency[Settings], next: FromQuery[str] = "/"
+    request: Request[Any, Any, Any],
+    settings: NamedDependency[Settings],
+    next: FromQuery[str] = "/",
+    ended: FromQuery[str] = "",
 ) -> Response[str]:
     """The sign-in form (only when API keys are configured)."""
     if not settings.api_keys or await session.current(request, settings) is not None:
         return Response("", status_code=303, headers={"location": session.safe_next(next)})
-    return html(render(request, "signin.html", next=session.safe_next(next), error=""))
+    notice = session.ENDED_NOTICE if ended == "token" else ""
+    return html(render(request, "signin.html", next=session.safe_next(next), error="", notice=notice))
 
 
 @post("/signin", status_code=303, request_max_body_size=session.FORM_LIMIT)
 async def signin(
     request: Request[Any, Any, Any], store: NamedDependency[Store], settings: NamedDependency[Settings]
 ) -> Response[str]:
-    """Check an API key and start a session: an HttpOnly, SameSite=Strict signed cookie."""
+    """Check an API key or a `manage` token and sign the browser in: an HttpOnly, SameSite=Strict cookie."""
     form = await session.read_form(request)
     target = session.safe_next(str(form.get("next", "/")))
     if not settings.api_keys:
@@ -296,10 +337,18 @@ async def signin(
     if not session.same_origin(request, settings):
         return session.forbidden()
     key = str(form.get("key", "")).strip()
-    if not session.check_key(key, settings):
-        error = "That key is not one of this server's API keys." if key else "Enter an API key."
-        return html(render(request, "signin.html", next=target, error=error), status=401)
-    cookie = session.session_cookie(request, settings, await session.start(store, key))
+    if session.check_key(key, settings):
+        value = await session.start(store, key)
+    else:
+        record = await store.tokens.check(key) if key else None
+        if record is None:
+            error = "That key is not one of this server's API keys." if key else "Enter an API key."
+            return html(render(request, "signin.html", next=target, error=error), status=401)
+        if "manage" not in record.scopes:
+            error = "Refused: this token lacks the manage scope. The dashboard needs a key or a manage token."
+            return html(render(request, "signin.html", next=target, error=error), status=403)
+        value = await session.start_with_token(store, record)
+    cookie = session.session_cookie(request, settings, value)
     return Response("", status_code=303, headers={"location": target}, cookies=[cookie])
 
 

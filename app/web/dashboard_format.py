@@ -99,14 +99,27 @@ def rows(states: list[StreamState], view: View, hub: LiveHub, now: float) -> lis
 
 
 def figures(
-    summary: Mapping[str, Any], rate: tuple[float, float] | None, readers: Mapping[str, int]
+    summary: Mapping[str, Any],
+    rate: tuple[float, float] | None,
+    readers: Mapping[str, int],
+    *,
+    server_wide: bool = True,
 ) -> Figures:
-    """The top figures from Store.summary, the sampled write rate and the hub's reader counts."""
+    """The top figures from Store.summary, the sampled write rate and the hub's reader counts.
+
+    Without `server_wide` (a token's sign-in) the rate and reader counts, which cover every namespace, are
+    left out: the summary is then of the token's namespaces only.
+    """
     live = {kind: n for kind, n in readers.items() if n}
+    streams, stored = f"{summary['streams']:,}", human_bytes(summary["stored_bytes"])
+    if not server_wide:
+        hidden = "server-wide: shown to an API key's sign-in"
+        content = human_bytes(summary["content_bytes"])
+        return Figures(streams, f"{summary['open']:,}", stored, content, "—", hidden, "—", hidden)
     return Figures(
-        streams=f"{summary['streams']:,}",
+        streams=streams,
         open=f"{summary['open']:,}",
-        stored=human_bytes(summary["stored_bytes"]),
+        stored=stored,
         content=human_bytes(summary["content_bytes"]),
         appends_rate="…" if rate is None else (f"{rate[0]:,.1f}" if rate[0] < 100 else f"{rate[0]:,.0f}"),
         bytes_rate="measuring" if rate is None else f"{human_bytes(rate[1])}/s",

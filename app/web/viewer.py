@@ -212,21 +212,31 @@ async def watch(
     """The live viewer; `?download=1` saves the content so far, `?before=N` is an earlier JSON-mode range,
     `?embed=1` the page without the app's chrome, for the origins in STREAMHOLD_EMBED_ORIGINS to frame."""
     current = await session.current(request, settings)
-    demo_csrf = current.csrf if current is not None and not embed else ""
+    # A token's sign-in may not start the demo (its streams are in namespaces of the server's choosing).
+    demo_csrf = current.csrf if current is not None and not embed and not current.scoped else ""
     ancestors = settings.embed_origins if embed else ()
     gone = {"gone": True, "name": name.lstrip("/"), "demo_csrf": demo_csrf, "embed": embed}
     try:
         state = require_live(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page(gone, status=404, frame_ancestors=ancestors)
-    if not may_read(await principal_of(request), state, settings):
+    principal = await principal_of(request)
+    if principal.kind == "anonymous" and current is not None and current.signed_in and not embed:
+        principal = current.principal  # the dashboard's sign-in: an API key's, or its token's rights
+    if not may_read(principal, state, settings):
+        refused = "this stream is private: open it with an API key or a read token for its namespace"
+        if principal.kind == "token":
+            headers = page_headers(ancestors)
+            return Response(refused, status_code=403, media_type="text/plain", headers=headers)
         return Response(
-            "this stream is private: open it with an API key or a read token for its namespace",
+            refused,
             status_code=401,
             media_type="text/plain",
             headers={**page_headers(ancestors), "cache-control": "no-store", **CHALLENGE},
         )
-    operator = not embed and (not settings.api_keys or (current is not None and current.signed_in))
+    operator = not embed and (
+        not settings.api_keys or (current is not None and current.principal.may("manage", state.namespace))
+    )
     try:
         if before is not None or download:
             return await _watch_range(store, state, before, download)
@@ -275,6 +285,9 @@ async def _demo_refusal(request: Request[Any, Any, Any], settings: Settings) -> 
     current = await session.current(request, settings)
     if current is None:
         return session.denied(request, change=True)
+    if current.scoped:
+        refused = "the demo needs an API key's sign-in, not a token's"
+        return Response(refused, status_code=403, media_type="text/plain")
     if not settings.api_keys:
         return None if session.same_origin(request, settings) else session.forbidden()
     form = await session.read_form(request)
