@@ -518,7 +518,7 @@ class Store(Reader):
         """Record a signed-in session (and forget the ones that have expired)."""
 
         def add(conn: Connection) -> tuple[None, list[Change]]:
-            conn.execute(sessions.delete().where(sessions.c.expires_at <= time.time()))
+            conn.execute(sessions.delete().where(sessions.c.expires_at <= clock.now()))
             conn.execute(sessions.insert().values(id_hash=id_hash, expires_at=expires_at))
             return None, []
 
@@ -531,7 +531,7 @@ class Store(Reader):
             with self._read_engine.connect() as conn:
                 found = conn.execute(
                     select(sessions.c.id_hash).where(
-                        sessions.c.id_hash == id_hash, sessions.c.expires_at > time.time()
+                        sessions.c.id_hash == id_hash, sessions.c.expires_at > clock.now()
                     )
                 ).first()
             return found is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -14,6 +13,7 @@ from litestar import Request, Response
 from litestar.datastructures import Cookie, FormMultiDict
 from litestar.exceptions import ClientException
 
+from .. import clock
 from ..http import guard
 from ..http.auth import key_is_valid
 from ..http.headers import PAGE_HEADERS
@@ -82,7 +82,7 @@ async def end(request: Request[Any, Any, Any], store: Store) -> None:
 
 def issue(key: str, now: float | None = None) -> str:
     """A cookie value for a session signed in with `key` (which the caller has checked)."""
-    expires = int((time.time() if now is None else now) + SESSION_SECONDS)
+    expires = int((clock.now() if now is None else now) + SESSION_SECONDS)
     body = f"v1.{expires}.{secrets.token_hex(16)}"
     return f"{body}.{_mac(_secret_for(key), body)}"
 
@@ -94,7 +94,7 @@ def verify(value: str, settings: Settings, now: float | None = None) -> Session 
         return None
     body, mac = ".".join(parts[:3]), parts[3]
     expires = int(parts[1])
-    if expires <= (time.time() if now is None else now):
+    if expires <= (clock.now() if now is None else now):
         return None
     found: bytes | None = None
     for key in settings.api_keys:
