@@ -40,7 +40,7 @@ def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "--key",
         envvar="STREAMHOLD_API_KEY",
         show_envvar=True,
-        help="API key, sent as Authorization: Bearer <key> to --server only (never by cat).",
+        help="API key or token, sent as Authorization: Bearer <key> to --server's origin only.",
     )(command)
     return click.option(
         "--server",
@@ -52,13 +52,18 @@ def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def run(work: Coroutine[Any, Any, T], key: str | None) -> T:
-    """Run a client coroutine; any failure becomes one line on stderr and exit status 1."""
+def run(work: Coroutine[Any, Any, T], key: str | None, keyless: str | None = None) -> T:
+    """Run a client coroutine; any failure becomes one line on stderr and exit status 1.
+
+    `keyless` is the line for a 401 when no key was sent, in place of the general one.
+    """
     try:
         return asyncio.run(work)
     except UnauthorizedError as exc:
         if exc.status == 403:  # a token that lacks a scope or a namespace: the server says which
             raise click.ClickException(shown(str(exc))) from None
+        if not key and keyless:
+            raise click.ClickException(keyless) from None
         hint = "the API key was refused" if key else "the server needs an API key"
         raise click.ClickException(f"{hint}: pass --key or set STREAMHOLD_API_KEY") from None
     except ServerUnavailableError as exc:
@@ -220,11 +225,14 @@ async def _cat(server: str, key: str | None, stream_id: str, follow: bool, retry
 @click.option("--retry-for", default=60.0, show_default=True, help="With --follow: seconds of reconnecting.")
 @client_options
 def cat(target: str, follow: bool, retry_for: float, server: str, key: str | None) -> None:
-    """Print a stream's content to standard output (bytes as they are)."""
-    # Content is public: reading it never needs the key, so it is never sent.
-    server, stream_id, _ = _target(target, server, None)
+    """Print a stream's content to standard output (bytes as they are); a private one needs --key."""
+    where, stream_id, sent = _target(target, server, key)
+    keyless = "this stream is private: pass --key or set STREAMHOLD_API_KEY"
+    if key and not sent:
+        keyless = f"this stream is private, and the key goes only to --server ({server}): "
+        keyless += f"pass --server {where}"
     try:
-        run(_cat(server, None, stream_id, follow, retry_for), key)
+        run(_cat(where, sent, stream_id, follow, retry_for), sent, keyless)
     except BrokenPipeError:
         # The reader went away (`| head`); point stdout at nothing so the exit does not complain again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -28,6 +28,7 @@ from .settings import Settings
 
 UVICORN_VERSION = "0.54.0"  # the uvicorn whose internals Protocol and Server were checked against
 BODY_BUFFER = 1024 * 1024
+DRAIN_BYTES = 16 * 1024 * 1024  # of a body after an early answer, read and dropped (or the append limit)
 FILES_KEPT = 128  # open files kept free of connections, for the database, chunk files and logs
 
 
@@ -43,11 +44,14 @@ def is_loopback(host: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What one connection may cost: seconds to send headers, to take some of a response; connections."""
+    """What one connection may cost: seconds to send headers, to take some of a response; connections;
+    bytes and seconds of a request body read (and dropped) after an answer that did not wait for it."""
 
     header_timeout: float = 10.0
     send_timeout: float = 60.0
     max_connections: int = 10_000
+    drain_bytes: int = DRAIN_BYTES
+    drain_timeout: float = 5.0
 
 
 async def _busy(scope: Any, receive: Any, send: Any) -> None:
@@ -72,6 +76,12 @@ class Protocol(HttpToolsProtocol):
     uvicorn 0.54 has no header-read timeout (its keep-alive timer runs only after a response), no limit on
     a write the client never takes, and its `limit_concurrency` answers 503 without `Retry-After`; these
     are added here through its `connections`, `transport`, `flow`, `app` and parser callbacks.
+
+    An answer sent before the request's body ended (a 413 judged from Content-Length, a 404) leaves the
+    rest of the body coming. Closing at once would reset the connection under a client still sending, and
+    a client may lose the answer with it; uvicorn reads and drops the rest instead, but without end: a
+    client could keep a connection busy with gigabytes. So it is read up to `drain_bytes` within
+    `drain_timeout`, and past either the connection closes.
     """
 
     limits = Limits()
@@ -79,6 +89,8 @@ class Protocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn types it BaseTransport
         self._header_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_left = 0
         super().connection_made(transport)
         self._start_header_timer()
 
@@ -111,12 +123,36 @@ class Protocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         # uvicorn's own on_body, with BODY_BUFFER in place of its 64 KiB high-water mark.
-        if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return
+        if self.cycle.response_complete:  # the rest of a body after an early answer
+            self._drain_left -= len(body)
+            if self._drain_left < 0 and not self.transport.is_closing():
+                self.transport.close()
             return
         self.cycle.body += body
         if len(self.cycle.body) > BODY_BUFFER:
             self.flow.pause_reading()
         self.cycle.message_event.set()
+
+    def on_message_complete(self) -> None:
+        if self.cycle.response_complete and self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # self.cycle is the request just answered unless a pipelined one has begun (its body then ended).
+        cycle = self.cycle
+        if cycle.response_complete and cycle.more_body and not self.transport.is_closing():
+            self._drain_left = self.limits.drain_bytes
+            self._drain_timer = self.loop.call_later(self.limits.drain_timeout, self._drain_too_slow)
+
+    def _drain_too_slow(self) -> None:
+        self._drain_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -154,10 +190,10 @@ class Protocol(HttpToolsProtocol):
             self._watch_send(now)
 
     def _stop_timers(self) -> None:
-        for timer in (self._header_timer, self._send_timer):
+        for timer in (self._header_timer, self._send_timer, self._drain_timer):
             if timer is not None:
                 timer.cancel()
-        self._header_timer = self._send_timer = None
+        self._header_timer = self._send_timer = self._drain_timer = None
 
 
 class Server(uvicorn.Server):
@@ -243,7 +279,9 @@ def run(settings: Settings, host: str, port: int, log_level: str, announce: Call
     open_files = raise_open_file_limit()
     # Connections past the cap still take a file each until answered; the database and chunk files need some.
     cap = max(1, min(settings.max_connections, open_files - FILES_KEPT))
-    limits = Limits(settings.header_timeout, settings.send_timeout, cap)
+    limits = Limits(
+        settings.header_timeout, settings.send_timeout, cap, max(DRAIN_BYTES, settings.max_append_bytes)
+    )
     config = uvicorn.Config(
         create_app(settings),
         host=host,

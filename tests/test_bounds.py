@@ -407,3 +407,70 @@ def test_the_server_raises_its_open_file_limit(tmp_path: Path) -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert limits == (hard, hard)
+
+
+def _post_head(path: str, length: int) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/octet-stream\r\n"
+        f"content-length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length body."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, f"closed before a whole answer: {data!r}"
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def _endless(sock: socket.socket, pause: float, limit: float) -> tuple[int, float]:
+    """Send pieces of a body that never ends until the server closes: (bytes taken, seconds it took)."""
+    chunk = bytes(64 * 1024)
+    sent, began = 0, time.monotonic()
+    try:
+        while time.monotonic() - began < limit:
+            sock.sendall(chunk)
+            sent += 64 * 1024
+            time.sleep(pause)
+    except OSError:  # closed by the server
+        pass
+    return sent, time.monotonic() - began
+
+
+def test_an_early_answer_reaches_the_client_and_the_rest_of_the_body_is_bounded(tmp_path: Path) -> None:
+    """A refused body (413 before it is read) still gets its answer, sent at once or slowly; the server
+    then reads and drops the rest, up to 16 MiB (or the append limit) and 5 s, and closes past that."""
+    with ServerProcess(env={"STREAMHOLD_DATA_DIR": str(tmp_path)}) as server:
+        path = "/v1/stream/early"
+        httpx.put(server.url + path, headers={"content-type": "application/octet-stream"}).raise_for_status()
+        address = ("127.0.0.1", server.port)
+        for pause in (0.0, 0.02):  # all at once, then a mebibyte every 20 ms
+            with socket.create_connection(address) as sock:
+                sock.sendall(_post_head(path, 10 * MIB))
+                for _ in range(10):
+                    sock.sendall(bytes(MIB))
+                    time.sleep(pause)
+                assert _answer(sock).startswith(b"HTTP/1.1 413 ")
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert _answer(sock).startswith(b"HTTP/1.1 200 "), "the connection is still good"
+
+        with socket.create_connection(address) as flood:  # as fast as loopback goes: bounded by bytes
+            flood.sendall(_post_head(path, 2**40))  # refused at once: a terabyte declared
+            taken, seconds = _endless(flood, 0.0, 30)
+        print(f"a flood after the answer: {taken / MIB:.0f} MiB taken in {seconds:.2f} s")
+        assert taken < 48 * MIB, "16 MiB are read after an early answer, and the sockets' buffers hold some"
+        with socket.create_connection(address) as trickle:  # slowly: bounded by time
+            trickle.sendall(_post_head(path, 2**40))
+            taken, seconds = _endless(trickle, 0.1, 30)
+        print(f"a trickle after the answer: {taken / MIB:.1f} MiB taken in {seconds:.2f} s")
+        assert seconds < 8.5, "5 s of reading what follows an early answer, then the connection closes"
+        assert httpx.get(server.url + "/healthz").status_code == 200

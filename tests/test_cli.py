@@ -237,6 +237,33 @@ def test_cat_prints_bytes_as_they_are(server: ServerProcess) -> None:
     assert streamhold("cat", empty, server=server.url).stdout == b""
 
 
+def test_cat_reads_a_private_stream_with_a_key_or_a_read_token(server: ServerProcess) -> None:
+    stream_id = make_stream(server, "cli-private", b"secret bytes", public=False)
+    with api(server) as http:
+        token = http.post("/tokens", json={"scopes": ["read"], "namespaces": ["cli-private"]}).json()["token"]
+    runner = CliRunner(env={"STREAMHOLD_URL": server.url, "STREAMHOLD_API_KEY": None})
+    for args in (["--key", KEY], ["--key", token], []):
+        env = {"STREAMHOLD_API_KEY": token} if not args else None
+        result = runner.invoke(main, ["cat", *args, f"{server.url}/stream/{stream_id}"], env=env)
+        assert (result.exit_code, result.stdout_bytes) == (0, b"secret bytes"), result.output
+
+    keyless = runner.invoke(main, ["cat", stream_id])
+    assert keyless.exit_code == 1 and keyless.stdout == ""
+    assert keyless.stderr == "Error: this stream is private: pass --key or set STREAMHOLD_API_KEY\n"
+    refused = runner.invoke(main, ["cat", "--key", "wrong", stream_id])
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert refused.stderr.startswith("Error: the API key was refused: pass --key"), refused.stderr
+    # localhost is another origin than 127.0.0.1: the key stays home, and the message says why.
+    elsewhere = f"http://localhost:{server.url.rsplit(':', 1)[1]}"
+    url = f"{server.url}/stream/{stream_id}"
+    held = runner.invoke(main, ["cat", "--server", elsewhere, "--key", KEY, url])
+    assert held.exit_code == 1 and held.stdout == ""
+    assert held.stderr == (
+        f"Error: this stream is private, and the key goes only to --server ({elsewhere}): "
+        f"pass --server {server.url}\n"
+    )
+
+
 def test_cat_without_follow_prints_what_an_open_stream_holds_now(server: ServerProcess) -> None:
     stream_id = make_stream(server, "cli-open", b"so far", close=False)
     result = streamhold("cat", stream_id, server=server.url, timeout=20)
@@ -498,18 +525,25 @@ def test_the_key_never_goes_to_a_host_named_in_a_url(
     assert configured.seen == []
 
 
-def test_the_key_goes_to_the_configured_origin_but_never_with_cat(
+def test_the_key_given_as_an_option_never_goes_to_a_host_named_in_a_url(
     recorders: tuple[_Recorder, _Recorder],
 ) -> None:
+    configured, other = recorders
+    runner = CliRunner(env={"STREAMHOLD_URL": configured.url, "STREAMHOLD_API_KEY": None})
+    result = runner.invoke(main, ["cat", "--key", KEY, f"{other.url}/stream/stream_x"])
+    assert result.exit_code == 0 and result.stdout == "closed content", result.output
+    assert other.seen and all(auth is None for _, _, auth in other.seen), other.seen
+    assert configured.seen == []
+
+
+def test_the_key_goes_to_the_configured_origin_only(recorders: tuple[_Recorder, _Recorder]) -> None:
     configured, _ = recorders
     runner = CliRunner(env={"STREAMHOLD_URL": configured.url, "STREAMHOLD_API_KEY": KEY})
     runner.invoke(main, ["info", f"{configured.url}/stream/stream_x"])
     runner.invoke(main, ["rm", "stream_y"])
-    assert [auth for _, _, auth in configured.seen] == [f"Bearer {KEY}"] * 2, configured.seen
-    configured.seen.clear()
     runner.invoke(main, ["cat", "stream_x"])
     runner.invoke(main, ["cat", f"{configured.url}/stream/stream_x"])
-    assert configured.seen and all(auth is None for _, _, auth in configured.seen), configured.seen
+    assert [auth for _, _, auth in configured.seen] == [f"Bearer {KEY}"] * 4, configured.seen
 
 
 class _HostileHandler(_RecordingHandler):

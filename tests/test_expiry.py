@@ -17,12 +17,14 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import update
 
+from streamhold import clock
 from streamhold.errors import StreamConflictError
 from streamhold.main import create_app
 from streamhold.models import StreamFilter
 from streamhold.settings import Settings
-from streamhold.store.schema import StreamRow
+from streamhold.store.schema import StreamRow, tokens
 from streamhold.store.store import NewStream, Store
+from streamhold.web import session
 from tests._cluster import server_env, server_errors
 from tests._server import HOST, LOOPBACK, ServerProcess
 
@@ -226,3 +228,33 @@ async def test_servers_creating_one_name_at_once_both_succeed(
                 *(client.put(url, headers={"content-type": "text/plain"}) for url in urls)
             )
             assert sorted(a.status_code for a in answers) == [200, 201], [a.text for a in answers]
+
+
+@pytest.mark.parametrize("settings", ["postgres"], indirect=True)
+async def test_token_expiry_is_judged_by_the_store_clock(settings: Settings, skewed: Any) -> None:
+    async with Store.open(settings) as store:
+        _, lasting = await store.tokens.mint(("read",), ("clock",), 3600, "")
+        ended, ending = await store.tokens.mint(("read",), ("clock",), 3600, "")
+        with store._write_engine.begin() as conn:  # expired by the database's clock
+            conn.execute(update(tokens).where(tokens.c.id == ended.id).values(expires_at=clock.now() - 5))
+        for step in (DAY, -DAY):
+            skewed(step)  # this machine's wall clock is a day off; the database's is right
+            assert await store.tokens.check(lasting) is not None, f"a clock {step} s off ended a live token"
+            assert await store.tokens.check(ending) is None, f"a clock {step} s off revived an expired token"
+            made, _ = await store.tokens.mint(("read",), ("clock",), 3600, "")
+            assert made.expires_at is not None and abs(made.expires_at - (clock.now() + 3600)) < 60
+
+
+@pytest.mark.parametrize("settings", ["postgres"], indirect=True)
+async def test_sign_in_sessions_expire_by_the_store_clock(settings: Settings, skewed: Any) -> None:
+    keyed = dataclasses.replace(settings, api_keys=("session-key",))
+    live_cookie = session.issue("session-key")
+    ended_cookie = session.issue("session-key", now=clock.now() - session.SESSION_SECONDS - 5)
+    async with Store.open(settings) as store:
+        await store.add_session("live", clock.now() + 3600)
+        await store.add_session("ended", clock.now() - 5)
+        for step in (DAY, -DAY):
+            skewed(step)  # this machine's wall clock is a day off; the database's is right
+            assert session.verify(live_cookie, keyed) is not None, f"a clock {step} s off ended a sign-in"
+            assert session.verify(ended_cookie, keyed) is None, f"a clock {step} s off revived a sign-in"
+            assert await store.session_alive("live") and not await store.session_alive("ended")

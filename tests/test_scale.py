@@ -11,7 +11,6 @@ import asyncio
 import json
 import random
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,7 +44,6 @@ from tests._cluster import (
     read_long_poll,
     read_sse,
     record,
-    require,
     scrape,
     server_env,
     server_errors,
@@ -498,56 +496,3 @@ async def test_expired_streams_are_swept_once_and_gone_everywhere(
     sessions = {row[1] for row in audit}
     transactions = {(row[1], row[2]) for row in audit}
     print(f"12 expired streams swept in {len(transactions)} transaction(s) by {len(sessions)} session(s)")
-
-
-# --- the conformance suite with a second process on the database ------------------------------------
-
-
-@pytest.mark.timeout(420)
-def test_conformance_suite_passes_with_a_second_process_on_the_database(pg_url: str, tmp_path: Path) -> None:
-    from tests.conformance_run import (
-        EXPECTED_CONFORMANCE_TESTS,
-        NodeHarnessError,
-        ensure_node_packages,
-        missing_node_tools,
-        run_conformance_suite,
-    )
-
-    missing = missing_node_tools()
-    if missing:
-        require("Node.js", f"not on PATH: {', '.join(missing)}")
-    try:
-        ensure_node_packages(timeout=240)
-    except NodeHarnessError as exc:
-        pytest.fail(f"could not install the pinned npm packages: {exc}")
-    env = server_env(pg_url, pg_url, tmp_path, long_poll_timeout=0.5)
-    with cluster(env) as (a, b):
-        stop = threading.Event()
-        side = f"/v1/stream/side/{uuid.uuid4().hex[:8]}"
-        written: list[bytes] = []
-
-        def traffic() -> None:
-            """Appends through B while the suite runs against A, so both processes write the database."""
-            with httpx.Client(timeout=10) as client:
-                client.put(b.url + side, headers=TEXT)
-                for seq in range(10_000):
-                    if stop.wait(0.05):
-                        return
-                    body = f"{seq};".encode()
-                    if client.post(b.url + side, content=body, headers=TEXT).status_code == 204:
-                        written.append(body)
-
-        thread = threading.Thread(target=traffic, daemon=True)
-        thread.start()
-        try:
-            result = run_conformance_suite(a.url, timeout=300)
-        finally:
-            stop.set()
-            thread.join(15)
-        print(result.report())
-        assert httpx.get(a.url + side, params={"offset": "-1"}).content == b"".join(written)
-    assert written, "the second process served nothing during the suite"
-    assert not result.file_errors, result.report()
-    assert (result.ran, len(result.passed)) == (EXPECTED_CONFORMANCE_TESTS, EXPECTED_CONFORMANCE_TESTS), (
-        result.report()
-    )

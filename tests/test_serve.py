@@ -30,7 +30,9 @@ RECHECK = (
     f"override uvicorn internals checked against uvicorn {serve.UVICORN_VERSION}. Read each overridden "
     "method in the new uvicorn: Protocol.on_body is a copy of uvicorn's with a larger buffer; the "
     "connection cap needs on_headers_complete to start `self.app`; the timers need connection_made/lost, "
-    "data_received, pause/resume_writing, `self.flow`, `self.transport` and `self.cycle`. Then run "
+    "data_received, pause/resume_writing, `self.flow`, `self.transport` and `self.cycle`; the bounded read "
+    "of a body after an early answer needs on_message_complete, on_response_complete (called once a "
+    "response is sent) and the cycle's `more_body` and `response_complete`. Then run "
     "tests/test_bounds.py and test_cli.py::test_serve_reads_a_mebibyte_body_without_waiting_for_the_app, "
     "and update UVICORN_VERSION in app/serve.py and the digests in tests/test_serve.py."
 )
@@ -43,6 +45,8 @@ CHECKED = {
     "HttpToolsProtocol.on_message_begin": "96d377fdc7c2baef",
     "HttpToolsProtocol.on_headers_complete": "1ea8589acfad92d8",
     "HttpToolsProtocol.on_body": "dba9c32aeba35b6a",
+    "HttpToolsProtocol.on_message_complete": "1fbad42dc31fc01f",
+    "HttpToolsProtocol.on_response_complete": "64e254f28e389e76",
     "HttpToolsProtocol.pause_writing": "17a8fd215d96a13c",
     "HttpToolsProtocol.resume_writing": "7844bbaa8cceb1ef",
     "Server.__init__": "c150b55284f7511e",
@@ -112,7 +116,7 @@ def test_what_the_overrides_rely_on_is_still_in_uvicorn() -> None:
     # The connection cap swaps `self.app` for the refusal around on_headers_complete.
     assert "app = self.app" in inspect.getsource(HttpToolsProtocol.on_headers_complete), RECHECK
     # Our own per-connection state must not collide with uvicorn's.
-    for name in ("_header_timer", "_send_timer", "limits"):
+    for name in ("_header_timer", "_send_timer", "_drain_timer", "_drain_left", "limits"):
         assert name not in source, f"uvicorn now uses {name!r} itself. " + RECHECK
     options = inspect.signature(uvicorn.Config.__init__).parameters
     passed = ("http", "timeout_keep_alive", "timeout_graceful_shutdown", "lifespan", "access_log",
@@ -144,6 +148,7 @@ def test_a_live_connection_has_the_state_the_protocol_reads() -> None:
             upgrade=protocol._should_upgrade() is False,
             loop=callable(protocol.loop.call_later),
             cycle=protocol.cycle.response_complete is False and isinstance(protocol.cycle.body, bytearray),
+            more_body=protocol.cycle.more_body is False,  # the body ended with the one message
             event=callable(protocol.cycle.message_event.set),
             app=protocol.app is not None,
             header_timer=protocol._header_timer is None,  # stopped once the head is read

@@ -518,7 +518,7 @@ class Store(Reader):
         """Record a dashboard sign-in, with the token it used if any (and forget the expired ones)."""
 
         def add(conn: Connection) -> tuple[None, list[Change]]:
-            conn.execute(sessions.delete().where(sessions.c.expires_at <= time.time()))
+            conn.execute(sessions.delete().where(sessions.c.expires_at <= clock.now()))
             conn.execute(sessions.insert().values(id_hash=id_hash, expires_at=expires_at, token_id=token_id))
             return None, []
 
@@ -534,7 +534,7 @@ class Store(Reader):
             with self._read_engine.connect() as conn:
                 found = conn.execute(
                     select(sessions.c.token_id).where(
-                        sessions.c.id_hash == id_hash, sessions.c.expires_at > time.time()
+                        sessions.c.id_hash == id_hash, sessions.c.expires_at > clock.now()
                     )
                 ).first()
             return None if found is None else found[0] or ""

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select, update
 
+from .. import clock
 from ..models import Change
 from .schema import tokens
 from .writer import Writer
@@ -42,7 +43,8 @@ class TokenRecord:
     secret_hash: str = ""
 
     def alive(self, now: float | None = None) -> bool:
-        moment = time.time() if now is None else now
+        """Neither revoked nor expired, by the store's clock (the one stream expiry is judged by)."""
+        moment = clock.now() if now is None else now
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > moment)
 
 
@@ -88,7 +90,7 @@ class Tokens:
     ) -> tuple[TokenRecord, str]:
         """A new token and its text (shown once: only a digest of its secret is stored)."""
         token_id, secret = secrets.token_hex(8), secrets.token_hex(32)
-        now = time.time()
+        now = clock.now()
         expires_at = now + ttl if ttl else None
         row: dict[str, Any] = {
             "id": token_id,
@@ -123,7 +125,7 @@ class Tokens:
 
     async def revoke(self, token_id: str) -> bool:
         """Revoke a token; False when there is no such live token."""
-        now = time.time()
+        now = clock.now()
 
         def mark(conn: Connection) -> tuple[bool, list[Change]]:
             done = conn.execute(

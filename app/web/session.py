@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -20,6 +19,7 @@ from litestar import Request, Response
 from litestar.datastructures import Cookie, FormMultiDict
 from litestar.exceptions import ClientException
 
+from .. import clock
 from ..http import guard
 from ..http.auth import ADMIN, OPEN, Principal, key_is_valid
 from ..http.headers import PAGE_HEADERS
@@ -100,7 +100,7 @@ async def start(store: Store, key: str) -> str:
 
 async def start_with_token(store: Store, record: TokenRecord) -> str:
     """A new sign-in with a token (which the caller has checked); `current` ends it when the token ends."""
-    value = _signed(_token_secret(record), int(time.time() + SESSION_SECONDS))
+    value = _signed(_token_secret(record), int(clock.now() + SESSION_SECONDS))
     await store.add_session(_id_hash(value), float(value.split(".")[1]), record.id)
     return value
 
@@ -114,7 +114,7 @@ async def end(request: Request[Any, Any, Any], store: Store) -> None:
 
 def issue(key: str, now: float | None = None) -> str:
     """A cookie value for a session signed in with `key` (which the caller has checked)."""
-    return _signed(_secret_for(key), int((time.time() if now is None else now) + SESSION_SECONDS))
+    return _signed(_secret_for(key), int((clock.now() if now is None else now) + SESSION_SECONDS))
 
 
 def _signed(secret: bytes, expires: int) -> str:
@@ -127,7 +127,7 @@ def _parts(value: str, now: float | None) -> list[str] | None:
     parts = value.split(".")
     if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit():
         return None
-    return parts if int(parts[1]) > (time.time() if now is None else now) else None
+    return parts if int(parts[1]) > (clock.now() if now is None else now) else None
 
 
 def verify(value: str, settings: Settings, now: float | None = None) -> Session | None:
