@@ -4,9 +4,6 @@ content), and follow()'s offsets over characters split across appends."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +12,9 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Page
 
-from e2e.conftest import serve
+from e2e.conftest import Site, serve
 from streamhold.web.client import VERSION
-from tests._server import ServerProcess, free_port
+from tests._server import ServerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -26,42 +23,6 @@ HOSTILE = (
     '<img src=x onerror="window.__pwned=1;alert(1)"> <script>window.__pwned=2;alert(2)</script>\n'
     "[click](javascript:alert(3)) <svg onload=alert(4)></svg> &amp; é 🙂\n"
 )
-
-
-class Site:
-    """Another origin: a static file server on its own 127.0.0.1 port, serving pages the test writes."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        handler = functools.partial(_QuietHandler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def page(self, name: str, html: str) -> str:
-        (self.root / name).write_text(html)
-        return f"{self.origin}/{name}"
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    root = tmp_path / "site"
-    root.mkdir()
-    other = Site(root)
-    other.thread.start()
-    try:
-        yield other
-    finally:
-        other.httpd.shutdown()
-        other.httpd.server_close()
 
 
 @pytest.fixture

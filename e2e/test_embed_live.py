@@ -1,0 +1,117 @@
+"""<streamhold-stream> on another site's page, in Chromium: its Stop button, a share link's query carried
+on every request (seen by a recording proxy in front of the server), and a hidden tab that keeps following."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from playwright.sync_api import BrowserContext, Page, expect
+
+from e2e._recording_proxy import RecordingProxy
+from e2e.conftest import Site, serve
+from e2e.test_embed import FOLLOW, outcome, post, put, wait_element
+from streamhold.web.client import VERSION
+from tests._server import ServerProcess
+
+pytestmark = pytest.mark.timeout(90)
+
+TIMEOUT = 15_000
+SHARE = "s3cr3t-Link_1"
+
+
+@pytest.fixture
+def stop_server(tmp_path: Path, site: Site) -> Iterator[ServerProcess]:
+    """A keyless server that takes changes (a stop) from the test site's origin."""
+    env = {"STREAMHOLD_CORS_ORIGINS": site.origin, "STREAMHOLD_LONG_POLL_TIMEOUT": "2"}
+    with serve(tmp_path / "data", **env) as process:
+        yield process
+
+
+def stop_asked(base: str, stream: str) -> bool:
+    return bool(httpx.get(f"{base}/stream/{stream}/stop").json()["stop_requested"])
+
+
+def test_stop_button_and_share_query_on_every_request(
+    stop_server: ServerProcess, site: Site, context: BrowserContext
+) -> None:
+    base = stop_server.url
+    put(base, "blog/stop.md", "text/markdown", b"# Stoppable\n\n")
+    by_id = httpx.post(f"{base}/stream", json={"name": "blog", "contentType": "text/plain"}).json()["id"]
+    httpx.post(f"{base}/stream/{by_id}/append", content=b"by id\n").raise_for_status()
+    with RecordingProxy(base) as proxy:
+        src = f"{proxy.url}/v1/stream/blog/stop.md?share={SHARE}&theme=dark"
+        content_src = f"{proxy.url}/stream/{by_id}?share={SHARE}"
+        html = f"""<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
+<script type="module" src="{proxy.url}/static/streamhold-{VERSION}.js"></script>
+<streamhold-stream id="named" src="{src}" stop></streamhold-stream>
+<streamhold-stream id="by-id" src="{content_src}" stop></streamhold-stream>
+<streamhold-stream id="no-stop" src="{src}"></streamhold-stream>"""
+        url = site.page("stop.html", html)
+        page = context.new_page()
+        page.goto(url)
+        for element in ("#named", "#by-id", "#no-stop"):
+            wait_element(page, element, "live")
+        expect(page.locator("#named .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
+        expect(page.locator("#by-id .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
+        assert page.locator("#no-stop button").count() == 0
+        # follow() by long-poll, and a dropped network: the reconnects keep the query too.
+        module = f"{proxy.url}/static/streamhold-{VERSION}.js"
+        polled = int(page.evaluate(FOLLOW, [module, src, {"live": "long-poll"}]))
+        context.set_offline(True)
+        wait_element(page, "#named", "reconnecting", timeout=5000)
+        mark = len(proxy.seen)
+        context.set_offline(False)
+        wait_element(page, "#named", "live")
+        reconnects = [p for _, p in proxy.seen[mark:] if p.startswith("/v1/stream/blog/stop.md") and "live=sse" in p]
+        assert reconnects and all(f"share={SHARE}&theme=dark" in p for p in reconnects), reconnects
+
+        # A page of an origin the server does not take changes from shows no Stop button.
+        elsewhere = context.new_page()
+        asked: list[int] = []
+        elsewhere.on("response", lambda r: asked.append(r.status) if r.url.split("?")[0].endswith("/stop") else None)
+        elsewhere.goto(url.replace("127.0.0.1", "localhost"))
+        wait_element(elsewhere, "#named", "live")
+        wait_element(elsewhere, "#by-id", "live")
+        for _ in range(100):
+            if len(asked) == 2:
+                break
+            elsewhere.wait_for_timeout(50)
+        assert asked == [403, 403]
+        elsewhere.wait_for_timeout(100)
+        assert elsewhere.locator(".streamhold-stop").evaluate_all("bs => bs.map(b => b.hidden)") == [True, True]
+        elsewhere.close()
+
+        stream_id = httpx.head(f"{base}/v1/stream/blog/stop.md").headers["streamhold-stream-id"]
+        assert not stop_asked(base, stream_id)
+        page.click("#named .streamhold-stop")
+        expect(page.locator("#named .streamhold-stop")).to_have_text("Stopping…")
+        for _ in range(100):
+            if stop_asked(base, stream_id):
+                break
+            page.wait_for_timeout(50)
+        assert stop_asked(base, stream_id)
+        post(base, "blog/stop.md", "text/markdown", b"Stopped.\n", close=True)  # the writer stops
+        wait_element(page, "#named", "closed")
+        expect(page.locator("#named .streamhold-stop")).to_be_hidden()
+        assert page.eval_on_selector("#named", "e => e.text") == "# Stoppable\n\nStopped.\n"
+        assert outcome(page, polled)["result"]["closed"] is True
+        assert page.eval_on_selector("#by-id", "e => e.text") == "by id\n"
+
+    # What reached the server: every request for a stream carried the share link's query.
+    to_streams = [(m, p) for m, p in proxy.seen if p.startswith(("/v1/stream/", "/stream/"))]
+    for method, path in to_streams:
+        query = parse_qs(urlsplit(path).query)
+        assert query.get("share") == [SHARE], (method, path)
+        if path.startswith("/v1/stream/blog/stop.md"):
+            assert query.get("theme") == ["dark"], (method, path)
+    kinds = {(m, k) for m, p in to_streams for k in ("offset=", "live=sse", "live=long-poll", "/stop?") if k in p}
+    wanted = {("GET", "offset="), ("GET", "live=sse"), ("GET", "live=long-poll"), ("GET", "/stop?"), ("POST", "/stop?")}
+    assert wanted <= kinds, kinds
+    assert ("HEAD", f"/v1/stream/blog/stop.md?share={SHARE}&theme=dark") in to_streams
+    # The content URL was read through its protocol URL, the query kept across the redirect.
+    assert any(p.startswith(f"/stream/{by_id}?") for m, p in to_streams)
+    assert any(p.startswith(f"/v1/stream/{by_id}?") and "live=sse" in p for m, p in to_streams)
