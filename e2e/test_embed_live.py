@@ -3,6 +3,7 @@ on every request (seen by a recording proxy in front of the server), and a hidde
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -115,3 +116,68 @@ def test_stop_button_and_share_query_on_every_request(
     # The content URL was read through its protocol URL, the query kept across the redirect.
     assert any(p.startswith(f"/stream/{by_id}?") for m, p in to_streams)
     assert any(p.startswith(f"/v1/stream/{by_id}?") and "live=sse" in p for m, p in to_streams)
+
+
+HIDDEN_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
+<script type="module" src="{module}"></script>
+<script>
+  window.__seen = {{ chunks: [], visibility: [], lifecycle: [] }};
+  document.addEventListener("visibilitychange", () => __seen.visibility.push(document.visibilityState));
+  for (const name of ["freeze", "resume"]) document.addEventListener(name, () => __seen.lifecycle.push(name));
+  // The element's events do not bubble: catch them on their way down.
+  document.addEventListener("streamhold-data", (e) => __seen.chunks.push([e.detail.from, e.detail.offset]), true);
+</script>
+<streamhold-stream id="s" src="{src}" format="markdown"></streamhold-stream>"""
+
+
+def test_a_hidden_tab_keeps_following(shared_server: ServerProcess, site: Site) -> None:
+    from e2e._cdp import CdpPage  # a browser of its own: Playwright keeps its pages visible
+
+    base = shared_server.url
+    name = "blog/hidden-tab.md"
+    written = "# Hidden\n\n"
+    put(base, name, "text/markdown", written.encode())
+    html = HIDDEN_PAGE.format(module=f"{base}/static/streamhold-{VERSION}.js", src=f"{base}/v1/stream/{name}")
+
+    def write(label: str, count: int) -> None:
+        nonlocal written
+        for n in range(count):
+            piece = f"{label} {n} **ok**\n\n"
+            post(base, name, "text/markdown", piece.encode())
+            written += piece
+
+    def shows(text: str) -> str:
+        return (
+            f"document.querySelector('#s').text === {text!r} && "
+            f"document.querySelector('#s .md').textContent.includes({text.strip().splitlines()[-1].replace('**', '')!r})"
+        )
+
+    with CdpPage() as tab:
+        tab.goto(site.page("hidden.html", html))
+        tab.wait_for("document.querySelector('#s')?.dataset.state === 'live'")
+        assert tab.evaluate("document.visibilityState") == "visible"
+        tab.lifecycle("frozen")
+        tab.lifecycle("active")  # running again, still in the background
+        assert tab.evaluate("[document.visibilityState, document.hidden]") == ["hidden", True]
+        write("While hidden", 8)
+        tab.wait_for(shows(written))  # rendered while the tab is hidden
+        assert tab.evaluate("document.visibilityState") == "hidden"
+        tab.lifecycle("frozen")  # a background tab the browser froze: no script runs
+        write("While frozen", 8)
+        time.sleep(0.5)
+        tab.lifecycle("active")
+        tab.wait_for(shows(written))
+        assert tab.evaluate("document.visibilityState") == "hidden"
+        tab.show()
+        assert tab.evaluate("document.visibilityState") == "visible"
+        post(base, name, "text/markdown", b"Back in front.\n", close=True)
+        written += "Back in front.\n"
+        tab.wait_for("document.querySelector('#s').dataset.state === 'closed'")
+        assert tab.evaluate("document.querySelector('#s').text") == written
+        seen = tab.evaluate("__seen")
+    assert seen["visibility"][:1] == ["hidden"] and seen["visibility"][-1] == "visible"
+    assert seen["lifecycle"] == ["freeze", "resume", "freeze", "resume"]
+    chunks = seen["chunks"]
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        assert after[0] == before[1]  # no gap, no duplicate
+    assert chunks[-1][1] == httpx.head(f"{base}/v1/stream/{name}").headers["stream-next-offset"]

@@ -983,7 +983,16 @@ export async function follow(url, options = {}) {
   const onVisible = () => {
     if (globalThis.document?.visibilityState === "visible") wake();
   };
+  // A page the browser freezes (a background tab) gets nothing more on a connection held across the
+  // freeze: it lets the connection go as it freezes and reads again from its offset when it resumes.
+  const onFreeze = () => drop();
+  const onResume = () => {
+    drop();
+    wake();
+  };
   globalThis.document?.addEventListener("visibilitychange", onVisible);
+  globalThis.document?.addEventListener("freeze", onFreeze);
+  globalThis.document?.addEventListener("resume", onResume);
 
   try {
     setState("connecting");
@@ -1032,6 +1041,8 @@ export async function follow(url, options = {}) {
     signal?.removeEventListener("abort", drop);
     globalThis.removeEventListener?.("offline", drop);
     globalThis.document?.removeEventListener("visibilitychange", onVisible);
+    globalThis.document?.removeEventListener("freeze", onFreeze);
+    globalThis.document?.removeEventListener("resume", onResume);
   }
   setState("stopped");
   return { offset: at, closed: false };
