@@ -4,6 +4,7 @@ content), and follow()'s offsets over characters split across appends."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def embedding_page(base: str, name: str) -> str:
 <script type="module" src="{base}/static/streamhold-{VERSION}.js"></script></head>
 <body>
 <h1>My blog post</h1>
+<p>This page comes from <code id="origin"></code>; the stream from <code>{base}</code>.</p>
+<script>document.getElementById("origin").textContent = location.origin;</script>
 <streamhold-stream id="plain" src="{src}" format="text"></streamhold-stream>
 <streamhold-stream id="md" src="{src}" format="markdown"></streamhold-stream>
 <iframe id="frame" src="{base}/watch/{name}?embed=1" width="900" height="500"></iframe>
@@ -127,6 +130,20 @@ def test_element_and_iframe_on_another_origin(
     assert "<img src=x onerror=" in page.locator("#md .md").text_content()
     # The embed shows no chrome of the app.
     assert frame.locator(".topbar").count() == 0
+    screenshot(page, "embed-foreign-origin.png")
+
+
+def screenshot(page: Page, name: str) -> None:
+    """Keep a picture of the page as evidence, where STREAMHOLD_SCREENSHOT_DIR names a folder."""
+    folder = os.environ.get("STREAMHOLD_SCREENSHOT_DIR")
+    if not folder:
+        return
+    # A frame from another origin is painted only while it is on screen: make the whole page the screen.
+    height = int(page.evaluate("document.documentElement.scrollHeight"))
+    page.set_viewport_size({"width": page.viewport_size["width"] if page.viewport_size else 1440, "height": height})
+    page.wait_for_timeout(500)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(Path(folder) / name))
 
 
 def test_embed_is_refused_to_origins_not_listed(
