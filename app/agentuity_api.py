@@ -377,7 +377,9 @@ def _to_protocol(request: Request[Any, Any, Any], state: StreamState) -> ASGIRes
     """A temporary redirect to the stream's protocol URL, the query (a share link's included) unchanged."""
     query = request.scope.get("query_string", b"").decode("latin-1")
     location = f"{PREFIX}/{quote(state.name, safe='/')}?{query}"
-    return ASGIResponse(body=b"", status_code=307, headers={"location": location, "cache-control": "no-store"})
+    return ASGIResponse(
+        body=b"", status_code=307, headers={"location": location, "cache-control": "no-store"}
+    )
 
 
 @get("/stream/{stream_id:str}", opt={"stream_content": True})

@@ -50,8 +50,8 @@ async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> boo
         # here otherwise); the status says the same to the pages that may not.
         if not guard.cross_site_write_allowed(request.scope, settings, origin):
             raise PermissionDeniedException(
-                f"this server has no API keys, so it takes stops only from its own pages, not from {origin!r}; "
-                "list the origin in STREAMHOLD_CORS_ORIGINS to allow it"
+                "this server has no API keys, so it takes stops only from its own pages, not from "
+                f"{origin!r}; list the origin in STREAMHOLD_CORS_ORIGINS to allow it"
             )
     if not bearer(request) and settings.api_keys:
         current = await session.current(request, settings)
@@ -89,7 +89,9 @@ async def stop_stream(
     return _json(202, _answer(state))
 
 
-async def _stoppable(request: Request[Any, Any, Any], settings: Settings, store: Store, stream_id: str) -> StreamState:
+async def _stoppable(
+    request: Request[Any, Any, Any], settings: Settings, store: Store, stream_id: str
+) -> StreamState:
     """The stream, once the request may stop it: refusals come before saying whether it exists."""
     by_credential = await _authorise(request, settings)
     found = await _stream(store, stream_id)

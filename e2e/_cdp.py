@@ -29,10 +29,21 @@ class CdpPage:
         self.port = free_port()
         self.profile = tempfile.mkdtemp(prefix="cdp-profile-")
         self.process = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", f"--user-data-dir={self.profile}",
-             f"--remote-debugging-address={HOST}", f"--remote-debugging-port={self.port}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                f"--user-data-dir={self.profile}",
+                f"--remote-debugging-address={HOST}",
+                f"--remote-debugging-port={self.port}",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.ws: ClientConnection | None = None
         self.closing = contextlib.ExitStack()
@@ -95,7 +106,7 @@ class CdpPage:
             time.sleep(0.05)
 
     def lifecycle(self, state: str) -> None:
-        """"frozen" (hidden, scripts halted) or "active" (scripts run; a frozen page stays hidden)."""
+        """ "frozen" (hidden, scripts halted) or "active" (scripts run; a frozen page stays hidden)."""
         self.send("Page.setWebLifecycleState", {"state": state}, session=True)
 
     def show(self) -> None:

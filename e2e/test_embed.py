@@ -140,7 +140,9 @@ def screenshot(page: Page, name: str) -> None:
         return
     # A frame from another origin is painted only while it is on screen: make the whole page the screen.
     height = int(page.evaluate("document.documentElement.scrollHeight"))
-    page.set_viewport_size({"width": page.viewport_size["width"] if page.viewport_size else 1440, "height": height})
+    page.set_viewport_size(
+        {"width": page.viewport_size["width"] if page.viewport_size else 1440, "height": height}
+    )
     page.wait_for_timeout(500)
     Path(folder).mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(Path(folder) / name))

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext, Page, expect
+from playwright.sync_api import BrowserContext, expect
 
 from e2e._recording_proxy import RecordingProxy
 from e2e.conftest import Site, serve
@@ -67,13 +67,17 @@ def test_stop_button_and_share_query_on_every_request(
         mark = len(proxy.seen)
         context.set_offline(False)
         wait_element(page, "#named", "live")
-        reconnects = [p for _, p in proxy.seen[mark:] if p.startswith("/v1/stream/blog/stop.md") and "live=sse" in p]
+        reconnects = [
+            p for _, p in proxy.seen[mark:] if p.startswith("/v1/stream/blog/stop.md") and "live=sse" in p
+        ]
         assert reconnects and all(f"share={SHARE}&theme=dark" in p for p in reconnects), reconnects
 
         # A page of an origin the server does not take changes from shows no Stop button.
         elsewhere = context.new_page()
         asked: list[int] = []
-        elsewhere.on("response", lambda r: asked.append(r.status) if r.url.split("?")[0].endswith("/stop") else None)
+        elsewhere.on(
+            "response", lambda r: asked.append(r.status) if r.url.split("?")[0].endswith("/stop") else None
+        )
         elsewhere.goto(url.replace("127.0.0.1", "localhost"))
         wait_element(elsewhere, "#named", "live")
         wait_element(elsewhere, "#by-id", "live")
@@ -83,12 +87,23 @@ def test_stop_button_and_share_query_on_every_request(
             elsewhere.wait_for_timeout(50)
         assert asked == [403, 403]
         elsewhere.wait_for_timeout(100)
-        assert elsewhere.locator(".streamhold-stop").evaluate_all("bs => bs.map(b => b.hidden)") == [True, True]
+        hidden = elsewhere.locator(".streamhold-stop").evaluate_all("bs => bs.map(b => b.hidden)")
+        assert hidden == [True, True]
         elsewhere.close()
 
         stream_id = httpx.head(f"{base}/v1/stream/blog/stop.md").headers["streamhold-stream-id"]
+        # A press the server refuses says so beside the button, which stays to be pressed again.
+        refusal = {"status": 403, "content_type": "application/json", "body": '{"error": "not now"}'}
+        page.route("**/stop?*", lambda route: route.fulfill(**refusal))
+        page.click("#named .streamhold-stop")
+        expect(page.locator("#named .streamhold-stop-note")).to_have_text(
+            "Could not stop the stream: not now"
+        )
+        expect(page.locator("#named .streamhold-stop")).to_be_enabled()
+        page.unroute("**/stop?*")
         assert not stop_asked(base, stream_id)
         page.click("#named .streamhold-stop")
+        expect(page.locator("#named .streamhold-stop-note")).to_be_hidden()
         expect(page.locator("#named .streamhold-stop")).to_have_text("Stopping…")
         for _ in range(100):
             if stop_asked(base, stream_id):
@@ -104,13 +119,22 @@ def test_stop_button_and_share_query_on_every_request(
 
     # What reached the server: every request for a stream carried the share link's query.
     to_streams = [(m, p) for m, p in proxy.seen if p.startswith(("/v1/stream/", "/stream/"))]
+    assert len(to_streams) >= 20
     for method, path in to_streams:
         query = parse_qs(urlsplit(path).query)
         assert query.get("share") == [SHARE], (method, path)
         if path.startswith("/v1/stream/blog/stop.md"):
             assert query.get("theme") == ["dark"], (method, path)
-    kinds = {(m, k) for m, p in to_streams for k in ("offset=", "live=sse", "live=long-poll", "/stop?") if k in p}
-    wanted = {("GET", "offset="), ("GET", "live=sse"), ("GET", "live=long-poll"), ("GET", "/stop?"), ("POST", "/stop?")}
+    kinds = {
+        (m, k) for m, p in to_streams for k in ("offset=", "live=sse", "live=long-poll", "/stop?") if k in p
+    }
+    wanted = {
+        ("GET", "offset="),
+        ("GET", "live=sse"),
+        ("GET", "live=long-poll"),
+        ("GET", "/stop?"),
+        ("POST", "/stop?"),
+    }
     assert wanted <= kinds, kinds
     assert ("HEAD", f"/v1/stream/blog/stop.md?share={SHARE}&theme=dark") in to_streams
     # The content URL was read through its protocol URL, the query kept across the redirect.
@@ -125,7 +149,8 @@ HIDDEN_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="dat
   document.addEventListener("visibilitychange", () => __seen.visibility.push(document.visibilityState));
   for (const name of ["freeze", "resume"]) document.addEventListener(name, () => __seen.lifecycle.push(name));
   // The element's events do not bubble: catch them on their way down.
-  document.addEventListener("streamhold-data", (e) => __seen.chunks.push([e.detail.from, e.detail.offset]), true);
+  const chunk = (e) => __seen.chunks.push([e.detail.from, e.detail.offset]);
+  document.addEventListener("streamhold-data", chunk, true);
 </script>
 <streamhold-stream id="s" src="{src}" format="markdown"></streamhold-stream>"""
 
@@ -147,9 +172,11 @@ def test_a_hidden_tab_keeps_following(shared_server: ServerProcess, site: Site) 
             written += piece
 
     def shows(text: str) -> str:
+        """All of `text` received, and its last line rendered as Markdown."""
+        last = text.strip().splitlines()[-1].replace("**", "")
         return (
             f"document.querySelector('#s').text === {text!r} && "
-            f"document.querySelector('#s .md').textContent.includes({text.strip().splitlines()[-1].replace('**', '')!r})"
+            f"document.querySelector('#s .md').textContent.includes({last!r})"
         )
 
     with CdpPage() as tab:

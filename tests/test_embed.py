@@ -160,11 +160,14 @@ async def test_a_protocol_head_names_the_streams_id_for_stop(client: Client) -> 
     assert (await client.post(f"/stream/{stream_id}/stop")).json()["id"] == stream_id
 
 
-async def test_a_content_url_read_with_the_protocols_query_goes_to_the_protocol_url(client: Client) -> None:
-    """follow() and <streamhold-stream> take a /stream/{id} URL: its protocol reads are sent on, query kept."""
+async def test_a_content_url_read_in_protocol_terms_goes_to_the_protocol_url(client: Client) -> None:
+    """follow() and the element take a /stream/{id} URL: its protocol reads are sent on, query kept."""
     head = await client.head("/v1/stream/e/doc.md")
     stream_id = head.headers["streamhold-stream-id"]
-    for query in ("offset=-1&share=abc", "share=abc&offset=" + head.headers["stream-next-offset"] + "&live=sse"):
+    for query in (
+        "offset=-1&share=abc",
+        "share=abc&offset=" + head.headers["stream-next-offset"] + "&live=sse",
+    ):
         response = await client.get(f"/stream/{stream_id}?{query}", follow_redirects=False)
         assert response.status_code == 307, response.text
         assert response.headers["location"] == f"/v1/stream/e/doc.md?{query}"
