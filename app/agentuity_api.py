@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -365,12 +366,14 @@ async def _read(
         return _json(exc.status_code, {"error": exc.detail}, headers)
 
 
+PROTOCOL_OFFSET = re.compile(r"-1|now|[0-9]+_[0-9]+")
+
+
 def _protocol_read(request: Request[Any, Any, Any]) -> bool:
     """A read in the protocol's terms (`live`, or an offset that is not a byte count: -1, now, a token),
     as the browser client sends for a /stream/{id} URL it was given."""
     query = parse_query(request)
-    offsets = query.get("offset", [])
-    return "live" in query or any(checks.count(offset) is None for offset in offsets)
+    return "live" in query or any(PROTOCOL_OFFSET.fullmatch(offset) for offset in query.get("offset", []))
 
 
 def _to_protocol(request: Request[Any, Any, Any], state: StreamState) -> ASGIResponse:

@@ -174,3 +174,16 @@ async def test_a_content_url_read_in_protocol_terms_goes_to_the_protocol_url(cli
         assert response.headers["access-control-allow-origin"] == "*"
     # The content URL's own reads are unchanged.
     assert (await client.get(f"/stream/{stream_id}?offset=2&follow=false")).text == "Hello\n"
+
+
+async def test_a_private_streams_content_url_does_not_redirect_without_a_read_right(tmp_path: Path) -> None:
+    key = {"authorization": "Bearer embed-key"}
+    settings = Settings(data_dir=tmp_path, api_keys=("embed-key",), reads="private")
+    async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
+        await client.put("/v1/stream/secret/doc", content=b"x", headers={"content-type": "text/plain", **key})
+        stream_id = (await client.head("/v1/stream/secret/doc", headers=key)).headers["streamhold-stream-id"]
+        refused = await client.get(f"/stream/{stream_id}?offset=-1", follow_redirects=False)
+        assert refused.status_code == 401 and "location" not in refused.headers
+        assert "streamhold-stream-id" not in (await client.head("/v1/stream/secret/doc")).headers
+        sent = await client.get(f"/stream/{stream_id}?offset=-1", headers=key, follow_redirects=False)
+        assert sent.status_code == 307 and sent.headers["location"] == "/v1/stream/secret/doc?offset=-1"
