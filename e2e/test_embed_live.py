@@ -43,6 +43,7 @@ def test_stop_button_and_share_query_on_every_request(
     put(base, "blog/stop.md", "text/markdown", b"# Stoppable\n\n")
     by_id = httpx.post(f"{base}/stream", json={"name": "blog", "contentType": "text/plain"}).json()["id"]
     httpx.post(f"{base}/stream/{by_id}/append", content=b"by id\n").raise_for_status()
+    put(base, "blog/viewed.md", "text/markdown", b"# Viewed\n\n")
     with RecordingProxy(base) as proxy:
         src = f"{proxy.url}/v1/stream/blog/stop.md?share={SHARE}&theme=dark"
         content_src = f"{proxy.url}/stream/{by_id}?share={SHARE}"
@@ -59,6 +60,11 @@ def test_stop_button_and_share_query_on_every_request(
         expect(page.locator("#named .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
         expect(page.locator("#by-id .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
         assert page.locator("#no-stop button").count() == 0
+        # The viewer opened by a share link reads with it, and its own Stop is the same control.
+        viewer = context.new_page()
+        viewer.goto(f"{proxy.url}/watch/blog/viewed.md?share={SHARE}")
+        expect(viewer.locator("#watch")).to_have_attribute("data-state", "live", timeout=TIMEOUT)
+        expect(viewer.locator("#stop")).to_be_visible(timeout=TIMEOUT)
         # follow() by long-poll, and a dropped network: the reconnects keep the query too.
         module = f"{proxy.url}/static/streamhold-{VERSION}.js"
         polled = int(page.evaluate(FOLLOW, [module, src, {"live": "long-poll"}]))
@@ -116,6 +122,10 @@ def test_stop_button_and_share_query_on_every_request(
         assert page.eval_on_selector("#named", "e => e.text") == "# Stoppable\n\nStopped.\n"
         assert outcome(page, polled)["result"]["closed"] is True
         assert page.eval_on_selector("#by-id", "e => e.text") == "by id\n"
+        post(base, "blog/viewed.md", "text/markdown", b"Done.\n", close=True)
+        expect(viewer.locator("#watch")).to_have_attribute("data-state", "closed", timeout=TIMEOUT)
+        expect(viewer.locator("#stop")).to_be_hidden()
+        expect(viewer.locator(".md")).to_contain_text("Done.")
 
     # What reached the server: every request for a stream carried the share link's query.
     to_streams = [(m, p) for m, p in proxy.seen if p.startswith(("/v1/stream/", "/stream/"))]
@@ -137,6 +147,7 @@ def test_stop_button_and_share_query_on_every_request(
     }
     assert wanted <= kinds, kinds
     assert ("HEAD", f"/v1/stream/blog/stop.md?share={SHARE}&theme=dark") in to_streams
+    assert any(p.startswith("/v1/stream/blog/viewed.md?") and "live=sse" in p for _, p in to_streams)
     # The content URL was read through its protocol URL, the query kept across the redirect.
     assert any(p.startswith(f"/stream/{by_id}?") for m, p in to_streams)
     assert any(p.startswith(f"/v1/stream/{by_id}?") and "live=sse" in p for m, p in to_streams)
