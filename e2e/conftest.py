@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import shutil
@@ -104,9 +105,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    root = tmp_path / "site"
+@contextlib.contextmanager
+def running_site(root: Path) -> Iterator[Site]:
     root.mkdir()
     other = Site(root)
     other.thread.start()
@@ -115,3 +115,9 @@ def site(tmp_path: Path) -> Iterator[Site]:
     finally:
         other.httpd.shutdown()
         other.httpd.server_close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with running_site(tmp_path / "site") as other:
+        yield other

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from playwright.sync_api import BrowserContext, expect
 
 from e2e._recording_proxy import RecordingProxy
-from e2e.conftest import Site, serve
+from e2e.conftest import Site, running_site, serve
 from e2e.test_embed import FOLLOW, outcome, post, put, wait_element
 from streamhold.web.client import VERSION
 from tests._server import ServerProcess
@@ -24,11 +23,18 @@ TIMEOUT = 15_000
 SHARE = "s3cr3t-Link_1"
 
 
-@pytest.fixture
-def stop_server(tmp_path: Path, site: Site) -> Iterator[ServerProcess]:
-    """A keyless server that takes changes (a stop) from the test site's origin."""
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """One other site for the module's tests, whose origin the server knows."""
+    with running_site(tmp_path_factory.mktemp("live") / "site") as other:
+        yield other
+
+
+@pytest.fixture(scope="module")
+def stop_server(tmp_path_factory: pytest.TempPathFactory, site: Site) -> Iterator[ServerProcess]:
+    """A keyless server that takes changes (a stop) from the test site's origin; each test has its names."""
     env = {"STREAMHOLD_CORS_ORIGINS": site.origin, "STREAMHOLD_LONG_POLL_TIMEOUT": "2"}
-    with serve(tmp_path / "data", **env) as process:
+    with serve(tmp_path_factory.mktemp("live") / "data", **env) as process:
         yield process
 
 
@@ -166,10 +172,10 @@ HIDDEN_PAGE = """<!doctype html><meta charset="utf-8"><link rel="icon" href="dat
 <streamhold-stream id="s" src="{src}" format="markdown"></streamhold-stream>"""
 
 
-def test_a_hidden_tab_keeps_following(shared_server: ServerProcess, site: Site) -> None:
+def test_a_hidden_tab_keeps_following(stop_server: ServerProcess, site: Site) -> None:
     from e2e._cdp import CdpPage  # a browser of its own: Playwright keeps its pages visible
 
-    base = shared_server.url
+    base = stop_server.url
     name = "blog/hidden-tab.md"
     written = "# Hidden\n\n"
     put(base, name, "text/markdown", written.encode())
