@@ -20,7 +20,7 @@ from litestar.response.base import ASGIResponse
 from .agentuity_api import _json, _paths
 from .errors import InvalidRequestError, StreamNotFoundError
 from .http import guard
-from .http.auth import bearer, principal_of, require, require_right
+from .http.auth import ADMIN, Principal, bearer, principal_of, require, require_right
 from .live import LiveHub
 from .models import StreamState, iso, lifecycle
 from .settings import Settings
@@ -40,10 +40,10 @@ async def _stream(store: Store, stream_id: str) -> StreamState:
     return state
 
 
-async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> bool:
-    """A key or token with the write right (True), or, from a viewer page, its session and CSRF token
-    (False: a page may stop any stream it shows). The status GET asks the same, so that a page shows Stop
-    only where pressing it works."""
+async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> Principal:
+    """Whose stop this is: a key or token with the write right, or, from a viewer page, its sign-in with
+    its CSRF token (a page may stop any stream it shows). The status GET asks the same, so that a page
+    shows Stop only where pressing it works."""
     origin = request.headers.get("origin")
     if not settings.api_keys and origin is not None:
         # A keyless server takes changes only from its own pages and listed origins (the POST never gets
@@ -60,9 +60,9 @@ async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> boo
                 raise PermissionDeniedException(
                     "stopping a stream from a page needs its CSRF token (X-CSRF-Token); reload the page"
                 )
-            return False
+            return ADMIN
     await require_right(request, request.route_handler)
-    return True
+    return await principal_of(request)
 
 
 def _answer(state: StreamState) -> dict[str, Any]:
@@ -93,10 +93,9 @@ async def _stoppable(
     request: Request[Any, Any, Any], settings: Settings, store: Store, stream_id: str
 ) -> StreamState:
     """The stream, once the request may stop it: refusals come before saying whether it exists."""
-    by_credential = await _authorise(request, settings)
+    principal = await _authorise(request, settings)
     found = await _stream(store, stream_id)
-    if by_credential:  # a token must also cover the stream's namespace
-        require(await principal_of(request), "write", found.namespace)
+    require(principal, "write", found.namespace)  # a token must also cover the stream's namespace
     return found
 
 
