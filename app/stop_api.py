@@ -42,17 +42,7 @@ async def _stream(store: Store, stream_id: str) -> StreamState:
 
 async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> Principal:
     """Whose stop this is: a key or token with the write right, or, from a viewer page, its sign-in with
-    its CSRF token (a page may stop any stream it shows). The status GET asks the same, so that a page
-    shows Stop only where pressing it works."""
-    origin = request.headers.get("origin")
-    if not settings.api_keys and origin is not None:
-        # A keyless server takes changes only from its own pages and listed origins (the POST never gets
-        # here otherwise); the status says the same to the pages that may not.
-        if not guard.cross_site_write_allowed(request.scope, settings, origin):
-            raise PermissionDeniedException(
-                "this server has no API keys, so it takes stops only from its own pages, not from "
-                f"{origin!r}; list the origin in STREAMHOLD_CORS_ORIGINS to allow it"
-            )
+    its CSRF token (a page may stop any stream it shows)."""
     if not bearer(request) and settings.api_keys:
         current = await session.current(request, settings)
         if current is not None:
@@ -92,7 +82,19 @@ async def stop_stream(
 async def _stoppable(
     request: Request[Any, Any, Any], settings: Settings, store: Store, stream_id: str
 ) -> StreamState:
-    """The stream, once the request may stop it: refusals come before saying whether it exists."""
+    """The stream, once the request may stop it: refusals come before saying whether it exists.
+
+    The status GET asks the same as the POST, so that a page shows Stop only where pressing it works.
+    """
+    origin = request.headers.get("origin")
+    if not settings.api_keys and origin is not None:
+        # A keyless server takes changes only from its own pages and listed origins (the POST never gets
+        # here otherwise); the status says the same to the pages that may not.
+        if not guard.cross_site_write_allowed(request.scope, settings, origin):
+            raise PermissionDeniedException(
+                "this server has no API keys, so it takes stops only from its own pages, not from "
+                f"{origin!r}; list the origin in STREAMHOLD_CORS_ORIGINS to allow it"
+            )
     principal = await _authorise(request, settings)
     found = await _stream(store, stream_id)
     require(principal, "write", found.namespace)  # a token must also cover the stream's namespace
