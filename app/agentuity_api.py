@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,10 +31,10 @@ from .errors import (
 )
 from .http.auth import Right, principal_of, require, require_read, require_right, visibility_of
 from .http.content import RangeNotSatisfiableError, respond_with_content
-from .http.responses import respond
+from .http.responses import parse_query, respond
 from .live import LiveHub
 from .models import DEFAULT_TTL, StreamFilter, StreamState, clamp_ttl, iso, lifecycle
-from .protocol.wire import frame_json, read_body
+from .protocol.wire import PREFIX, frame_json, read_body
 from .sdk.local import info_from_state
 from .settings import Settings
 from .store.store import NewStream, Store
@@ -353,6 +354,8 @@ async def _read(
     try:
         state = await _live(store, stream_id)
         require_read(await principal_of(request), state, settings)
+        if _protocol_read(request):
+            return _to_protocol(request, state)
         return await respond_with_content(request, store, hub, settings, state, head)
     except StreamError as exc:
         return _error(exc, head)
@@ -361,6 +364,25 @@ async def _read(
         if head:
             return ASGIResponse(body=b"", status_code=exc.status_code, headers=headers, is_head_response=True)
         return _json(exc.status_code, {"error": exc.detail}, headers)
+
+
+PROTOCOL_OFFSET = re.compile(r"-1|now|[0-9]+_[0-9]+")
+
+
+def _protocol_read(request: Request[Any, Any, Any]) -> bool:
+    """A read in the protocol's terms (`live`, or an offset that is not a byte count: -1, now, a token),
+    as the browser client sends for a /stream/{id} URL it was given."""
+    query = parse_query(request)
+    return "live" in query or any(PROTOCOL_OFFSET.fullmatch(offset) for offset in query.get("offset", []))
+
+
+def _to_protocol(request: Request[Any, Any, Any], state: StreamState) -> ASGIResponse:
+    """A temporary redirect to the stream's protocol URL, the query (a share link's included) unchanged."""
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    location = f"{PREFIX}/{quote(state.name, safe='/')}?{query}"
+    return ASGIResponse(
+        body=b"", status_code=307, headers={"location": location, "cache-control": "no-store"}
+    )
 
 
 @get("/stream/{stream_id:str}", opt={"stream_content": True})

@@ -19,6 +19,7 @@ from litestar.response.base import ASGIResponse
 
 from .agentuity_api import _json, _paths
 from .errors import InvalidRequestError, StreamNotFoundError
+from .http import guard
 from .http.auth import Principal, bearer, principal_of, require, require_right
 from .live import LiveHub
 from .models import StreamState, iso, lifecycle
@@ -71,26 +72,51 @@ async def stop_stream(
     settings: NamedDependency[Settings],
 ) -> ASGIResponse:
     """Ask the stream's writer to stop (202); a closed stream has nothing to stop (200, `stopped: false`)."""
-    principal = await _authorise(request, settings)
-    found = await _stream(store, stream_id)
-    require(principal, "write", found.namespace)  # a token must also cover the stream's namespace
+    found = await _stoppable(request, settings, store, stream_id)
     state = await store.request_stop(found.id)
     if state.closed:
         return _json(200, {**_answer(state), "stop_requested": False, "stopped": False, "reason": "closed"})
     return _json(202, _answer(state))
 
 
-@get(_paths("/{stream_id:str}/stop"), opt={"right": "write"}, guards=[require_right])
+async def _stoppable(
+    request: Request[Any, Any, Any], settings: Settings, store: Store, stream_id: str
+) -> StreamState:
+    """The stream, once the request may stop it: refusals come before saying whether it exists.
+
+    The status GET asks the same as the POST, so that a page shows Stop only where pressing it works.
+    """
+    origin = request.headers.get("origin")
+    if not settings.api_keys and origin is not None:
+        # A keyless server takes changes only from its own pages and listed origins (the POST never gets
+        # here otherwise); the status says the same to the pages that may not.
+        if not guard.cross_site_write_allowed(request.scope, settings, origin):
+            raise PermissionDeniedException(
+                "this server has no API keys, so it takes stops only from its own pages, not from "
+                f"{origin!r}; list the origin in STREAMHOLD_CORS_ORIGINS to allow it"
+            )
+    principal = await _authorise(request, settings)
+    found = await _stream(store, stream_id)
+    require(principal, "write", found.namespace)  # a token must also cover the stream's namespace
+    return found
+
+
+@get(_paths("/{stream_id:str}/stop"), opt={"right": "write"})
 async def stop_status(
     stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
     store: NamedDependency[Store],
     hub: NamedDependency[LiveHub],
+    settings: NamedDependency[Settings],
     wait: FromQuery[float] = 0.0,
 ) -> ASGIResponse:
-    """Whether a stop was asked; with `wait`, the answer waits up to that many seconds for one (long-poll)."""
+    """Whether a stop was asked; with `wait`, the answer waits up to that many seconds for one (long-poll).
+
+    It answers those who may stop the stream (as the POST does), so a page asks it before showing Stop.
+    """
+    state = await _stoppable(request, settings, store, stream_id)
     if not math.isfinite(wait) or not 0 <= wait <= MAX_WAIT:
         raise InvalidRequestError(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
-    state = await _stream(store, stream_id)
     asked = asyncio.Event()
     unlisten = hub.on_stop(state.id, asked.set)
     try:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,3 +80,44 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     """A fresh server of the test's own, with a short long-poll, for tests that stop or restart it."""
     with serve(tmp_path / "data", STREAMHOLD_LONG_POLL_TIMEOUT="2") as process:
         yield process
+
+
+class Site:
+    """Another origin: a static file server on its own 127.0.0.1 port, serving pages the test writes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def page(self, name: str, html: str) -> str:
+        (self.root / name).write_text(html)
+        return f"{self.origin}/{name}"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def running_site(root: Path) -> Iterator[Site]:
+    root.mkdir()
+    other = Site(root)
+    other.thread.start()
+    try:
+        yield other
+    finally:
+        other.httpd.shutdown()
+        other.httpd.server_close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with running_site(tmp_path / "site") as other:
+        yield other

@@ -4,9 +4,7 @@ content), and follow()'s offsets over characters split across appends."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +13,9 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Page
 
-from e2e.conftest import serve
+from e2e.conftest import Site, serve
 from streamhold.web.client import VERSION
-from tests._server import ServerProcess, free_port
+from tests._server import ServerProcess
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -26,42 +24,6 @@ HOSTILE = (
     '<img src=x onerror="window.__pwned=1;alert(1)"> <script>window.__pwned=2;alert(2)</script>\n'
     "[click](javascript:alert(3)) <svg onload=alert(4)></svg> &amp; é 🙂\n"
 )
-
-
-class Site:
-    """Another origin: a static file server on its own 127.0.0.1 port, serving pages the test writes."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        handler = functools.partial(_QuietHandler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def page(self, name: str, html: str) -> str:
-        (self.root / name).write_text(html)
-        return f"{self.origin}/{name}"
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    root = tmp_path / "site"
-    root.mkdir()
-    other = Site(root)
-    other.thread.start()
-    try:
-        yield other
-    finally:
-        other.httpd.shutdown()
-        other.httpd.server_close()
 
 
 @pytest.fixture
@@ -88,6 +50,8 @@ def embedding_page(base: str, name: str) -> str:
 <script type="module" src="{base}/static/streamhold-{VERSION}.js"></script></head>
 <body>
 <h1>My blog post</h1>
+<p>This page comes from <code id="origin"></code>; the stream from <code>{base}</code>.</p>
+<script>document.getElementById("origin").textContent = location.origin;</script>
 <streamhold-stream id="plain" src="{src}" format="text"></streamhold-stream>
 <streamhold-stream id="md" src="{src}" format="markdown"></streamhold-stream>
 <iframe id="frame" src="{base}/watch/{name}?embed=1" width="900" height="500"></iframe>
@@ -166,6 +130,22 @@ def test_element_and_iframe_on_another_origin(
     assert "<img src=x onerror=" in page.locator("#md .md").text_content()
     # The embed shows no chrome of the app.
     assert frame.locator(".topbar").count() == 0
+    screenshot(page, "embed-foreign-origin.png")
+
+
+def screenshot(page: Page, name: str) -> None:
+    """Keep a picture of the page as evidence, where STREAMHOLD_SCREENSHOT_DIR names a folder."""
+    folder = os.environ.get("STREAMHOLD_SCREENSHOT_DIR")
+    if not folder:
+        return
+    # A frame from another origin is painted only while it is on screen: make the whole page the screen.
+    height = int(page.evaluate("document.documentElement.scrollHeight"))
+    page.set_viewport_size(
+        {"width": page.viewport_size["width"] if page.viewport_size else 1440, "height": height}
+    )
+    page.wait_for_timeout(500)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(Path(folder) / name))
 
 
 def test_embed_is_refused_to_origins_not_listed(

@@ -150,3 +150,40 @@ def test_serve_stops_at_start_on_a_malformed_embed_origin(tmp_path: Path) -> Non
     assert result.exit_code == 1
     assert "STREAMHOLD_EMBED_ORIGINS: 'blog.example.org/x' is not an origin" in result.output
     assert not (tmp_path / "streamhold.db").exists()
+
+
+async def test_a_protocol_head_names_the_streams_id_for_stop(client: Client) -> None:
+    response = await client.head("/v1/stream/e/doc.md", headers={"origin": BLOG})
+    stream_id = response.headers["streamhold-stream-id"]
+    assert re.fullmatch(r"stream_[0-9a-f]{32}", stream_id)
+    assert "streamhold-stream-id" in response.headers["access-control-expose-headers"]
+    assert (await client.post(f"/stream/{stream_id}/stop")).json()["id"] == stream_id
+
+
+async def test_a_content_url_read_in_protocol_terms_goes_to_the_protocol_url(client: Client) -> None:
+    """follow() and the element take a /stream/{id} URL: its protocol reads are sent on, query kept."""
+    head = await client.head("/v1/stream/e/doc.md")
+    stream_id = head.headers["streamhold-stream-id"]
+    for query in (
+        "offset=-1&share=abc",
+        "share=abc&offset=" + head.headers["stream-next-offset"] + "&live=sse",
+    ):
+        response = await client.get(f"/stream/{stream_id}?{query}", follow_redirects=False)
+        assert response.status_code == 307, response.text
+        assert response.headers["location"] == f"/v1/stream/e/doc.md?{query}"
+        assert response.headers["access-control-allow-origin"] == "*"
+    # The content URL's own reads are unchanged.
+    assert (await client.get(f"/stream/{stream_id}?offset=2&follow=false")).text == "Hello\n"
+
+
+async def test_a_private_streams_content_url_does_not_redirect_without_a_read_right(tmp_path: Path) -> None:
+    key = {"authorization": "Bearer embed-key"}
+    settings = Settings(data_dir=tmp_path, api_keys=("embed-key",), reads="private")
+    async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
+        await client.put("/v1/stream/secret/doc", content=b"x", headers={"content-type": "text/plain", **key})
+        stream_id = (await client.head("/v1/stream/secret/doc", headers=key)).headers["streamhold-stream-id"]
+        refused = await client.get(f"/stream/{stream_id}?offset=-1", follow_redirects=False)
+        assert refused.status_code == 401 and "location" not in refused.headers
+        assert "streamhold-stream-id" not in (await client.head("/v1/stream/secret/doc")).headers
+        sent = await client.get(f"/stream/{stream_id}?offset=-1", headers=key, follow_redirects=False)
+        assert sent.status_code == 307 and sent.headers["location"] == "/v1/stream/secret/doc?offset=-1"

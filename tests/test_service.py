@@ -440,8 +440,11 @@ async def test_snapshot_and_offset_reads(client: AsyncTestClient[Any]) -> None:
     )
     past = await client.get(f"/stream/{stream_id}", params={"offset": 12})
     assert past.status_code == 416 and "past the end (11 bytes)" in past.json()["error"]
-    for params in ({"offset": "-1"}, {"follow": "maybe"}):
+    for params in ({"offset": "1.5"}, {"follow": "maybe"}):
         assert (await client.get(f"/stream/{stream_id}", params=params)).status_code == 400
+    # An offset in the protocol's terms is a protocol read: sent on to the stream's protocol URL.
+    protocol = await client.get(f"/stream/{stream_id}", params={"offset": "-1"}, follow_redirects=False)
+    assert protocol.status_code == 307 and protocol.headers["location"] == f"/v1/stream/{stream_id}?offset=-1"
 
 
 # --- live tails, against a real server -----------------------------------------------------------

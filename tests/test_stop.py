@@ -184,7 +184,7 @@ async def test_the_viewer_offers_stop_to_a_signed_in_operator(tmp_path: Path) ->
         assert signin.status_code == 303
         page = (await client.get(f"/watch/{stream_id}")).text
         button = _stop_button(page)
-        assert button is not None and button.group(1) == stream_id and '/static/stop.js' in page
+        assert button is not None and button.group(1) == stream_id and "/static/stop.js" in page
         # The session alone is not enough: the page's CSRF token must come with it.
         refused = await client.post(f"/stream/{stream_id}/stop", headers={"x-csrf-token": "0" * 64})
         assert refused.status_code == 403 and "CSRF" in refused.text
@@ -301,3 +301,43 @@ class _On:
 
     async def post(self, path: str, **options: Any) -> httpx.Response:
         return await self._client.post(self._origin + path, **options)
+
+
+async def test_the_stop_status_answers_whoever_may_stop(tmp_path: Path) -> None:
+    """GET /stream/{id}/stop, which pages ask before showing Stop, follows the POST's rules."""
+    listed = "http://127.0.0.1:8123"
+    settings = Settings(data_dir=tmp_path, cors_origins=(listed,))
+    async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
+        stream_id = (await client.post("/stream", json={"name": "jobs"})).json()["id"]
+        for origin, status in (
+            (None, 200),
+            (LOOPBACK, 200),
+            (listed, 200),
+            ("https://elsewhere.example", 403),
+        ):
+            headers = {"origin": origin} if origin else {}
+            probe = await client.get(f"/stream/{stream_id}/stop", headers=headers)
+            post = await client.post(f"/stream/{stream_id}/stop", headers=headers)
+            assert probe.status_code == status and post.status_code in (status, 202), (origin, probe.text)
+        refused = await client.get(
+            f"/stream/{stream_id}/stop", headers={"origin": "https://elsewhere.example"}
+        )
+        assert "STREAMHOLD_CORS_ORIGINS" in refused.json()["error"]
+
+
+async def test_the_stop_status_takes_the_viewers_session_and_a_tokens_namespace(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, api_keys=(KEY,)))
+    auth = {"authorization": f"Bearer {KEY}"}
+    async with AsyncTestClient(app, base_url=LOOPBACK) as client:
+        stream_id = (await client.post("/stream", json={"name": "jobs"}, headers=auth)).json()["id"]
+        minted = await client.post(
+            "/tokens", json={"scopes": ["write"], "namespaces": ["chat"]}, headers=auth
+        )
+        other = {"authorization": f"Bearer {minted.json()['token']}"}
+        outside = await client.get(f"/stream/{stream_id}/stop", headers=other)
+        assert outside.status_code == 403 and "namespace jobs" in outside.text
+        await client.post("/signin", data={"key": KEY, "next": "/"}, follow_redirects=False)
+        button = _stop_button((await client.get(f"/watch/{stream_id}")).text)
+        assert button is not None
+        probe = await client.get(f"/stream/{stream_id}/stop", headers={"x-csrf-token": button.group(2)})
+        assert probe.status_code == 200 and probe.json()["stop_requested"] is False

@@ -27,10 +27,12 @@ CORS = {
     "access-control-expose-headers": (
         "stream-next-offset, stream-cursor, stream-up-to-date, stream-closed, stream-ttl, stream-expires-at, "
         "stream-sse-data-encoding, producer-epoch, producer-seq, producer-expected-seq, "
-        "producer-received-seq, etag, content-type, content-encoding, location"
+        "producer-received-seq, etag, content-type, content-encoding, location, streamhold-stream-id"
     ),
     "access-control-max-age": "86400",
 }
+# A protocol HEAD names the stream's id, which the /stream API (and Stop) address it by.
+STREAM_ID_HEADER = "streamhold-stream-id"
 PREFLIGHT_HEADERS = [(k.encode(), v.encode()) for k, v in CORS.items()]
 
 API_CORS_HEADERS = [

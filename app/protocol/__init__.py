@@ -26,6 +26,7 @@ from ..errors import (
     StreamNotFoundError,
 )
 from ..http.auth import principal_of, require, require_read, resolve, visibility_of
+from ..http.headers import STREAM_ID_HEADER
 from ..http.metrics import request_metrics
 from ..http.responses import respond
 from ..models import (
@@ -398,6 +399,7 @@ async def head_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
         refused = {**(exc.headers or {}), "content-type": "application/json"}
         return respond(exc.status_code, refused, head_only=True)
     headers = {**state_headers(state, state.tail, state.closed), "cache-control": "no-store"}
+    headers[STREAM_ID_HEADER] = state.id  # what pages stop it by: POST /stream/{id}/stop
     if state.sliding and state.ttl_seconds:
         headers["stream-ttl"] = str(state.ttl_seconds)
     elif state.expires_at is not None:

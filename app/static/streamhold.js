@@ -721,11 +721,22 @@ function concat(parts) {
   return out;
 }
 
+// The parameters follow() sets on each read; every other one (a share link's `share`) rides along as given.
+const READ_PARAMS = ["offset", "live", "cursor"];
+
+/** `url` resolved against the page, without the read parameters. */
+function readBase(url) {
+  const u = new URL(String(url), globalThis.location ? location.href : undefined);
+  for (const name of READ_PARAMS) u.searchParams.delete(name);
+  return u;
+}
+
 /**
  * Replay the stream at `url` from `options.offset`, then tail it until it closes or `signal` aborts.
  * Survives dropped connections, reloads of the server and restarts: it tracks the last offset it applied
  * and reconnects from there with backoff, so `onData` never sees a byte twice or misses one.
- * @param {string|URL} url  The stream's URL (`…/v1/stream/<name>`); a query on it is kept on every read.
+ * @param {string|URL} url  The stream's URL, `…/v1/stream/<name>` or `…/stream/{id}`; its query (a share
+ *   link's `share`) is kept on every read, only `offset`, `live` and `cursor` being set by follow().
  * @param {FollowOptions} [options]
  * @returns {Promise<FollowResult>}  Rejects with StreamReadError when the stream is gone or refused.
  */
@@ -734,7 +745,7 @@ export async function follow(url, options = {}) {
   const maxRetries = options.maxRetries ?? 1000;
   const idleMs = options.idleMs ?? IDLE_MS;
   const exact = options.exact ?? true;
-  const base = new URL(String(url), globalThis.location ? location.href : undefined);
+  let base = readBase(url);
   const decoder = new TextDecoder();
   const encoder = new TextEncoder();
   let at = options.offset || "-1";
@@ -784,6 +795,8 @@ export async function follow(url, options = {}) {
     if (current.signal.aborted) current = new AbortController();
     touch();
     const response = await fetch(target(params), { cache: "no-store", signal: current.signal });
+    // A /stream/{id} URL is sent on to the stream's protocol URL: read there from now on.
+    if (response.redirected) base = readBase(response.url);
     if (FATAL.includes(response.status)) {
       let message = `the server answered ${response.status}`;
       try {
@@ -970,7 +983,16 @@ export async function follow(url, options = {}) {
   const onVisible = () => {
     if (globalThis.document?.visibilityState === "visible") wake();
   };
+  // A page the browser freezes (a background tab) gets nothing more on a connection held across the
+  // freeze: it lets the connection go as it freezes and reads again from its offset when it resumes.
+  const onFreeze = () => drop();
+  const onResume = () => {
+    drop();
+    wake();
+  };
   globalThis.document?.addEventListener("visibilitychange", onVisible);
+  globalThis.document?.addEventListener("freeze", onFreeze);
+  globalThis.document?.addEventListener("resume", onResume);
 
   try {
     setState("connecting");
@@ -1019,9 +1041,117 @@ export async function follow(url, options = {}) {
     signal?.removeEventListener("abort", drop);
     globalThis.removeEventListener?.("offline", drop);
     globalThis.document?.removeEventListener("visibilitychange", onVisible);
+    globalThis.document?.removeEventListener("freeze", onFreeze);
+    globalThis.document?.removeEventListener("resume", onResume);
   }
   setState("stopped");
   return { offset: at, closed: false };
+}
+
+/* ========================================== stop ========================================== */
+
+const PROTOCOL_PATH = /^(.*?)\/v1\/stream\/(.+)$/;
+const CONTENT_PATH = /^(.*?)\/stream\/([^/]+)\/?$/;
+
+/**
+ * Where to ask the writer of the stream at `src` to stop: `POST /stream/{id}/stop` on src's origin, src's
+ * query kept (a share link's `share`; not the read parameters). A `/stream/{id}` URL names the id; for a
+ * `/v1/stream/<name>` URL the server is asked (a HEAD names it in `Streamhold-Stream-Id`).
+ * @param {string|URL} src
+ * @param {{signal?: AbortSignal}} [options]
+ * @returns {Promise<URL>}  Rejects with StreamReadError when the HEAD is refused or the stream is gone.
+ */
+export async function stopUrl(src, options = {}) {
+  const url = readBase(src);
+  const at = (prefix, id) => {
+    const out = new URL(`${prefix}/stream/${encodeURIComponent(id)}/stop`, url);
+    out.search = url.search;
+    out.searchParams.delete("wait");
+    return out;
+  };
+  let m = PROTOCOL_PATH.exec(url.pathname);
+  if (m) {
+    const response = await fetch(url, { method: "HEAD", cache: "no-store", signal: options.signal });
+    if (!response.ok) throw new StreamReadError(response.status, `the server answered ${response.status}`);
+    const id = response.headers.get("streamhold-stream-id");
+    const name = decodeURIComponent(m[2]);
+    if (!id && name.includes("/")) throw new Error("this server does not say how to stop its streams");
+    return at(m[1], id || name);
+  }
+  m = CONTENT_PATH.exec(url.pathname);
+  if (m) return at(m[1], decodeURIComponent(m[2]));
+  throw new Error(`not a stream URL (…/v1/stream/<name> or …/stream/<id>): ${url.href}`);
+}
+
+const HIDDEN_STATES = ["closed", "gone"];
+
+/**
+ * Makes `button` the Stop button of the stream at `src`, as the viewer and <streamhold-stream stop> show it:
+ * hidden until the server says this page may stop the stream (GET /stream/{id}/stop answers 200 for it
+ * and the stream is open), hidden again once `root`'s `data-state` is closed or gone. A press POSTs the
+ * stop; a refusal shows beside the button. Options: `csrf` (the viewer's token), `signal` (stops it all).
+ * @param {HTMLButtonElement} button
+ * @param {HTMLElement} root
+ * @param {string|URL} src
+ * @param {{csrf?: string, signal?: AbortSignal}} [options]
+ */
+export function stopControl(button, root, src, options = {}) {
+  const { signal } = options;
+  const headers = options.csrf ? { "x-csrf-token": options.csrf } : {};
+  const label = button.textContent;
+  const note = document.createElement("span");
+  note.className = "streamhold-stop-note";
+  note.setAttribute("role", "status");
+  note.hidden = true;
+  button.after(note);
+  let url = null;
+  let allowed = false;
+  const sync = () => {
+    const open = !HIDDEN_STATES.includes(root.dataset.state || "");
+    button.hidden = !(allowed && open);
+    if (!open) note.hidden = true;
+  };
+  const observer = new MutationObserver(sync);
+  observer.observe(root, { attributes: true, attributeFilter: ["data-state"] });
+  signal?.addEventListener("abort", () => {
+    observer.disconnect();
+    note.remove();
+  });
+  sync();
+
+  const ask = async (method) => {
+    const response = await fetch(url, { method, headers, credentials: "same-origin", cache: "no-store", signal });
+    let answer = {};
+    try {
+      answer = await response.json();
+    } catch (_) { /* not JSON */ }
+    if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+    return answer;
+  };
+
+  (async () => {
+    url = await stopUrl(src, { signal });
+    const status = await ask("GET");
+    allowed = !status.closed;
+    sync();
+  })().catch(() => { /* not this page's to stop (401, 403), or not from here: no button */ });
+
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    button.textContent = "Stopping…";
+    note.hidden = true;
+    try {
+      await ask("POST");
+      // The writer closes the stream when it stops; the stream's state then hides the button.
+      button.title = "Asked the writer to stop";
+    } catch (error) {
+      if (signal?.aborted) return;
+      button.disabled = false;
+      button.textContent = label;
+      note.textContent = `Could not stop the stream: ${error.message}`;
+      note.hidden = false;
+    }
+  });
 }
 
 /* =================================== <streamhold-stream> =================================== */
@@ -1033,15 +1163,17 @@ const NOTES = {
 
 /**
  * `<streamhold-stream src="https://host/v1/stream/name">` shows a stream as the viewer does, and keeps
- * following it. Attributes: `src`; `format` ("auto" by the stream's type, or "markdown", "text", "csv",
- * "json", "binary"); `follow` ("false" shows what is there now and stops). It sets `data-state`
- * (connecting, live, reconnecting, closed, gone, stopped) and fires `streamhold-state` and `streamhold-data`.
+ * following it. Attributes: `src` (a `/v1/stream/<name>` or `/stream/{id}` URL, its query kept on every
+ * request); `format` ("auto" by the stream's type, or "markdown", "text", "csv", "json", "binary"); `follow`
+ * ("false" shows what is there now and stops); `stop` (a Stop button while the stream is open, if this page
+ * may stop it). It sets `data-state` (connecting, live, reconnecting, closed, gone, stopped) and fires
+ * `streamhold-state` and `streamhold-data`.
  */
 // Where there is no DOM (a worker, Node), follow() still imports; the element is then never defined.
 const ElementBase = /** @type {typeof HTMLElement} */ (globalThis.HTMLElement ?? class {});
 
 export class StreamholdStream extends ElementBase {
-  static observedAttributes = ["src", "format", "follow"];
+  static observedAttributes = ["src", "format", "follow", "stop"];
 
   /** @type {AbortController|null} */
   #controller = null;
@@ -1080,6 +1212,15 @@ export class StreamholdStream extends ElementBase {
     if (!src) return;
     const controller = new AbortController();
     this.#controller = controller;
+    if (this.hasAttribute("stop")) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "streamhold-stop";
+      button.title = "Ask the stream's writer to stop";
+      button.textContent = "■ Stop";
+      this.prepend(button);
+      stopControl(button, this, src, { signal: controller.signal });
+    }
     const format = (this.getAttribute("format") || "auto").toLowerCase();
     const live = this.getAttribute("follow") !== "false";
     /** @type {Renderer|null} */

@@ -22,6 +22,14 @@ import { createRenderer, follow } from "./streamhold.js";
   const earlier = $("earlier");
   const scroller = document.scrollingElement;
   const streamPath = `/v1/stream/${d.name.split("/").map(encodeURIComponent).join("/")}`;
+  // A page opened by a share link reads with it: its `share` goes on every request the page makes.
+  const share = new URLSearchParams(location.search).get("share");
+  const withShare = (path, params = {}) => {
+    const u = new URL(path, location.href);
+    if (share) u.searchParams.set("share", share);
+    for (const [key, value] of Object.entries(params)) u.searchParams.set(key, String(value));
+    return u.href;
+  };
 
   let start = Number(d.start);
   let offset = Number(d.offset);
@@ -108,7 +116,7 @@ import { createRenderer, follow } from "./streamhold.js";
   /* ---- applying data ---- */
 
   async function fetchBytes(from, to) {
-    const response = await fetch(`${streamPath}?offset=${token(from)}`, { cache: "no-store" });
+    const response = await fetch(withShare(streamPath, { offset: token(from) }), { cache: "no-store" });
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
     const reader = response.body.getReader();
     const out = new Uint8Array(to - from);
@@ -175,7 +183,7 @@ import { createRenderer, follow } from "./streamhold.js";
       let from;
       let text;
       if (encoding === "json") {
-        const response = await fetch(`${location.pathname}?before=${start}`, { cache: "no-store" });
+        const response = await fetch(withShare(location.pathname, { before: start }), { cache: "no-store" });
         if (!response.ok) throw new Error(`the server answered ${response.status}`);
         from = Number(response.headers.get("stream-range-start"));
         text = await response.text();
@@ -208,7 +216,7 @@ import { createRenderer, follow } from "./streamhold.js";
   /* ---- the live connection ---- */
 
   function connect() {
-    follow(streamPath, {
+    follow(withShare(streamPath), {
       offset: token(offset),
       exact: false,  // for display: a lone CR may show as a line break, saving a read per line
       maxRetries: MAX_ATTEMPTS,
