@@ -425,7 +425,10 @@ class Store(Reader):
         # Concurrent creates share a commit (each in a savepoint of its own), as concurrent appends do.
         postgres, files = self.postgres, self.files
         return await self.writer.call(
-            lambda conn: transactions.create(conn, new, postgres, files), group=True, key=new.name or ""
+            lambda conn: transactions.create(conn, new, postgres, files),
+            group=True,
+            key=new.name or "",
+            new=new if new.fork_from is None else None,
         )
 
     async def delete(self, stream_id: str) -> None:
