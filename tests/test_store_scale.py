@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from streamhold import clock
-from streamhold.errors import StreamConflictError
+from streamhold.errors import StreamConflictError, StreamNotFoundError
+from streamhold.live import LiveHub
 from streamhold.models import LRU, StreamFilter
+from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings
 from streamhold.store import batches
 from streamhold.store import store as store_module
@@ -104,6 +106,35 @@ async def test_create_write_close_sequences_share_commits(store: Store) -> None:
         state = await store.get_by_name(f"seq/{i}")
         assert state is not None and state.closed
         assert await store.read(state.id, 0, state.tail) == b"hello %d" % i
+
+
+async def test_api_create_write_close_takes_two_commits(store: Store, settings: Settings) -> None:
+    """The close joins the queued write, and a closed stream with one chunk needs no compaction."""
+    async with LiveHub.open(store, settings) as hub:
+        api = LocalStreams(store, hub, settings)
+        calls: list[object] = []
+        call = store.writer.call
+
+        async def counted(fn: object, *args: object, **options: object) -> object:
+            calls.append(fn)
+            return await call(fn, *args, **options)  # type: ignore[arg-type]
+
+        store.writer.call = counted  # type: ignore[method-assign]
+        commits = store.writer.commits
+        stream = await api.create("short", content_type="text/plain")
+        stream.write("a short answer")
+        await stream.close()
+        assert store.writer.commits - commits == 2, "one commit for the create, one for write and close"
+        assert len(calls) == 1, "nothing to compact"
+        state = await store.get(stream.id)
+        assert state is not None and state.closed and state.tail == len("a short answer")
+        assert await store.read(stream.id, 0, state.tail) == b"a short answer"
+        # A write that fails fails the close joined to it, which leaves nothing closed.
+        gone = await api.create("short")
+        await store.delete(gone.id)
+        gone.write("late")
+        with pytest.raises(StreamNotFoundError):
+            await gone.close()
 
 
 async def test_per_stream_caches_stay_within_their_bounds(

@@ -181,6 +181,19 @@ class Writer(AppendBatches):
         last.data += data
         return last.future
 
+    def join_close(self, stream_id: str, compress: bool) -> asyncio.Future[AppendResult] | None:
+        """Make the last queued op close the stream if it is a plain append to it; its future, or None.
+
+        The close then commits with the write, and fails with it: a failed write leaves the stream open.
+        """
+        last = self._queue[-1] if self._queue else None
+        if not isinstance(last, AppendOp) or last.stream_id != stream_id or last.close:
+            return None
+        if last.seq is not None or last.producer is not None or last.content_type is not None:
+            return None
+        last.close, last.compress = True, compress
+        return last.future
+
     def submit(self, op: AppendOp | CallOp) -> None:
         if self._closing:
             if isinstance(op, AppendOp) and op.spool is not None:
