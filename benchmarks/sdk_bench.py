@@ -39,7 +39,7 @@ async def _write_all(streams: Any, name: str, writes: int, await_each: bool) -> 
     return elapsed, info
 
 
-async def _lifecycles(streams: Any, total: int, tasks: int) -> float:
+async def _lifecycles(streams: Any, total: int, tasks: int) -> tuple[float, float]:
     """`tasks` concurrent tasks each create a stream, write once and close it, `total` times in all."""
     left = [total]
 
@@ -50,9 +50,9 @@ async def _lifecycles(streams: Any, total: int, tasks: int) -> float:
             stream.write(PAYLOAD)
             await stream.close()
 
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(tasks)))
-    return time.monotonic() - t0
+    return time.monotonic() - t0, time.process_time() - cpu0
 
 
 async def sdk_writes(writes: int, data_dir: Path, lifecycles: int = 0) -> dict[str, Any]:
@@ -71,7 +71,9 @@ async def sdk_writes(writes: int, data_dir: Path, lifecycles: int = 0) -> dict[s
         elapsed, info = await _write_all(streams, "bench", writes, await_each=False)
         awaited = max(1, writes // 10)
         awaited_elapsed, _ = await _write_all(streams, "bench-awaited", awaited, await_each=True)
-        lifecycle_elapsed = await _lifecycles(streams, lifecycles, LIFECYCLE_TASKS) if lifecycles else 0.0
+        lifecycle_elapsed, lifecycle_cpu = (
+            await _lifecycles(streams, lifecycles, LIFECYCLE_TASKS) if lifecycles else (0.0, 0.0)
+        )
     size = getattr(info, "size_bytes", None)
     return {
         "params": {
@@ -86,6 +88,8 @@ async def sdk_writes(writes: int, data_dir: Path, lifecycles: int = 0) -> dict[s
             "awaited_writes_per_s": rate(awaited, awaited_elapsed),
             # create + one write + close, by 64 concurrent tasks
             "lifecycles_per_s": rate(lifecycles, lifecycle_elapsed) if lifecycles else None,
+            # the process's CPU time (all threads) per sequence: steadier than the rate on a shared machine
+            "lifecycle_cpu_us": round(1e6 * lifecycle_cpu / lifecycles, 1) if lifecycles else None,
         },
         "checks": {"durable": True, "bytes_ok": None if size is None else size == writes * len(PAYLOAD)},
         "elapsed_s": round(elapsed, 3),
