@@ -7,12 +7,13 @@ import functools
 import json
 import random
 import time
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote
 
 from litestar import Request
+from litestar.datastructures import URL
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive
+from litestar.types import Receive, Scope
 
 from .. import checks
 from ..errors import (
@@ -90,11 +91,14 @@ def _name_in_raw_path(raw: bytes) -> str | None:
     return stream_name(path[len(PREFIX) + 1 :]) if path.startswith(PREFIX + "/") else None
 
 
-def absolute_url(request: Request[Any, Any, Any]) -> str:
+def absolute_url(scope: Scope) -> str:
     """The request's own absolute URL without its query, percent-encoded (header values are Latin-1)."""
-    raw = request.scope.get("raw_path")
-    path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + request.scope["path"]
-    return quote(str(request.base_url).rstrip("/") + path, safe=":/%@!$&'()*+,;=~")
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + scope["path"]
+    # The origin as Litestar's Request.base_url makes it.
+    root = scope.get("app_root_path") or scope.get("root_path", "")
+    base = URL.from_scope(cast(Scope, {**scope, "path": "/", "query_string": b"", "root_path": root}))
+    return quote(str(base).rstrip("/") + path, safe=":/%@!$&'()*+,;=~")
 
 
 def stream_name(raw: str) -> str:
