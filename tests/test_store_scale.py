@@ -120,12 +120,17 @@ async def test_api_create_write_close_takes_two_commits(store: Store, settings: 
             return await call(fn, *args, **options)  # type: ignore[arg-type]
 
         store.writer.call = counted  # type: ignore[method-assign]
+        statements: list[str] = []
+        if not store.postgres:
+            store.writer._driver_connection().set_trace_callback(statements.append)
         commits = store.writer.commits
         stream = await api.create("short", content_type="text/plain")
         stream.write("a short answer")
         await stream.close()
         assert store.writer.commits - commits == 2, "one commit for the create, one for write and close"
         assert len(calls) == 1, "nothing to compact"
+        reads = [s for s in statements if s.startswith("SELECT") and "WHERE streams.id" in s]
+        assert reads == [], "the write finds the record the create left in the writer's cache"
         state = await store.get(stream.id)
         assert state is not None and state.closed and state.tail == len("a short answer")
         assert await store.read(stream.id, 0, state.tail) == b"a short answer"

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine
 from ..errors import StreamError
 from ..models import AppendResult, Change
 from . import creates, transactions
-from .appends import AppendOp
+from .appends import AppendOp, Record
 from .batches import AppendBatches
 from .chunk_files import ChunkFiles
 from .disk import DiskSpace
@@ -291,6 +291,7 @@ class Writer(AppendBatches):
         self._file_writes.clear()
         self._commit_sent = False
         try:
+            self._cached_rows(cursor)  # emptied if another connection committed: then it takes the new rows
             news = [op.new for op in ops if op.new is not None]
             try:
                 outcomes = creates.create_batch(cursor, self._statements, statements, news)
@@ -312,6 +313,10 @@ class Writer(AppendBatches):
         finally:
             cursor.close()
         self.commits += 1
+        # The new streams' records as committed, for the first appends to them to find (see _cached_rows).
+        for ok, value in outcomes:
+            if ok and value[1]:
+                self._rows.put(value[0].id, Record.read(value[0], 0))
         return outcomes
 
     async def _appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
