@@ -77,13 +77,13 @@ class _LocalStream(Stream):
         if not self._closed and self._error is None and self._pending:
             # Joined to the last queued write, the close shares its commit: waiting for the writes first
             # would make it a commit of its own.
-            self._closing = self._service.store.close_nowait(self.id, self.compressed)
+            self._closing = self._service.store.join_close(self.id, self.compressed)
         await super().close()
 
     async def _finish(self) -> None:
         self._unlisten()
         store = self._service.store
-        closing = self._closing or store.close_nowait(self.id, self.compressed)
+        closing = self._closing or store.append_nowait(self.id, b"", close=True, compress=self.compressed)
         await closing
         await store.finish(self.id)
 

@@ -307,10 +307,9 @@ class Store(Reader):
             claim.close()
         return None
 
-    def close_nowait(self, stream_id: str, compress: bool) -> asyncio.Future[AppendResult]:
-        """Queue a close, joined to the last queued write to the stream when it can be (one commit)."""
-        joined = self.writer.join_close(stream_id, compress)
-        return joined or self.append_nowait(stream_id, b"", close=True, compress=compress)
+    def join_close(self, stream_id: str, compress: bool) -> asyncio.Future[AppendResult] | None:
+        """Make the last queued write to the stream close it too (one commit); its future, or None."""
+        return self.writer.join_close(stream_id, compress)
 
     def write_nowait(self, stream_id: str, data: bytes) -> asyncio.Future[AppendResult]:
         """Queue a plain write, joined to the previous queued write to the same stream when it can be.
