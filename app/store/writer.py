@@ -444,8 +444,10 @@ class Writer(AppendBatches):
             # Grouped calls (creates) commit together, as appends do.
             while first.group and self._queue and len(batch) < MAX_BATCH_OPS:
                 op = self._queue[0]
-                if not isinstance(op, CallOp) or not op.group or (op.new is None) != (first.new is None):
+                if not isinstance(op, CallOp) or not op.group:
                     break
+                if self._creates is not None and (op.new is None) != (first.new is None):
+                    break  # plain creates run as a batch of their own (_sqlite_creates)
                 batch.append(self._queue.popleft())
             return batch
         size = len(first.data)
