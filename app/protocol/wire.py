@@ -95,10 +95,21 @@ def absolute_url(scope: Scope) -> str:
     """The request's own absolute URL without its query, percent-encoded (header values are Latin-1)."""
     raw = scope.get("raw_path")
     path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + scope["path"]
-    # The origin as Litestar's Request.base_url makes it.
+    host = next((value for name, value in scope["headers"] if name == b"host"), b"")
     root = scope.get("app_root_path") or scope.get("root_path", "")
-    base = URL.from_scope(cast(Scope, {**scope, "path": "/", "query_string": b"", "root_path": root}))
-    return quote(str(base).rstrip("/") + path, safe=":/%@!$&'()*+,;=~")
+    return quote(_base_url(scope.get("scheme", "http"), scope.get("server"), host, root) + path, safe=SAFE)
+
+
+SAFE = ":/%@!$&'()*+,;=~"
+
+
+# A server is reached by one or a few origins: building each one's URL once spares every create the work.
+@functools.lru_cache(maxsize=64)
+def _base_url(scheme: str, server: tuple[str, int | None] | None, host: bytes, root: str) -> str:
+    """The origin as Litestar's Request.base_url makes it, without its trailing slash."""
+    headers = [(b"host", host)] if host else []
+    fields = {"type": "http", "scheme": scheme, "server": server, "headers": headers, "root_path": root}
+    return str(URL.from_scope(cast(Scope, {**fields, "path": "/", "query_string": b""}))).rstrip("/")
 
 
 def stream_name(raw: str) -> str:
