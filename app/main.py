@@ -48,6 +48,8 @@ HERE = Path(__file__).parent
 
 
 APPEND_PATH = protocol.PREFIX + "/"
+# Protocol appends and creates go straight to their handlers, past the framework's routing and middleware.
+WRITES = {"POST": protocol.append_asgi, "PUT": protocol.create_asgi}
 RESERVED_PATH = protocol.PREFIX + protocol.RESERVED
 
 
@@ -76,11 +78,12 @@ class Streamhold(Litestar):
             if refusal is not None:
                 await refusal(scope, http_receive, http_send)
                 return
-            if scope["method"] == "POST" and scope["path"].startswith(APPEND_PATH) and not reserved(scope):
+            method = scope["method"]
+            if method in WRITES and scope["path"].startswith(APPEND_PATH) and not reserved(scope):
                 if guard.on_content_origin(scope, self.streamhold_settings):
                     await guard.not_found()(scope, http_receive, http_send)
                     return
-                await protocol.append_asgi(self.state, scope, http_receive, http_send)
+                await WRITES[method](self.state, scope, http_receive, http_send)
                 return
         await super().__call__(scope, receive, send)
 

@@ -30,6 +30,7 @@ class Sizes:
     resume_drops: int = 100
     resume_interval_s: float = 0.001
     sdk_writes: int = 20_000
+    sdk_lifecycles: int = 3_000
     creators: int = 16
     creates_per_creator: int = 250
     spread_streams: int = 10_000
@@ -51,6 +52,7 @@ QUICK = Sizes(
     fanout_drain_s=8.0,
     resume_drops=20,
     sdk_writes=2_000,
+    sdk_lifecycles=300,
     creates_per_creator=30,
     spread_streams=1_000,
 )

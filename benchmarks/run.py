@@ -238,7 +238,7 @@ class Harness:
         data_dir = servers.fresh_data_dir("sdk")
         try:
             result = await sdk_bench.run_in_child(
-                self.sizes.sdk_writes, data_dir, servers.REPO, spec.deadline
+                self.sizes.sdk_writes, data_dir, servers.REPO, spec.deadline, self.sizes.sdk_lifecycles
             )
         finally:
             servers.remove_data_dir(data_dir)

@@ -338,6 +338,25 @@ async def test_a_stalled_large_body_lets_go_of_its_stream_file(
     assert read.content == other + slow
 
 
+@pytest.mark.parametrize(
+    "scope",
+    [
+        {"scheme": "http", "server": ("127.0.0.1", 8000), "headers": [(b"host", b"example.test:8000")]},
+        {"scheme": "https", "server": ("10.0.0.1", 443), "headers": []},
+        {"scheme": "http", "server": ("10.0.0.1", 8080), "headers": [], "root_path": "/base"},
+        {"scheme": "http", "server": None, "headers": [(b"host", b"h.test")], "app_root_path": "/app"},
+    ],
+)
+def test_a_created_streams_location_is_the_request_url(scope: dict[str, Any]) -> None:
+    """The Location of a create, built from the ASGI scope, is what Litestar's request gives for it."""
+    raw = b"/v1/stream/%C3%A9t%C3%A9/a%20b"
+    full: Any = {"type": "http", "path": "/v1/stream/été/a b", "raw_path": raw + b"?x=1"}
+    full.update(scope, query_string=b"x=1")
+    expected = str(Request(full).base_url).rstrip("/") + raw.decode()
+    assert wire.absolute_url(full) == expected
+    assert wire.absolute_url(full) == expected  # and again, from the cache
+
+
 async def test_unicode_names_and_sandboxed_content(
     live_server: ThreadServer, client: httpx.AsyncClient
 ) -> None:

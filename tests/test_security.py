@@ -125,6 +125,28 @@ async def test_stream_content_is_sandboxed_however_its_path_is_spelled(local: Se
         assert served >= 10, "most spellings reach the content, so each of them must carry the headers"
 
 
+async def test_protocol_writes_answer_with_the_security_and_cors_headers(local: Settings) -> None:
+    """Creates and appends are served past the framework's middleware: they add its headers themselves."""
+    html = {"content-type": "text/html"}
+    async with serve(local) as client:
+        answers = [
+            await client.put("/v1/stream/w/page", headers=html),  # 201
+            await client.put("/v1/stream/w/page", headers=html),  # 200: the same again
+            await client.put("/v1/stream/w/page", headers={"content-type": "text/plain"}),  # 409
+            await client.put("/v1/stream/w/bad", headers={**html, "stream-ttl": "soon"}),  # 400
+            await client.put("/v1/stream/", headers=html),  # 400: no name
+            await client.post("/v1/stream/w/page", content=PAGE, headers=html),  # 204
+        ]
+        assert [a.status_code for a in answers] == [201, 200, 409, 400, 400, 204]
+        for answer in answers:
+            assert_sandboxed(answer, str(answer.request.url))
+            assert answer.headers.get("access-control-allow-origin") == "*"
+            assert "stream-next-offset" in answer.headers.get("access-control-expose-headers", "")
+        assert answers[0].headers["content-disposition"].startswith("attachment")
+        assert answers[0].headers["location"] == f"{ORIGIN}/v1/stream/w/page"
+        assert answers[0].headers["content-length"] == "0"
+
+
 async def test_active_types_are_attachments_and_passive_ones_stay_inline(local: Settings) -> None:
     async with serve(local) as client:
         for content_type in (

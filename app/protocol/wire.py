@@ -7,12 +7,13 @@ import functools
 import json
 import random
 import time
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote
 
 from litestar import Request
+from litestar.datastructures import URL
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive
+from litestar.types import Receive, Scope
 
 from .. import checks
 from ..errors import (
@@ -90,11 +91,25 @@ def _name_in_raw_path(raw: bytes) -> str | None:
     return stream_name(path[len(PREFIX) + 1 :]) if path.startswith(PREFIX + "/") else None
 
 
-def absolute_url(request: Request[Any, Any, Any]) -> str:
+def absolute_url(scope: Scope) -> str:
     """The request's own absolute URL without its query, percent-encoded (header values are Latin-1)."""
-    raw = request.scope.get("raw_path")
-    path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + request.scope["path"]
-    return quote(str(request.base_url).rstrip("/") + path, safe=":/%@!$&'()*+,;=~")
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1").split("?", 1)[0] if raw else PREFIX + scope["path"]
+    host = next((value for name, value in scope["headers"] if name == b"host"), b"")
+    root = scope.get("app_root_path") or scope.get("root_path", "")
+    return quote(_base_url(scope.get("scheme", "http"), scope.get("server"), host, root) + path, safe=SAFE)
+
+
+SAFE = ":/%@!$&'()*+,;=~"
+
+
+# A server is reached by one or a few origins: building each one's URL once spares every create the work.
+@functools.lru_cache(maxsize=64)
+def _base_url(scheme: str, server: tuple[str, int | None] | None, host: bytes, root: str) -> str:
+    """The origin as Litestar's Request.base_url makes it, without its trailing slash."""
+    headers = [(b"host", host)] if host else []
+    fields = {"type": "http", "scheme": scheme, "server": server, "headers": headers, "root_path": root}
+    return str(URL.from_scope(cast(Scope, {**fields, "path": "/", "query_string": b""}))).rstrip("/")
 
 
 def stream_name(raw: str) -> str:

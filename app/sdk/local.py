@@ -52,6 +52,7 @@ class _LocalStream(Stream):
         self._service = service
         # The stop doorbell reaches this process wherever the stop was posted; wait_stop reads the store too.
         self._unlisten = service.hub.on_stop(self.id, self._stop.set)
+        self._closing: asyncio.Future[AppendResult] | None = None
 
     def _send(self, chunk: bytes) -> asyncio.Future[AppendResult]:
         limit = self._service.settings.max_append_bytes
@@ -72,10 +73,18 @@ class _LocalStream(Stream):
                 await self._stop.wait()
         return self._stop.is_set()
 
+    async def close(self) -> None:
+        if not self._closed and self._error is None and self._pending:
+            # Joined to the last queued write, the close shares its commit: waiting for the writes first
+            # would make it a commit of its own.
+            self._closing = self._service.store.join_close(self.id, self.compressed)
+        await super().close()
+
     async def _finish(self) -> None:
         self._unlisten()
         store = self._service.store
-        await store.append_nowait(self.id, b"", close=True, compress=self.compressed)
+        closing = self._closing or store.append_nowait(self.id, b"", close=True, compress=self.compressed)
+        await closing
         await store.finish(self.id)
 
 

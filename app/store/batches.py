@@ -52,7 +52,9 @@ class AppendBatches:
         self.bytes_appended = 0
         self._uncommitted = [0, 0]  # appends and bytes of the batch being written, counted once committed
         self.commits = 0
-        self.after_close: Callable[[str, bool], None] | None = None
+        # Told of each stream a batch closes: its id, whether it is to be compressed, and whether it had no
+        # chunk before this batch (so it has at most one that compaction could merge: nothing to merge).
+        self.after_close: Callable[[str, bool, bool], None] | None = None
         # SQLite only: stream rows (and their pending byte counts) as this connection's last commit left
         # them. They stay valid while no other connection commits, which `PRAGMA data_version` tells, so a
         # batch skips re-reading them.
@@ -302,7 +304,7 @@ class AppendBatches:
                 )
             changes.append(Change(stream_id, p.tail, p.closed_at is not None, added_chunk=added))
             if p.closed_at is not None and was.closed_at is None and self.after_close is not None:
-                self.after_close(stream_id, p.compress)
+                self.after_close(stream_id, p.compress, was.stored_bytes == was.waiting)
         if new_chunks:
             cursor.executemany(sql.insert_chunk.sql, new_chunks)
         if flushes:  # before the updates that empty the pending bytes they take

@@ -64,6 +64,9 @@ class Store(Reader):
         self._ids: dict[str, str] = {}  # the ids of the names cached, and no others
         self._listeners: list[Callable[[list[Change]], None]] = []
         self._small_chunks: LRU[str, int] = LRU(NAME_CACHE)
+        # Streams closed with at most one chunk and no compression: their finish has nothing to do unless
+        # they have a chunk file (most closed streams, and every one the Python API writes a little to).
+        self._settled: LRU[str, bool] = LRU(NAME_CACHE)
         self._compressing: dict[str, asyncio.Future[None]] = {}
         self._followups: set[asyncio.Task[Any]] = set()
         self._removals: dict[str, asyncio.TimerHandle] = {}
@@ -147,8 +150,10 @@ class Store(Reader):
         for listener in self._listeners:
             listener(changes)
 
-    def _after_close(self, stream_id: str, compress: bool) -> None:
+    def _after_close(self, stream_id: str, compress: bool, one_chunk: bool) -> None:
         self._small_chunks.pop(stream_id, None)
+        if one_chunk and not compress:
+            self._settled.put(stream_id, True)
 
     def _follow_up(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -302,6 +307,10 @@ class Store(Reader):
             claim.close()
         return None
 
+    def join_close(self, stream_id: str, compress: bool) -> asyncio.Future[AppendResult] | None:
+        """Make the last queued write to the stream close it too (one commit); its future, or None."""
+        return self.writer.join_close(stream_id, compress)
+
     def write_nowait(self, stream_id: str, data: bytes) -> asyncio.Future[AppendResult]:
         """Queue a plain write, joined to the previous queued write to the same stream when it can be.
 
@@ -324,6 +333,8 @@ class Store(Reader):
 
         Short of space, the stream stays as it is: closed and readable; the sweep compresses it later.
         """
+        if self._settled.pop(stream_id) and (self.files is None or not self.files.path(stream_id).exists()):
+            return
         try:
             await self.compact(stream_id, full=True)
         except StorageFullError:
@@ -425,7 +436,10 @@ class Store(Reader):
         # Concurrent creates share a commit (each in a savepoint of its own), as concurrent appends do.
         postgres, files = self.postgres, self.files
         return await self.writer.call(
-            lambda conn: transactions.create(conn, new, postgres, files), group=True, key=new.name or ""
+            lambda conn: transactions.create(conn, new, postgres, files),
+            group=True,
+            key=new.name or "",
+            new=new if new.fork_from is None else None,
         )
 
     async def delete(self, stream_id: str) -> None:

@@ -116,7 +116,7 @@ def create(
                 raise StreamConflictError(
                     "this stream was deleted while forks of it remain; use another name"
                 )
-            elif _same_config(existing, new) and same_fork(conn, existing, new, postgres, files):
+            elif same_config(existing, new) and same_fork(conn, existing, new, postgres, files):
                 return (existing, False), []
             else:
                 raise StreamConflictError("a stream with this name exists with a different configuration")
@@ -148,8 +148,43 @@ def create(
     if new.initial:
         conn.execute(_INSERT_CHUNK, {"stream_id": stream_id, "start": tail, "data": new.initial})
         tail += len(new.initial)
-    generation = _next_generation(conn)
-    row = {
+    row = stream_row(
+        new,
+        stream_id,
+        now,
+        _next_generation(conn),
+        tail=tail,
+        content_type=content_type,
+        ttl=ttl,
+        sliding=sliding,
+        expires_at=expires_at,
+    )
+    if prefix_source is not None:
+        row["fork_source"], row["fork_offset"] = prefix_source.id, fork_offset
+    conn.execute(_INSERT_STREAM, row)
+    if new.metadata:
+        conn.execute(
+            _INSERT_METADATA,
+            [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
+        )
+    state = StreamState.from_row(row)
+    return (state, True), changes
+
+
+def stream_row(
+    new: NewStream,
+    stream_id: str,
+    now: float,
+    generation: int,
+    *,
+    tail: int,
+    content_type: str,
+    ttl: int | None,
+    sliding: bool,
+    expires_at: float | None,
+) -> dict[str, Any]:
+    """The streams row of a new stream, with what create settled (a fork's come from its source)."""
+    return {
         "id": stream_id,
         "name": new.name or stream_id,
         "namespace": new.namespace,
@@ -169,20 +204,12 @@ def create(
         "sliding": sliding,
         "expires_at": expires_at,
         "last_seq": None,
-        "fork_source": prefix_source.id if prefix_source is not None else None,
-        "fork_offset": fork_offset,
+        "fork_source": None,
+        "fork_offset": None,
         "deleted": False,
         "generation": generation,
         "visibility": new.visibility,
     }
-    conn.execute(_INSERT_STREAM, row)
-    if new.metadata:
-        conn.execute(
-            _INSERT_METADATA,
-            [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
-        )
-    state = StreamState.from_row(row)
-    return (state, True), changes
 
 
 def lock_names(conn: Connection, names: list[str]) -> None:
@@ -408,7 +435,7 @@ def _locked(
     return StreamState.from_row(row) if row is not None else None
 
 
-def _same_config(existing: StreamState, new: NewStream) -> bool:
+def same_config(existing: StreamState, new: NewStream) -> bool:
     return (
         media_type(existing.content_type) == media_type(new.content_type)
         and existing.ttl_seconds == new.ttl_seconds

@@ -18,8 +18,8 @@ from sqlalchemy import Connection, Engine
 
 from ..errors import StreamError
 from ..models import AppendResult, Change
-from . import transactions
-from .appends import AppendOp
+from . import creates, transactions
+from .appends import AppendOp, Record
 from .batches import AppendBatches
 from .chunk_files import ChunkFiles
 from .disk import DiskSpace
@@ -53,6 +53,7 @@ class CallOp:
     # Whether it may share a transaction with other such ops, each in a savepoint of its own (creates).
     group: bool = False
     key: str = ""  # what it locks first on PostgreSQL (a name): a shared transaction takes them in order
+    new: transactions.NewStream | None = None  # a plain create (no fork), which SQLite runs as a batch
 
 
 class _Thread:
@@ -131,6 +132,7 @@ class Writer(AppendBatches):
         self.space = DiskSpace()  # tells a full disk's errors apart (StorageFullError) and counts them
         self._checkpointed = 0
         self._checkpoint: asyncio.Future[None] | None = None
+        self._creates = None if postgres else creates.CreateStatements(engine)
 
     def start(self) -> None:
         self._thread.loop = asyncio.get_running_loop()
@@ -179,6 +181,19 @@ class Writer(AppendBatches):
         last.data += data
         return last.future
 
+    def join_close(self, stream_id: str, compress: bool) -> asyncio.Future[AppendResult] | None:
+        """Make the last queued op close the stream if it is a plain append to it; its future, or None.
+
+        The close then commits with the write, and fails with it: a failed write leaves the stream open.
+        """
+        last = self._queue[-1] if self._queue else None
+        if not isinstance(last, AppendOp) or last.stream_id != stream_id or last.close:
+            return None
+        if last.seq is not None or last.producer is not None or last.content_type is not None:
+            return None
+        last.close, last.compress = True, compress
+        return last.future
+
     def submit(self, op: AppendOp | CallOp) -> None:
         if self._closing:
             if isinstance(op, AppendOp) and op.spool is not None:
@@ -191,11 +206,18 @@ class Writer(AppendBatches):
         self._wakeup.set()
 
     async def call(
-        self, fn: Callable[[Connection], tuple[Any, list[Change]]], group: bool = False, key: str = ""
+        self,
+        fn: Callable[[Connection], tuple[Any, list[Change]]],
+        group: bool = False,
+        key: str = "",
+        new: transactions.NewStream | None = None,
     ) -> Any:
-        """Run `fn(conn)` in a transaction; with `group`, one it may share with other grouped calls."""
+        """Run `fn(conn)` in a transaction; with `group`, one it may share with other grouped calls.
+
+        `new`, for a plain create that `fn` makes, lets a batch of them run on the driver connection.
+        """
         future: asyncio.Future[Any] = self.new_future()
-        self.submit(CallOp(fn, future, group, key))
+        self.submit(CallOp(fn, future, group, key, new))
         return await future
 
     async def _run(self) -> None:
@@ -211,7 +233,7 @@ class Writer(AppendBatches):
             batch = self._take_batch()
             try:
                 if isinstance(batch[0], CallOp):
-                    outcomes, changes = await self._thread.run(self._run_calls, cast(list[CallOp], batch))
+                    outcomes, changes = await self._calls(cast(list[CallOp], batch))
                 else:
                     # A batch is one CallOp or appends only (_take_batch).
                     outcomes, changes = await self._isolated_appends(cast(list[AppendOp], batch))
@@ -244,6 +266,58 @@ class Writer(AppendBatches):
             self._fail_queued(failed)
             if changes:
                 self._on_change(changes)
+
+    async def _calls(self, ops: list[CallOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        if ops[0].new is not None and self._creates is not None:
+            outcomes = await self._sqlite_creates(ops, self._creates)
+            if outcomes is not None:
+                return outcomes, []
+        return await self._thread.run(self._run_calls, ops)
+
+    async def _sqlite_creates(
+        self, ops: list[CallOp], statements: creates.CreateStatements
+    ) -> list[tuple[bool, Any]] | None:
+        """Plain creates on the event loop, as _sqlite_appends runs appends; None: run them as calls instead.
+
+        They are run as calls when another process holds the write lock (the thread then waits for it),
+        when one meets an expired stream of its name, or when a statement fails (then one by one).
+        """
+        cursor = self._driver_connection().cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except Exception:
+            cursor.close()
+            return None
+        self._file_writes.clear()
+        self._commit_sent = False
+        try:
+            self._cached_rows(cursor)  # emptied if another connection committed: then it takes the new rows
+            news = [op.new for op in ops if op.new is not None]
+            try:
+                outcomes = creates.create_batch(cursor, self._statements, statements, news)
+            except Exception as exc:  # nothing of it is committed
+                if not isinstance(exc, creates.Expired):
+                    log.warning("a batch of %d creates failed; running them as calls", len(ops), exc_info=exc)
+                with contextlib.suppress(Exception):
+                    cursor.execute("ROLLBACK")
+                return None
+            if self.may_commit_on_loop(sum(len(new.initial) for new in news)):
+                self._commit(cursor)
+            else:
+                await self._thread.run(self._commit, cursor)
+        except BaseException:
+            self._rows.clear()
+            with contextlib.suppress(Exception):
+                cursor.execute("ROLLBACK")
+            raise
+        finally:
+            cursor.close()
+        self.commits += 1
+        # The new streams' records as committed, for the first appends to them to find (see _cached_rows).
+        for ok, value in outcomes:
+            if ok and value[1]:
+                self._rows.put(value[0].id, Record.read(value[0], 0))
+        return outcomes
 
     async def _appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         if self._postgres:
@@ -372,6 +446,8 @@ class Writer(AppendBatches):
                 op = self._queue[0]
                 if not isinstance(op, CallOp) or not op.group:
                     break
+                if self._creates is not None and (op.new is None) != (first.new is None):
+                    break  # plain creates run as a batch of their own (_sqlite_creates)
                 batch.append(self._queue.popleft())
             return batch
         size = len(first.data)
