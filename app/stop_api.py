@@ -1,5 +1,8 @@
 """Asking a stream's writer to stop: POST /stream/{id}/stop, and GET /stream/{id}/stop?wait=N for writers.
 
+A stop is asked with a key or a token with `write`, from a viewer page (its session and CSRF token), or with
+a share link made with `stop` (in the `share` query parameter).
+
 A stop is recorded on the stream's record, so a writer that starts listening later still sees it, and rung on
 the stream's doorbell, which reaches the writer on whichever process it runs. The writer decides when to stop.
 """
@@ -19,7 +22,7 @@ from litestar.response.base import ASGIResponse
 
 from .agentuity_api import _json, _paths
 from .errors import InvalidRequestError, StreamNotFoundError
-from .http.auth import bearer, principal_of, require, require_right
+from .http.auth import bearer, principal_of, require, require_right, require_stop_by_link
 from .live import LiveHub
 from .models import StreamState, iso, lifecycle
 from .settings import Settings
@@ -29,7 +32,7 @@ from .web import session
 MAX_WAIT = 30.0  # seconds a writer's GET may wait for a stop; it asks again after
 
 
-async def _stream(store: Store, stream_id: str) -> StreamState:
+async def find_stream(store: Store, stream_id: str) -> StreamState:
     """The live stream with this id, or else this protocol name."""
     state = await store.get(stream_id)
     if not lifecycle(state).readable:
@@ -41,8 +44,10 @@ async def _stream(store: Store, stream_id: str) -> StreamState:
 
 async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> bool:
     """A key or token with the write right (True), or, from a viewer page, its session and CSRF token
-    (False: a page may stop any stream it shows)."""
+    (False: a page may stop any stream it shows), or a share link made with stop (checked by the caller)."""
     if not bearer(request) and settings.api_keys:
+        if (await principal_of(request)).kind == "link":
+            return True
         current = await session.current(request, settings)
         if current is not None:
             if not session.csrf_ok(request, settings, current):
@@ -72,9 +77,12 @@ async def stop_stream(
 ) -> ASGIResponse:
     """Ask the stream's writer to stop (202); a closed stream has nothing to stop (200, `stopped: false`)."""
     by_credential = await _authorise(request, settings)
-    found = await _stream(store, stream_id)
-    if by_credential:  # a token must also cover the stream's namespace
-        require(await principal_of(request), "write", found.namespace)
+    found = await find_stream(store, stream_id)
+    principal = await principal_of(request) if by_credential else None
+    if principal is not None and principal.kind == "link":
+        require_stop_by_link(principal, found)
+    elif principal is not None:  # a token must also cover the stream's namespace
+        require(principal, "write", found.namespace)
     state = await store.request_stop(found.id)
     if state.closed:
         return _json(200, {**_answer(state), "stop_requested": False, "stopped": False, "reason": "closed"})
@@ -91,16 +99,16 @@ async def stop_status(
     """Whether a stop was asked; with `wait`, the answer waits up to that many seconds for one (long-poll)."""
     if not math.isfinite(wait) or not 0 <= wait <= MAX_WAIT:
         raise InvalidRequestError(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
-    state = await _stream(store, stream_id)
+    state = await find_stream(store, stream_id)
     asked = asyncio.Event()
     unlisten = hub.on_stop(state.id, asked.set)
     try:
-        state = await _stream(store, state.id)  # read again once listening: no stop slips between the two
+        state = await find_stream(store, state.id)  # read again once listening: no stop slips between the two
         if wait and not state.closed and state.stop_requested_at is None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await asked.wait()
-            state = await _stream(store, state.id)
+            state = await find_stream(store, state.id)
     finally:
         unlisten()
     return _json(200, _answer(state))

@@ -21,7 +21,16 @@ import { createRenderer, follow } from "./streamhold.js";
   const jump = $("jump");
   const earlier = $("earlier");
   const scroller = document.scrollingElement;
-  const streamPath = `/v1/stream/${d.name.split("/").map(encodeURIComponent).join("/")}`;
+  // A page opened from a share link reads with it: every request it makes carries the link on.
+  const share = d.share || "";
+  const withShare = (path, params = {}) => {
+    const query = new URLSearchParams(params);
+    if (share) query.set("share", share);
+    const text = query.toString();
+    return text ? `${path}?${text}` : path;
+  };
+  const streamBase = `/v1/stream/${d.name.split("/").map(encodeURIComponent).join("/")}`;
+  const streamPath = withShare(streamBase);  // follow() keeps this query on every read it makes
 
   let start = Number(d.start);
   let offset = Number(d.offset);
@@ -108,7 +117,7 @@ import { createRenderer, follow } from "./streamhold.js";
   /* ---- applying data ---- */
 
   async function fetchBytes(from, to) {
-    const response = await fetch(`${streamPath}?offset=${token(from)}`, { cache: "no-store" });
+    const response = await fetch(withShare(streamBase, { offset: token(from) }), { cache: "no-store" });
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
     const reader = response.body.getReader();
     const out = new Uint8Array(to - from);
@@ -175,7 +184,7 @@ import { createRenderer, follow } from "./streamhold.js";
       let from;
       let text;
       if (encoding === "json") {
-        const response = await fetch(`${location.pathname}?before=${start}`, { cache: "no-store" });
+        const response = await fetch(withShare(location.pathname, { before: start }), { cache: "no-store" });
         if (!response.ok) throw new Error(`the server answered ${response.status}`);
         from = Number(response.headers.get("stream-range-start"));
         text = await response.text();
@@ -220,6 +229,7 @@ import { createRenderer, follow } from "./streamhold.js";
       onClose: finish,
     }).catch((error) => {
       if (error && (error.status === 404 || error.status === 410)) setGone();
+      else if (error && (error.status === 401 || error.status === 403)) setState("reconnecting", `Refused: ${error.message}`);
       else setState("reconnecting", "Disconnected: reload to try again");
     });
   }
@@ -236,18 +246,43 @@ import { createRenderer, follow } from "./streamhold.js";
   /* ---- controls ---- */
 
   const copy = $("copy-link");
-  if (copy) copy.addEventListener("click", async () => {
-    const url = location.origin + location.pathname;
-    let done = false;
+  const shareTtl = $("share-ttl");
+
+  /* The link to copy: the page's own share link, a new one (a private stream, from a page that may make
+     links), or the page's plain address. */
+  async function linkToCopy() {
+    if (share) return location.origin + withShare(location.pathname);
+    if (!shareTtl) return location.origin + location.pathname;
+    const response = await fetch(`/stream/${encodeURIComponent(copy.dataset.stream)}/share`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-csrf-token": copy.dataset.csrf || "" },
+      body: JSON.stringify({ ttl: Number(shareTtl.value) }),
+      credentials: "same-origin",
+      cache: "no-store",
+    });
+    let answer = {};
     try {
+      answer = await response.json();
+    } catch (_) { /* not JSON */ }
+    if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+    return answer.url;
+  }
+
+  if (copy) copy.addEventListener("click", async () => {
+    let done = false;
+    let url = "";
+    try {
+      url = await linkToCopy();
       await navigator.clipboard.writeText(url);
       done = true;
-    } catch (_) {
-      const field = Object.assign(document.createElement("textarea"), { value: url });
-      document.body.append(field);
-      field.select();
-      done = document.execCommand("copy");
-      field.remove();
+    } catch (error) {
+      if (url) {
+        const field = Object.assign(document.createElement("textarea"), { value: url });
+        document.body.append(field);
+        field.select();
+        done = document.execCommand("copy");
+        field.remove();
+      } else copy.title = `Could not make a share link: ${error.message}`;
     }
     copy.textContent = done ? "Copied ✓" : "Copy failed";
     setTimeout(() => { copy.textContent = "Copy link"; }, 1600);
