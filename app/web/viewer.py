@@ -158,9 +158,15 @@ def download_name(state: StreamState) -> str:
     return base if base.endswith(ext) else base + ext
 
 
-def page(context: dict[str, Any], status: int = 200, frame_ancestors: tuple[str, ...] = ()) -> Template:
+def page(
+    context: dict[str, Any],
+    status: int = 200,
+    frame_ancestors: tuple[str, ...] = (),
+    extra: dict[str, str] | None = None,
+) -> Template:
     """The watch page; in embed mode (`frame_ancestors` given) it may be framed by those origins."""
     headers = {**page_headers(frame_ancestors), "cache-control": "no-store", "referrer-policy": "same-origin"}
+    headers.update(extra or {})
     return Template("watch.html", context=context, status_code=status, headers=headers)
 
 
@@ -172,15 +178,10 @@ def raw_url(settings: Settings, state: StreamState, share: str = "") -> str:
     return protocol_url(settings.content_origin, state.name) + "?offset=-1" + link
 
 
-def refused(status: int, message: str, ancestors: tuple[str, ...]) -> Response[Any]:
-    """A page that may not be shown, and why, in plain text (nothing of the stream in it)."""
-    challenge = CHALLENGE if status == 401 else {}
-    return Response(
-        message,
-        status_code=status,
-        media_type="text/plain",
-        headers={**page_headers(ancestors), "cache-control": "no-store", **challenge},
-    )
+def refused(status: int, message: str, name: str, embed: bool, ancestors: tuple[str, ...]) -> Template:
+    """The page of a stream that may not be shown, saying why (nothing of the stream but its name in it)."""
+    context = {"gone": False, "refusal": message, "name": name, "embed": embed, "demo_csrf": ""}
+    return page(context, status, ancestors, CHALLENGE if status == 401 else None)
 
 
 def shared_by(request: Request[Any, Any, Any], principal: Principal, state: StreamState) -> str:
@@ -253,13 +254,15 @@ async def watch(
     try:
         principal = await principal_of(request)
     except HTTPException as exc:  # a share link that grants nothing: altered, expired, another secret's
-        return refused(exc.status_code, str(exc.detail), ancestors)
+        return refused(exc.status_code, str(exc.detail), state.name, embed, ancestors)
     if not may_read(principal, state, settings):
         if principal.kind == "link":
-            return refused(403, OTHER_STREAM, ancestors)
+            return refused(403, OTHER_STREAM, state.name, embed, ancestors)
         return refused(
             401,
             "this stream is private: open it with an API key, a read token for its namespace or a share link",
+            state.name,
+            embed,
             ancestors,
         )
     operator = not embed and (not settings.api_keys or (current is not None and current.signed_in))
