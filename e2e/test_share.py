@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -21,10 +21,24 @@ TIMEOUT = 15_000
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    data = tmp_path_factory.mktemp("share") / "data"
-    with serve(data, STREAMHOLD_API_KEYS=KEY, STREAMHOLD_SECRET=SECRET, STREAMHOLD_READS="private") as process:
-        yield process
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """A server with a key (links open its private streams) and a keyless one, started side by side."""
+    root = tmp_path_factory.mktemp("share")
+    keyed = {"STREAMHOLD_API_KEYS": KEY, "STREAMHOLD_SECRET": SECRET, "STREAMHOLD_READS": "private"}
+    keyless = {"STREAMHOLD_SECRET": SECRET}
+    made = {"keyed": serve(root / "keyed", **keyed), "keyless": serve(root / "keyless", **keyless)}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(ServerProcess.start, made.values()))
+        yield made
+    finally:
+        for server in made.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(servers: dict[str, ServerProcess]) -> ServerProcess:
+    return servers["keyed"]
 
 
 def private_stream(server: ServerProcess, name: str, first: str) -> None:
@@ -33,7 +47,8 @@ def private_stream(server: ServerProcess, name: str, first: str) -> None:
 
 
 def append(server: ServerProcess, name: str, text: str) -> None:
-    assert httpx.post(f"{server.url}/v1/stream/{name}", headers=TEXT, content=text.encode()).status_code == 204
+    appended = httpx.post(f"{server.url}/v1/stream/{name}", headers=TEXT, content=text.encode())
+    assert appended.status_code == 204
 
 
 def share(server: ServerProcess, name: str, ttl: float) -> str:
@@ -82,7 +97,7 @@ def test_the_copy_link_of_a_shared_page_is_that_link(
 def test_an_expired_link_shows_why_on_reload(keyed_server: ServerProcess, page: Page) -> None:
     name = "shared-expiry"
     private_stream(keyed_server, name, "brief\n")
-    ttl = 3.0
+    ttl = 1.0
     made = time.time()
     link = share(keyed_server, name, ttl)
     page.goto(link)
@@ -91,3 +106,27 @@ def test_an_expired_link_shows_why_on_reload(keyed_server: ServerProcess, page: 
     answer = page.reload()
     assert answer is not None and answer.status == 403
     expect(page.locator("body")).to_contain_text("this share link has expired: ask for a new one")
+
+
+def test_copy_link_on_a_private_stream_makes_a_share_link(
+    servers: dict[str, ServerProcess], context: BrowserContext, page: Page
+) -> None:
+    """A page that may make links (here a keyless server's) copies a new link of the chosen lifetime."""
+    server = servers["keyless"]
+    name = "copied-private"
+    made = httpx.put(
+        f"{server.url}/v1/stream/{name}",
+        headers={"content-type": "text/plain", "streamhold-visibility": "private"},
+        content=b"hello\n",
+    )
+    assert made.status_code == 201
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.goto(f"{server.url}/watch/{name}")
+    expect(page.locator("#watch")).to_have_attribute("data-state", "live", timeout=TIMEOUT)
+    page.select_option("#share-ttl", "86400")
+    page.click("#copy-link")
+    expect(page.locator("#copy-link")).to_have_text("Copied ✓")
+    copied = str(page.evaluate("navigator.clipboard.readText()"))
+    assert copied.startswith(f"{server.url}/watch/{name}?share=v1.")
+    expires = int(copied.rsplit("?share=", 1)[1].split(".")[3])
+    assert abs(expires - time.time() - 86400) < 60

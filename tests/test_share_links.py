@@ -9,9 +9,8 @@ secret), the SDK and the CLI, two processes sharing the secret, and the settings
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,15 +20,16 @@ from typing import Any
 
 import httpx
 import pytest
-from litestar.testing import AsyncTestClient
+from click.testing import CliRunner, Result
+from litestar.testing import AsyncTestClient, TestClient
 
-from streamhold import clock
+from streamhold import cli, clock, share_cli
 from streamhold.errors import SharingUnavailableError
 from streamhold.http import share_links
 from streamhold.main import create_app
 from streamhold.sdk.remote import RemoteStreams, UnauthorizedError
 from streamhold.settings import Settings, SettingsError
-from tests._server import LOOPBACK, REPO_ROOT, ServerProcess
+from tests._server import LOOPBACK
 from tests.test_access import KEY, bearer, mint
 from tests.test_dashboard import csrf_of
 
@@ -307,28 +307,55 @@ async def test_the_sdk_makes_links_in_process_and_remotely(settings: Settings) -
             await bare.state.service.share(info.id)
 
 
-def test_the_share_command(tmp_path: Path) -> None:
-    env = {"STREAMHOLD_API_KEYS": KEY, "STREAMHOLD_DATA_DIR": str(tmp_path / "data")}
-    with ServerProcess(env={**env, "STREAMHOLD_SECRET": SECRET}) as server:
+def test_the_share_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(data_dir=tmp_path, api_keys=(KEY,), secret=SECRET, public_url="http://sh.test")
+    app = create_app(settings)
+    # The command's client reaches this in-process app instead of the network.
+    remote = functools.partial(RemoteStreams, transport=httpx.ASGITransport(app=app))
+    monkeypatch.setattr(share_cli, "RemoteStreams", remote)
+    with TestClient(app, base_url=LOOPBACK) as client:
         closed = {**TEXT, **bearer(KEY), "stream-closed": "true"}
-        created = httpx.put(f"{server.url}/v1/stream/cli", headers=closed, content=BODY)
-        assert created.status_code == 201
+        assert client.put("/v1/stream/cli", headers=closed, content=BODY).status_code == 201
 
-        def streamhold(*args: str) -> subprocess.CompletedProcess[str]:
-            command = [sys.executable, "-m", "streamhold.cli", "share", *args]
-            return subprocess.run(
-                [*command, "--server", server.url, "--key", KEY],
-                cwd=REPO_ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
-            )
+        def streamhold(*args: str) -> Result:
+            return CliRunner().invoke(cli.main, ["share", *args, "--server", "http://sh.test", "--key", KEY])
 
         made = streamhold("cli", "--ttl", "1h", "--stop")
-        assert made.returncode == 0, made.stderr
+        assert made.exit_code == 0, made.output
         viewer, content = made.stdout.split()
-        assert viewer.startswith(f"{server.url}/watch/cli?share=v1.") and ".s." in viewer
-        assert httpx.get(content).content == BODY
-        assert httpx.get(viewer).status_code == 200
+        assert viewer.startswith("http://sh.test/watch/cli?share=v1.") and ".s." in viewer
+        assert client.get(content.removeprefix("http://sh.test")).content == BODY
+        assert client.get(viewer.removeprefix("http://sh.test")).status_code == 200
         as_json = json.loads(streamhold("cli", "--ttl", "30m", "--json").stdout)
         expires = datetime.fromisoformat(as_json["expires_at"].replace("Z", "+00:00")).timestamp()
         assert as_json["stop"] is False and 1790 < expires - time.time() < 1810
         bad = streamhold("cli", "--ttl", "soon")
-        assert bad.returncode == 1 and "--ttl takes seconds or a duration" in bad.stderr
+        assert bad.exit_code == 1 and "--ttl takes seconds or a duration" in bad.output
+        refused = CliRunner().invoke(cli.main, ["share", "cli", "--server", "http://sh.test"])
+        assert refused.exit_code == 1 and "the server needs an API key" in refused.output
+
+
+async def test_the_viewer_carries_its_link_on(client: AsyncTestClient[Any]) -> None:
+    await make_stream(client, "page", private=True)
+    reads, stops = await share(client, "page"), await share(client, "page", stop=True)
+    read_page = (await client.get("/watch/page", params={"share": reads})).text
+    assert f'data-share="{reads}"' in read_page and f"share={reads}" in read_page  # the live reads, Download
+    assert 'id="stop"' not in read_page and 'id="share-ttl"' not in read_page
+    stop_page = (await client.get("/watch/page", params={"share": stops})).text
+    assert 'id="stop"' in stop_page and stop_page.count(f'data-share="{stops}"') == 2
+    keyed = (await client.get("/watch/page", headers=bearer(KEY))).text
+    assert "data-share" not in keyed
+
+
+async def test_a_page_that_may_make_links_offers_a_lifetime(tmp_path: Path) -> None:
+    keyless = create_app(Settings(data_dir=tmp_path, secret=SECRET))
+    async with AsyncTestClient(keyless, base_url=LOOPBACK) as client:
+        for name, visibility in (("hidden", "private"), ("shown", "public")):
+            chosen = {**TEXT, "streamhold-visibility": visibility}
+            made = await client.put(f"/v1/stream/{name}", headers=chosen)
+            assert made.status_code == 201
+        hidden = (await client.get("/watch/hidden")).text
+        assert 'id="share-ttl"' in hidden and 'value="604800">7 days' in hidden and 'data-csrf="' in hidden
+        assert 'id="share-ttl"' not in (await client.get("/watch/shown")).text  # a public URL is enough
+    async with AsyncTestClient(create_app(Settings(data_dir=tmp_path)), base_url=LOOPBACK) as client:
+        assert 'id="share-ttl"' not in (await client.get("/watch/hidden")).text  # no secret to sign with
