@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -359,3 +360,17 @@ async def test_a_page_that_may_make_links_offers_a_lifetime(tmp_path: Path) -> N
         assert 'id="share-ttl"' not in (await client.get("/watch/shown")).text  # a public URL is enough
     async with AsyncTestClient(create_app(Settings(data_dir=tmp_path)), base_url=LOOPBACK) as client:
         assert 'id="share-ttl"' not in (await client.get("/watch/hidden")).text  # no secret to sign with
+
+
+async def test_a_live_read_ends_when_its_link_expires(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, api_keys=(KEY,), secret=SECRET, sse_keepalive=0.1)
+    async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
+        await make_stream(client, "brief", private=True)  # open: an SSE read would follow it for ever
+        good = await share(client, "brief")
+        brief = signed(SECRET, good, math.ceil(clock.now()) + 1, stop=False)
+        started = time.monotonic()
+        sse = await client.get("/v1/stream/brief", params={"share": brief, "offset": "-1", "live": "sse"})
+        assert sse.status_code == 200 and "payload-7f3a" in sse.text
+        assert time.monotonic() - started < 5, "the SSE connection ended at the link's expiry"
+        again = await client.get("/v1/stream/brief", params={"share": brief, "offset": "-1", "live": "sse"})
+        assert again.status_code == 403 and "has expired" in again.json()["error"]

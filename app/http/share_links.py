@@ -12,13 +12,17 @@ import base64
 import hashlib
 import hmac
 import math
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from .. import clock
 from ..errors import InvalidRequestError, SharingUnavailableError
 from ..models import StreamState, iso
 from ..urls import stream_url, viewer_url
 
+T = TypeVar("T")
 PARAM = "share"
 MIN_TTL = 1.0
 MAX_TTL = 90 * 86400.0  # as long as a stream may live
@@ -106,3 +110,13 @@ def share(secret: str, origin: str, state: StreamState, ttl: Any, stop: Any, now
         "expires_at": iso(link.expires),
         "stop": stop,
     }
+
+
+async def while_valid(pieces: AsyncGenerator[T, None], expires: float | None) -> AsyncGenerator[T, None]:
+    """A live body (SSE, a tail) that ends at its first piece after the link that opened it expired: nothing
+    committed after expiry reaches the reader, and a reconnect is then refused with the reason."""
+    async with aclosing(pieces):
+        async for piece in pieces:
+            if expires is not None and clock.now() >= expires:
+                return
+            yield piece

@@ -16,6 +16,7 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
 from ..errors import InvalidRequestError, OffsetGoneError, StreamError
+from ..http import share_links
 from ..http.auth import principal_of, require_read
 from ..http.content import CutOff, CutOffBody
 from ..http.responses import BODY_SLICE, parse_query, respond, single
@@ -328,7 +329,8 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
         name = request_name(request, name)
         asked = ReadRequest.parse(request)
         state = require_live(await store.get_by_name(name))
-        require_read(await principal_of(request), state, settings)
+        principal = await principal_of(request)
+        require_read(principal, state, settings)
         if state.sliding:
             await store.touch(state)
         if asked.live == "sse":
@@ -341,6 +343,8 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
             if not is_text(state.content_type):
                 headers["stream-sse-data-encoding"] = "base64"
             events = _sse_events(store, hub, settings, state, start, asked.cursor)
+            if principal.link is not None:
+                events = share_links.while_valid(events, principal.link.expires)
             return ASGIStreamingResponse(iterator=events, headers=headers)
         start = await _position(store, asked.offset, state)
         if asked.live == "long-poll":
