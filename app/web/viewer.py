@@ -180,7 +180,8 @@ def raw_url(settings: Settings, state: StreamState, share: str = "") -> str:
 
 def refused(status: int, message: str, name: str, embed: bool, ancestors: tuple[str, ...]) -> Template:
     """The page of a stream that may not be shown, saying why (nothing of the stream but its name in it)."""
-    context = {"gone": False, "refusal": message, "name": name, "embed": embed, "demo_csrf": ""}
+    context = {"gone": False, "refusal": message, "refusal_status": status, "name": name, "embed": embed}
+    context["demo_csrf"] = ""
     return page(context, status, ancestors, CHALLENGE if status == 401 else None)
 
 
