@@ -367,10 +367,15 @@ async def test_a_live_read_ends_when_its_link_expires(tmp_path: Path) -> None:
     async with AsyncTestClient(create_app(settings), base_url=LOOPBACK) as client:
         await make_stream(client, "brief", private=True)  # open: an SSE read would follow it for ever
         good = await share(client, "brief")
-        brief = signed(SECRET, good, math.ceil(clock.now()) + 1, stop=False)
+        second = math.ceil(clock.now())
+        brief, later = (signed(SECRET, good, second + n, stop=False) for n in (1, 2))
+        tail = (await client.head("/v1/stream/brief", params={"share": brief})).headers["stream-next-offset"]
         started = time.monotonic()
-        sse = await client.get("/v1/stream/brief", params={"share": brief, "offset": "-1", "live": "sse"})
+        waiting = {"share": brief, "offset": tail, "live": "long-poll"}
+        polled = await client.get("/v1/stream/brief", params=waiting)
+        assert polled.status_code == 204, "the long-poll (20 s otherwise) answered at the link's expiry"
+        sse = await client.get("/v1/stream/brief", params={"share": later, "offset": "-1", "live": "sse"})
         assert sse.status_code == 200 and "payload-7f3a" in sse.text
-        assert time.monotonic() - started < 5, "the SSE connection ended at the link's expiry"
+        assert time.monotonic() - started < 6, "the SSE connection ended at the link's expiry"
         again = await client.get("/v1/stream/brief", params={"share": brief, "offset": "-1", "live": "sse"})
         assert again.status_code == 403 and "has expired" in again.json()["error"]
