@@ -21,16 +21,15 @@ import { createRenderer, follow } from "./streamhold.js";
   const jump = $("jump");
   const earlier = $("earlier");
   const scroller = document.scrollingElement;
-  // A page opened from a share link reads with it: every request it makes carries the link on.
-  const share = d.share || "";
+  const streamPath = `/v1/stream/${d.name.split("/").map(encodeURIComponent).join("/")}`;
+  // A page opened by a share link reads with it: its `share` goes on every request the page makes.
+  const share = new URLSearchParams(location.search).get("share");
   const withShare = (path, params = {}) => {
-    const query = new URLSearchParams(params);
-    if (share) query.set("share", share);
-    const text = query.toString();
-    return text ? `${path}?${text}` : path;
+    const u = new URL(path, location.href);
+    if (share) u.searchParams.set("share", share);
+    for (const [key, value] of Object.entries(params)) u.searchParams.set(key, String(value));
+    return u.href;
   };
-  const streamBase = `/v1/stream/${d.name.split("/").map(encodeURIComponent).join("/")}`;
-  const streamPath = withShare(streamBase);  // follow() keeps this query on every read it makes
 
   let start = Number(d.start);
   let offset = Number(d.offset);
@@ -117,7 +116,7 @@ import { createRenderer, follow } from "./streamhold.js";
   /* ---- applying data ---- */
 
   async function fetchBytes(from, to) {
-    const response = await fetch(withShare(streamBase, { offset: token(from) }), { cache: "no-store" });
+    const response = await fetch(withShare(streamPath, { offset: token(from) }), { cache: "no-store" });
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
     const reader = response.body.getReader();
     const out = new Uint8Array(to - from);
@@ -217,7 +216,7 @@ import { createRenderer, follow } from "./streamhold.js";
   /* ---- the live connection ---- */
 
   function connect() {
-    follow(streamPath, {
+    follow(withShare(streamPath), {
       offset: token(offset),
       exact: false,  // for display: a lone CR may show as a line break, saving a read per line
       maxRetries: MAX_ATTEMPTS,
@@ -251,7 +250,7 @@ import { createRenderer, follow } from "./streamhold.js";
   /* The link to copy: the page's own share link, a new one (a private stream, from a page that may make
      links), or the page's plain address. */
   async function linkToCopy() {
-    if (share) return location.origin + withShare(location.pathname);
+    if (share) return withShare(location.pathname);
     if (!shareTtl) return location.origin + location.pathname;
     const response = await fetch(`/stream/${encodeURIComponent(copy.dataset.stream)}/share`, {
       method: "POST",

@@ -158,15 +158,9 @@ def download_name(state: StreamState) -> str:
     return base if base.endswith(ext) else base + ext
 
 
-def page(
-    context: dict[str, Any],
-    status: int = 200,
-    frame_ancestors: tuple[str, ...] = (),
-    extra: dict[str, str] | None = None,
-) -> Template:
+def page(context: dict[str, Any], status: int = 200, frame_ancestors: tuple[str, ...] = ()) -> Template:
     """The watch page; in embed mode (`frame_ancestors` given) it may be framed by those origins."""
     headers = {**page_headers(frame_ancestors), "cache-control": "no-store", "referrer-policy": "same-origin"}
-    headers.update(extra or {})
     return Template("watch.html", context=context, status_code=status, headers=headers)
 
 
@@ -180,9 +174,9 @@ def raw_url(settings: Settings, state: StreamState, share: str = "") -> str:
 
 def refused(status: int, message: str, name: str, embed: bool, ancestors: tuple[str, ...]) -> Template:
     """The page of a stream that may not be shown, saying why (nothing of the stream but its name in it)."""
-    context = {"gone": False, "refusal": message, "refusal_status": status, "name": name, "embed": embed}
-    context["demo_csrf"] = ""
-    return page(context, status, ancestors, CHALLENGE if status == 401 else None)
+    context = {"refusal": message, "refusal_status": status, "name": name, "embed": embed}
+    headers = {**page_headers(ancestors), "cache-control": "no-store", **(CHALLENGE if status == 401 else {})}
+    return Template("watch_refused.html", context=context, status_code=status, headers=headers)
 
 
 def shared_by(request: Request[Any, Any, Any], principal: Principal, state: StreamState) -> str:
