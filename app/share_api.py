@@ -19,7 +19,7 @@ from . import clock
 from .agentuity_api import _json, _json_object, _paths
 from .errors import InvalidRequestError
 from .http import share_links
-from .http.auth import bearer, principal_of, require
+from .http.auth import ADMIN, Principal, bearer, principal_of, require
 from .models import StreamState
 from .settings import Settings
 from .stop_api import find_stream
@@ -34,6 +34,7 @@ async def _shareable(
     request: Request[Any, Any, Any], store: Store, settings: Settings, stream_id: str
 ) -> StreamState:
     """The stream, once the request may make links to it (401, 403 or 404 otherwise)."""
+    principal: Principal | None = None
     if settings.api_keys and not bearer(request):
         current = await session.current(request, settings)
         if current is not None:
@@ -41,8 +42,10 @@ async def _shareable(
                 raise PermissionDeniedException(
                     "making a share link from a page needs its CSRF token (X-CSRF-Token); reload the page"
                 )
-            return await find_stream(store, stream_id)
-    principal = await principal_of(request)
+            # A sign-in acts with its own rights: an API key's, or a token's where a sign-in carries one.
+            principal = getattr(current, "principal", ADMIN)
+    if principal is None:
+        principal = await principal_of(request)
     require(principal, "manage")
     state = await find_stream(store, stream_id)
     require(principal, "manage", state.namespace)
