@@ -352,10 +352,8 @@ async def _read(
 ) -> ASGIResponse:
     try:
         state = await _live(store, stream_id)
-        principal = await principal_of(request)
-        require_read(principal, state, settings)
-        until = principal.link.expires if principal.link is not None else None
-        return await respond_with_content(request, store, hub, settings, state, head, until)
+        require_read(await principal_of(request), state, settings)
+        return await respond_with_content(request, store, hub, settings, state, head)
     except StreamError as exc:
         return _error(exc, head)
     except HTTPException as exc:  # a private stream, read without a key or a read token for it

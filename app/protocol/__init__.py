@@ -25,7 +25,8 @@ from ..errors import (
     StreamError,
     StreamNotFoundError,
 )
-from ..http.auth import principal_of, require, require_read, resolve, share_param, visibility_of
+from ..http import auth
+from ..http.auth import principal_of, require, require_read, resolve, visibility_of
 from ..http.metrics import request_metrics
 from ..http.responses import respond
 from ..models import (
@@ -256,7 +257,7 @@ async def _append(
     store: Store = state.store
     settings: Settings = state.settings
     headers = _request_headers(scope)
-    share = share_param(scope.get("query_string", b""))
+    share = auth.share_param(scope.get("query_string", b""))
     principal = await resolve(headers.get("authorization", ""), settings, store.tokens, share)
     require(principal, "write")
     name = name_from_path(scope.get("raw_path"), routed)
