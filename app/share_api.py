@@ -1,7 +1,7 @@
 """Making share links: POST /stream/{id}/share answers an expiring link that reads one stream.
 
 A link is made with an admin key, a token with `manage` on the stream's namespace, or from a signed-in
-viewer page (its session cookie and CSRF token). The link itself is checked where every read is judged
+viewer page (its sign-in cookie and CSRF token). The link itself is checked where every read is judged
 (`may_read` in http/auth.py); http/share_links.py signs and verifies it.
 """
 
@@ -22,7 +22,7 @@ from .http import share_links
 from .http.auth import ADMIN, Principal, bearer, principal_of, require
 from .models import StreamState
 from .settings import Settings
-from .stop_api import find_stream
+from .stop_api import _stream as find_stream
 from .store.store import Store
 from .web import session
 

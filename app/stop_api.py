@@ -1,6 +1,6 @@
 """Asking a stream's writer to stop: POST /stream/{id}/stop, and GET /stream/{id}/stop?wait=N for writers.
 
-A stop is asked with a key or a token with `write`, from a viewer page (its session and CSRF token), or with
+A stop is asked with a key or a token with `write`, from a viewer page (its sign-in and CSRF token), or with
 a share link made with `stop` (in the `share` query parameter).
 
 A stop is recorded on the stream's record, so a writer that starts listening later still sees it, and rung on
@@ -32,7 +32,7 @@ from .web import session
 MAX_WAIT = 30.0  # seconds a writer's GET may wait for a stop; it asks again after
 
 
-async def find_stream(store: Store, stream_id: str) -> StreamState:
+async def _stream(store: Store, stream_id: str) -> StreamState:
     """The live stream with this id, or else this protocol name."""
     state = await store.get(stream_id)
     if not lifecycle(state).readable:
@@ -77,7 +77,7 @@ async def stop_stream(
 ) -> ASGIResponse:
     """Ask the stream's writer to stop (202); a closed stream has nothing to stop (200, `stopped: false`)."""
     by_credential = await _authorise(request, settings)
-    found = await find_stream(store, stream_id)
+    found = await _stream(store, stream_id)
     principal = await principal_of(request) if by_credential else None
     if principal is not None and principal.kind == "link":
         require_stop_by_link(principal, found)
@@ -99,16 +99,16 @@ async def stop_status(
     """Whether a stop was asked; with `wait`, the answer waits up to that many seconds for one (long-poll)."""
     if not math.isfinite(wait) or not 0 <= wait <= MAX_WAIT:
         raise InvalidRequestError(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
-    state = await find_stream(store, stream_id)
+    state = await _stream(store, stream_id)
     asked = asyncio.Event()
     unlisten = hub.on_stop(state.id, asked.set)
     try:
-        state = await find_stream(store, state.id)  # read again once listening: no stop slips between the two
+        state = await _stream(store, state.id)  # read again once listening: no stop slips between the two
         if wait and not state.closed and state.stop_requested_at is None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await asked.wait()
-            state = await find_stream(store, state.id)
+            state = await _stream(store, state.id)
     finally:
         unlisten()
     return _json(200, _answer(state))

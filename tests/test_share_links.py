@@ -197,7 +197,7 @@ async def test_who_may_make_a_link(client: AsyncTestClient[Any]) -> None:
     content = await client.get(answer["content_url"].removeprefix("http://sh.test"))
     assert content.status_code == 200 and content.content == BODY
 
-    # A signed-in page makes links with its session cookie and CSRF token.
+    # A signed-in page makes links with its sign-in cookie and CSRF token.
     client.follow_redirects = False
     assert (await client.post("/signin", data={"key": KEY, "next": "/"})).status_code == 303
     try:

@@ -18,9 +18,7 @@
     button.disabled = true;
     button.textContent = "Stopping…";
     try {
-      // A page opened from a share link made with stop asks with that link.
-      const share = button.dataset.share ? `?share=${encodeURIComponent(button.dataset.share)}` : "";
-      const response = await fetch(`/stream/${encodeURIComponent(button.dataset.stream)}/stop${share}`, {
+      const response = await fetch(`/stream/${encodeURIComponent(button.dataset.stream)}/stop`, {
         method: "POST",
         headers: { "x-csrf-token": button.dataset.csrf || "" },
         credentials: "same-origin",
