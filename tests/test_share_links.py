@@ -259,6 +259,8 @@ def test_the_settings_ask_for_a_secret_where_private_reads_need_links() -> None:
     assert Settings.from_env({**env, "STREAMHOLD_SECRET": SECRET}).secret == SECRET
     assert SECRET not in repr(Settings.from_env({**env, "STREAMHOLD_SECRET": SECRET}))
     assert Settings.from_env({"STREAMHOLD_READS": "private"}).secret == ""  # keyless: nothing to open
+    refused = CliRunner().invoke(cli.main, ["serve"], env=env)
+    assert refused.exit_code == 1 and "needs STREAMHOLD_SECRET" in refused.output
 
 
 async def test_two_processes_sharing_the_secret_accept_each_others_links(pg_url: str, tmp_path: Path) -> None:
