@@ -17,6 +17,7 @@ if TYPE_CHECKING:
         PayloadTooLargeError,
         ProducerSeqGapError,
         SeqConflictError,
+        SharingUnavailableError,
         StaleEpochError,
         StorageFullError,
         StreamClosedError,
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
         StreamNotFoundError,
     )
     from .main import create_app
-    from .sdk.base import StreamService
+    from .sdk.base import ShareLink, StreamService
     from .sdk.context import AgentContext, create_agent_context
     from .sdk.remote import RemoteStreamError, RemoteStreams, ServerUnavailableError, UnauthorizedError
     from .sdk.webhooks import SubscriptionRequestError, WebhookVerificationError, verify_webhook
@@ -37,6 +38,7 @@ _WHERE = {
     "create_agent_context": "sdk.context",
     "AgentContext": "sdk.context",
     "StreamService": "sdk.base",
+    "ShareLink": "sdk.base",
     "RemoteStreams": "sdk.remote",
     "Settings": "settings",
     "SettingsError": "settings",
@@ -50,6 +52,7 @@ _WHERE = {
     "SeqConflictError": "errors",
     "ProducerSeqGapError": "errors",
     "StaleEpochError": "errors",
+    "SharingUnavailableError": "errors",
     "StorageFullError": "errors",
     "PayloadTooLargeError": "errors",
     "InvalidRequestError": "errors",
@@ -76,6 +79,8 @@ __all__ = [
     "ServerUnavailableError",
     "Settings",
     "SettingsError",
+    "ShareLink",
+    "SharingUnavailableError",
     "StaleEpochError",
     "StorageFullError",
     "StreamClosedError",

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import backup_cli, client_cli, subscription_cli, token_cli, urls
+from . import backup_cli, client_cli, share_cli, subscription_cli, token_cli, urls
 from .settings import Settings, SettingsError
 
 
@@ -72,6 +72,7 @@ COMMANDS: tuple[click.Command, ...] = (
     backup_cli.restore,
     backup_cli.check,
     token_cli.token,
+    share_cli.share,
 )
 
 

@@ -38,6 +38,10 @@ class StreamConflictError(StreamError):
     status = 409
 
 
+class SharingUnavailableError(StreamConflictError):
+    """The server has no STREAMHOLD_SECRET to sign share links with."""
+
+
 class ContentTypeMismatchError(StreamConflictError):
     pass
 

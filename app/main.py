@@ -28,7 +28,7 @@ from litestar.types import (
     Send,
 )
 
-from . import agentuity_api, protocol, stop_api
+from . import agentuity_api, protocol, share_api, stop_api
 from .errors import StreamError
 from .http import admin, guard, headers, ops, token_api
 from .http.metrics import request_metrics
@@ -201,7 +201,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
     routes: list[Any] = [
         Router(
             "/",
-            route_handlers=[*protocol.routes, *agentuity_api.routes, *stop_api.routes],
+            route_handlers=[*protocol.routes, *agentuity_api.routes, *stop_api.routes, *share_api.routes],
             opt={"stream_api": True},
         ),
         *ops.routes,

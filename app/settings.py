@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
+MIN_SECRET = 16  # characters of STREAMHOLD_SECRET: share links are only as strong as it
 # An origin a CSP `frame-ancestors` can name: scheme, host (optionally `*.` for its subdomains), port.
 EMBED_ORIGIN = re.compile(
     r"^https?://(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$"
@@ -51,6 +52,7 @@ class Settings:
     # None: 64 MiB, or a twentieth of a smaller filesystem; 0: no reserve.
     min_free_bytes: int | None = None
     reads: str = "public"  # who may read a stream that chose no visibility: anyone, or keys and tokens
+    secret: str = field(default="", repr=False)  # signs share links; the same on every process
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +99,18 @@ class Settings:
         reads = text("READS", "public").lower()
         if reads not in ("public", "private"):
             raise SettingsError(f"STREAMHOLD_READS must be public or private, got {reads!r}")
+        secret = text("SECRET")
+        if secret and len(secret) < MIN_SECRET:
+            raise SettingsError(
+                f"STREAMHOLD_SECRET must be at least {MIN_SECRET} characters; generate one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        if keys and reads == "private" and not secret:
+            raise SettingsError(
+                "STREAMHOLD_READS=private with API keys needs STREAMHOLD_SECRET, which signs the share links "
+                "that open private streams without a key: set it to a long random string, the same on every "
+                "process (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         cors = tuple(o.strip().rstrip("/") for o in text("CORS_ORIGINS").split(",") if o.strip())
         embed = embed_origins(text("EMBED_ORIGINS"))
         return cls(
@@ -124,6 +138,7 @@ class Settings:
             history_interval=number("HISTORY_INTERVAL", 10.0, 0.5),
             min_free_bytes=int(number("MIN_FREE_BYTES", 0, 0)) if reserve else None,
             reads=reads,
+            secret=secret,
         )
 
     @property

@@ -1,5 +1,8 @@
 """Asking a stream's writer to stop: POST /stream/{id}/stop, and GET /stream/{id}/stop?wait=N for writers.
 
+A stop is asked with a key or a token with `write`, from a viewer page (its sign-in and CSRF token), or with
+a share link made with `stop` (in the `share` query parameter).
+
 A stop is recorded on the stream's record, so a writer that starts listening later still sees it, and rung on
 the stream's doorbell, which reaches the writer on whichever process it runs. The writer decides when to stop.
 """
@@ -20,7 +23,7 @@ from litestar.response.base import ASGIResponse
 from .agentuity_api import _json, _paths
 from .errors import InvalidRequestError, StreamNotFoundError
 from .http import guard
-from .http.auth import Principal, bearer, principal_of, require, require_right
+from .http.auth import Principal, bearer, principal_of, require, require_right, require_stop_by_link
 from .live import LiveHub
 from .models import StreamState, iso, lifecycle
 from .settings import Settings
@@ -41,9 +44,13 @@ async def _stream(store: Store, stream_id: str) -> StreamState:
 
 
 async def _authorise(request: Request[Any, Any, Any], settings: Settings) -> Principal:
-    """Whose stop this is: a key or token with the write right, or, from a viewer page, its sign-in with
-    its CSRF token (an API key's sign-in may stop any stream a page shows; a token's, those it may write)."""
+    """Whose stop this is: a key or token with the write right, a share link made with stop (checked
+    against the stream by the caller), or, from a viewer page, its sign-in with its CSRF token (an API key's
+    sign-in may stop any stream a page shows; a token's, those it may write)."""
     if not bearer(request) and settings.api_keys:
+        principal = await principal_of(request)
+        if principal.kind == "link":
+            return principal
         current = await session.current(request, settings)
         if current is not None:
             if not session.csrf_ok(request, settings, current):
@@ -97,7 +104,10 @@ async def _stoppable(
             )
     principal = await _authorise(request, settings)
     found = await _stream(store, stream_id)
-    require(principal, "write", found.namespace)  # a token must also cover the stream's namespace
+    if principal.kind == "link":
+        require_stop_by_link(principal, found)
+    else:
+        require(principal, "write", found.namespace)  # a token must also cover the stream's namespace
     return found
 
 

@@ -17,7 +17,7 @@ UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 TIMEOUT = 30.0
 
 
-def _ttl(text: str | None) -> float:
+def ttl_seconds(text: str | None) -> float:
     """--ttl: seconds, or a number with s, m, h or d; `never`, 0 or nothing for a token that never expires."""
     if text is None or text.strip().lower() in ("never", "0", ""):
         return 0
@@ -74,7 +74,7 @@ def create(
     body = {
         "scopes": [s.strip() for s in scopes.split(",") if s.strip()],
         "namespaces": [n.strip() for item in namespaces for n in item.split(",") if n.strip()],
-        "ttl": _ttl(ttl),
+        "ttl": ttl_seconds(ttl),
         "label": label,
     }
     made = _call(server, key, "POST", "/tokens", body)

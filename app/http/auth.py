@@ -2,8 +2,9 @@
 
 A request's principal is one of: `open` (a keyless server: loopback only, everything allowed), `admin` (a key
 of STREAMHOLD_API_KEYS: every right everywhere), `token` (a scoped token minted at /tokens: its scopes over
-its namespaces) or `anonymous` (no credential). A credential that is presented but unknown, revoked or
-expired is a 401, never taken as anonymous.
+its namespaces), `link` (a share link in the `share` query parameter: reading one stream, maybe stopping it)
+or `anonymous` (no credential). A key or token that is presented but unknown, revoked or expired is a 401,
+a share link that is altered, expired or signed with another secret a 403: never taken as anonymous.
 
 `require_right` is the /stream API's guard: each handler declares the right it needs (read, write or
 manage) and checks the stream's namespace itself once it knows it (`require`).
@@ -15,6 +16,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import parse_qs
 
 from litestar import Request
 from litestar.connection import ASGIConnection
@@ -25,14 +27,24 @@ from litestar.exceptions import (
 )
 from litestar.handlers.base import BaseRouteHandler
 
+from .. import clock
 from ..errors import InvalidRequestError
 from ..models import StreamState
 from ..settings import Settings
 from ..store.tokens import TokenRecord, Tokens
+from . import share_links
 
 Right = Literal["read", "write", "manage"]
 RIGHTS: tuple[Right, ...] = ("read", "write", "manage")
-Kind = Literal["open", "admin", "token", "anonymous"]
+Kind = Literal["open", "admin", "token", "link", "anonymous"]
+LINK_READS_ONLY = (
+    "a share link only reads the stream it was made for (and asks its writer to stop, when made so): this "
+    "call needs an API key or a token"
+)
+OTHER_STREAM = (
+    "this share link was made for another stream (or for an earlier stream of this name, since deleted): "
+    "ask for a new one"
+)
 CHALLENGE = {"www-authenticate": 'Bearer realm="streamhold"'}
 STATE_KEY = "streamhold_principal"
 
@@ -81,6 +93,7 @@ class Principal:
     scopes: frozenset[str] = frozenset()
     namespaces: tuple[str, ...] = ()
     token_id: str = ""
+    link: share_links.Link | None = None  # what a share link grants (kind "link")
 
     @property
     def full(self) -> bool:
@@ -99,6 +112,11 @@ class Principal:
         if self.kind != "token" or right not in self.scopes:
             return False
         return namespace is None or self.covers(namespace)
+
+    def reads_by_link(self, state: StreamState) -> bool:
+        """Whether this is a share link made for this very stream (not a deleted one of its name)."""
+        link = self.link
+        return link is not None and link.stream_id == state.id and link.generation == state.generation
 
 
 OPEN = Principal("open")
@@ -124,13 +142,31 @@ def unauthorized(message: str) -> NotAuthorizedException:
     return NotAuthorizedException(message, headers=CHALLENGE)
 
 
-async def resolve(authorization: str, settings: Settings, tokens: Tokens) -> Principal:
-    """The principal of an Authorization header value; raises 401 for a credential that is no longer good."""
+def share_param(query_string: bytes) -> str:
+    """The `share` query parameter of a raw query string, or "" (the common case costs one search)."""
+    if share_links.PARAM.encode() not in query_string:
+        return ""
+    found = parse_qs(query_string.decode("latin-1")).get(share_links.PARAM)
+    return found[0] if found else ""
+
+
+def link_principal(share: str, settings: Settings) -> Principal:
+    """The principal of a share link's text; raises 403 saying why a link grants nothing."""
+    try:
+        link = share_links.verify(share, settings.secret, clock.now())
+    except share_links.LinkError as exc:
+        raise PermissionDeniedException(str(exc)) from None
+    return Principal("link", link=link)
+
+
+async def resolve(authorization: str, settings: Settings, tokens: Tokens, share: str = "") -> Principal:
+    """The principal of an Authorization header value, else of a share link; raises 401 for a key or token
+    that is no longer good, 403 for a share link that grants nothing. A key or token wins over a link."""
     if not settings.api_keys:
         return OPEN
     presented = bearer_token(authorization)
     if not presented:
-        return ANONYMOUS
+        return link_principal(share, settings) if share else ANONYMOUS
     if key_is_valid(presented, settings.api_keys):
         return ADMIN
     record = await tokens.check(presented)
@@ -150,7 +186,10 @@ async def principal_of(connection: Any) -> Principal:
         return found
     app_state = connection.app.state
     principal = await resolve(
-        connection.headers.get("authorization", ""), app_state.settings, app_state.store.tokens
+        connection.headers.get("authorization", ""),
+        app_state.settings,
+        app_state.store.tokens,
+        share_param(connection.scope.get("query_string", b"")),
     )
     state[STATE_KEY] = principal
     return principal
@@ -165,6 +204,8 @@ def require(principal: Principal, right: Right, namespace: str | None = None) ->
             "this call needs an API key or a token: send Authorization: Bearer <key or token> (a key of "
             "STREAMHOLD_API_KEYS, or a token minted at /tokens)"
         )
+    if principal.kind == "link":
+        raise PermissionDeniedException(LINK_READS_ONLY)
     if right not in principal.scopes:
         raise PermissionDeniedException(f"this token lacks the {right} scope")
     raise PermissionDeniedException(f"this token does not cover namespace {namespace}")
@@ -178,17 +219,35 @@ def is_public(state: StreamState, settings: Settings) -> bool:
 def may_read(principal: Principal, state: StreamState, settings: Settings) -> bool:
     """Whether the principal may read the stream's content and metadata.
 
-    The single place every read asks; share links and dashboard sign-ins will be principals judged here.
+    The single place every read asks: a public stream, a key or `read` token for its namespace, or a share
+    link made for this stream.
     """
-    return is_public(state, settings) or principal.may("read", state.namespace)
+    return (
+        is_public(state, settings) or principal.may("read", state.namespace) or principal.reads_by_link(state)
+    )
 
 
 def require_read(principal: Principal, state: StreamState, settings: Settings) -> None:
     """Raise 401 (no credential) or 403 (a token without read on its namespace) for a stream not readable."""
     if not may_read(principal, state, settings):
         if principal.kind == "anonymous":
-            raise unauthorized("this stream is private: send Authorization: Bearer <key or read token>")
+            raise unauthorized(
+                "this stream is private: send Authorization: Bearer <key or read token>, or open it with a "
+                "share link"
+            )
+        if principal.kind == "link":
+            raise PermissionDeniedException(OTHER_STREAM)
         require(principal, "read", state.namespace)
+
+
+def require_stop_by_link(principal: Principal, state: StreamState) -> None:
+    """Raise 403 unless the principal is a share link for this stream made with the right to stop it."""
+    if not principal.reads_by_link(state):
+        raise PermissionDeniedException(OTHER_STREAM)
+    if principal.link is None or not principal.link.stop:
+        raise PermissionDeniedException(
+            "this share link reads the stream but may not stop it: ask for a link made with stop"
+        )
 
 
 def visibility_of(value: Any, what: str) -> str | None:

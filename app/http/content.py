@@ -23,7 +23,9 @@ from ..live import CLOSED, DATA, LiveHub, follow
 from ..models import StreamState
 from ..settings import Settings
 from ..store.store import Store
+from .auth import principal_of
 from .responses import BODY_SLICE, parse_query, respond, single
+from .share_links import while_valid
 
 TAIL_SLICE = 64 * 1024
 
@@ -216,6 +218,7 @@ async def respond_with_content(
     """The answer to a GET (or HEAD) of a live stream's content; raises StreamError for a bad request.
 
     `?offset=N` starts at byte N of the plain content; `?follow=false` sends an open stream's bytes so far.
+    A tail opened with a share link ends when the link expires.
     """
     follow, offset = _read_options(request)
     headers = {"content-type": state.content_type}
@@ -230,7 +233,9 @@ async def respond_with_content(
         headers.update({"cache-control": "no-store", "x-accel-buffering": "no"})
         if head:
             return ASGIResponse(body=b"", headers=headers, is_head_response=True)
-        return CutOffBody(tail(store, hub, settings, state, start), headers)
+        link = (await principal_of(request)).link
+        until = link.expires if link is not None else None
+        return CutOffBody(while_valid(tail(store, hub, settings, state, start), until), headers)
     headers.update({"content-length": str(state.tail - start), "cache-control": "no-store"})
     if head:
         return ASGIResponse(body=b"", headers=headers, is_head_response=True)

@@ -25,6 +25,7 @@ from ..errors import (
     StreamError,
     StreamNotFoundError,
 )
+from ..http import auth
 from ..http.auth import principal_of, require, require_read, resolve, visibility_of
 from ..http.headers import API_CORS_HEADERS, STREAM_ID_HEADER, content_headers
 from ..http.metrics import request_metrics
@@ -266,7 +267,8 @@ async def _append(
     store: Store = state.store
     settings: Settings = state.settings
     headers = _request_headers(scope)
-    principal = await resolve(headers.get("authorization", ""), settings, store.tokens)
+    share = auth.share_param(scope.get("query_string", b""))
+    principal = await resolve(headers.get("authorization", ""), settings, store.tokens, share)
     require(principal, "write")
     name = name_from_path(scope.get("raw_path"), routed)
     stream = require_live(await store.resolve(name))

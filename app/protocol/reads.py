@@ -15,7 +15,9 @@ from litestar import Request
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
+from .. import clock
 from ..errors import InvalidRequestError, OffsetGoneError, StreamError
+from ..http import share_links
 from ..http.auth import principal_of, require_read
 from ..http.content import CutOff, CutOffBody
 from ..http.responses import BODY_SLICE, parse_query, respond, single
@@ -166,9 +168,13 @@ async def _long_poll(
     state: StreamState,
     start: int,
     asked: ReadRequest,
+    until: float | None = None,
 ) -> ASGIResponse:
     extra = {"stream-cursor": cursor(asked.cursor)}
-    deadline = asyncio.get_running_loop().time() + settings.long_poll_timeout
+    wait = settings.long_poll_timeout
+    if until is not None:  # opened with a share link: no longer than it is good for
+        wait = max(0.0, min(wait, until - clock.now()))
+    deadline = asyncio.get_running_loop().time() + wait
     gone_away = asyncio.ensure_future(_client_gone(request))
     events = follow(
         hub,
@@ -177,7 +183,7 @@ async def _long_poll(
         start,
         _reach,
         kind="long-poll",
-        idle_after=settings.long_poll_timeout,
+        idle_after=max(wait, 0.05),
         deadline=deadline,
         cancel=gone_away,
     )
@@ -328,7 +334,8 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
         name = request_name(request, name)
         asked = ReadRequest.parse(request)
         state = require_live(await store.get_by_name(name))
-        require_read(await principal_of(request), state, settings)
+        principal = await principal_of(request)
+        require_read(principal, state, settings)
         if state.sliding:
             await store.touch(state)
         if asked.live == "sse":
@@ -341,10 +348,13 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
             if not is_text(state.content_type):
                 headers["stream-sse-data-encoding"] = "base64"
             events = _sse_events(store, hub, settings, state, start, asked.cursor)
+            if principal.link is not None:
+                events = share_links.while_valid(events, principal.link.expires)
             return ASGIStreamingResponse(iterator=events, headers=headers)
         start = await _position(store, asked.offset, state)
         if asked.live == "long-poll":
-            return await _long_poll(request, store, hub, settings, state, start, asked)
+            until = principal.link.expires if principal.link is not None else None
+            return await _long_poll(request, store, hub, settings, state, start, asked, until)
         return await _catch_up(store, state, start, asked.offset, asked, {})
     except StreamError as exc:
         return error(exc)

@@ -55,6 +55,16 @@ class StreamInfo:
 
 
 @dataclass(frozen=True)
+class ShareLink:
+    """What `share()` answers: a link that reads one stream until `expires_at` (and stops it, if `stop`)."""
+
+    url: str  # the viewer page
+    content_url: str  # the stream's content, read as by its URL
+    expires_at: datetime
+    stop: bool
+
+
+@dataclass(frozen=True)
 class ListResult:
     """One page of `list()`: `total` matches in all, `streams` on this page."""
 
@@ -237,6 +247,17 @@ class StreamService(abc.ABC):
     @abc.abstractmethod
     async def stop(self, stream_id: str) -> bool:
         """Ask the stream's writer to stop, wherever it runs; False when the stream is already closed."""
+
+    @abc.abstractmethod
+    async def share(self, stream_id: str, ttl: float = 3600, stop: bool = False) -> ShareLink:
+        """A link that reads this one stream for `ttl` seconds (and may ask its writer to stop, with `stop`);
+        the server needs STREAMHOLD_SECRET to sign it."""
+
+
+def share_link(answer: Mapping[str, Any]) -> ShareLink:
+    """A ShareLink from the answer of POST /stream/{id}/share (or the same fields made in-process)."""
+    expires = datetime.fromisoformat(str(answer["expires_at"]).replace("Z", "+00:00"))
+    return ShareLink(str(answer["url"]), str(answer["content_url"]), expires, bool(answer["stop"]))
 
 
 def _dt(ts: float | None) -> datetime | None:

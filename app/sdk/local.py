@@ -8,7 +8,15 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
 
-from ..errors import PayloadTooLargeError, StreamError, StreamGoneError, StreamNotFoundError
+from .. import clock
+from ..errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    StreamError,
+    StreamGoneError,
+    StreamNotFoundError,
+)
+from ..http import share_links
 from ..live import DATA, LiveHub, follow
 from ..models import AppendResult, StreamFilter, StreamState, lifecycle
 from ..settings import Settings
@@ -17,6 +25,7 @@ from ..urls import stream_url, viewer_url
 from .base import (
     UNSET,
     ListResult,
+    ShareLink,
     Stream,
     StreamInfo,
     StreamService,
@@ -24,6 +33,7 @@ from .base import (
     check_create,
     check_id,
     check_list,
+    share_link,
 )
 
 
@@ -179,6 +189,15 @@ class LocalStreams(StreamService):
     async def stop(self, stream_id: str) -> bool:
         state = await self.store.request_stop((await self._live_state(stream_id)).id)
         return not state.closed
+
+    async def share(self, stream_id: str, ttl: float = 3600, stop: bool = False) -> ShareLink:
+        state = await self._live_state(stream_id)
+        try:
+            settings = self.settings
+            made = share_links.share(settings.secret, settings.origin(), state, ttl, stop, clock.now())
+        except InvalidRequestError as exc:
+            raise ValueError(str(exc)) from None
+        return share_link(made)
 
 
 def _visibility(public: bool | None) -> str | None:

@@ -18,13 +18,25 @@ import httpx
 
 from ..errors import (
     PayloadTooLargeError,
+    SharingUnavailableError,
     StorageFullError,
     StreamClosedError,
     StreamError,
     StreamNotFoundError,
 )
 from . import webhooks
-from .base import UNSET, ListResult, Stream, StreamInfo, StreamService, check_create, check_id, check_list
+from .base import (
+    UNSET,
+    ListResult,
+    ShareLink,
+    Stream,
+    StreamInfo,
+    StreamService,
+    check_create,
+    check_id,
+    check_list,
+    share_link,
+)
 
 __all__ = [
     "RemoteStream",
@@ -388,6 +400,18 @@ class RemoteStreams(StreamService):
     async def stop(self, stream_id: str) -> bool:
         response = await self._post(f"/stream/{check_id(stream_id)}/stop")
         return response.status_code == 202  # 200: the stream is closed, there is nothing to stop
+
+    async def share(self, stream_id: str, ttl: float = 3600, stop: bool = False) -> ShareLink:
+        body = {"ttl": ttl, "stop": stop}
+        try:
+            response = await self._client.post(f"/stream/{check_id(stream_id)}/share", json=body)
+        except httpx.TransportError as exc:
+            raise _unavailable(self.server_url, exc) from None
+        if response.status_code == 409:  # not a closed stream: the server cannot sign links
+            raise SharingUnavailableError(_message(response))
+        if response.is_error:
+            raise error_for(response)
+        return share_link(response.json())
 
     # --- subscriptions (the protocol's reserved APIs) ---------------------------------------------
 

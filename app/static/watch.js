@@ -228,6 +228,7 @@ import { createRenderer, follow } from "./streamhold.js";
       onClose: finish,
     }).catch((error) => {
       if (error && (error.status === 404 || error.status === 410)) setGone();
+      else if (error && (error.status === 401 || error.status === 403)) setState("reconnecting", `Refused: ${error.message}`);
       else setState("reconnecting", "Disconnected: reload to try again");
     });
   }
@@ -244,18 +245,43 @@ import { createRenderer, follow } from "./streamhold.js";
   /* ---- controls ---- */
 
   const copy = $("copy-link");
-  if (copy) copy.addEventListener("click", async () => {
-    const url = location.origin + location.pathname;
-    let done = false;
+  const shareTtl = $("share-ttl");
+
+  /* The link to copy: the page's own share link, a new one (a private stream, from a page that may make
+     links), or the page's plain address. */
+  async function linkToCopy() {
+    if (share) return withShare(location.pathname);
+    if (!shareTtl) return location.origin + location.pathname;
+    const response = await fetch(`/stream/${encodeURIComponent(copy.dataset.stream)}/share`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-csrf-token": copy.dataset.csrf || "" },
+      body: JSON.stringify({ ttl: Number(shareTtl.value) }),
+      credentials: "same-origin",
+      cache: "no-store",
+    });
+    let answer = {};
     try {
+      answer = await response.json();
+    } catch (_) { /* not JSON */ }
+    if (!response.ok) throw new Error(answer.error || `the server answered ${response.status}`);
+    return answer.url;
+  }
+
+  if (copy) copy.addEventListener("click", async () => {
+    let done = false;
+    let url = "";
+    try {
+      url = await linkToCopy();
       await navigator.clipboard.writeText(url);
       done = true;
-    } catch (_) {
-      const field = Object.assign(document.createElement("textarea"), { value: url });
-      document.body.append(field);
-      field.select();
-      done = document.execCommand("copy");
-      field.remove();
+    } catch (error) {
+      if (url) {
+        const field = Object.assign(document.createElement("textarea"), { value: url });
+        document.body.append(field);
+        field.select();
+        done = document.execCommand("copy");
+        field.remove();
+      } else copy.title = `Could not make a share link: ${error.message}`;
     }
     copy.textContent = done ? "Copied ✓" : "Copy failed";
     setTimeout(() => { copy.textContent = "Copy link"; }, 1600);

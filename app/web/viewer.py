@@ -16,13 +16,24 @@ from typing import Any
 
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Stream, Template
 from markupsafe import Markup, escape
 
 from .. import demo
 from ..errors import StreamError
-from ..http.auth import CHALLENGE, bearer, may_read, principal_of, require_key
+from ..http.auth import (
+    CHALLENGE,
+    OTHER_STREAM,
+    Principal,
+    bearer,
+    is_public,
+    may_read,
+    principal_of,
+    require_key,
+    share_param,
+)
 from ..http.headers import content_headers, page_headers
 from ..http.responses import BODY_SLICE
 from ..models import StreamState, iso, require_live
@@ -153,15 +164,31 @@ def page(context: dict[str, Any], status: int = 200, frame_ancestors: tuple[str,
     return Template("watch.html", context=context, status_code=status, headers=headers)
 
 
-def raw_url(settings: Settings, state: StreamState) -> str:
+def raw_url(settings: Settings, state: StreamState, share: str = "") -> str:
     """The stream's bytes on the content origin, when there is one (the page itself reads them here)."""
     if not settings.content_origin:
         return ""
-    return protocol_url(settings.content_origin, state.name) + "?offset=-1"
+    link = f"&share={share}" if share else ""
+    return protocol_url(settings.content_origin, state.name) + "?offset=-1" + link
+
+
+def refused(status: int, message: str, name: str, embed: bool, ancestors: tuple[str, ...]) -> Template:
+    """The page of a stream that may not be shown, saying why (nothing of the stream but its name in it)."""
+    context = {"refusal": message, "refusal_status": status, "name": name, "embed": embed}
+    headers = {**page_headers(ancestors), "cache-control": "no-store", **(CHALLENGE if status == 401 else {})}
+    return Template("watch_refused.html", context=context, status_code=status, headers=headers)
+
+
+def shared_by(request: Request[Any, Any, Any], principal: Principal, state: StreamState) -> str:
+    """The share link the page was opened with, when that is what lets it read the stream: the page's own
+    reads and its Copy link carry it on."""
+    if not principal.reads_by_link(state):
+        return ""
+    return share_param(request.scope.get("query_string", b""))
 
 
 async def watch_context(
-    store: Store, state: StreamState, settings: Settings, show_metadata: bool
+    store: Store, state: StreamState, settings: Settings, show_metadata: bool, share: str = ""
 ) -> dict[str, Any]:
     """Everything the watch page shows of a live stream; metadata only to those the API shows it to."""
     kind = view_kind(state.content_type)
@@ -193,7 +220,7 @@ async def watch_context(
         "expires_iso": iso(state.expires_at),
         "closed_ago": relative(state.closed_at, now) if state.closed_at else "",
         "metadata": sorted(metadata.items()),
-        "raw_url": raw_url(settings, state),
+        "raw_url": raw_url(settings, state, share),
         "links": links,
         "download_name": download_name(state),
     }
@@ -220,31 +247,39 @@ async def watch(
         state = require_live(await store.get_by_name(stream_name(name)))
     except StreamError:
         return page(gone, status=404, frame_ancestors=ancestors)
-    principal = await principal_of(request)
+    try:
+        principal = await principal_of(request)
+    except HTTPException as exc:  # a share link that grants nothing: altered, expired, another secret's
+        return refused(exc.status_code, str(exc.detail), state.name, embed, ancestors)
     if principal.kind == "anonymous" and current is not None and current.signed_in and not embed:
         principal = current.principal  # the dashboard's sign-in: an API key's, or its token's rights
     if not may_read(principal, state, settings):
-        refused = "this stream is private: open it with an API key or a read token for its namespace"
-        if principal.kind == "token":
-            headers = page_headers(ancestors)
-            return Response(refused, status_code=403, media_type="text/plain", headers=headers)
-        return Response(
-            refused,
-            status_code=401,
-            media_type="text/plain",
-            headers={**page_headers(ancestors), "cache-control": "no-store", **CHALLENGE},
-        )
+        if principal.kind == "link":
+            return refused(403, OTHER_STREAM, state.name, embed, ancestors)
+        private = "this stream is private: open it with an API key, a read token for its namespace or a link"
+        return refused(403 if principal.kind == "token" else 401, private, state.name, embed, ancestors)
     operator = not embed and (
         not settings.api_keys or (current is not None and current.principal.may("manage", state.namespace))
     )
+    share = shared_by(request, principal, state)
     try:
         if before is not None or download:
             return await _watch_range(store, state, before, download)
-        context = await watch_context(store, state, settings, show_metadata=operator)
+        context = await watch_context(store, state, settings, show_metadata=operator, share=share)
     except StreamError:  # deleted while it was read
         return page(gone, status=404, frame_ancestors=ancestors)
-    # Whoever may start a demo here may stop a stream's writer (POST /stream/{id}/stop checks it again).
-    context.update(gone=False, name=state.name, demo_csrf=demo_csrf, embed=embed, may_stop=bool(demo_csrf))
+    # Whoever may start a demo here may stop a stream's writer (POST /stream/{id}/stop checks it again), and
+    # so may a share link made with stop. Only a page that may make links offers one on a private stream.
+    by_link = principal.link is not None and principal.link.stop and bool(share)
+    context.update(
+        gone=False,
+        name=state.name,
+        demo_csrf=demo_csrf,
+        embed=embed,
+        may_stop=bool(demo_csrf) or by_link,
+        share=share,
+        may_share=bool(demo_csrf and settings.secret) and not share and not is_public(state, settings),
+    )
     return page(context, frame_ancestors=ancestors)
 
 
