@@ -1,0 +1,73 @@
+"""Attacks on a scoped token's reach: look-alike namespaces, and routes that forget to check the namespace.
+
+A token covers its namespaces exactly as `Principal.covers` says (case and all), on the dashboard, the
+/stream API and the stop routes alike. All on SQLite (the default store), in process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamhold.models import StreamFilter
+from streamhold.settings import Settings
+from streamhold.store.store import NewStream, Store
+from tests.test_dashboard import BOARD, csrf_of, names, total
+from tests.test_dashboard_access import app_on, browser, mint, sign_in
+
+pytestmark = pytest.mark.timeout(60)
+
+# Namespaces that look like `exports` or sit beside it: an `exports/*` token covers only the first two.
+NAMESPACES = ("exports", "exports/daily", "Exports/secret", "EXPORTS", "exports2", "exports_x/y", "chat")
+COVERED = {"exports", "exports/daily"}
+
+
+async def seed(store: Store) -> dict[str, str]:
+    """One private stream per namespace; returns stream id -> namespace."""
+    made = {}
+    for namespace in NAMESPACES:
+        state, _ = await store.create(NewStream(namespace, "text/plain", initial=b"x", visibility="private"))
+        made[state.id] = namespace
+    return made
+
+
+async def test_a_prefix_token_does_not_reach_namespaces_that_differ_only_in_case(tmp_path: Path) -> None:
+    async with app_on(tmp_path) as app:
+        store: Store = app.state.store
+        namespace_of = await seed(store)
+        made = await mint(app, ["read", "manage"], ["exports/*"])
+        bearer = {"authorization": f"Bearer {made['token']}"}
+        async with browser(app) as client:
+            listed = await client.post("/stream/list", json={}, headers=bearer)
+            assert listed.status_code == 200
+            assert {namespace_of[s["id"]] for s in listed.json()["streams"]} == COVERED
+            assert listed.json()["total"] == 2
+
+            assert (await sign_in(client, made["token"])).status_code == 303
+            page = await client.get("/")
+            assert {namespace_of[n] for n in names(page.text)} == COVERED and total(page.text) == 2
+            change = {**BOARD, "x-csrf-token": csrf_of(page.text)}
+            done = await client.delete("/dashboard/streams?expected=10", headers=change)
+            assert done.status_code == 200 and "Deleted 2 streams." in done.text
+        _, left = await store.list(StreamFilter())
+        assert sorted(s.namespace for s in left) == sorted(set(NAMESPACES) - COVERED)
+
+
+async def test_namespace_patterns_match_exactly_on_both_engines(settings: Settings) -> None:
+    async with Store.open(settings) as store:
+        namespace_of = await seed(store)
+        for extra in ("ex%orts/a", "exp_rts/b"):
+            state, _ = await store.create(NewStream(extra, "text/plain", visibility="private"))
+            namespace_of[state.id] = extra
+        for patterns, expected in [
+            (("exports/*",), COVERED),
+            (("ex%orts/*", "exp_rts/*"), {"ex%orts/a", "exp_rts/b"}),
+            (("Exports/*", "EXPORTS"), {"Exports/secret", "EXPORTS"}),
+            (("exports_x/*",), {"exports_x/y"}),
+        ]:
+            total_found, found = await store.list(StreamFilter(namespaces=patterns))
+            assert {namespace_of[s.id] for s in found} == expected, patterns
+            assert total_found == len(expected)
+            summary = await store.summary(StreamFilter(namespaces=patterns))
+            assert {n["namespace"] for n in summary["namespaces"]} == expected
