@@ -83,6 +83,7 @@ async def stop_stream(
 @get(_paths("/{stream_id:str}/stop"), opt={"right": "write"}, guards=[require_right])
 async def stop_status(
     stream_id: FromPath[str],
+    request: Request[Any, Any, Any],
     store: NamedDependency[Store],
     hub: NamedDependency[LiveHub],
     wait: FromQuery[float] = 0.0,
@@ -91,6 +92,7 @@ async def stop_status(
     if not math.isfinite(wait) or not 0 <= wait <= MAX_WAIT:
         raise InvalidRequestError(f"wait must be a number of seconds from 0 to {MAX_WAIT:.0f}")
     state = await _stream(store, stream_id)
+    require(await principal_of(request), "write", state.namespace)
     asked = asyncio.Event()
     unlisten = hub.on_stop(state.id, asked.set)
     try:

@@ -71,3 +71,16 @@ async def test_namespace_patterns_match_exactly_on_both_engines(settings: Settin
             assert total_found == len(expected)
             summary = await store.summary(StreamFilter(namespaces=patterns))
             assert {n["namespace"] for n in summary["namespaces"]} == expected
+
+
+async def test_a_writer_asks_for_stops_only_in_its_namespaces(tmp_path: Path) -> None:
+    async with app_on(tmp_path) as app:
+        namespace_of = await seed(app.state.store)
+        by_namespace = {namespace: stream_id for stream_id, namespace in namespace_of.items()}
+        made = await mint(app, ["write"], ["exports/*"])
+        bearer = {"authorization": f"Bearer {made['token']}"}
+        async with browser(app) as client:
+            own = await client.get(f"/stream/{by_namespace['exports/daily']}/stop", headers=bearer)
+            assert own.status_code == 200 and own.json()["stop_requested"] is False
+            other = await client.get(f"/stream/{by_namespace['chat']}/stop?wait=5", headers=bearer)
+            assert other.status_code == 403 and "does not cover namespace chat" in other.text
