@@ -84,3 +84,23 @@ async def test_a_writer_asks_for_stops_only_in_its_namespaces(tmp_path: Path) ->
             assert own.status_code == 200 and own.json()["stop_requested"] is False
             other = await client.get(f"/stream/{by_namespace['chat']}/stop?wait=5", headers=bearer)
             assert other.status_code == 403 and "does not cover namespace chat" in other.text
+
+
+async def test_forged_cookie_and_count_digits_are_refused_not_crashed_on(tmp_path: Path) -> None:
+    async with app_on(tmp_path) as app:
+        await seed(app.state.store)
+        made = await mint(app, ["manage"], ["exports/*"])
+        async with browser(app) as client:
+            # "²" is a digit to str.isdigit but not to int(); 5,000 digits are past int()'s limit.
+            for expiry in (b"\xb2", b"9" * 5000):
+                cookie = [(b"cookie", b"streamhold_session=v1." + expiry + b".abc.def")]
+                page = await client.get("/", headers=cookie)
+                assert page.status_code == 303 and page.headers["location"] == "/signin"
+                stop = await client.post("/stream/abc/stop", headers=cookie)
+                assert stop.status_code == 401
+            assert (await sign_in(client, made["token"])).status_code == 303
+            change = {**BOARD, "x-csrf-token": csrf_of((await client.get("/")).text)}
+            for expected in ("%C2%B2", "9" * 5000):
+                done = await client.delete(f"/dashboard/streams?expected={expected}", headers=change)
+                assert done.status_code == 400 and "expected=N" in done.text
+            assert total((await client.get("/")).text) == 2, "nothing was deleted"
