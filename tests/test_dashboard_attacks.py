@@ -13,8 +13,9 @@ import pytest
 from streamhold.models import StreamFilter
 from streamhold.settings import Settings
 from streamhold.store.store import NewStream, Store
+from streamhold.web import session
 from tests.test_dashboard import BOARD, csrf_of, names, total
-from tests.test_dashboard_access import app_on, browser, mint, sign_in
+from tests.test_dashboard_access import KEY, app_on, browser, mint, sign_in
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,3 +105,39 @@ async def test_forged_cookie_and_count_digits_are_refused_not_crashed_on(tmp_pat
                 done = await client.delete(f"/dashboard/streams?expected={expected}", headers=change)
                 assert done.status_code == 400 and "expected=N" in done.text
             assert total((await client.get("/")).text) == 2, "nothing was deleted"
+
+
+async def test_a_csrf_token_or_cookie_field_from_another_sign_in_changes_nothing(tmp_path: Path) -> None:
+    async with app_on(tmp_path) as app:
+        namespace_of = await seed(app.state.store)
+        target = next(i for i, namespace in namespace_of.items() if namespace == "exports")
+        first, second = [await mint(app, ["manage"], ["exports/*"]) for _ in range(2)]
+        clients = [browser(app) for _ in range(3)]
+        try:
+            for client, secret in zip(clients, (first["token"], second["token"], KEY), strict=True):
+                assert (await sign_in(client, secret)).status_code == 303
+            csrfs = [csrf_of((await client.get("/")).text) for client in clients]
+            for holder, client in enumerate(clients):
+                for owner, csrf in enumerate(csrfs):
+                    if owner != holder:
+                        change = {**BOARD, "x-csrf-token": csrf}
+                        sent = await client.delete(f"/dashboard/streams/{target}", headers=change)
+                        assert sent.status_code == 403, (holder, owner)
+            # The token's cookie with its expiry pushed on, or with the other token's random id, is no one's.
+            version, expires, nonce, mac = clients[0].cookies[session.COOKIE].split(".")
+            other_nonce = clients[1].cookies[session.COOKIE].split(".")[2]
+            later, swapped = f"{int(expires) + 1}.{nonce}", f"{expires}.{other_nonce}"
+            for forged in (f"{version}.{later}.{mac}", f"{version}.{swapped}.{mac}"):
+                async with browser(app) as stranger:
+                    stranger.cookies.set(session.COOKIE, forged)
+                    assert (await stranger.get("/")).status_code == 303
+            # Signed out, the token's cookie signs no one in again.
+            kept = clients[0].cookies[session.COOKIE]
+            assert (await clients[0].post("/signout", data={"csrf": csrfs[0]})).status_code == 303
+            async with browser(app) as replay:
+                replay.cookies.set(session.COOKIE, kept)
+                assert (await replay.get("/")).status_code == 303
+        finally:
+            for client in clients:
+                await client.aclose()
+        assert target in {s.id for s in (await app.state.store.list(StreamFilter()))[1]}
