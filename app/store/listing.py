@@ -106,7 +106,8 @@ def _within(pattern: str) -> Any:
     if pattern == "*":
         return true()
     if pattern.endswith("/*"):
-        stem = pattern[:-2]
-        escaped = stem.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return or_(streams.c.namespace == stem, streams.c.namespace.like(escaped + "/%", escape="\\"))
+        # Not LIKE: SQLite's LIKE ignores ASCII case, so `exports/*` would reach `Exports/secret`.
+        below = pattern[:-1]
+        column = streams.c.namespace
+        return or_(column == pattern[:-2], func.substr(column, 1, len(below)) == below)
     return streams.c.namespace == pattern

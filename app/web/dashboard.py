@@ -23,6 +23,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import FromPath, FromQuery
 
+from ..checks import BEYOND, count
 from ..errors import StreamGoneError, StreamNotFoundError
 from ..http.auth import Principal
 from ..http.headers import PAGE_HEADERS
@@ -281,14 +282,14 @@ async def delete_filtered(
     if isinstance(allowed, Response):
         return allowed
     view = View.from_query(request.url.query)
-    expected = parse_qs(request.url.query).get("expected", [""])[-1]
-    if not expected.isdigit():
+    expected = count(parse_qs(request.url.query).get("expected", [""])[-1])
+    if expected is None or expected == BEYOND:
         return html("a bulk delete needs ?expected=N, the number of streams the user confirmed", status=400)
     where = within(view.where, allowed.principal)
     total, _ = await store.list(where, limit=1)
-    if total > int(expected):
+    if total > expected:
         notice = (
-            f"Nothing was deleted: the filter now matches {total:,} streams, not the {int(expected):,} you "
+            f"Nothing was deleted: the filter now matches {total:,} streams, not the {expected:,} you "
             "confirmed. Check the list and try again."
         )
     else:

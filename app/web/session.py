@@ -20,6 +20,7 @@ from litestar.datastructures import Cookie, FormMultiDict
 from litestar.exceptions import ClientException
 
 from .. import clock
+from ..checks import BEYOND, count
 from ..http import guard
 from ..http.auth import ADMIN, OPEN, Principal, key_is_valid
 from ..http.headers import PAGE_HEADERS
@@ -125,9 +126,11 @@ def _signed(secret: bytes, expires: int) -> str:
 def _parts(value: str, now: float | None) -> list[str] | None:
     """A cookie value's fields, or None when it is not shaped like one or has expired."""
     parts = value.split(".")
-    if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit():
+    # ASCII digits only, and few of them: `²` passes str.isdigit but not int().
+    expires = count(parts[1]) if len(parts) == 4 and parts[0] == "v1" else None
+    if expires is None or expires == BEYOND:
         return None
-    return parts if int(parts[1]) > (clock.now() if now is None else now) else None
+    return parts if expires > (clock.now() if now is None else now) else None
 
 
 def verify(value: str, settings: Settings, now: float | None = None) -> Session | None:
