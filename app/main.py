@@ -31,6 +31,7 @@ from litestar.types import (
 from . import agentuity_api, protocol, share_api, stop_api
 from .errors import StreamError
 from .http import admin, guard, headers, ops, token_api
+from .http.auth import SIGN_IN_KEY
 from .http.metrics import request_metrics
 from .live import LiveHub
 from .sdk.base import StreamService
@@ -39,7 +40,7 @@ from .sdk.local import LocalStreams
 from .settings import Settings
 from .store.store import Store
 from .subscriptions.engine import SubscriptionEngine
-from .web import client, dashboard, viewer
+from .web import client, dashboard, session, viewer
 from .web.history import History
 
 log = logging.getLogger("streamhold")
@@ -173,6 +174,7 @@ def create_app(settings: Settings | None = None, route_handlers: Sequence[Any] =
                 store=store, hub=hub, service=service, runtime=runtime, settings=settings, history=history
             )
             app.state.subscriptions = subscriptions
+            app.state[SIGN_IN_KEY] = session.reader
             sweeper = asyncio.get_running_loop().create_task(_sweep_forever(store, settings.sweep_interval))
             try:
                 yield

@@ -385,3 +385,28 @@ def test_charts_fill_in_live_and_say_what_they_cover(tmp_path: Any, page: Page) 
 
 KEYS = ("appends", "bytes", "readers", "stored")
 EVIL = "charts<img src=x onerror=alert(1)>"  # a namespace is the name up to its first slash
+
+
+def test_a_signed_in_viewer_follows_a_private_stream(keyed_server: ServerProcess, browser: Browser) -> None:
+    base = keyed_server.url
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "text/plain"}
+    private = {**headers, "streamhold-visibility": "private"}
+    httpx.put(f"{base}/v1/stream/vault/answer", headers=private).raise_for_status()
+    httpx.post(f"{base}/v1/stream/vault/answer", content=b"first line\n", headers=headers).raise_for_status()
+    assert httpx.get(f"{base}/v1/stream/vault/answer?offset=-1").status_code == 401
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        page = context.new_page()
+        page.goto(base + "/signin")
+        page.fill("#key", KEY)
+        page.click("button[type=submit]")
+        expect(page).to_have_url(f"{base}/")
+        page.goto(base + "/watch/vault/answer")
+        expect(page.locator("#watch")).to_have_attribute("data-state", "live", timeout=TIMEOUT)
+        httpx.post(f"{base}/v1/stream/vault/answer", content=b"written live\n", headers=headers)
+        expect(page.locator("#watch")).to_contain_text("written live", timeout=TIMEOUT)
+        page.reload()
+        expect(page.locator("#watch")).to_have_attribute("data-state", "live", timeout=TIMEOUT)
+        expect(page.locator("#watch")).to_contain_text("written live")
+    finally:
+        context.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs
@@ -47,6 +48,8 @@ OTHER_STREAM = (
 )
 CHALLENGE = {"www-authenticate": 'Bearer realm="streamhold"'}
 STATE_KEY = "streamhold_principal"
+SIGN_IN_KEY = "sign_in"  # in the app's state: the dashboard's reader of sign-in cookies (see principal_of)
+SignIn = Callable[[Any], Awaitable["Principal | None"]]
 
 
 def key_is_valid(presented: str, keys: tuple[str, ...]) -> bool:
@@ -191,8 +194,23 @@ async def principal_of(connection: Any) -> Principal:
         app_state.store.tokens,
         share_param(connection.scope.get("query_string", b"")),
     )
+    if principal.kind == "anonymous" and _own_page_read(connection):
+        sign_in: SignIn | None = app_state.get(SIGN_IN_KEY)
+        principal = (await sign_in(connection) if sign_in is not None else None) or principal
     state[STATE_KEY] = principal
     return principal
+
+
+def _own_page_read(connection: Any) -> bool:
+    """A read that the browser says one of this origin's pages made: the viewer's live connection.
+
+    Only then may a sign-in's cookie count. The cookie is SameSite=Strict, so another site's page never sends
+    it; `Sec-Fetch-Site` also shuts out a page of another origin on the same site, and a client that does not
+    say. Changes never count the cookie here: they carry a key, or go through the dashboard's CSRF checks.
+    """
+    return connection.scope.get("method") in ("GET", "HEAD") and (
+        connection.headers.get("sec-fetch-site") == "same-origin"
+    )
 
 
 def require(principal: Principal, right: Right, namespace: str | None = None) -> None:

@@ -182,6 +182,14 @@ async def current(request: Request[Any, Any, Any], settings: Settings) -> Sessio
     return verify_token(value, record)
 
 
+async def reader(request: Request[Any, Any, Any]) -> Principal | None:
+    """What a signed-in browser may read with its cookie alone (the app's `sign_in`, see `principal_of`)."""
+    if COOKIE not in request.cookies:
+        return None
+    found = await current(request, request.app.state.settings)
+    return found.principal if found is not None and found.signed_in else None
+
+
 def same_origin(request: Request[Any, Any, Any], settings: Settings) -> bool:
     """False when the browser says the request came from another site (Origin, else Sec-Fetch-Site).
 
