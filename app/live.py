@@ -64,33 +64,41 @@ def encode_doorbells(origin: str, changes: Iterable[Change]) -> list[bytes]:
     return messages
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class _Watch:
-    """What this process knows of one stream's tail, and the event its waiters sleep on."""
+    """What this process knows of one stream's tail, and the bell its waiters sleep on.
+
+    The bell is a bare future made when the first waiter sleeps, not an asyncio.Event (whose waiter deque
+    alone is 760 bytes): with one reader on each of 10,000 streams, every byte here is a byte per reader.
+    """
 
     tail: int = -1
     closed: bool = False
     gone: bool = False
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    rings: int = 0
+    bell: asyncio.Future[None] | None = None
     readers: int = 0
     cache_start: int = 0
     cache: bytes = b""
     fetching: dict[tuple[int, int], asyncio.Future[bytes]] = field(default_factory=dict)
-
     ring_pending: bool = False
 
     def ring(self) -> None:
         self.ring_pending = False
-        self.event.set()
-        self.event = asyncio.Event()
+        self.rings += 1
+        bell, self.bell = self.bell, None
+        if bell is not None and not bell.done():
+            bell.set_result(None)
 
 
 class Waiter:
     """A reader's registration on one stream: taken before reading the store, so no doorbell is missed."""
 
+    __slots__ = ("_rings", "_watch")
+
     def __init__(self, watch: _Watch) -> None:
         self._watch = watch
-        self._event = watch.event
+        self._rings = watch.rings
 
     @property
     def tail(self) -> int:
@@ -104,16 +112,19 @@ class Waiter:
     def gone(self) -> bool:
         return self._watch.gone
 
-    async def wait(self, seconds: float) -> bool:
-        """Wait up to `seconds` for a doorbell since the last wait (or registration); False on timeout."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._event.wait()
-        except TimeoutError:
-            return False
-        finally:
-            self._event = self._watch.event
-        return True
+    async def wait(self, seconds: float, cancel: asyncio.Future[None] | None = None) -> bool:
+        """Wait up to `seconds` for a doorbell since the last wait (or registration), or until `cancel` is
+        done; whether a doorbell rang. Waits on futures only: no task per wait."""
+        watch = self._watch
+        if watch.rings == self._rings:
+            bell = watch.bell
+            if bell is None:
+                bell = watch.bell = asyncio.get_running_loop().create_future()
+            waiting = (bell,) if cancel is None else (bell, cancel)
+            await asyncio.wait(waiting, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        rang = watch.rings != self._rings
+        self._rings = watch.rings
+        return rang
 
 
 class SharedCache(Generic[K, V]):
@@ -524,7 +535,7 @@ async def follow(
             seconds = idle_after if deadline is None else min(idle_after, deadline - loop.time())
             if hub.stopping or seconds <= 0 or (cancel is not None and cancel.done()):
                 return
-            woke = await (waiter.wait(seconds) if cancel is None else _wait_unless(waiter, seconds, cancel))
+            woke = await waiter.wait(seconds, cancel)
             if hub.stopping or (cancel is not None and cancel.done()):
                 return
             if waiter.gone:
@@ -547,13 +558,3 @@ async def follow(
             state = require_live(await reader.get(state.id))
             hub.observe(state.id, state.tail, state.closed)
             delivered = False
-
-
-async def _wait_unless(waiter: Waiter, seconds: float, cancel: asyncio.Future[None]) -> bool:
-    """Wait on the doorbell unless `cancel` (the client going away) completes first."""
-    waiting = asyncio.ensure_future(waiter.wait(seconds))
-    await asyncio.wait((waiting, cancel), return_when=asyncio.FIRST_COMPLETED)
-    if not waiting.done():
-        waiting.cancel()
-        return False
-    return waiting.result()
