@@ -72,6 +72,7 @@ class _Watch:
     alone is 760 bytes): with one reader on each of 10,000 streams, every byte here is a byte per reader.
     """
 
+    stream_id: str
     tail: int = -1
     closed: bool = False
     gone: bool = False
@@ -94,11 +95,12 @@ class _Watch:
 class Waiter:
     """A reader's registration on one stream: taken before reading the store, so no doorbell is missed."""
 
-    __slots__ = ("_rings", "_watch")
+    __slots__ = ("_rings", "_watch", "_woken")
 
     def __init__(self, watch: _Watch) -> None:
         self._watch = watch
         self._rings = watch.rings
+        self._woken: asyncio.Future[None] | None = None
 
     @property
     def tail(self) -> int:
@@ -114,17 +116,34 @@ class Waiter:
 
     async def wait(self, seconds: float, cancel: asyncio.Future[None] | None = None) -> bool:
         """Wait up to `seconds` for a doorbell since the last wait (or registration), or until `cancel` is
-        done; whether a doorbell rang. Waits on futures only: no task per wait."""
+        done; whether a doorbell rang. One future and one timer: no task, no set, no closure per wait."""
         watch = self._watch
         if watch.rings == self._rings:
+            loop = asyncio.get_running_loop()
             bell = watch.bell
             if bell is None:
-                bell = watch.bell = asyncio.get_running_loop().create_future()
-            waiting = (bell,) if cancel is None else (bell, cancel)
-            await asyncio.wait(waiting, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+                bell = watch.bell = loop.create_future()
+            self._woken = woken = loop.create_future()
+            timer = loop.call_later(seconds, self._wake)
+            bell.add_done_callback(self._wake)
+            if cancel is not None:
+                cancel.add_done_callback(self._wake)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                bell.remove_done_callback(self._wake)
+                if cancel is not None:
+                    cancel.remove_done_callback(self._wake)
+                self._woken = None
         rang = watch.rings != self._rings
         self._rings = watch.rings
         return rang
+
+    def _wake(self, _: object = None) -> None:
+        woken = self._woken
+        if woken is not None and not woken.done():
+            woken.set_result(None)
 
 
 class SharedCache(Generic[K, V]):
@@ -220,18 +239,28 @@ class LiveHub:
     @contextlib.contextmanager
     def watch(self, stream_id: str, kind: str) -> Iterator[Waiter]:
         """Register as a live reader of a stream for the life of the block."""
+        waiter = self.register(stream_id, kind)
+        try:
+            yield waiter
+        finally:
+            self.unregister(waiter, kind)
+
+    def register(self, stream_id: str, kind: str) -> Waiter:
+        """Register as a live reader of a stream, until `unregister`."""
         watch = self._watches.get(stream_id)
         if watch is None:
-            watch = self._watches[stream_id] = _Watch()
+            watch = self._watches[stream_id] = _Watch(stream_id)
         watch.readers += 1
         self.readers[kind] = self.readers.get(kind, 0) + 1
-        try:
-            yield Waiter(watch)
-        finally:
-            watch.readers -= 1
-            self.readers[kind] -= 1
-            if watch.readers == 0 and not watch.fetching:
-                self._watches.pop(stream_id, None)
+        return Waiter(watch)
+
+    def unregister(self, waiter: Waiter, kind: str) -> None:
+        """The end of a registration made by `register`."""
+        watch = waiter._watch
+        watch.readers -= 1
+        self.readers[kind] -= 1
+        if watch.readers == 0 and not watch.fetching:
+            self._watches.pop(watch.stream_id, None)
 
     def advanced(self, state: StreamState, tail: int, closed: bool) -> StreamState:
         """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed).
@@ -506,7 +535,8 @@ async def follow(
     """
     loop = asyncio.get_running_loop()
     position = start
-    with hub.watch(state.id, kind) as waiter:
+    waiter = hub.register(state.id, kind)  # not a context manager: one frame less that every reader holds
+    try:
         if reread:
             state = require_live(await reader.get(state.id))
         hub.observe(state.id, state.tail, state.closed)
@@ -558,3 +588,5 @@ async def follow(
             state = require_live(await reader.get(state.id))
             hub.observe(state.id, state.tail, state.closed)
             delivered = False
+    finally:
+        hub.unregister(waiter, kind)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -26,7 +25,7 @@ from ..live import CLOSED, DATA, LiveHub, follow
 from ..models import StreamState, parse_offset, require_live, split_offset
 from ..settings import Settings
 from ..store.store import Store
-from .sse import SseResponse, client_gone, sse_events
+from .sse import SseResponse, client_gone
 from .sse import whole_utf8 as whole_utf8  # the viewer's text slices cut where SSE's do
 from .wire import (
     CATCHUP_LIMIT,
@@ -224,10 +223,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
             }
             if not is_text(state.content_type):
                 headers["stream-sse-data-encoding"] = "base64"
-            return SseResponse(
-                headers,
-                functools.partial(sse_events, store, hub, settings, state, start, asked.cursor),
-            )
+            return SseResponse(headers, store, hub, settings, state, start, asked.cursor)
         start = await _position(store, asked.offset, state)
         if asked.live == "long-poll":
             return await _long_poll(request, store, hub, settings, state, start, asked)
@@ -256,19 +252,19 @@ async def sse_asgi(app: Litestar, scope: Scope, receive: Receive, send: Send) ->
     router, middleware and streaming response, an idle reader holds a third less memory (measured with
     10,000 readers); this path adds what they would have: the security headers, request metrics and errors.
     """
-    scope["app"] = scope["litestar_app"] = app
-    scope.setdefault("state", {})
     metrics = request_metrics(app.state)
     inline = guard.on_content_origin(scope, app.state.settings)
+    # The request object caches what it parses in its scope's state: given a copy, that goes with it.
+    asked: Any = {**scope, "app": app, "litestar_app": app, "state": {}}
     response: ASGIResponse | SseResponse
     try:
-        response = await read_stream(scope["path"][len(PREFIX) :], Request(scope, receive, send))
+        response = await read_stream(scope["path"][len(PREFIX) :], Request(asked, receive, send))
     except HTTPException as exc:  # a private stream read without a key
         body = json.dumps({"error": exc.detail}).encode()
         response = respond(exc.status_code, {**(exc.headers or {}), "content-type": "application/json"}, body)
     if isinstance(response, SseResponse):
         response.extra_headers = _security_headers(b"text/event-stream", inline)
-        response.on_start = functools.partial(_count_sse, metrics)
+        _count_sse(metrics, 200)
         await response(scope, receive, send)
         return
 

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import re
-from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -25,6 +24,7 @@ from ..store.store import Store
 from .wire import SSE_SLICE, cursor, is_text, json_body
 
 RawHeaders = list[tuple[bytes, bytes]]
+KEEP_ALIVE = b": keep-alive\n\n"
 
 
 async def client_gone(receive: Receive) -> None:
@@ -34,46 +34,78 @@ async def client_gone(receive: Receive) -> None:
 
 
 class SseResponse:
-    """An ASGI response streaming `sse_events` until the stream closes, is deleted, or the client goes away.
+    """The SSE body as an ASGI response: data events with their control events, keep-alives while idle,
+    until the stream closes or is deleted (a clean end) or the client goes away.
 
-    `extra_headers` are added to the head as given (the security headers, when no middleware adds them).
+    `extra_headers` are added to the head as given (the security headers, where no middleware adds them).
     """
 
-    __slots__ = ("extra_headers", "headers", "make_events", "on_start")
+    __slots__ = ("client_cursor", "extra_headers", "headers", "hub", "settings", "start", "state", "store")
 
     def __init__(
         self,
         headers: dict[str, str],
-        make_events: Callable[[asyncio.Future[None]], AsyncGenerator[str | bytes, None]],
+        store: Store,
+        hub: LiveHub,
+        settings: Settings,
+        state: StreamState,
+        start: int,
+        client_cursor: str | None,
     ) -> None:
         self.headers = headers
-        self.make_events = make_events
+        self.store, self.hub, self.settings = store, hub, settings
+        self.state: StreamState | None = state
+        self.start, self.client_cursor = start, client_cursor
         self.extra_headers: RawHeaders = []
-        self.on_start: Callable[[int], None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": raw + self.extra_headers,
-        }
-        await send(start)
-        if self.on_start is not None:
-            self.on_start(200)
+        await send(self._head())
         gone = asyncio.ensure_future(client_gone(receive))
+        state, self.state = self.state, None  # the follow keeps the stream's state from here on
+        assert state is not None
+        events = follow(
+            self.hub,
+            self.store,
+            state,
+            self.start,
+            self._step,
+            kind="sse",
+            idle_after=self.settings.sse_keepalive,
+            cancel=gone,
+        )
+        announced = said_closed = False
         try:
-            events = self.make_events(gone)
             async with aclosing(events):
-                async for piece in events:
-                    if gone.done():
-                        return
-                    body = piece if isinstance(piece, bytes) else piece.encode()
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-            if not gone.done():
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                async for event in events:
+                    piece: bytes | None = None
+                    if event.kind == DATA:
+                        piece = event.piece
+                        announced = True
+                        said_closed = event.state.closed and event.position == event.state.tail
+                    elif event.kind == IDLE:
+                        piece = KEEP_ALIVE
+                    elif event.kind == UP_TO_DATE:
+                        if not announced:
+                            piece = _control(event.state, event.position, False, True, self.client_cursor)
+                            announced = True
+                    elif not said_closed:  # closed with no data event that said so
+                        piece = _control(event.state, event.position, True, True, self.client_cursor)
+                    if piece and not gone.done():
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+        except StreamError:  # the stream was deleted: end the connection cleanly, claiming nothing more
+            pass
         finally:
+            left = gone.done()
             gone.cancel()
+        if not left:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _head(self) -> HTTPResponseStartEvent:
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        return {"type": "http.response.start", "status": 200, "headers": raw + self.extra_headers}
+
+    async def _step(self, state: StreamState, position: int) -> tuple[bytes, int]:
+        return await _next_block(self.store, self.hub, state, position, self.client_cursor)
 
 
 def _sse_event(kind: str, payload: str) -> str:
@@ -88,7 +120,7 @@ def _control(
     up_to_date: bool,
     client_cursor: str | None,
     interval: str | None = None,
-) -> str:
+) -> bytes:
     control: dict[str, Any] = {"streamNextOffset": format_offset(tail, state.generation)}
     if closed:
         control["streamClosed"] = True
@@ -96,7 +128,7 @@ def _control(
         control["streamCursor"] = interval or cursor(client_cursor)
     if up_to_date:
         control["upToDate"] = True
-    return _sse_event("control", json.dumps(control, separators=(",", ":")))
+    return _sse_event("control", json.dumps(control, separators=(",", ":"))).encode()
 
 
 def _sse_data(state: StreamState, data: bytes, next_offset: int) -> str:
@@ -107,44 +139,6 @@ def _sse_data(state: StreamState, data: bytes, next_offset: int) -> str:
     else:
         payload = base64.b64encode(data).decode()
     return _sse_event("data", payload)[:-1] + f"id:{format_offset(next_offset, state.generation)}\n\n"
-
-
-async def sse_events(
-    store: Store,
-    hub: LiveHub,
-    settings: Settings,
-    state: StreamState,
-    start: int,
-    client_cursor: str | None,
-    gone: asyncio.Future[None] | None = None,
-) -> AsyncGenerator[str | bytes, None]:
-    """The SSE body: data events with their control events, keep-alives while idle, until closed or `gone`."""
-
-    async def step(current: StreamState, position: int) -> tuple[bytes, int]:
-        return await _next_block(store, hub, current, position, client_cursor)
-
-    events = follow(
-        hub, store, state, start, step, kind="sse", idle_after=settings.sse_keepalive, cancel=gone
-    )
-    announced = said_closed = False
-    async with aclosing(events):
-        try:
-            async for event in events:
-                if event.kind == DATA:
-                    if event.piece is not None:
-                        yield event.piece
-                    announced = True
-                    said_closed = event.state.closed and event.position == event.state.tail
-                elif event.kind == IDLE:
-                    yield ": keep-alive\n\n"
-                elif event.kind == UP_TO_DATE:
-                    if not announced:
-                        yield _control(event.state, event.position, False, True, client_cursor)
-                        announced = True
-                elif not said_closed:  # closed with no data event that said so
-                    yield _control(event.state, event.position, True, True, client_cursor)
-        except StreamError:  # the stream was deleted: end the connection cleanly, claiming nothing more
-            return
 
 
 async def _next_block(
@@ -178,10 +172,9 @@ async def _next_block(
     after = position + len(data)
     at_tail = after == state.tail
     # One write per data event and its control event, so readers never see one without the other.
-    block = (
-        _sse_data(state, data, after)
-        + _control(state, after, state.closed and at_tail, at_tail, client_cursor, interval)
-    ).encode()
+    block = _sse_data(state, data, after).encode() + _control(
+        state, after, state.closed and at_tail, at_tail, client_cursor, interval
+    )
     return hub.sse_blocks.put(key, (block, after))
 
 
