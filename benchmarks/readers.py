@@ -13,6 +13,7 @@ import multiprocessing
 import random
 import statistics
 import time
+from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
 import psutil
@@ -23,7 +24,6 @@ from benchmarks.proto import Streams, stream_path
 from benchmarks.scale import create_all
 from benchmarks.stats import encode_mark, latency_ms, rate
 from benchmarks.wire import HttpError, parse_origin
-from multiprocessing.connection import Connection as Pipe
 
 TEXT = "text/plain"
 CLIENT_PROCESSES = 2
@@ -78,18 +78,18 @@ async def _hold(pipe: Pipe, origin_url: str, paths: list[str], connect_s: float)
         await poll_pipe(pipe, 600.0)  # the writer says when it is done
         still_open = sum(1 for r in recorders.values() if not r.closed.done())
         seen: dict[str, list[int]] = {}
-        latencies: list[float] = []
+        arrivals: list[tuple[int, float, float]] = []  # (sequence, sent at, arrived at)
         for path, recorder in recorders.items():
             marks = recorder.marks()
             if marks:
                 seen[path] = [seq for seq, _, _ in marks]
-                latencies.extend(arrived - sent_ns / 1e9 for _, sent_ns, arrived in marks)
+                arrivals.extend((seq, sent_ns / 1e9, arrived) for seq, sent_ns, arrived in marks)
             recorder.chunks.clear()
     finally:
         for recorder in recorders.values():
             recorder.close()
         await asyncio.sleep(0.1)  # let the closes go out before the loop ends
-    return {"seen": seen, "latencies": latencies, "still_open": still_open}
+    return {"seen": seen, "arrivals": arrivals, "still_open": still_open}
 
 
 def holder_process(pipe: Pipe, origin_url: str, paths: list[str], connect_s: float) -> None:
@@ -141,11 +141,12 @@ async def _idle_cpu(pid: int | None, seconds: float) -> float | None:
 
 async def _append(
     streams: Streams, names: list[str], count: int, interval: float
-) -> tuple[dict[str, list[int]], list[float], float]:
-    """`count` appends, each to a stream picked at random, one every `interval` seconds."""
+) -> tuple[dict[str, list[int]], dict[int, float], float, bool]:
+    """`count` appends, each to a stream picked at random, one every `interval` seconds; stop early if one
+    never comes back (a result about the server, not a failure of the scenario)."""
     pick = random.Random(_SEED)
     sent: dict[str, list[int]] = {}
-    times: list[float] = []
+    acked: dict[int, float] = {}  # sequence -> when its append was acknowledged
     start = time.monotonic()
     for seq in range(count):
         due = start + seq * interval
@@ -153,11 +154,13 @@ async def _append(
         if due > now:
             await asyncio.sleep(due - now)
         name = pick.choice(names)
-        t0 = time.monotonic()
-        await streams.append(name, encode_mark(seq), TEXT)
-        times.append(time.monotonic() - t0)
+        try:
+            await streams.append(name, encode_mark(seq), TEXT)
+        except TimeoutError:
+            return sent, acked, time.monotonic() - start, True
+        acked[seq] = time.monotonic()
         sent.setdefault(name, []).append(seq)
-    return sent, times, time.monotonic() - start
+    return sent, acked, time.monotonic() - start, False
 
 
 async def idle_readers(target: Target, sizes: Sizes) -> dict[str, Any]:
@@ -193,12 +196,13 @@ async def idle_readers(target: Target, sizes: Sizes) -> dict[str, Any]:
         await asyncio.sleep(_SETTLE_S)
         rss_after = await asyncio.to_thread(_rss, target.pid)
         idle_cpu = await _idle_cpu(target.pid, sizes.idle_cpu_s)
+        sent: dict[str, list[int]] = {}
+        acked: dict[int, float] = {}
+        elapsed, stalled = 0.0, False
         if connected:
-            sent, append_times, elapsed = await _append(
+            sent, acked, elapsed, stalled = await _append(
                 streams, open_names, sizes.idle_appends, sizes.idle_append_interval_s
             )
-        else:
-            sent, append_times, elapsed = {}, [], 0.0
         await asyncio.sleep(_SETTLE_S)  # the last appends reach their readers
         for pipe in pipes:
             pipe.send({"done": True})
@@ -210,10 +214,14 @@ async def idle_readers(target: Target, sizes: Sizes) -> dict[str, Any]:
             stop_process(process, grace=10.0 if finished else 0.0)
 
     seen: dict[str, list[int]] = {}
-    latencies: list[float] = []
+    arrivals: list[tuple[int, float, float]] = []
     for result in results:
         seen.update({paths[path]: seqs for path, seqs in result["seen"].items()})
-        latencies.extend(result["latencies"])
+        arrivals.extend(tuple(a) for a in result["arrivals"])
+    latencies = [arrived - sent_at for _, sent_at, arrived in arrivals]
+    # After the writer had its acknowledgement: the live path alone, without the append's own commit.
+    after_ack = [arrived - acked[seq] for seq, _, arrived in arrivals if seq in acked]
+    append_times = [acked[seq] - sent_at for seq, sent_at, _ in arrivals if seq in acked]
     lost = duplicated = out_of_order = 0
     for name, seqs in sent.items():
         got = seen.get(name, [])
@@ -242,15 +250,18 @@ async def idle_readers(target: Target, sizes: Sizes) -> dict[str, Any]:
             "connect_s": round(max(float(r.get("connect_s", 0.0)) for r in ready), 1),
             "appends_per_s": rate(appended, elapsed),
             **{f"delivery_{k}": v for k, v in latency_ms(latencies).items()},
+            "append_p50_ms": latency_ms(append_times)["p50_ms"],
+            "append_p99_ms": latency_ms(append_times)["p99_ms"],
+            "after_ack_p99_ms": latency_ms(after_ack)["p99_ms"],
             "lost": lost,
             "duplicated": duplicated,
         },
         "checks": {
             "all_readers_connected": connected == count,
+            "writer_stalled": stalled,
             "readers_still_open": sum(int(r["still_open"]) for r in results),
             "delivered": len(latencies),
             "out_of_order": out_of_order,
-            "append_p99_ms": latency_ms(append_times)["p99_ms"],
             "reader_errors": [e for r in ready for e in r.get("errors", [])],
         },
     }
