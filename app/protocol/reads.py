@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -233,6 +234,7 @@ async def read_stream(name: str, request: Request[Any, Any, Any]) -> ASGIRespons
 
 
 SSE_LABELS = (("method", "GET"), ("route", PREFIX))
+log = logging.getLogger("streamhold.protocol")
 
 
 def is_sse_read(scope: Scope) -> bool:
@@ -262,6 +264,9 @@ async def sse_asgi(app: Litestar, scope: Scope, receive: Receive, send: Send) ->
     except HTTPException as exc:  # a private stream read without a key
         body = json.dumps({"error": exc.detail}).encode()
         response = respond(exc.status_code, {**(exc.headers or {}), "content-type": "application/json"}, body)
+    except Exception:
+        log.exception("SSE read of %s failed", scope["path"])
+        response = respond(500, {"content-type": "application/json"}, b'{"error": "internal server error"}')
     if isinstance(response, SseResponse):
         response.extra_headers = _security_headers(b"text/event-stream", inline)
         _count_sse(metrics, 200)
