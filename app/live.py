@@ -66,10 +66,9 @@ def encode_doorbells(origin: str, changes: Iterable[Change]) -> list[bytes]:
 
 @dataclass(slots=True, eq=False)
 class _Watch:
-    """What this process knows of one stream's tail, and the bell its waiters sleep on.
+    """What this process knows of one stream's tail, and the futures its waiters sleep on.
 
-    The bell is a bare future made when the first waiter sleeps, not an asyncio.Event (whose waiter deque
-    alone is 760 bytes): with one reader on each of 10,000 streams, every byte here is a byte per reader.
+    Not an asyncio.Event, whose empty deque alone is 760 bytes: with a reader per stream, a cost per reader.
     """
 
     stream_id: str
@@ -77,7 +76,7 @@ class _Watch:
     closed: bool = False
     gone: bool = False
     rings: int = 0
-    bell: asyncio.Future[None] | None = None
+    sleepers: list[asyncio.Future[None]] | None = None
     readers: int = 0
     cache_start: int = 0
     cache: bytes = b""
@@ -87,9 +86,10 @@ class _Watch:
     def ring(self) -> None:
         self.ring_pending = False
         self.rings += 1
-        bell, self.bell = self.bell, None
-        if bell is not None and not bell.done():
-            bell.set_result(None)
+        sleepers, self.sleepers = self.sleepers, None
+        for sleeper in sleepers or ():
+            if not sleeper.done():
+                sleeper.set_result(None)
 
 
 class Waiter:
@@ -120,21 +120,21 @@ class Waiter:
         watch = self._watch
         if watch.rings == self._rings:
             loop = asyncio.get_running_loop()
-            bell = watch.bell
-            if bell is None:
-                bell = watch.bell = loop.create_future()
             self._woken = woken = loop.create_future()
+            sleepers = watch.sleepers = watch.sleepers or []
+            sleepers.append(woken)
             timer = loop.call_later(seconds, self._wake)
-            bell.add_done_callback(self._wake)
             if cancel is not None:
                 cancel.add_done_callback(self._wake)
             try:
                 await woken
             finally:
                 timer.cancel()
-                bell.remove_done_callback(self._wake)
                 if cancel is not None:
                     cancel.remove_done_callback(self._wake)
+                if watch.sleepers is sleepers:  # not rung (a ring takes the list away): leave it
+                    with contextlib.suppress(ValueError):
+                        sleepers.remove(woken)
                 self._woken = None
         rang = watch.rings != self._rings
         self._rings = watch.rings
