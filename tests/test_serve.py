@@ -30,7 +30,9 @@ RECHECK = (
     f"override uvicorn internals checked against uvicorn {serve.UVICORN_VERSION}. Read each overridden "
     "method in the new uvicorn: Protocol.on_body is a copy of uvicorn's with a larger buffer; the "
     "connection cap needs on_headers_complete to start `self.app`; the timers need connection_made/lost, "
-    "data_received, pause/resume_writing, `self.flow`, `self.transport` and `self.cycle`. Then run "
+    "data_received, pause/resume_writing, `self.flow`, `self.transport` and `self.cycle`; Flag and Pipeline "
+    "stand in for `flow._is_writable_event`, `cycle.message_event` and `pipeline` (check each use). Then "
+    "run "
     "tests/test_bounds.py and test_cli.py::test_serve_reads_a_mebibyte_body_without_waiting_for_the_app, "
     "and update UVICORN_VERSION in app/serve.py and the digests in tests/test_serve.py."
 )
