@@ -64,33 +64,43 @@ def encode_doorbells(origin: str, changes: Iterable[Change]) -> list[bytes]:
     return messages
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class _Watch:
-    """What this process knows of one stream's tail, and the event its waiters sleep on."""
+    """What this process knows of one stream's tail, and the futures its waiters sleep on.
 
+    Not an asyncio.Event, whose empty deque alone is 760 bytes: with a reader per stream, a cost per reader.
+    """
+
+    stream_id: str
     tail: int = -1
     closed: bool = False
     gone: bool = False
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    rings: int = 0
+    sleepers: list[asyncio.Future[None]] | None = None
     readers: int = 0
     cache_start: int = 0
     cache: bytes = b""
     fetching: dict[tuple[int, int], asyncio.Future[bytes]] = field(default_factory=dict)
-
     ring_pending: bool = False
 
     def ring(self) -> None:
         self.ring_pending = False
-        self.event.set()
-        self.event = asyncio.Event()
+        self.rings += 1
+        sleepers, self.sleepers = self.sleepers, None
+        for sleeper in sleepers or ():
+            if not sleeper.done():
+                sleeper.set_result(None)
 
 
 class Waiter:
     """A reader's registration on one stream: taken before reading the store, so no doorbell is missed."""
 
+    __slots__ = ("_rings", "_watch", "_woken")
+
     def __init__(self, watch: _Watch) -> None:
         self._watch = watch
-        self._event = watch.event
+        self._rings = watch.rings
+        self._woken: asyncio.Future[None] | None = None
 
     @property
     def tail(self) -> int:
@@ -104,16 +114,36 @@ class Waiter:
     def gone(self) -> bool:
         return self._watch.gone
 
-    async def wait(self, seconds: float) -> bool:
-        """Wait up to `seconds` for a doorbell since the last wait (or registration); False on timeout."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self._event.wait()
-        except TimeoutError:
-            return False
-        finally:
-            self._event = self._watch.event
-        return True
+    async def wait(self, seconds: float, cancel: asyncio.Future[None] | None = None) -> bool:
+        """Wait up to `seconds` for a doorbell since the last wait (or registration), or until `cancel` is
+        done; whether a doorbell rang. One future and one timer: no task, no set, no closure per wait."""
+        watch = self._watch
+        if watch.rings == self._rings:
+            loop = asyncio.get_running_loop()
+            self._woken = woken = loop.create_future()
+            sleepers = watch.sleepers = watch.sleepers or []
+            sleepers.append(woken)
+            timer = loop.call_later(seconds, self._wake)
+            if cancel is not None:
+                cancel.add_done_callback(self._wake)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                if cancel is not None:
+                    cancel.remove_done_callback(self._wake)
+                if watch.sleepers is sleepers:  # not rung (a ring takes the list away): leave it
+                    with contextlib.suppress(ValueError):
+                        sleepers.remove(woken)
+                self._woken = None
+        rang = watch.rings != self._rings
+        self._rings = watch.rings
+        return rang
+
+    def _wake(self, _: object = None) -> None:
+        woken = self._woken
+        if woken is not None and not woken.done():
+            woken.set_result(None)
 
 
 class SharedCache(Generic[K, V]):
@@ -209,18 +239,28 @@ class LiveHub:
     @contextlib.contextmanager
     def watch(self, stream_id: str, kind: str) -> Iterator[Waiter]:
         """Register as a live reader of a stream for the life of the block."""
+        waiter = self.register(stream_id, kind)
+        try:
+            yield waiter
+        finally:
+            self.unregister(waiter, kind)
+
+    def register(self, stream_id: str, kind: str) -> Waiter:
+        """Register as a live reader of a stream, until `unregister`."""
         watch = self._watches.get(stream_id)
         if watch is None:
-            watch = self._watches[stream_id] = _Watch()
+            watch = self._watches[stream_id] = _Watch(stream_id)
         watch.readers += 1
         self.readers[kind] = self.readers.get(kind, 0) + 1
-        try:
-            yield Waiter(watch)
-        finally:
-            watch.readers -= 1
-            self.readers[kind] -= 1
-            if watch.readers == 0 and not watch.fetching:
-                self._watches.pop(stream_id, None)
+        return Waiter(watch)
+
+    def unregister(self, waiter: Waiter, kind: str) -> None:
+        """The end of a registration made by `register`."""
+        watch = waiter._watch
+        watch.readers -= 1
+        self.readers[kind] -= 1
+        if watch.readers == 0 and not watch.fetching:
+            self._watches.pop(watch.stream_id, None)
 
     def advanced(self, state: StreamState, tail: int, closed: bool) -> StreamState:
         """The stream as a doorbell describes it: its committed tail moved on (and maybe it closed).
@@ -495,7 +535,8 @@ async def follow(
     """
     loop = asyncio.get_running_loop()
     position = start
-    with hub.watch(state.id, kind) as waiter:
+    waiter = hub.register(state.id, kind)  # not a context manager: one frame less that every reader holds
+    try:
         if reread:
             state = require_live(await reader.get(state.id))
         hub.observe(state.id, state.tail, state.closed)
@@ -524,7 +565,7 @@ async def follow(
             seconds = idle_after if deadline is None else min(idle_after, deadline - loop.time())
             if hub.stopping or seconds <= 0 or (cancel is not None and cancel.done()):
                 return
-            woke = await (waiter.wait(seconds) if cancel is None else _wait_unless(waiter, seconds, cancel))
+            woke = await waiter.wait(seconds, cancel)
             if hub.stopping or (cancel is not None and cancel.done()):
                 return
             if waiter.gone:
@@ -547,13 +588,5 @@ async def follow(
             state = require_live(await reader.get(state.id))
             hub.observe(state.id, state.tail, state.closed)
             delivered = False
-
-
-async def _wait_unless(waiter: Waiter, seconds: float, cancel: asyncio.Future[None]) -> bool:
-    """Wait on the doorbell unless `cancel` (the client going away) completes first."""
-    waiting = asyncio.ensure_future(waiter.wait(seconds))
-    await asyncio.wait((waiting, cancel), return_when=asyncio.FIRST_COMPLETED)
-    if not waiting.done():
-        waiting.cancel()
-        return False
-    return waiting.result()
+    finally:
+        hub.unregister(waiter, kind)

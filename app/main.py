@@ -34,6 +34,7 @@ from .http import admin, guard, headers, ops, token_api
 from .http.auth import SIGN_IN_KEY
 from .http.metrics import request_metrics
 from .live import LiveHub
+from .protocol.reads import is_sse_read, sse_asgi
 from .sdk.base import StreamService
 from .sdk.context import AgentContext, AgentRuntime
 from .sdk.local import LocalStreams
@@ -85,6 +86,9 @@ class Streamhold(Litestar):
                     await guard.not_found()(scope, http_receive, http_send)
                     return
                 await WRITES[method](self.state, scope, http_receive, http_send)
+                return
+            if scope["path"].startswith(APPEND_PATH) and not reserved(scope) and is_sse_read(scope):
+                await sse_asgi(self, scope, http_receive, http_send)
                 return
         await super().__call__(scope, receive, send)
 

@@ -34,6 +34,10 @@ class Sizes:
     creators: int = 16
     creates_per_creator: int = 250
     spread_streams: int = 10_000
+    idle_readers: int = 10_000
+    idle_cpu_s: float = 10.0
+    idle_appends: int = 500
+    idle_append_interval_s: float = 0.02
 
 
 FULL = Sizes()
@@ -55,6 +59,9 @@ QUICK = Sizes(
     sdk_lifecycles=300,
     creates_per_creator=30,
     spread_streams=1_000,
+    idle_readers=1_000,
+    idle_cpu_s=3.0,
+    idle_appends=100,
 )
 
 

@@ -26,7 +26,7 @@ _READY_S = 20.0
 _CLOSED = re.compile(rb'"streamClosed"\s*:\s*true')
 
 
-class _Recorder(asyncio.Protocol):
+class Recorder(asyncio.Protocol):
     """One SSE reader that stores what arrives and when, and parses nothing until asked."""
 
     def __init__(self, request: bytes) -> None:
@@ -92,12 +92,12 @@ async def _readers(
         "Accept: text/event-stream\r\nAccept-Encoding: identity\r\n\r\n"
     ).encode()
     gate = asyncio.Semaphore(_CONNECT_CONCURRENCY)
-    recorders: list[_Recorder] = []
+    recorders: list[Recorder] = []
     errors: list[str] = []
 
     async def connect() -> None:
         async with gate:
-            recorder = _Recorder(request)
+            recorder = Recorder(request)
             try:
                 await asyncio.wait_for(
                     loop.create_connection(lambda: recorder, origin.host, origin.port), _READY_S
@@ -117,12 +117,12 @@ async def _readers(
     except TimeoutError:
         errors.append(f"connecting took longer than {connect_s} s")
     pipe.send(
-        {"connected": len(recorders), "errors": _tally(errors), "connect_s": round(time.monotonic() - t0, 3)}
+        {"connected": len(recorders), "errors": tally(errors), "connect_s": round(time.monotonic() - t0, 3)}
     )
 
     # The writer answers with the count it sent once it has closed the stream.
     cpu0, wall0 = time.process_time(), time.monotonic()
-    message = await _poll(pipe, 600.0)
+    message = await poll_pipe(pipe, 600.0)
     cpu_share = (time.process_time() - cpu0) / max(1e-9, time.monotonic() - wall0)
     sent = int(message.get("sent", 0)) if message else 0
     pending = [r.closed for r in recorders if not r.closed.done()]
@@ -134,7 +134,7 @@ async def _readers(
     return {**_analyse(recorders, sent, unfinished, errors), "cpu_share": round(cpu_share, 3)}
 
 
-def _analyse(recorders: list[_Recorder], sent: int, unfinished: int, errors: list[str]) -> dict[str, Any]:
+def _analyse(recorders: list[Recorder], sent: int, unfinished: int, errors: list[str]) -> dict[str, Any]:
     latencies: list[float] = []
     lost = duplicated = out_of_order = readers_with_loss = 0
     for recorder in recorders:
@@ -158,15 +158,15 @@ def _analyse(recorders: list[_Recorder], sent: int, unfinished: int, errors: lis
         "out_of_order": out_of_order,
         "readers_with_loss": readers_with_loss,
         "readers_not_closed": unfinished,
-        "errors": _tally(errors),
+        "errors": tally(errors),
     }
 
 
-def _tally(errors: list[str]) -> list[str]:
+def tally(errors: list[str]) -> list[str]:
     return [f"{count} x {text}" for text, count in Counter(errors).most_common(5)]
 
 
-async def _poll(pipe: Pipe, wait_s: float) -> dict[str, Any] | None:
+async def poll_pipe(pipe: Pipe, wait_s: float) -> dict[str, Any] | None:
     # Polled from the event loop rather than a thread, so that a cancelled run leaves no thread blocked.
     give_up = time.monotonic() + wait_s
     while time.monotonic() < give_up:
@@ -196,8 +196,8 @@ def reader_process(
         pass  # the harness gave up on us already
 
 
-async def _receive(pipe: Pipe, wait_s: float, what: str) -> dict[str, Any]:
-    message = await _poll(pipe, wait_s)
+async def receive_from(pipe: Pipe, wait_s: float, what: str) -> dict[str, Any]:
+    message = await poll_pipe(pipe, wait_s)
     if message is None:
         raise TimeoutError(f"the reader process did not report {what} within {wait_s:.0f} s")
     return message
@@ -251,7 +251,7 @@ async def fanout(target: Target, sizes: Sizes, readers: int) -> dict[str, Any]:
     process.start()
     finished = False
     try:
-        ready = await _receive(ours, connect_s + 30.0, "its connections")
+        ready = await receive_from(ours, connect_s + 30.0, "its connections")
         if not ready.get("connected"):
             raise HttpError(f"no SSE reader could connect: {ready.get('errors')}")
         sent, elapsed, append_times, stalled = await _write(streams, name, sizes)
@@ -261,11 +261,11 @@ async def fanout(target: Target, sizes: Sizes, readers: int) -> dict[str, Any]:
         except TimeoutError:
             closed = False  # the readers then stop after the drain time
         ours.send({"sent": sent})
-        result = (await _receive(ours, sizes.fanout_drain_s + 120.0, "its results"))["result"]
+        result = (await receive_from(ours, sizes.fanout_drain_s + 120.0, "its results"))["result"]
         finished = True
     finally:
         streams.client.close()
-        _stop(process, grace=5.0 if finished else 0.0)
+        stop_process(process, grace=5.0 if finished else 0.0)
     expected_rate = 1.0 / sizes.fanout_interval_s
     return {
         "params": {
@@ -298,7 +298,7 @@ async def fanout(target: Target, sizes: Sizes, readers: int) -> dict[str, Any]:
     }
 
 
-def _stop(process: multiprocessing.process.BaseProcess, grace: float) -> None:
+def stop_process(process: multiprocessing.process.BaseProcess, grace: float) -> None:
     process.join(grace)
     if process.is_alive():
         process.terminate()

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fanout, live, reads, report, scale, sdk_bench, servers, writes
+from benchmarks import fanout, live, readers, reads, report, scale, sdk_bench, servers, writes
 from benchmarks.config import FULL, QUICK, Sizes, Target
 from benchmarks.wire import parse_origin
 
@@ -43,6 +43,7 @@ GROUPS = (
     "sdk",
     "create",
     "append-spread",
+    "readers-10k",
 )
 
 
@@ -83,6 +84,7 @@ def specs(sizes: Sizes) -> list[Spec]:
         Spec("sdk", "sdk", None, 120.0),
         Spec("create", "create", scale.create, 120.0, rounds=sizes.disk_rounds),
         Spec("append-spread", "append-spread", scale.append_spread, 480.0),
+        Spec("readers-10k", "readers-10k", readers.idle_readers, 240.0 + sizes.idle_readers * 0.02),
     ]
 
 

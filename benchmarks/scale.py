@@ -81,12 +81,15 @@ async def _spread(target: Target, sizes: Sizes, names: list[str]) -> tuple[float
     return elapsed, [x for lat in per_writer for x in lat], failed
 
 
-async def _create_all(target: Target, names: list[str], creators: int) -> None:
+async def create_all(
+    target: Target, names: list[str], creators: int, content_type: str = "application/octet-stream"
+) -> None:
+    """Create the named streams from `creators` concurrent connections."""
     clients = [Streams(target.origin) for _ in range(creators)]
 
     async def run(streams: Streams, share: list[str]) -> None:
         for name in share:
-            await streams.create(name)
+            await streams.create(name, content_type)
 
     await asyncio.gather(*(run(c, names[i::creators]) for i, c in enumerate(clients)))
     for streams in clients:
@@ -97,8 +100,8 @@ async def append_spread(target: Target, sizes: Sizes) -> dict[str, Any]:
     """64-byte appends from 16 writers over 16 streams, then over many: both rates, and their ratio."""
     few = [target.stream_name("spread-few", str(i)) for i in range(sizes.writers)]
     many = [target.stream_name("spread-many", str(i)) for i in range(sizes.spread_streams)]
-    await _create_all(target, few, sizes.writers)
-    await _create_all(target, many, sizes.creators)
+    await create_all(target, few, sizes.writers)
+    await create_all(target, many, sizes.creators)
     few_s, few_lat, few_failed = await _spread(target, sizes, few)
     many_s, many_lat, many_failed = await _spread(target, sizes, many)
     few_rate, many_rate = rate(len(few_lat), few_s), rate(len(many_lat), many_s)

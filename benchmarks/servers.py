@@ -30,6 +30,7 @@ CACHE = REPO / ".cache"
 PEER_CACHE = CACHE / "bench-peer"
 DATA_ROOT = CACHE / "bench-data"
 LONG_POLL_TIMEOUT_S = 2
+MAX_CONNECTIONS = 12_000
 _PEER_PACKAGE = "@durable-streams/server"
 
 
@@ -149,7 +150,11 @@ def start_streamhold() -> Server:
     port = free_port()
     data_dir = fresh_data_dir("streamhold")
     env = dict(
-        os.environ, STREAMHOLD_DATA_DIR=str(data_dir), STREAMHOLD_LONG_POLL_TIMEOUT=str(LONG_POLL_TIMEOUT_S)
+        os.environ,
+        STREAMHOLD_DATA_DIR=str(data_dir),
+        STREAMHOLD_LONG_POLL_TIMEOUT=str(LONG_POLL_TIMEOUT_S),
+        # readers-10k holds 10,000 readers and still needs a connection for its writer.
+        STREAMHOLD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
     )
     return _spawn(
         "streamhold", [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port)], env, port, data_dir

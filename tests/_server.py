@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import IO
 
 import httpx
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -39,6 +40,18 @@ def free_port() -> int:
 
 def streamhold_command(port: int) -> list[str]:
     return [sys.executable, "-m", "streamhold.cli", "serve", "--host", HOST, "--port", str(port)]
+
+
+def settled_rss(pid: int, limit: float = 15.0) -> int:
+    """The process's resident memory once it stops growing for a second (or after `limit` seconds)."""
+    process = psutil.Process(pid)
+    last, steady, deadline = process.memory_info().rss, 0, time.monotonic() + limit
+    while time.monotonic() < deadline and steady < 5:
+        time.sleep(0.2)
+        now = process.memory_info().rss
+        steady = steady + 1 if now - last < (1024 * 1024) else 0
+        last = max(last, now)
+    return last
 
 
 class ServerStartError(RuntimeError):

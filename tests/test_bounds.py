@@ -25,7 +25,7 @@ from streamhold.settings import Settings
 from streamhold.store import transactions
 from streamhold.store.schema import GzipChunkRow, StreamRow
 from streamhold.store.store import NewStream, Store
-from tests._server import ServerProcess
+from tests._server import ServerProcess, settled_rss
 
 MIB = 1024 * 1024
 ZEROS = 160 * MIB  # stored gzipped in about 160 KB
@@ -212,18 +212,6 @@ def _stalled_reader(server: ServerProcess, path: str) -> socket.socket:
     return sock
 
 
-def _settled_rss(pid: int, limit: float = 15.0) -> int:
-    """The process's resident memory once it stops growing for a second (or after `limit` seconds)."""
-    process = psutil.Process(pid)
-    last, steady, deadline = process.memory_info().rss, 0, time.monotonic() + limit
-    while time.monotonic() < deadline and steady < 5:
-        time.sleep(0.2)
-        now = process.memory_info().rss
-        steady = steady + 1 if now - last < MIB else 0
-        last = max(last, now)
-    return last
-
-
 def _drain(sock: socket.socket, limit: float) -> tuple[int, bool]:
     """Read what the server sent, for at most `limit` seconds: (bytes received, whether it closed)."""
     sock.settimeout(0.5)
@@ -248,7 +236,7 @@ def test_clients_that_never_read_hold_little_memory(tmp_path: Path) -> None:
     env = {"STREAMHOLD_DATA_DIR": str(tmp_path), "STREAMHOLD_SEND_TIMEOUT": "60"}
     with ServerProcess(env=env) as server:
         httpx.get(f"{server.url}/stream/{stream_id}", headers={"range": "bytes=0-9"})
-        before = _settled_rss(server.pid, 2)
+        before = settled_rss(server.pid, 2)
         paths = [  # the content URL, a protocol catch-up, the viewer's download
             f"/stream/{stream_id}",
             f"/v1/stream/{stream_id}?offset=-1",
@@ -257,7 +245,7 @@ def test_clients_that_never_read_hold_little_memory(tmp_path: Path) -> None:
         ]
         readers = [_stalled_reader(server, paths[i % len(paths)]) for i in range(300)]
         try:
-            grown = _settled_rss(server.pid) - before
+            grown = settled_rss(server.pid) - before
             assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
         finally:
             for sock in readers:

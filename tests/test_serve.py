@@ -32,7 +32,8 @@ RECHECK = (
     "connection cap needs on_headers_complete to start `self.app`; the timers need connection_made/lost, "
     "data_received, pause/resume_writing, `self.flow`, `self.transport` and `self.cycle`; the bounded read "
     "of a body after an early answer needs on_message_complete, on_response_complete (called once a "
-    "response is sent) and the cycle's `more_body` and `response_complete`. Then run "
+    "response is sent) and the cycle's `more_body` and `response_complete`; Flag and Pipeline stand in for "
+    "`flow._is_writable_event`, `cycle.message_event` and `pipeline` (check each use). Then run "
     "tests/test_bounds.py and test_cli.py::test_serve_reads_a_mebibyte_body_without_waiting_for_the_app, "
     "and update UVICORN_VERSION in app/serve.py and the digests in tests/test_serve.py."
 )

@@ -45,6 +45,7 @@ from ..store.appends import media_type
 from ..store.chunk_files import FILE_CHUNK_MIN, Spool
 from ..store.store import NewStream, Store
 from .reads import read_stream
+from .sse import SseResponse
 from .subscriptions import RESERVED, reserved_app
 from .wire import (
     API_RESPONSE_HEADERS,
@@ -470,6 +471,7 @@ async def protocol_app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     method = scope["method"] if scope["type"] == ScopeType.HTTP else "WEBSOCKET"
     handler = HANDLERS.get(method)
+    response: ASGIResponse | SseResponse
     if handler is None:
         body = json.dumps({"error": f"{method} is not a protocol method"}).encode()
         response = respond(405, {"allow": ", ".join(HANDLERS), "content-type": "application/json"}, body)
