@@ -21,11 +21,11 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import FromPath, FromQuery
 
-from ..errors import StreamGoneError, StreamNotFoundError
+from ..errors import InvalidRequestError, StreamGoneError, StreamNotFoundError
 from ..http.headers import PAGE_HEADERS
 from ..live import LiveHub
-from ..models import StreamState
 from ..settings import Settings
+from ..store.listing import Listing
 from ..store.store import Store
 from . import charts, session
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
@@ -64,6 +64,8 @@ class Page:
     view: View
     total: int
     rows: list[Row]
+    next: str | None  # the cursors of the next and previous pages (None at either end)
+    previous: str | None
     figures: Figures
     namespaces: list[NamespaceLine]
     history: charts.Panel | None = None
@@ -104,11 +106,21 @@ def _rate(state: State) -> Rate:
     return rate
 
 
-async def _page_of(store: Store, view: View) -> tuple[int, list[StreamState]]:
+async def _page_of(store: Store, view: View) -> tuple[View, Listing]:
+    """The view's page: from its cursor, or by its number (a cursor not one of ours is noted, dropped)."""
+    if view.cursor:
+        try:
+            found = await store.listing(
+                view.where, sort=view.sort, direction=view.direction, limit=PAGE_SIZE, cursor=view.cursor
+            )
+            return view, found
+        except InvalidRequestError as exc:
+            view = replace(view, cursor="", problems=(*view.problems, str(exc)))
     offset = (view.page - 1) * PAGE_SIZE
-    return await store.list(
+    found = await store.listing(
         view.where, sort=view.sort, direction=view.direction, limit=PAGE_SIZE, offset=offset
     )
+    return view, found
 
 
 async def build(
@@ -116,20 +128,23 @@ async def build(
 ) -> Page:
     """Read what a view shows: one page of streams, the totals and (for the filter form) namespace counts."""
     now = time.time()
-    (total, states), summary, counted, subscribed = await asyncio.gather(
+    (view, found), summary, counted, subscribed = await asyncio.gather(
         _page_of(store, view),
         store.summary(),
-        store.summary(replace(view.where, namespace=None)) if facets else asyncio.sleep(0, None),
+        store.facets(replace(view.where, namespace=None)) if facets else asyncio.sleep(0, None),
         subscription_lines(request.app.state.get("subscriptions"), now),
     )
-    if not states and total and view.page > 1:
-        view = replace(view, page=max(1, math.ceil(total / PAGE_SIZE)))
-        total, states = await _page_of(store, view)
+    if not found.streams and found.total and (view.page > 1 or view.cursor):
+        view = replace(view, page=max(1, math.ceil(found.total / PAGE_SIZE)), cursor="")
+        view, found = await _page_of(store, view)
+    total, states = found.total, found.streams
     rate = _rate(request.app.state).sample(store.writer.appends, store.writer.bytes_appended)
     page = Page(
         view=view,
         total=total,
         rows=rows(states, view, hub, now),
+        next=found.next,
+        previous=found.previous,
         figures=figures(summary, rate, hub.readers),
         namespaces=namespace_lines(summary, view),
         storage=store.space.problem() or "",
@@ -137,7 +152,7 @@ async def build(
     )
     page.history = history_panel(request)
     if counted is not None:
-        page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
+        page.facets = list(counted)
         if view.namespace and view.namespace not in {name for name, _ in page.facets}:
             page.facets.append((view.namespace, 0))
     return page
