@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from litestar.testing import AsyncTestClient
 from sqlalchemy import inspect, select, text, update
 
 from streamhold.errors import InvalidRequestError
+from streamhold.main import create_app
 from streamhold.models import StreamFilter
 from streamhold.settings import Settings
 from streamhold.store import counts, listing, transactions
@@ -203,3 +205,29 @@ async def test_a_cursor_not_ours_or_of_another_sort_is_refused(store: Store) -> 
     ):
         with pytest.raises(InvalidRequestError, match="cursor"):
             await store.listing(StreamFilter(), sort=sort, cursor=bad)
+
+
+async def test_the_list_api_pages_by_cursor_and_by_offset(settings: Settings) -> None:
+    app = create_app(settings)
+    async with AsyncTestClient(app, base_url="http://127.0.0.1") as client:
+        for _ in range(7):
+            assert (await client.post("/stream", json={"name": "pages"})).status_code == 200
+        every = (await client.post("/stream/list", json={"limit": 100})).json()
+        assert every["total"] == 7 and every["next_cursor"] is None
+        order = [s["id"] for s in every["streams"]]
+        walked, cursor = [], None
+        while True:
+            body: dict[str, Any] = {"limit": 3, "sort": "size", "direction": "asc"}
+            page = (
+                await client.post("/stream/list", json=body | ({"cursor": cursor} if cursor else {}))
+            ).json()
+            walked += [s["id"] for s in page["streams"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert sorted(walked) == sorted(order) and len(walked) == 7
+        last = (await client.post("/stream/list", json={"limit": 3, "offset": 6})).json()
+        assert [s["id"] for s in last["streams"]] == order[6:] and last["total"] == 7
+        for bad in (5, "nope"):
+            refused = await client.post("/stream/list", json={"cursor": bad})
+            assert refused.status_code == 400 and "cursor" in refused.json()["error"]
