@@ -130,20 +130,23 @@ def totals(
         .group_by(counts.c.namespace)
     )
     found = {n: [int(v) for v in values] for n, *values in conn.execute(summed)}
+    # Namespace conditions and grouping on an expression, not the column: on the column, SQLite walked the
+    # namespace index over all of a namespace's streams rather than the expiry index over the few expired.
+    namespace = (streams.c.namespace + "").label("namespace")
     expired = (
         select(
-            streams.c.namespace,
+            namespace,
             func.count(),
             func.count() - func.count(streams.c.closed_at),
             func.coalesce(func.sum(streams.c.stored_bytes), 0),
             func.coalesce(func.sum(streams.c.tail), 0),
         )
         .where(streams.c.expires_at <= now, streams.c.deleted.is_(False))
-        .where(*within(streams.c.namespace))
-        .group_by(streams.c.namespace)
+        .where(*within(streams.c.namespace + ""))
+        .group_by(namespace)
     )
-    for namespace, *values in conn.execute(expired):
-        have = found.setdefault(namespace, [0, 0, 0, 0])
+    for name, *values in conn.execute(expired):
+        have = found.setdefault(name, [0, 0, 0, 0])
         for i, value in enumerate(values):
             have[i] -= int(value)
     return {n: Totals(*v) for n, v in sorted(found.items()) if v[0] > 0}
