@@ -188,6 +188,14 @@ STREAM_INDEXES = (
         postgresql_where=UNCOMPRESSED,
     ),
 )
+# PostgreSQL's: its collation keeps LIKE 'prefix%' (the prefix filter) from the plain indexes of the id and
+# the name; pattern operators serve it. SQLite's filter is a range of those plain indexes (listing.py).
+PATTERN_INDEXES = tuple(
+    Index(f"ix_streams_{name}_pattern", streams.c[name], postgresql_ops={name: "varchar_pattern_ops"}).ddl_if(
+        dialect="postgresql"
+    )
+    for name in ("id", "name")
+)
 # Indexes of earlier versions that those above make redundant (their columns lead one of them).
 OLD_STREAM_INDEXES = ("ix_streams_namespace", "ix_streams_created_at")
 
@@ -203,7 +211,7 @@ def upgrade(conn: Connection, postgres: bool, counts_created: bool) -> None:
     """
     found = inspect(conn)
     indexes = {i["name"] for i in found.get_indexes("streams")}
-    for index in STREAM_INDEXES:
+    for index in STREAM_INDEXES + (PATTERN_INDEXES if postgres else ()):
         if index.name not in indexes:
             index.create(conn)
     for name in OLD_STREAM_INDEXES:
