@@ -92,6 +92,19 @@ class Listing:
     previous: str | None = None  # the page before this one, None at the start
 
 
+def check(sort: str, direction: str, limit: int, offset: int, cursor: str | None) -> Cursor | None:
+    """The listing's cursor, once its sort, direction, limit and offset are found good (else a 400)."""
+    if sort not in SORTS:
+        raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+    if direction not in ("asc", "desc"):
+        raise InvalidRequestError(f"direction must be asc or desc, got {direction!r}")
+    if not 1 <= limit <= 1000:
+        raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}")
+    if offset < 0:
+        raise InvalidRequestError(f"offset must be 0 or more, got {offset}")
+    return Cursor.decode(cursor, sort, direction) if cursor else None
+
+
 def page(
     engine: Engine,
     where: StreamFilter,

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
 from .. import clock
-from ..errors import InvalidRequestError, StorageFullError, StreamNotFoundError
+from ..errors import StorageFullError, StreamNotFoundError
 from ..models import LRU, AppendResult, Change, Producer, StreamFilter, StreamState
 from ..settings import Settings
 from . import chunk_files, counts, listing, schema, transactions
@@ -248,15 +248,7 @@ class Store(Reader):
     ) -> listing.Listing:
         """One page of the live streams matching `where`: after `offset` of them, or from `cursor` (a
         listing's next or previous cursor) and `offset` more; with their total and the pages' cursors."""
-        if sort not in listing.SORTS:
-            raise InvalidRequestError(f"sort must be one of {', '.join(listing.SORTS)}, got {sort!r}")
-        if direction not in ("asc", "desc"):
-            raise InvalidRequestError(f"direction must be asc or desc, got {direction!r}")
-        if not 1 <= limit <= 1000:
-            raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}")
-        if offset < 0:
-            raise InvalidRequestError(f"offset must be 0 or more, got {offset}")
-        start = listing.Cursor.decode(cursor, sort, direction) if cursor else None
+        start = listing.check(sort, direction, limit, offset, cursor)
         return await self._read(listing.page, self._read_engine, where, sort, direction, limit, offset, start)
 
     async def summary(self, where: StreamFilter | None = None) -> dict[str, Any]:
@@ -276,10 +268,6 @@ class Store(Reader):
             return None, []
 
         await self.writer.call(recount)
-
-    async def recount(self) -> dict[str, counts.Totals]:
-        """Each namespace's totals counted from the streams themselves (what the counters must agree with)."""
-        return await self._read(counts.recount_totals, self._read_engine, clock.now())
 
     # --- writes ----------------------------------------------------------------------------------
 
