@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy import inspect, select, text, update
+from sqlalchemy import create_engine, func, inspect, select, text, update
 
 from streamhold.errors import InvalidRequestError
 from streamhold.main import create_app
@@ -19,6 +21,8 @@ from streamhold.store import counts, listing, transactions
 from streamhold.store.schema import STREAM_INDEXES, namespace_counts, streams
 from streamhold.store.store import Store
 from streamhold.store.transactions import NewStream
+from tests._cluster import cluster, fresh_database, server_errors
+from tests._server import ServerProcess
 
 
 @pytest.fixture
@@ -231,3 +235,62 @@ async def test_the_list_api_pages_by_cursor_and_by_offset(settings: Settings) ->
         for bad in (5, "nope"):
             refused = await client.post("/stream/list", json={"cursor": bad})
             assert refused.status_code == 400 and "cursor" in refused.json()["error"]
+
+
+def test_two_server_processes_on_postgresql_keep_the_counters_exact(pg_server: str, tmp_path: Path) -> None:
+    """Two `streamhold serve` processes create, append to, close and delete streams of the same namespaces at
+    once, both sweeping; the totals either answers equal a recount."""
+    env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data"), "STREAMHOLD_SWEEP_INTERVAL": "0.2"}
+    with fresh_database(pg_server) as url, cluster({**env, "STREAMHOLD_DATABASE_URL": url}) as servers:
+
+        async def work(server: ServerProcess, tag: str) -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+
+                async def one(i: int) -> None:
+                    path = f"/v1/stream/ns{i % 3}/{tag}-{i}"
+                    assert (await client.put(path, headers={"content-type": "text/plain"})).status_code == 201
+                    closing = {"stream-closed": "true"} if i % 2 else {}
+                    sent = await client.post(
+                        path, content=b"abc" * (i + 1), headers={"content-type": "text/plain", **closing}
+                    )
+                    assert sent.status_code == 204
+                    if i % 5 == 0:
+                        assert (await client.delete(path)).status_code == 204
+
+                await asyncio.gather(*(one(i) for i in range(30)))
+
+        async def both() -> None:
+            await asyncio.gather(work(servers[0], "a"), work(servers[1], "b"))
+
+        asyncio.run(both())
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        try:
+            recount = counts.recount_totals(engine, time.time())
+            assert sum(t.streams for t in recount.values()) == 48
+            for server in servers:
+                listed = httpx.post(f"{server.url}/stream/list", json={"limit": 1}).json()
+                assert listed["total"] == 48
+                for namespace, totals in recount.items():
+                    page = httpx.post(
+                        f"{server.url}/stream/list", json={"name": namespace, "limit": 1}
+                    ).json()
+                    assert page["total"] == totals.streams
+            with engine.connect() as conn:
+                counted = {
+                    n: (int(s), int(o), int(b), int(c))
+                    for n, s, o, b, c in conn.execute(
+                        select(
+                            namespace_counts.c.namespace,
+                            func.sum(namespace_counts.c.streams),
+                            func.sum(namespace_counts.c.open),
+                            func.sum(namespace_counts.c.stored_bytes),
+                            func.sum(namespace_counts.c.content_bytes),
+                        ).group_by(namespace_counts.c.namespace)
+                    )
+                }
+            assert counted == {
+                n: (t.streams, t.open, t.stored_bytes, t.content_bytes) for n, t in recount.items()
+            }
+            assert [server_errors(server) for server in servers] == [[], []]
+        finally:
+            engine.dispose()
