@@ -118,7 +118,9 @@ def page(
     now = clock.now()
     conditions = filter_conditions(where, now, engine.dialect.name == "postgresql")
     descending = direction == "desc"
-    with engine.connect() as conn:  # one read snapshot for the total and the page
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":  # one snapshot for the total and the page (SQLite's BEGIN is)
+            conn.execution_options(isolation_level="REPEATABLE READ")
         total = _total(conn, where, conditions, now)
         if cursor is not None:
             found = _walk(conn, conditions, sort, descending != cursor.before, cursor.keys, limit + 1, offset)
