@@ -61,6 +61,7 @@ def upsert(postgres: bool) -> Any:
 
 
 _UPSERT = {postgres: upsert(postgres) for postgres in (False, True)}
+_COMPILED: dict[bool, tuple[str, list[str] | None]] = {}
 
 
 def rows(slot: int, deltas: dict[str, Delta]) -> list[dict[str, Any]]:
@@ -69,10 +70,20 @@ def rows(slot: int, deltas: dict[str, Delta]) -> list[dict[str, Any]]:
 
 
 def add(conn: Connection, postgres: bool, slot: int, deltas: dict[str, Delta]) -> None:
-    """Add deltas to this slot's counters, in the caller's transaction."""
+    """Add deltas to this slot's counters, in the caller's transaction.
+
+    Run as SQL compiled once, on the driver: about 12 µs a create on SQLite, against 24 µs through
+    SQLAlchemy's execution (a create takes about 270 µs).
+    """
     params = rows(slot, deltas)
     if params:
-        conn.execute(_UPSERT[postgres], params)
+        found = _COMPILED.get(postgres)
+        if found is None:
+            compiled = _UPSERT[postgres].compile(dialect=conn.dialect)
+            order = compiled.positiontup if conn.dialect.positional else None
+            found = _COMPILED[postgres] = (str(compiled), order)
+        sql, order = found
+        conn.exec_driver_sql(sql, [tuple(p[n] for n in order) if order else p for p in params])
 
 
 def add_one(conn: Connection, postgres: bool, slot: int, namespace: str, delta: Delta) -> None:
