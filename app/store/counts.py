@@ -49,6 +49,16 @@ def of_stream(state: StreamState, sign: int = 1) -> Delta:
     return Delta(sign, sign * (state.closed_at is None), sign * state.stored_bytes, sign * state.tail)
 
 
+def of_streams(states: list[StreamState]) -> dict[str, Delta]:
+    """What new streams add to their namespaces' totals, for `rows` (a batch of creates on the driver)."""
+    deltas: dict[str, Delta] = {}
+    for state in states:
+        delta, one = deltas.setdefault(state.namespace, Delta()), of_stream(state)
+        for name in FIELDS:
+            setattr(delta, name, getattr(delta, name) + getattr(one, name))
+    return deltas
+
+
 def upsert(postgres: bool) -> Any:
     """INSERT a counter row or add to it: parameters namespace, slot and the four FIELDS."""
     insert = postgresql_insert(counts) if postgres else sqlite_insert(counts)
