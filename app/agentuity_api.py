@@ -204,11 +204,28 @@ async def list_streams(
     if not isinstance(sort, str) or sort not in SORTS:
         raise InvalidRequestError(f"sort must be one of {', '.join(SORTS)}; got {sort!r}")
     limit, offset = checks.list_window(_integer(body, "limit", 100), _integer(body, "offset", 0))
-    total, states = await store.list(
-        where, sort=SORTS[sort], direction=body.get("direction") or "desc", limit=limit, offset=offset
+    cursor = body.get("cursor")
+    if cursor is not None and not isinstance(cursor, str):
+        raise InvalidRequestError("cursor must be the next_cursor string of an earlier page")
+    found = await store.listing(
+        where,
+        sort=SORTS[sort],
+        direction=body.get("direction") or "desc",
+        limit=limit,
+        offset=offset,
+        cursor=cursor or None,
     )
     origin = settings.origin()
-    return _json(200, {"success": True, "streams": [wire_info(s, origin) for s in states], "total": total})
+    return _json(
+        200,
+        {
+            "success": True,
+            "streams": [wire_info(s, origin) for s in found.streams],
+            "total": found.total,
+            # The page after this one, however deep: pass it back as `cursor` (None after the last page).
+            "next_cursor": found.next,
+        },
+    )
 
 
 @post(_paths("/{stream_id:str}/info"), status_code=200, opt={"right": "manage"})

@@ -2,6 +2,7 @@
 
 python -m benchmarks.run [--quick] [--only SCENARIO[,...]] [--servers streamhold,reference]
 python -m benchmarks.run --url http://127.0.0.1:8000 [--label NAME] [--pid PID]
+python -m benchmarks.run --big [--big-streams 100000,1000000] --only big-db --servers streamhold
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fanout, live, readers, reads, report, scale, sdk_bench, servers, writes
+from benchmarks import bigdb, fanout, live, readers, reads, report, scale, sdk_bench, servers, writes
 from benchmarks.config import FULL, QUICK, Sizes, Target
 from benchmarks.wire import parse_origin
 
@@ -44,6 +45,7 @@ GROUPS = (
     "create",
     "append-spread",
     "readers-10k",
+    "big-db",  # only with --big
 )
 
 
@@ -59,8 +61,8 @@ class Spec:
     rounds: int = 1
 
 
-def specs(sizes: Sizes) -> list[Spec]:
-    """Every scenario in the order they run."""
+def specs(sizes: Sizes, big: tuple[int, ...] = ()) -> list[Spec]:
+    """Every scenario in the order they run; the big-db ones (one per size in `big`) last."""
     fanouts = [
         Spec(
             f"fanout-{n}",
@@ -85,6 +87,8 @@ def specs(sizes: Sizes) -> list[Spec]:
         Spec("create", "create", scale.create, 120.0, rounds=sizes.disk_rounds),
         Spec("append-spread", "append-spread", scale.append_spread, 480.0),
         Spec("readers-10k", "readers-10k", readers.idle_readers, 240.0 + sizes.idle_readers * 0.02),
+        # The fill of each size (from the one before) takes most of its deadline: about 3,000 creates/s.
+        *(Spec(bigdb.label(n), "big-db", None, 300.0 + n / 500) for n in big),
     ]
 
 
@@ -107,7 +111,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pid", type=int, help="PID of the --url server, to report its memory")
     parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/<time>.jsonl)")
     parser.add_argument("--budget", type=float, help="seconds after which remaining scenarios are skipped")
+    parser.add_argument(
+        "--big", action="store_true", help="add the big-db scenario: fill a database of many streams, list it"
+    )
+    parser.add_argument(
+        "--big-streams",
+        default=",".join(str(n) for n in bigdb.SIZES),
+        help="comma-separated sizes the big-db scenario fills to and measures at (default: 100000,1000000)",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.big_sizes = tuple(sorted(int(n) for n in args.big_streams.split(","))) if args.big else ()
+    except ValueError:
+        parser.error(f"--big-streams takes whole numbers separated by commas; got {args.big_streams!r}")
+    if any(n < bigdb.PAGE * 2 for n in args.big_sizes):
+        parser.error(f"--big-streams sizes must be at least {bigdb.PAGE * 2}")
     chosen = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STARTERS]
     if unknown or not chosen:
@@ -143,6 +161,7 @@ class Harness:
         self.lines: list[dict[str, Any]] = []
         self.broken: dict[str, str] = {}
         self.running: list[servers.Server] = []
+        self.big: bigdb.BigDb | None = None  # the big-db scenarios' data directory, grown from size to size
 
     def emit(self, line: dict[str, Any]) -> None:
         """Print one JSON line and append it to the results file."""
@@ -178,6 +197,8 @@ class Harness:
         """Run one spec against one server (started fresh for it unless --url)."""
         if spec.group == "sdk":
             return await self._run_sdk(spec, label)
+        if spec.group == "big-db":
+            return await self._run_big(spec, label)
         if label in self.broken:
             return self.line(label, spec, skipped=f"{label} could not be started: {self.broken[label]}")
         server = None
@@ -246,9 +267,23 @@ class Harness:
             servers.remove_data_dir(data_dir)
         return self.line(label, spec, **result)
 
+    async def _run_big(self, spec: Spec, label: str) -> dict[str, Any]:
+        if label != "streamhold" or self.args.url:
+            return self.line(label, spec, skipped="big-db fills Streamhold's own store", not_applicable=True)
+        if self.big is None:
+            self.big = bigdb.BigDb()
+        streams = next(n for n in self.args.big_sizes if bigdb.label(n) == spec.key)
+        t0 = time.monotonic()
+        try:
+            result = await asyncio.wait_for(self.big.run(streams, spec.deadline), spec.deadline)
+        except Exception as exc:
+            return self.line(label, spec, error=f"{type(exc).__name__}: {exc}")
+        return self.line(label, spec, **result, wall_s=round(time.monotonic() - t0, 3))
+
     async def run(self, chosen: list[Spec]) -> None:
         """Every chosen spec against every server, in the order `turns` gives."""
-        budget = self.args.budget or (300.0 if self.args.quick else 900.0)
+        big = sum(s.deadline for s in chosen if s.group == "big-db")
+        budget = self.args.budget or (300.0 if self.args.quick else 900.0) + big
         give_up = time.monotonic() + budget
         for index, spec in enumerate(chosen):
             for round_, label in turns(index, spec.rounds, self.args.server_list):
@@ -275,7 +310,7 @@ def turns(index: int, rounds: int, labels: list[str]) -> list[tuple[int, str]]:
 
 async def _main(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
-    chosen = select(specs(sizes), args.only)
+    chosen = select(specs(sizes, args.big_sizes), args.only)
     run_id = uuid.uuid4().hex[:8]
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out: Path = args.out or RESULTS / f"{stamp}-{run_id}{'-quick' if args.quick else ''}.jsonl"
@@ -290,6 +325,8 @@ async def _main(args: argparse.Namespace) -> int:
         await harness.run(chosen)
     finally:
         harness.stop_all()
+        if harness.big is not None:
+            harness.big.close()
         loop.remove_signal_handler(signal.SIGTERM)
         _summarise(harness, args, out, time.monotonic() - started)
     if harness.broken:

@@ -144,11 +144,11 @@ def remove_data_dir(path: Path) -> None:
     path.parent.joinpath(f"{path.name}.log").unlink(missing_ok=True)
 
 
-def start_streamhold() -> Server:
-    """Start `streamhold serve` on a free port with a fresh data directory."""
+def start_streamhold(data_dir: Path | None = None) -> Server:
+    """Start `streamhold serve` on a free port with a fresh data directory (or the one given)."""
     cmd = streamhold_command()
     port = free_port()
-    data_dir = fresh_data_dir("streamhold")
+    data_dir = data_dir or fresh_data_dir("streamhold")
     env = dict(
         os.environ,
         STREAMHOLD_DATA_DIR=str(data_dir),
@@ -220,8 +220,9 @@ async def wait_ready(server: Server, limit_s: float = 30.0) -> None:
         client.close()
 
 
-def stop(server: Server, grace: float = 5.0) -> None:
-    """Stop a server we started: SIGTERM, then SIGKILL after `grace`; its own children too, by PID."""
+def stop(server: Server, grace: float = 5.0, keep_data: bool = False) -> None:
+    """Stop a server we started: SIGTERM, then SIGKILL after `grace`; its own children too, by PID. Its data
+    directory goes too, unless `keep_data` (a directory the caller made and removes)."""
     try:
         children = psutil.Process(server.pid).children(recursive=True)
     except psutil.Error:
@@ -239,7 +240,8 @@ def stop(server: Server, grace: float = 5.0) -> None:
                 child.kill()
         except psutil.Error:
             pass
-    remove_data_dir(server.data_dir)
+    if not keep_data:
+        remove_data_dir(server.data_dir)
 
 
 def vm_hwm_mib(pid: int) -> float | None:

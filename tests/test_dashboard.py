@@ -22,6 +22,7 @@ from streamhold.main import create_app
 from streamhold.models import new_stream_id
 from streamhold.settings import Settings
 from streamhold.store.schema import chunks, metadata_pairs, streams
+from streamhold.store.transactions import NewStream
 from streamhold.web import session
 from streamhold.web.dashboard import Rate
 from streamhold.web.dashboard_query import View
@@ -182,6 +183,7 @@ async def test_sorts_and_pages(settings: Settings) -> None:
         now = time.time()
         rows = [_row(f"n{i % 3}", f"s{i:03d}", now - 1000 + i, tail=(i * 37) % 120) for i in range(120)]
         await store.writer.call(lambda conn: (conn.execute(insert(streams), rows), []))
+        await store.reset_counters()
         first = (await client.get("/", headers=POLL)).text
         assert total(first) == 120 and names(first)[:2] == ["n2/s119", "n1/s118"] and len(names(first)) == 50
         assert "Page 1 of 3" in first and "1–50" in first
@@ -195,7 +197,52 @@ async def test_sorts_and_pages(settings: Settings) -> None:
         assert sizes[by_size[0]] == 0
         by_ns = names((await client.get("/?sort=namespace&dir=desc", headers=POLL)).text)
         assert {n.split("/")[0] for n in by_ns} == {"n2", "n1"} and by_ns[0].startswith("n2/")
-        assert 'href="/?sort=size&amp;dir=asc&amp;page=2"' in (await client.get("/?sort=size&dir=asc")).text
+        assert (
+            'href="/?sort=size&amp;dir=asc&amp;page=2&amp;cursor='
+            in (await client.get("/?sort=size&dir=asc")).text
+        )
+
+
+async def test_next_and_previous_links_walk_every_sort_by_cursor(settings: Settings) -> None:
+    """Every sort's pages, followed through their Next links and back through Previous, show each stream once,
+    in order, ties broken by id; a new stream created meanwhile shifts no row onto a second page."""
+    async with serve(settings) as client:
+        store = client.app.state.store
+        now = time.time()
+        # Ties in every sort key: three creation times, four sizes, two namespaces.
+        rows = [_row(f"n{i % 2}", f"s{i:03d}", now - 100 + i % 3, tail=i % 4) for i in range(120)]
+        await store.writer.call(lambda conn: (conn.execute(insert(streams), rows), []))
+        await store.reset_counters()
+        by_name = {r["name"]: r for r in rows}
+        keys = {
+            "created": lambda r: (r["created_at"], r["id"]),
+            "size": lambda r: (r["tail"], r["id"]),
+            "namespace": lambda r: (r["namespace"], r["created_at"], r["id"]),
+        }
+
+        def link(page: str, rel: str) -> str | None:
+            found = re.search(rf'href="([^"]+)"[^>]*class="{rel}"|class="{rel}"[^>]*href="([^"]+)"', page)
+            return html.unescape(found.group(1) or found.group(2)) if found else None
+
+        for sort, key in keys.items():
+            for direction in ("asc", "desc"):
+                expected = [r["name"] for r in sorted(rows, key=key, reverse=direction == "desc")]
+                url: str | None = f"/?sort={sort}&dir={direction}"
+                seen: list[str] = []
+                pages = []
+                back: str | None = None
+                while url is not None:
+                    page = (await client.get(url, headers=POLL)).text
+                    pages.append(names(page))
+                    seen += names(page)
+                    if len(pages) == 1:  # a stream created after the first page: not on the later ones
+                        await store.create(NewStream(namespace="n0", name=f"late-{sort}-{direction}"))
+                    url = link(page, "next")
+                    if len(pages) == 3:
+                        back = link(page, "prev")
+                assert [n for n in seen if n in by_name] == expected, (sort, direction)
+                assert len(pages) == 3 and back is not None and "cursor=" in back
+                assert names((await client.get(back, headers=POLL)).text) == pages[1]
 
 
 async def test_a_poll_that_finds_nothing_new_swaps_only_the_figures(settings: Settings) -> None:
@@ -435,6 +482,7 @@ async def test_ten_thousand_streams_stay_fast(settings: Settings) -> None:
             return None, []
 
         await store.writer.call(load)
+        await store.reset_counters()
         timings: dict[str, float] = {}
         for label, query in [
             ("first page", ""),

@@ -236,7 +236,7 @@ async def test_a_fork_committed_while_the_sweep_looks_keeps_its_expiring_source(
     with store._write_engine.connect() as other:
         creating = other.begin()
         new = NewStream(namespace="forks", name="caught", fork_from="brief", ttl_seconds=3600)
-        (fork, _), _ = transactions.create(other, new, True, None)
+        (fork, _), _ = transactions.create(other, new, True, None, store.counter_slot)
         await asyncio.sleep(1.2)  # the source expires while the fork is not yet committed
         sweeping = asyncio.create_task(store.sweep())
         await asyncio.sleep(0.5)

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from .. import clock
 from ..errors import StreamError
 from ..models import LRU, Change
+from . import counts
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
 from .statements import Prepared, Statements, state_from_tuple
@@ -52,6 +53,7 @@ class AppendBatches:
         self.bytes_appended = 0
         self._uncommitted = [0, 0]  # appends and bytes of the batch being written, counted once committed
         self.commits = 0
+        self.counter_slot = 0  # the store's rows of the namespace counters (counts.py)
         # Told of each stream a batch closes: its id, whether it is to be compressed, and whether it had no
         # chunk before this batch (so it has at most one that compaction could merge: nothing to merge).
         self.after_close: Callable[[str, bool, bool], None] | None = None
@@ -237,11 +239,16 @@ class AppendBatches:
         flushes = []
         updates: dict[Prepared, list[Any]] = {}
         changes = []
+        deltas: dict[str, counts.Delta] = {}
         for stream_id, p in pending.items():
             if not p.changed:
                 continue
             data = b"".join(p.parts)
             was = p.record
+            delta = deltas.setdefault(was.facts.namespace, counts.Delta())
+            delta.stored_bytes += len(data)
+            delta.content_bytes += p.tail - was.tail
+            delta.open -= p.closed_at is not None and was.closed_at is None
             stored_bytes, appends = was.stored_bytes + len(data), was.appends + p.appends
             values = {
                 "_id": stream_id,
@@ -311,6 +318,8 @@ class AppendBatches:
             cursor.executemany(sql.flush_pending.sql, flushes)
         for update, rows in updates.items():
             cursor.executemany(update.sql, rows)
+        if counted := counts.rows(self.counter_slot, deltas):
+            cursor.executemany(sql.count_namespace.sql, [sql.count_namespace.args(d) for d in counted])
         for (stream_id, producer_id), (epoch, seq) in states.items():
             statement = sql.update_producer if (stream_id, producer_id) in known else sql.insert_producer
             values = {"stream_id": stream_id, "producer_id": producer_id, "epoch": epoch, "seq": seq}

@@ -15,6 +15,7 @@ from sqlalchemy import Engine, bindparam, insert, update
 from .. import clock
 from ..errors import StreamConflictError
 from ..models import StreamState, new_stream_id
+from . import counts
 from .schema import counters, metadata_pairs, streams
 from .statements import Prepared, Statements, state_from_tuple
 from .transactions import GENERATION, NewStream, same_config, stream_row
@@ -51,7 +52,7 @@ class CreateStatements:
 
 
 def create_batch(
-    cursor: Any, sql: Statements, own: CreateStatements, news: list[NewStream]
+    cursor: Any, sql: Statements, own: CreateStatements, news: list[NewStream], slot: int
 ) -> list[tuple[bool, Any]]:
     """Create `news` in the open transaction of `cursor`: each (True, (state, created)) or (False, error).
 
@@ -121,6 +122,8 @@ def create_batch(
     ]
     if pairs:
         cursor.executemany(own.insert_metadata.sql, pairs)
+    if counted := counts.rows(slot, counts.of_streams(states)):  # the namespace counters, in this commit
+        cursor.executemany(sql.count_namespace.sql, [sql.count_namespace.args(d) for d in counted])
     return outcomes
 
 

@@ -36,7 +36,10 @@ def _sqlite_pragmas(engine: Engine, begin: str) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA mmap_size=268435456")
+        # No memory map: every page a scan touched stayed in the process's resident memory (up to the map's
+        # 256 MiB with a big database), where reads through the page cache hold a few MiB per connection.
+        # Large appends live in chunk files, so what SQLite reads is small rows.
+        cursor.execute("PRAGMA mmap_size=0")
         # Checkpoint the WAL at 16,384 pages (256 MiB of 16 KiB pages) rather than 1,000: large appends then
         # commit at disk speed. The writer also checkpoints it whenever it has been idle for a moment.
         cursor.execute("PRAGMA wal_autocheckpoint=16384")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Connection, Index, LargeBinary, Table, inspect, text
+from sqlalchemy import BigInteger, Column, Connection, Index, LargeBinary, Table, func, inspect, select, text
 from sqlmodel import Field, SQLModel
 
 from ..models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
@@ -15,11 +15,11 @@ class StreamRow(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=64)
     name: str = Field(max_length=MAX_NAME_LENGTH, unique=True)
-    namespace: str = Field(max_length=MAX_NAMESPACE_LENGTH, index=True)
+    namespace: str = Field(max_length=MAX_NAMESPACE_LENGTH)
     content_type: str = Field(max_length=255)
     json_mode: bool = False
     metadata_json: str = "{}"
-    created_at: float = Field(index=True)
+    created_at: float
     updated_at: float
     closed_at: float | None = None
     tail: int = Field(default=0, sa_type=BigInteger)
@@ -54,6 +54,24 @@ class CounterRow(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=64)
     value: int = Field(default=0, sa_type=BigInteger)
+
+
+class NamespaceCountRow(SQLModel, table=True):
+    """Running totals of one namespace's streams (not deleted; expired ones until the sweep removes them).
+
+    Each store process adds its changes to rows of its own `slot`, in the transactions that make them, so
+    that processes never wait for each other's counters; the sweep folds rows into slot 0. A namespace's
+    totals are the sums over its slots.
+    """
+
+    __tablename__ = "namespace_counts"
+
+    namespace: str = Field(primary_key=True, max_length=MAX_NAMESPACE_LENGTH)
+    slot: int = Field(primary_key=True, sa_type=BigInteger)
+    streams: int = Field(default=0, sa_type=BigInteger)
+    open: int = Field(default=0, sa_type=BigInteger)
+    stored_bytes: int = Field(default=0, sa_type=BigInteger)
+    content_bytes: int = Field(default=0, sa_type=BigInteger)
 
 
 class ChunkRow(SQLModel, table=True):
@@ -136,6 +154,7 @@ def table_of(row: type[SQLModel]) -> Table:
 
 
 streams = table_of(StreamRow)
+namespace_counts = table_of(NamespaceCountRow)
 counters = table_of(CounterRow)
 chunks = table_of(ChunkRow)
 gzip_chunks = table_of(GzipChunkRow)
@@ -144,13 +163,57 @@ producers = table_of(ProducerRow)
 sessions = table_of(SessionRow)
 tokens = table_of(TokenRow)
 
+# The listings' indexes, each chosen from the query plans of the dashboard's filters and sorts (README,
+# "A million streams"): every sort walks an index in its order with the id as tie-breaker, so that a page
+# after a cursor starts where the index says. Size and updated have none: every append changes them.
+# Conditions of the sweep's partial indexes: the sweep's queries name them just so, and find few rows.
+DELETED = streams.c.deleted.is_(True)
+UNCOMPRESSED = streams.c.compress.is_(True) & streams.c.compressed.is_(False)
+STREAM_INDEXES = (
+    Index("ix_streams_created_id", streams.c.created_at, streams.c.id),
+    Index("ix_streams_namespace_created_id", streams.c.namespace, streams.c.created_at, streams.c.id),
+    # No partial index of open streams for `state=open`, which walks the created index instead: it cost
+    # every create and close a page more, and a create on a nearly full disk must fit in what a delete frees.
+    # The sweep's: deleted streams kept for their forks, and closed streams whose compression never ended.
+    Index("ix_streams_deleted", streams.c.id, sqlite_where=DELETED, postgresql_where=DELETED),
+    Index(
+        "ix_streams_uncompressed",
+        streams.c.closed_at,
+        sqlite_where=UNCOMPRESSED,
+        postgresql_where=UNCOMPRESSED,
+    ),
+)
+# PostgreSQL's: its collation keeps LIKE 'prefix%' (the prefix filter) from the plain indexes of the id and
+# the name; pattern operators serve it. SQLite's filter is a range of those plain indexes (listing.py).
+PATTERN_INDEXES = tuple(
+    Index(f"ix_streams_{name}_pattern", streams.c[name], postgresql_ops={name: "varchar_pattern_ops"}).ddl_if(
+        dialect="postgresql"
+    )
+    for name in ("id", "name")
+)
+# Indexes of earlier versions that those above make redundant (their columns lead one of them).
+OLD_STREAM_INDEXES = ("ix_streams_namespace", "ix_streams_created_at")
+
+
 # Chunks are written, merged (compaction) and read back at most about this large.
 CHUNK_TARGET = 1024 * 1024
 
 
-def upgrade(conn: Connection, postgres: bool) -> None:
-    """Bring a database made by an earlier version up to this schema (create_all adds only new tables)."""
+def upgrade(conn: Connection, postgres: bool, counts_created: bool) -> None:
+    """Bring a database made by an earlier version up to this schema (create_all adds only new tables).
+
+    `counts_created`: the namespace counters' table is new, so they are counted once from the streams.
+    """
     found = inspect(conn)
+    indexes = {i["name"] for i in found.get_indexes("streams")}
+    for index in STREAM_INDEXES + (PATTERN_INDEXES if postgres else ()):
+        if index.name not in indexes:
+            index.create(conn)
+    for name in OLD_STREAM_INDEXES:
+        if name in indexes:
+            conn.execute(text(f"DROP INDEX {name}"))
+    if counts_created:
+        recount(conn)
     if "pending" not in {c["name"] for c in found.get_columns("streams")}:
         empty = "''::bytea" if postgres else "x''"
         kind = "BYTEA" if postgres else "BLOB"
@@ -170,3 +233,26 @@ def upgrade(conn: Connection, postgres: bool) -> None:
         conn.execute(text("ALTER TABLE streams ADD COLUMN visibility VARCHAR(16)"))
     if "token_id" not in {c["name"] for c in found.get_columns("sessions")}:
         conn.execute(text("ALTER TABLE sessions ADD COLUMN token_id VARCHAR(32)"))
+
+
+def recount(conn: Connection) -> None:
+    """Set the namespace counters from the streams themselves (a new table, or a repair)."""
+    conn.execute(namespace_counts.delete())
+    live = streams.c.deleted.is_(False)
+    totals = (
+        select(
+            streams.c.namespace,
+            func.count(),
+            func.count() - func.count(streams.c.closed_at),
+            func.coalesce(func.sum(streams.c.stored_bytes), 0),
+            func.coalesce(func.sum(streams.c.tail), 0),
+        )
+        .where(live)
+        .group_by(streams.c.namespace)
+    )
+    rows = [
+        {"namespace": n, "slot": 0, "streams": c, "open": o, "stored_bytes": s, "content_bytes": t}
+        for n, c, o, s, t in conn.execute(totals)
+    ]
+    if rows:
+        conn.execute(namespace_counts.insert(), rows)

@@ -26,6 +26,7 @@ from sqlalchemy.sql import ClauseElement, ColumnElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from ..models import StreamState
+from . import counts
 from .schema import chunks, producers, streams
 
 # A stream's record without its pending bytes, which only reads of content and the writer need.
@@ -152,6 +153,7 @@ class Statements:
             ),
             engine,
         )
+        self.count_namespace = Prepared(counts.upsert(postgres), engine)
         self.update_producer = Prepared(
             update(producers)
             .where(

@@ -21,16 +21,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select, text, update
+from sqlalchemy import Connection, inspect, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
 
 from .. import clock
-from ..errors import InvalidRequestError, StorageFullError, StreamNotFoundError
+from ..errors import StorageFullError, StreamNotFoundError
 from ..models import LRU, AppendResult, Change, Producer, StreamFilter, StreamState
 from ..settings import Settings
-from . import chunk_files, listing, schema, transactions
+from . import chunk_files, counts, listing, schema, transactions
 from .appends import AppendOp
 from .chunk_files import ChunkFiles, Spool
 from .disk import DiskSpace
@@ -46,6 +46,7 @@ log = logging.getLogger("streamhold.store")
 TRIM_RETRY_S = 1.0  # a closed stream's file held by a spooled body is trimmed again this much later
 COMPACT_AFTER = 64  # small chunks added to a stream (each at least batches.PENDING_LIMIT bytes)
 NAME_CACHE = 10000
+SWEEP_ROUNDS = 100  # sweep transactions one sweep runs at most; the next sweep goes on from there
 SCHEMA_LOCK = 0x5354524D  # advisory lock key while several processes create the schema
 
 
@@ -79,6 +80,8 @@ class Store(Reader):
         self.space = DiskSpace(folder, settings.min_free_bytes, database, lambda: self.writer.commits)
         self.writer.space = self.space
         self.tokens = Tokens(self.writer, read_engine)
+        # This store's rows of the namespace counters (counts.py); the writer adds appends' bytes to them.
+        self.counter_slot = self.writer.counter_slot = counts.new_slot()
 
     @classmethod
     @asynccontextmanager
@@ -114,8 +117,9 @@ class Store(Reader):
         with self._write_engine.begin() as conn:
             if self.postgres:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
+            counts_created = not inspect(conn).has_table(schema.namespace_counts.name)
             SQLModel.metadata.create_all(conn)
-            schema.upgrade(conn, self.postgres)
+            schema.upgrade(conn, self.postgres, counts_created)
             if self.postgres:
                 clock.set_to(float(conn.execute(text(f"SELECT {transactions.DATABASE_NOW}")).scalar_one()))
             else:
@@ -123,7 +127,9 @@ class Store(Reader):
             counter = {"name": transactions.GENERATION, "value": 0}
             # Another process may be starting too: the first to insert the counter wins.
             if self.postgres:
-                conn.execute(postgresql_insert(transactions.counters).values(counter).on_conflict_do_nothing())
+                conn.execute(
+                    postgresql_insert(transactions.counters).values(counter).on_conflict_do_nothing()
+                )
             else:
                 conn.execute(sqlite_insert(transactions.counters).values(counter).on_conflict_do_nothing())
             if self.files is not None:  # left by a process that stopped before removing them
@@ -232,19 +238,41 @@ class Store(Reader):
         offset: int = 0,
     ) -> tuple[int, list[StreamState]]:
         """The total number of live streams matching `where`, and one page of them."""
-        if sort not in listing.SORTS:
-            raise InvalidRequestError(f"sort must be one of {', '.join(listing.SORTS)}, got {sort!r}")
-        if direction not in ("asc", "desc"):
-            raise InvalidRequestError(f"direction must be asc or desc, got {direction!r}")
-        if not 1 <= limit <= 1000:
-            raise InvalidRequestError(f"limit must be between 1 and 1000, got {limit}")
-        if offset < 0:
-            raise InvalidRequestError(f"offset must be 0 or more, got {offset}")
-        return await self._read(listing.page, self._read_engine, where, sort, direction, limit, offset)
+        found = await self.listing(where, sort=sort, direction=direction, limit=limit, offset=offset)
+        return found.total, found.streams
+
+    async def listing(
+        self,
+        where: StreamFilter,
+        *,
+        sort: str = "created",
+        direction: str = "desc",
+        limit: int = 100,
+        offset: int = 0,
+        cursor: str | None = None,
+    ) -> listing.Listing:
+        """One page of the live streams matching `where`: after `offset` of them, or from `cursor` (a
+        listing's next or previous cursor) and `offset` more; with their total and the pages' cursors."""
+        start = listing.check(sort, direction, limit, offset, cursor)
+        return await self._read(listing.page, self._read_engine, where, sort, direction, limit, offset, start)
 
     async def summary(self, where: StreamFilter | None = None) -> dict[str, Any]:
-        """Totals (streams, open streams, bytes) and per-namespace counts for live streams."""
+        """Totals (streams, open streams, bytes) and per-namespace counts for live streams in `where`'s
+        namespaces (its other filters do not apply), from the namespace counters."""
         return await self._read(listing.summary, self._read_engine, where or StreamFilter())
+
+    async def facets(self, where: StreamFilter) -> builtins.list[tuple[str, int]]:
+        """How many live streams match `where` in each namespace."""
+        return await self._read(listing.facets, self._read_engine, where)
+
+    async def reset_counters(self) -> None:
+        """Count the namespace counters afresh from the streams (after rows were written by hand)."""
+
+        def recount(conn: Connection) -> tuple[None, builtins.list[Change]]:
+            schema.recount(conn)
+            return None, []
+
+        await self.writer.call(recount)
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -381,7 +409,7 @@ class Store(Reader):
         The content is read and deflated outside any write transaction (deflate on a worker thread), its
         pieces are stored in small transactions of their own, and one short transaction swaps them in.
         """
-        postgres = self.postgres
+        postgres, slot = self.postgres, self.counter_slot
         deflater = zlib.compressobj(6, zlib.DEFLATED, 31)
         staged: list[transactions.GzipPiece] = []
         seq = stored = position = piece_start = staged_from = 0
@@ -416,7 +444,7 @@ class Store(Reader):
         if not await cut(piece_start, final=True):
             return
         swapped = await self.writer.call(
-            lambda conn: transactions.swap_in_gzip(conn, state.id, seq, stored, postgres)
+            lambda conn: transactions.swap_in_gzip(conn, state.id, seq, stored, postgres, slot)
         )
         if swapped:
             self._remove_file_later(state.id)
@@ -434,9 +462,9 @@ class Store(Reader):
         if self.space.short():
             raise self.space.refuse()
         # Concurrent creates share a commit (each in a savepoint of its own), as concurrent appends do.
-        postgres, files = self.postgres, self.files
+        postgres, files, slot = self.postgres, self.files, self.counter_slot
         return await self.writer.call(
-            lambda conn: transactions.create(conn, new, postgres, files),
+            lambda conn: transactions.create(conn, new, postgres, files, slot),
             group=True,
             key=new.name or "",
             new=new if new.fork_from is None else None,
@@ -444,8 +472,8 @@ class Store(Reader):
 
     async def delete(self, stream_id: str) -> None:
         """Delete a stream and reclaim its storage (soft-delete while forks of it remain)."""
-        postgres = self.postgres
-        delete = self.space.freeing(lambda conn: transactions.delete(conn, stream_id, postgres))
+        postgres, slot = self.postgres, self.counter_slot
+        delete = self.space.freeing(lambda conn: transactions.delete(conn, stream_id, postgres, slot))
         await self.writer.call(delete)
         self.space.recheck()
 
@@ -464,7 +492,12 @@ class Store(Reader):
             ids = [state.id for state in page]
             deleted += await self.writer.call(
                 self.space.freeing(
-                    functools.partial(transactions.delete_many, stream_ids=ids, postgres=self.postgres)
+                    functools.partial(
+                        transactions.delete_many,
+                        stream_ids=ids,
+                        postgres=self.postgres,
+                        slot=self.counter_slot,
+                    )
                 )
             )
             if any(s.deleted for s in page):
@@ -516,15 +549,22 @@ class Store(Reader):
 
         Closed streams whose compression never finished are handed to `finish` again, in the background.
         """
-        postgres = self.postgres
-        swept, unfinished = await self.writer.call(
-            self.space.freeing(lambda conn: transactions.sweep(conn, postgres))
-        )
+        postgres, slot = self.postgres, self.counter_slot
+        swept = 0
+        # In transactions of a bounded size, so that other writes go on between them.
+        for _ in range(SWEEP_ROUNDS):
+            found, unfinished, more = await self.writer.call(
+                self.space.freeing(lambda conn: transactions.sweep(conn, postgres, slot))
+            )
+            swept += found
+            if not more:
+                break
+        await self.writer.call(lambda conn: (counts.fold(conn, postgres), []))
         if unfinished and not self._holds_sweep_lock():
             unfinished = []
         for stream_id in unfinished:
             self._follow_up(self.finish(stream_id))
-        return int(swept)
+        return swept
 
     # --- dashboard sessions ----------------------------------------------------------------------
 

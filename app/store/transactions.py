@@ -35,10 +35,21 @@ from ..errors import (
     StreamNotFoundError,
 )
 from ..models import Change, StreamState, lifecycle, new_stream_id
+from . import counts
 from .appends import media_type
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles
 from .reads import iter_range
-from .schema import CHUNK_TARGET, chunks, counters, gzip_chunks, metadata_pairs, producers, streams
+from .schema import (
+    CHUNK_TARGET,
+    DELETED,
+    UNCOMPRESSED,
+    chunks,
+    counters,
+    gzip_chunks,
+    metadata_pairs,
+    producers,
+    streams,
+)
 from .statements import CHUNK_SIZE, STREAM_STATE
 
 GENERATION = "stream_generation"  # the counters row of the last generation a created stream got
@@ -49,6 +60,9 @@ SEEK_STEP = 1024 * 1024
 # Compaction merges only chunks smaller than this, so never one held in a chunk file.
 SMALL_CHUNK = FILE_CHUNK_MIN
 COMPRESS_GRACE = 600.0  # seconds after close by which a compression has surely finished or stopped
+SWEEP_BATCH = (
+    500  # streams a sweep transaction looks at, of each kind; the sweeper goes on while it finds so many
+)
 SWEEP_LOCK = 0x53575045  # advisory lock key: one process sweeps at a time
 CREATE_LOCK = 0x4E414D45  # advisory lock class for (this, hash of a name): one create of a name at a time
 DATABASE_NOW = "extract(epoch from clock_timestamp())"
@@ -99,7 +113,7 @@ class NewStream:
 
 
 def create(
-    conn: Connection, new: NewStream, postgres: bool, files: ChunkFiles | None
+    conn: Connection, new: NewStream, postgres: bool, files: ChunkFiles | None, slot: int
 ) -> tuple[tuple[StreamState, bool], list[Change]]:
     now = clock.now()
     changes: list[Change] = []
@@ -111,7 +125,7 @@ def create(
         existing = _locked(conn, streams.c.name, new.name, postgres)
         if existing is not None:
             if existing.expired(now):
-                changes.append(_retire(conn, existing))
+                changes.append(_retire(conn, existing, postgres, slot))
             elif existing.deleted:
                 raise StreamConflictError(
                     "this stream was deleted while forks of it remain; use another name"
@@ -168,6 +182,7 @@ def create(
             [{"stream_id": stream_id, "key": k, "value": v} for k, v in new.metadata.items()],
         )
     state = StreamState.from_row(row)
+    counts.add_one(conn, postgres, slot, state.namespace, counts.of_stream(state))
     return (state, True), changes
 
 
@@ -245,6 +260,7 @@ def _fork_point(conn: Connection, new: NewStream, source: StreamState, files: Ch
         if not 0 <= new.fork_offset <= source.tail:
             raise InvalidRequestError(f"a fork offset must be from 0 to the source's tail, {source.tail}")
         return new.fork_offset
+
     def by_id(stream_id: str) -> StreamState | None:
         row = conn.execute(select(*STREAM_STATE).where(streams.c.id == stream_id)).first()
         return StreamState.from_row(row) if row is not None else None
@@ -252,12 +268,13 @@ def _fork_point(conn: Connection, new: NewStream, source: StreamState, files: Ch
     return new.fork_point(source, lambda start, end: iter_range(conn, source, start, end, files), by_id)
 
 
-def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list[Change]]:
+def delete(conn: Connection, stream_id: str, postgres: bool, slot: int) -> tuple[None, list[Change]]:
     state = _locked(conn, streams.c.id, stream_id, postgres)
     if state is None or state.expired():
         raise StreamNotFoundError("stream not found")
     if state.deleted:
         raise StreamGoneError("stream was deleted")
+    counts.add_one(conn, postgres, slot, state.namespace, counts.of_stream(state, -1))
     if _has_forks(conn, stream_id):
         conn.execute(update(streams).where(streams.c.id == stream_id).values(deleted=True))
         return None, [Change(stream_id, state.tail, state.closed, gone=True)]
@@ -274,12 +291,14 @@ def delete(conn: Connection, stream_id: str, postgres: bool) -> tuple[None, list
     return None, changes
 
 
-def delete_many(conn: Connection, stream_ids: list[str], postgres: bool) -> tuple[int, list[Change]]:
+def delete_many(
+    conn: Connection, stream_ids: list[str], postgres: bool, slot: int
+) -> tuple[int, list[Change]]:
     """Delete each of the streams that is still there, in one transaction; returns how many."""
     deleted, changes = 0, []
     for stream_id in sorted(stream_ids):  # the writers' locking order, so processes never deadlock
         try:
-            changes += delete(conn, stream_id, postgres)[1]
+            changes += delete(conn, stream_id, postgres, slot)[1]
         except (StreamNotFoundError, StreamGoneError):
             continue
         deleted += 1
@@ -326,7 +345,7 @@ def stage_gzip(
 
 
 def swap_in_gzip(
-    conn: Connection, stream_id: str, pieces: int, stored: int, postgres: bool
+    conn: Connection, stream_id: str, pieces: int, stored: int, postgres: bool, slot: int
 ) -> tuple[bool, list[Change]]:
     """Make the staged gzip body the stream's content, if it is whole; True if it did."""
     state = _locked(conn, streams.c.id, stream_id, postgres)
@@ -344,11 +363,15 @@ def swap_in_gzip(
     conn.execute(
         update(streams).where(streams.c.id == stream_id).values(compressed=True, stored_bytes=stored)
     )
+    if not state.deleted:
+        counts.add_one(
+            conn, postgres, slot, state.namespace, counts.Delta(stored_bytes=stored - state.stored_bytes)
+        )
     return True, []
 
 
-def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list[Change]]:
-    """Purge expired streams and deleted sources no fork needs; returns (how many, streams to compress).
+def sweep(conn: Connection, postgres: bool, slot: int) -> tuple[tuple[int, list[str], bool], list[Change]]:
+    """Purge expired streams and deleted sources no fork needs: (how many, streams to compress, more left).
 
     The streams to compress are closed streams whose compression never finished (the process doing it
     stopped): only the process that holds the sweep lock gets them, so only one redoes each.
@@ -358,7 +381,7 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
         now = float(conn.execute(text(f"SELECT {DATABASE_NOW}")).scalar_one())
         clock.set_to(now)
         if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK}).scalar():
-            return (0, []), []
+            return (0, [], False), []
         expiring = streams.c.expires_at <= literal_column(DATABASE_NOW)
     else:
         # The writer's lock (BEGIN IMMEDIATE) is held: no other process slides an expiry meanwhile.
@@ -366,33 +389,33 @@ def sweep(conn: Connection, postgres: bool) -> tuple[tuple[int, list[str]], list
         now = clock.now()
         expiring = streams.c.expires_at <= now
     forked = select(1).where(_fork_of(streams.c.id, now)).exists()
-    found = conn.scalars(
-        select(streams.c.id)
-        .where(
-            or_(
-                and_(expiring, ~forked),
-                and_(streams.c.deleted.is_(True), ~forked),
-                and_(expiring, streams.c.deleted.is_(False), forked),
-            )
+    # Two queries, each walking an index (a single OR of them scanned every stream): expired streams by
+    # expiry, deleted ones kept for forks through their partial index. At most SWEEP_BATCH of each.
+    found = list(
+        conn.scalars(
+            select(streams.c.id)
+            .where(expiring, or_(~forked, streams.c.deleted.is_(False)))
+            .order_by(streams.c.expires_at)
+            .limit(SWEEP_BATCH)
         )
-        .limit(500)
-    ).all()
+    )
+    found += conn.scalars(select(streams.c.id).where(DELETED, ~forked).limit(SWEEP_BATCH))
     changes = []
-    for stream_id in sorted(found):  # the writers' locking order, so processes never deadlock
+    for stream_id in sorted(set(found)):  # the writers' locking order, so processes never deadlock
         # Locked and asked again: a fork of it may have been committed, or its expiry slid, since the
         # query above. A row being written now is skipped and judged by a later sweep.
         state = _locked(conn, streams.c.id, stream_id, postgres, skip_locked=True)
         if state is None:
             continue
         if (state.deleted and not _has_forks(conn, stream_id)) or (not state.deleted and state.expired(now)):
-            changes.append(_retire(conn, state))
+            changes.append(_retire(conn, state, postgres, slot))
     unfinished = conn.scalars(
         select(streams.c.id)
-        .where(streams.c.compress.is_(True), streams.c.compressed.is_(False), streams.c.deleted.is_(False))
+        .where(UNCOMPRESSED, streams.c.deleted.is_(False))
         .where(streams.c.closed_at < now - COMPRESS_GRACE)
         .limit(10)
     ).all()
-    return (len(changes), list(unfinished)), changes
+    return (len(changes), list(unfinished), len(found) >= SWEEP_BATCH), changes
 
 
 def remove_unused_files(
@@ -460,8 +483,10 @@ def _has_forks(conn: Connection, stream_id: str) -> bool:
     )
 
 
-def _retire(conn: Connection, state: StreamState) -> Change:
+def _retire(conn: Connection, state: StreamState, postgres: bool, slot: int) -> Change:
     """Purge an expired or deleted stream, or keep its bytes under its id for live forks."""
+    if not state.deleted:  # a deleted one left the totals when it was deleted
+        counts.add_one(conn, postgres, slot, state.namespace, counts.of_stream(state, -1))
     if _has_forks(conn, state.id):
         conn.execute(update(streams).where(streams.c.id == state.id).values(deleted=True, name=state.id))
     else:

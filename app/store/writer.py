@@ -294,7 +294,7 @@ class Writer(AppendBatches):
             self._cached_rows(cursor)  # emptied if another connection committed: then it takes the new rows
             news = [op.new for op in ops if op.new is not None]
             try:
-                outcomes = creates.create_batch(cursor, self._statements, statements, news)
+                outcomes = creates.create_batch(cursor, self._statements, statements, news, self.counter_slot)
             except Exception as exc:  # nothing of it is committed
                 if not isinstance(exc, creates.Expired):
                     log.warning("a batch of %d creates failed; running them as calls", len(ops), exc_info=exc)

@@ -24,12 +24,13 @@ from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import FromPath, FromQuery
 
 from ..checks import BEYOND, count
-from ..errors import StreamGoneError, StreamNotFoundError
+from ..errors import InvalidRequestError, StreamGoneError, StreamNotFoundError
 from ..http.auth import Principal
 from ..http.headers import PAGE_HEADERS
 from ..live import LiveHub
-from ..models import StreamFilter, StreamState
+from ..models import StreamFilter
 from ..settings import Settings
+from ..store.listing import Listing
 from ..store.store import Store
 from . import charts, session
 from .dashboard_format import Figures, NamespaceLine, Row, figures, namespace_lines, rows
@@ -68,6 +69,8 @@ class Page:
     view: View
     total: int
     rows: list[Row]
+    next: str | None  # the cursors of the next and previous pages (None at either end)
+    previous: str | None
     figures: Figures
     namespaces: list[NamespaceLine]
     history: charts.Panel | None = None
@@ -114,15 +117,22 @@ def within(where: StreamFilter, principal: Principal) -> StreamFilter:
     return where if principal.full else replace(where, namespaces=principal.namespaces)
 
 
-async def _page_of(store: Store, view: View, principal: Principal) -> tuple[int, list[StreamState]]:
+async def _page_of(store: Store, view: View, principal: Principal) -> tuple[View, Listing]:
+    """The view's page: from its cursor, or by its number (a cursor not one of ours is noted, dropped)."""
+    where = within(view.where, principal)
+    if view.cursor:
+        try:
+            found = await store.listing(
+                where, sort=view.sort, direction=view.direction, limit=PAGE_SIZE, cursor=view.cursor
+            )
+            return view, found
+        except InvalidRequestError as exc:
+            view = replace(view, cursor="", problems=(*view.problems, str(exc)))
     offset = (view.page - 1) * PAGE_SIZE
-    return await store.list(
-        within(view.where, principal),
-        sort=view.sort,
-        direction=view.direction,
-        limit=PAGE_SIZE,
-        offset=offset,
+    found = await store.listing(
+        where, sort=view.sort, direction=view.direction, limit=PAGE_SIZE, offset=offset
     )
+    return view, found
 
 
 async def build(
@@ -137,23 +147,26 @@ async def build(
     """Read what a view shows: one page of streams, the totals and (for the filter form) namespace counts."""
     now = time.time()
     scoped = not principal.full
-    (total, states), summary, counted, subscribed = await asyncio.gather(
+    (view, found), summary, counted, subscribed = await asyncio.gather(
         _page_of(store, view, principal),
         store.summary(within(StreamFilter(), principal)),
-        store.summary(within(replace(view.where, namespace=None), principal))
+        store.facets(within(replace(view.where, namespace=None), principal))
         if facets
         else asyncio.sleep(0, None),
         # Listing subscriptions takes an admin key, as on the protocol's API.
         asyncio.sleep(0, []) if scoped else subscription_lines(request.app.state.get("subscriptions"), now),
     )
-    if not states and total and view.page > 1:
-        view = replace(view, page=max(1, math.ceil(total / PAGE_SIZE)))
-        total, states = await _page_of(store, view, principal)
+    if not found.streams and found.total and (view.page > 1 or view.cursor):
+        view = replace(view, page=max(1, math.ceil(found.total / PAGE_SIZE)), cursor="")
+        view, found = await _page_of(store, view, principal)
+    total, states = found.total, found.streams
     rate = _rate(request.app.state).sample(store.writer.appends, store.writer.bytes_appended)
     page = Page(
         view=view,
         total=total,
         rows=rows(states, view, hub, now),
+        next=found.next,
+        previous=found.previous,
         figures=figures(summary, rate, hub.readers, server_wide=not scoped),
         namespaces=namespace_lines(summary, view),
         storage=store.space.problem() or "",
@@ -162,7 +175,7 @@ async def build(
     )
     page.history = None if scoped else history_panel(request)
     if counted is not None:
-        page.facets = [(n["namespace"], n["streams"]) for n in counted["namespaces"]]
+        page.facets = list(counted)
         if view.namespace and view.namespace not in {name for name, _ in page.facets}:
             page.facets.append((view.namespace, 0))
     return page

@@ -14,6 +14,7 @@ STATES = {"open": "Open", "closed": "Closed", "expiring": "Expiring < 24 h"}
 MAX_META_PAIRS = 8
 MAX_TEXT = 512
 MAX_PAGE = 10**9
+MAX_CURSOR = 4096
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,13 @@ class View:
     sort: str = "created"
     direction: str = "desc"
     page: int = 1
+    # Where the page starts (a listing cursor); the page number then only numbers it. Empty: by page number.
+    cursor: str = ""
     problems: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_query(cls, query: str) -> View:
-        """Parse `?namespace=&meta=k=v&state=&prefix=&sort=&dir=&page=`; bad values are dropped, noted."""
+        """Parse `?namespace=&meta=k=v&state=&prefix=&sort=&dir=&page=&cursor=`; bad values dropped, noted."""
         params = parse_qs(query, keep_blank_values=True)
 
         def one(name: str) -> str:
@@ -62,6 +65,10 @@ class View:
             direction = SORTS[sort]
         # Past the last page shows the last page; a page number of many digits is just that.
         page = min(count(one("page")) or 1, MAX_PAGE)
+        cursor = (params.get("cursor") or [""])[-1].strip()
+        if len(cursor) > MAX_CURSOR:
+            problems.append("the page link was cut short: showing this page from its number")
+            cursor = ""
         return cls(
             one("namespace"),
             tuple(meta),
@@ -70,6 +77,7 @@ class View:
             sort,
             direction,
             max(page, 1),
+            cursor,
             tuple(problems),
         )
 
@@ -95,6 +103,8 @@ class View:
             out += [("sort", self.sort), ("dir", self.direction)]
         if self.page > 1:
             out.append(("page", str(self.page)))
+        if self.cursor:
+            out.append(("cursor", self.cursor))
         return out
 
     @property
@@ -102,9 +112,13 @@ class View:
         return urlencode(self.params())
 
     def url(self, **changes: Any) -> str:
-        """The dashboard URL of this view with some fields changed (filters changing resets the page)."""
-        if changes.keys() - {"page", "sort", "direction"}:
+        """The dashboard URL of this view with some fields changed (filters changing resets the page).
+
+        A new page number without a cursor is a page by its number; any other change starts afresh too.
+        """
+        if changes.keys() - {"page", "sort", "direction", "cursor"}:
             changes.setdefault("page", 1)
+        changes.setdefault("cursor", "")
         query = urlencode(replace(self, **changes).params())
         return "/?" + query if query else "/"
 
