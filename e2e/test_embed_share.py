@@ -87,7 +87,7 @@ def refused(page: Page, element: str, why: str, kept: str = "") -> None:
     expect(page.locator(f"{element} .streamhold-note")).to_contain_text(why, timeout=TIMEOUT)
     assert text_of(page, element) == kept
     assert page.locator(f"{element} .streamhold-view").text_content() == kept
-    assert not page.locator(f"{element} .streamhold-stop").is_visible()
+    expect(page.locator(f"{element} .streamhold-stop")).to_be_hidden()  # a refused link stops nothing
 
 
 def test_share_links_as_src_on_another_origin(
@@ -163,11 +163,13 @@ def test_share_links_as_src_on_another_origin(
     # Refused requests (403) are the only errors the page logged.
     assert not [e for e in errors if "403" not in e], errors
 
-    # A link that expires: read while it lasts, refused with the reason on the reload after.
-    brief = share(base, private(base, "embedded-brief", "brief\n"), 2, False)
+    # A stop link that expires: read (and Stop) while it lasts, refused with the reason after, live and on
+    # the reload.
+    brief = share(base, private(base, "embedded-brief", "brief\n"), 3, True)
     expiring = page_of(base, {"brief": brief["content_url"]})
     page.goto(site.page("brief.html", expiring))
     wait_element(page, "#brief", "live")
+    expect(page.locator("#brief .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
     assert text_of(page, "#brief") == "brief\n"
     expires = int(query(brief).split(".")[3])  # whole seconds, by the server's clock
     time.sleep(max(0.0, expires + 0.2 - time.time()))

@@ -1212,14 +1212,19 @@ export class StreamholdStream extends ElementBase {
     if (!src) return;
     const controller = new AbortController();
     this.#controller = controller;
+    // Stop goes with the element, or earlier, once the server refuses the read (an expired share link).
+    const stopping = new AbortController();
+    controller.signal.addEventListener("abort", () => stopping.abort());
+    /** @type {HTMLButtonElement|null} */
+    let button = null;
     if (this.hasAttribute("stop")) {
-      const button = document.createElement("button");
+      button = document.createElement("button");
       button.type = "button";
       button.className = "streamhold-stop";
       button.title = "Ask the stream's writer to stop";
       button.textContent = "■ Stop";
       this.prepend(button);
-      stopControl(button, this, src, { signal: controller.signal });
+      stopControl(button, this, src, { signal: stopping.signal });
     }
     const format = (this.getAttribute("format") || "auto").toLowerCase();
     const live = this.getAttribute("follow") !== "false";
@@ -1264,7 +1269,14 @@ export class StreamholdStream extends ElementBase {
         this.dispatchEvent(new CustomEvent("streamhold-data", { detail: chunk }));
       },
       onClose: () => renderer?.finish(),
-    }).catch(() => { /* the state and its note say what happened */ });
+    }).catch((error) => {
+      // The state and its note say what happened. A refused read (401, 403: the link expired, the key was
+      // revoked) refuses a stop too, so the button goes rather than fail when pressed.
+      if (error instanceof StreamReadError && (error.status === 401 || error.status === 403)) {
+        stopping.abort();
+        button?.remove();
+      }
+    });
   }
 }
 
