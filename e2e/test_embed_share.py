@@ -83,7 +83,7 @@ def text_of(page: Page, element: str) -> str:
 
 def refused(page: Page, element: str, why: str, kept: str = "") -> None:
     """The element shows it could not read, and why, and nothing of the stream but what it `kept`."""
-    wait_element(page, element, "stopped")
+    wait_element(page, element, "refused")
     expect(page.locator(f"{element} .streamhold-note")).to_contain_text(why, timeout=TIMEOUT)
     assert text_of(page, element) == kept
     assert page.locator(f"{element} .streamhold-view").text_content() == kept
@@ -166,14 +166,22 @@ def test_share_links_as_src_on_another_origin(
     # A stop link that expires: read (and Stop) while it lasts, refused with the reason after, live and on
     # the reload.
     brief = share(base, private(base, "embedded-brief", "brief\n"), 3, True)
-    expiring = page_of(base, {"brief": brief["content_url"]})
-    page.goto(site.page("brief.html", expiring))
+    framed = {"brief-frame": f"{base}/watch/embedded-brief?embed=1&{query(brief)}"}
+    page.goto(site.page("brief.html", page_of(base, {"brief": brief["content_url"]}, framed)))
     wait_element(page, "#brief", "live")
+    viewer = page.frame_locator("#brief-frame").locator("#watch")
+    expect(viewer).to_have_attribute("data-state", "live", timeout=TIMEOUT)
     expect(page.locator("#brief .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
     assert text_of(page, "#brief") == "brief\n"
     expires = int(query(brief).split(".")[3])  # whole seconds, by the server's clock
     time.sleep(max(0.0, expires + 0.2 - time.time()))
     # The live read ended at expiry and its reconnect was refused; what arrived before stays.
     refused(page, "#brief", "this share link has expired", kept="brief\n")
+    expect(viewer).to_have_attribute("data-state", "refused", timeout=TIMEOUT)  # the embed too
+    expect(viewer.locator("#status")).to_contain_text("this share link has expired")
+    expect(viewer.locator("#raw")).to_have_text("brief\n")
     page.reload()
     refused(page, "#brief", "this share link has expired")
+    expect(viewer).to_have_attribute("data-state", "refused", timeout=TIMEOUT)
+    expect(viewer.locator("#refusal")).to_have_text("this share link has expired: ask for a new one")
+    assert viewer.locator("#raw").count() == 0

@@ -640,7 +640,7 @@ export function viewKind(contentType) {
 /* ========================================= follow ========================================= */
 
 /**
- * @typedef {"connecting"|"live"|"reconnecting"|"closed"|"gone"|"stopped"} FollowState
+ * @typedef {"connecting"|"live"|"reconnecting"|"closed"|"gone"|"refused"|"stopped"} FollowState
  *
  * @typedef {object} Chunk
  * @property {Uint8Array} bytes  The exact bytes of the stream in [from, offset) (JSON mode: the body read).
@@ -686,6 +686,9 @@ export class StreamReadError extends Error {
 class Retry extends Error {}
 
 const FATAL = [400, 401, 403, 404, 410];
+// How a fatal answer ends following: the stream is gone, or the server will not let this reader read (no
+// credential, or an altered or expired share link); a bad request (400) just stops.
+const FINAL_STATES = { 401: "refused", 403: "refused", 404: "gone", 410: "gone" };
 const IDLE_MS = 60000;
 const RETRY_MIN_MS = 250;
 const RETRY_MAX_MS = 5000;
@@ -1022,7 +1025,7 @@ export async function follow(url, options = {}) {
       } catch (error) {
         if (stopped()) break;
         if (error instanceof StreamReadError) {
-          setState(error.status === 404 || error.status === 410 ? "gone" : "stopped", error.message);
+          setState(FINAL_STATES[error.status] || "stopped", error.message);
           throw error;
         }
         if (error instanceof SyntaxError) throw error;
@@ -1083,13 +1086,15 @@ export async function stopUrl(src, options = {}) {
   throw new Error(`not a stream URL (…/v1/stream/<name> or …/stream/<id>): ${url.href}`);
 }
 
-const HIDDEN_STATES = ["closed", "gone"];
+// A refused read (an expired share link) would be a refused stop too.
+const HIDDEN_STATES = ["closed", "gone", "refused"];
 
 /**
  * Makes `button` the Stop button of the stream at `src`, as the viewer and <streamhold-stream stop> show it:
  * hidden until the server says this page may stop the stream (GET /stream/{id}/stop answers 200 for it
- * and the stream is open), hidden again once `root`'s `data-state` is closed or gone. A press POSTs the
- * stop; a refusal shows beside the button. Options: `csrf` (the viewer's token), `signal` (stops it all).
+ * and the stream is open), hidden again once `root`'s `data-state` is closed, gone or refused. A press
+ * POSTs the stop; a refusal shows beside the button. Options: `csrf` (the viewer's token), `signal` (stops
+ * it all).
  * @param {HTMLButtonElement} button
  * @param {HTMLElement} root
  * @param {string|URL} src
@@ -1158,6 +1163,7 @@ export function stopControl(button, root, src, options = {}) {
 
 const NOTES = {
   gone: "This stream was deleted or has expired. What you see is what had arrived before.",
+  refused: "Could not read this stream",
   stopped: "Could not read this stream",
 };
 
@@ -1166,8 +1172,9 @@ const NOTES = {
  * following it. Attributes: `src` (a `/v1/stream/<name>` or `/stream/{id}` URL, its query kept on every
  * request); `format` ("auto" by the stream's type, or "markdown", "text", "csv", "json", "binary"); `follow`
  * ("false" shows what is there now and stops); `stop` (a Stop button while the stream is open, if this page
- * may stop it). It sets `data-state` (connecting, live, reconnecting, closed, gone, stopped) and fires
- * `streamhold-state` and `streamhold-data`.
+ * may stop it). It sets `data-state` (connecting, live, reconnecting, closed, gone, refused, stopped) and
+ * fires `streamhold-state` and `streamhold-data`; refused (401, 403: no credential, an altered or expired
+ * share link) and stopped show a note (`.streamhold-note`) with the server's reason.
  */
 // Where there is no DOM (a worker, Node), follow() still imports; the element is then never defined.
 const ElementBase = /** @type {typeof HTMLElement} */ (globalThis.HTMLElement ?? class {});
@@ -1212,19 +1219,14 @@ export class StreamholdStream extends ElementBase {
     if (!src) return;
     const controller = new AbortController();
     this.#controller = controller;
-    // Stop goes with the element, or earlier, once the server refuses the read (an expired share link).
-    const stopping = new AbortController();
-    controller.signal.addEventListener("abort", () => stopping.abort());
-    /** @type {HTMLButtonElement|null} */
-    let button = null;
     if (this.hasAttribute("stop")) {
-      button = document.createElement("button");
+      const button = document.createElement("button");
       button.type = "button";
       button.className = "streamhold-stop";
       button.title = "Ask the stream's writer to stop";
       button.textContent = "■ Stop";
       this.prepend(button);
-      stopControl(button, this, src, { signal: stopping.signal });
+      stopControl(button, this, src, { signal: controller.signal });
     }
     const format = (this.getAttribute("format") || "auto").toLowerCase();
     const live = this.getAttribute("follow") !== "false";
@@ -1236,7 +1238,7 @@ export class StreamholdStream extends ElementBase {
       if (note && NOTES[state]) {
         const note = document.createElement("p");
         note.className = "streamhold-note";
-        note.textContent = state === "gone" ? NOTES.gone : `${NOTES.stopped}: ${detail || "unknown error"}`;
+        note.textContent = state === "gone" ? NOTES.gone : `${NOTES[state]}: ${detail || "unknown error"}`;
         this.append(note);
       }
     };
@@ -1269,14 +1271,7 @@ export class StreamholdStream extends ElementBase {
         this.dispatchEvent(new CustomEvent("streamhold-data", { detail: chunk }));
       },
       onClose: () => renderer?.finish(),
-    }).catch((error) => {
-      // The state and its note say what happened. A refused read (401, 403: the link expired, the key was
-      // revoked) refuses a stop too, so the button goes rather than fail when pressed.
-      if (error instanceof StreamReadError && (error.status === 401 || error.status === 403)) {
-        stopping.abort();
-        button?.remove();
-      }
-    });
+    }).catch(() => { /* the state and its note say what happened */ });
   }
 }
 
