@@ -106,6 +106,7 @@ def test_share_links_as_src_on_another_origin(
         "stopper": stopper["content_url"],
         "protocol": f"{base}/v1/stream/{NAME}?{query(stopper)}",
         "reader": reader["content_url"],
+        "page-link": stopper["url"],  # the link's viewer page names the stream as well
         "tampered": tampered,
     }
     frames = {
@@ -117,7 +118,7 @@ def test_share_links_as_src_on_another_origin(
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.goto(site.page("shared.html", page_of(base, elements, frames)))
-    for element in ("#stopper", "#protocol", "#reader"):
+    for element in ("#stopper", "#protocol", "#reader", "#page-link"):
         wait_element(page, element, "live")
         assert text_of(page, element) == "first line\n"
     refused(page, "#tampered", "this share link is not valid")
@@ -127,7 +128,7 @@ def test_share_links_as_src_on_another_origin(
 
     append(base, "second line\n")  # tailed live by every reader
     both = "first line\nsecond line\n"
-    for element in ("#stopper", "#protocol", "#reader"):
+    for element in ("#stopper", "#protocol", "#reader", "#page-link"):
         has = "([e, t]) => document.querySelector(e).text === t"
         page.wait_for_function(has, arg=[element, both], timeout=TIMEOUT)
     expect(page.frame_locator("#frame").locator("#raw")).to_have_text("first line\nsecond line\n")
@@ -136,6 +137,7 @@ def test_share_links_as_src_on_another_origin(
     # Stop shows for a stop link only, in either URL form.
     expect(page.locator("#stopper .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
     expect(page.locator("#protocol .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
+    expect(page.locator("#page-link .streamhold-stop")).to_be_visible(timeout=TIMEOUT)
     page.wait_for_timeout(200)
     assert not page.locator("#reader .streamhold-stop").is_visible()
     assert not page.locator("#tampered .streamhold-stop").is_visible()
@@ -155,7 +157,7 @@ def test_share_links_as_src_on_another_origin(
     assert stop_requested()
     assert page.locator("#stopper .streamhold-stop-note").is_hidden()
     append(base, "stopped\n", close=True)  # the writer stops
-    for element in ("#stopper", "#protocol", "#reader"):
+    for element in ("#stopper", "#protocol", "#reader", "#page-link"):
         wait_element(page, element, "closed")
     expect(page.locator("#stopper .streamhold-stop")).to_be_hidden()
     expect(page.locator("#protocol .streamhold-stop")).to_be_hidden()

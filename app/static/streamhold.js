@@ -727,10 +727,19 @@ function concat(parts) {
 // The parameters follow() sets on each read; every other one (a share link's `share`) rides along as given.
 const READ_PARAMS = ["offset", "live", "cursor"];
 
-/** `url` resolved against the page, without the read parameters. */
+// The viewer's page, `/watch/<name>` (a share link's `url`), names the stream as its protocol URL does. Only
+// at the root: under a path prefix, `…/watch/stream/x` could as well be the content URL of stream `x`.
+const VIEWER_PATH = /^\/watch\/(.+)$/;
+
+/** `url` resolved against the page, without the read parameters; a viewer page's URL as its stream's. */
 function readBase(url) {
   const u = new URL(String(url), globalThis.location ? location.href : undefined);
   for (const name of READ_PARAMS) u.searchParams.delete(name);
+  const viewer = VIEWER_PATH.exec(u.pathname);
+  if (viewer) {
+    u.pathname = `/v1/stream/${viewer[1]}`;
+    u.searchParams.delete("embed");
+  }
   return u;
 }
 
@@ -738,8 +747,9 @@ function readBase(url) {
  * Replay the stream at `url` from `options.offset`, then tail it until it closes or `signal` aborts.
  * Survives dropped connections, reloads of the server and restarts: it tracks the last offset it applied
  * and reconnects from there with backoff, so `onData` never sees a byte twice or misses one.
- * @param {string|URL} url  The stream's URL, `…/v1/stream/<name>` or `…/stream/{id}`; its query (a share
- *   link's `share`) is kept on every read, only `offset`, `live` and `cursor` being set by follow().
+ * @param {string|URL} url  The stream's URL, `…/v1/stream/<name>`, `…/stream/{id}` or its viewer's
+ *   `/watch/<name>`; its query (a share link's `share`) is kept on every read, only `offset`, `live` and
+ *   `cursor` being set by follow().
  * @param {FollowOptions} [options]
  * @returns {Promise<FollowResult>}  Rejects with StreamReadError when the stream is gone or refused.
  */
@@ -1169,8 +1179,8 @@ const NOTES = {
 
 /**
  * `<streamhold-stream src="https://host/v1/stream/name">` shows a stream as the viewer does, and keeps
- * following it. Attributes: `src` (a `/v1/stream/<name>` or `/stream/{id}` URL, its query kept on every
- * request); `format` ("auto" by the stream's type, or "markdown", "text", "csv", "json", "binary"); `follow`
+ * following it. Attributes: `src` (a `/v1/stream/<name>`, `/stream/{id}` or viewer `/watch/<name>` URL, its
+ * query kept on every request); `format` ("auto" by the stream's type, or "markdown", "text", "csv", "json", "binary"); `follow`
  * ("false" shows what is there now and stops); `stop` (a Stop button while the stream is open, if this page
  * may stop it). It sets `data-state` (connecting, live, reconnecting, closed, gone, refused, stopped) and
  * fires `streamhold-state` and `streamhold-data`; refused (401, 403: no credential, an altered or expired
