@@ -640,7 +640,7 @@ export function viewKind(contentType) {
 /* ========================================= follow ========================================= */
 
 /**
- * @typedef {"connecting"|"live"|"reconnecting"|"closed"|"gone"|"stopped"} FollowState
+ * @typedef {"connecting"|"live"|"reconnecting"|"closed"|"gone"|"refused"|"stopped"} FollowState
  *
  * @typedef {object} Chunk
  * @property {Uint8Array} bytes  The exact bytes of the stream in [from, offset) (JSON mode: the body read).
@@ -686,6 +686,9 @@ export class StreamReadError extends Error {
 class Retry extends Error {}
 
 const FATAL = [400, 401, 403, 404, 410];
+// How a fatal answer ends following: the stream is gone, or the server will not let this reader read (no
+// credential, or an altered or expired share link); a bad request (400) just stops.
+const FINAL_STATES = { 401: "refused", 403: "refused", 404: "gone", 410: "gone" };
 const IDLE_MS = 60000;
 const RETRY_MIN_MS = 250;
 const RETRY_MAX_MS = 5000;
@@ -724,10 +727,19 @@ function concat(parts) {
 // The parameters follow() sets on each read; every other one (a share link's `share`) rides along as given.
 const READ_PARAMS = ["offset", "live", "cursor"];
 
-/** `url` resolved against the page, without the read parameters. */
+// The viewer's page, `/watch/<name>` (a share link's `url`), names the stream as its protocol URL does. Only
+// at the root: under a path prefix, `…/watch/stream/x` could as well be the content URL of stream `x`.
+const VIEWER_PATH = /^\/watch\/(.+)$/;
+
+/** `url` resolved against the page, without the read parameters; a viewer page's URL as its stream's. */
 function readBase(url) {
   const u = new URL(String(url), globalThis.location ? location.href : undefined);
   for (const name of READ_PARAMS) u.searchParams.delete(name);
+  const viewer = VIEWER_PATH.exec(u.pathname);
+  if (viewer) {
+    u.pathname = `/v1/stream/${viewer[1]}`;
+    u.searchParams.delete("embed");
+  }
   return u;
 }
 
@@ -735,8 +747,9 @@ function readBase(url) {
  * Replay the stream at `url` from `options.offset`, then tail it until it closes or `signal` aborts.
  * Survives dropped connections, reloads of the server and restarts: it tracks the last offset it applied
  * and reconnects from there with backoff, so `onData` never sees a byte twice or misses one.
- * @param {string|URL} url  The stream's URL, `…/v1/stream/<name>` or `…/stream/{id}`; its query (a share
- *   link's `share`) is kept on every read, only `offset`, `live` and `cursor` being set by follow().
+ * @param {string|URL} url  The stream's URL, `…/v1/stream/<name>`, `…/stream/{id}` or its viewer's
+ *   `/watch/<name>`; its query (a share link's `share`) is kept on every read, only `offset`, `live` and
+ *   `cursor` being set by follow().
  * @param {FollowOptions} [options]
  * @returns {Promise<FollowResult>}  Rejects with StreamReadError when the stream is gone or refused.
  */
@@ -1022,7 +1035,7 @@ export async function follow(url, options = {}) {
       } catch (error) {
         if (stopped()) break;
         if (error instanceof StreamReadError) {
-          setState(error.status === 404 || error.status === 410 ? "gone" : "stopped", error.message);
+          setState(FINAL_STATES[error.status] || "stopped", error.message);
           throw error;
         }
         if (error instanceof SyntaxError) throw error;
@@ -1083,13 +1096,15 @@ export async function stopUrl(src, options = {}) {
   throw new Error(`not a stream URL (…/v1/stream/<name> or …/stream/<id>): ${url.href}`);
 }
 
-const HIDDEN_STATES = ["closed", "gone"];
+// A refused read (an expired share link) would be a refused stop too.
+const HIDDEN_STATES = ["closed", "gone", "refused"];
 
 /**
  * Makes `button` the Stop button of the stream at `src`, as the viewer and <streamhold-stream stop> show it:
  * hidden until the server says this page may stop the stream (GET /stream/{id}/stop answers 200 for it
- * and the stream is open), hidden again once `root`'s `data-state` is closed or gone. A press POSTs the
- * stop; a refusal shows beside the button. Options: `csrf` (the viewer's token), `signal` (stops it all).
+ * and the stream is open), hidden again once `root`'s `data-state` is closed, gone or refused. A press
+ * POSTs the stop; a refusal shows beside the button. Options: `csrf` (the viewer's token), `signal` (stops
+ * it all).
  * @param {HTMLButtonElement} button
  * @param {HTMLElement} root
  * @param {string|URL} src
@@ -1158,16 +1173,18 @@ export function stopControl(button, root, src, options = {}) {
 
 const NOTES = {
   gone: "This stream was deleted or has expired. What you see is what had arrived before.",
+  refused: "Could not read this stream",
   stopped: "Could not read this stream",
 };
 
 /**
  * `<streamhold-stream src="https://host/v1/stream/name">` shows a stream as the viewer does, and keeps
- * following it. Attributes: `src` (a `/v1/stream/<name>` or `/stream/{id}` URL, its query kept on every
- * request); `format` ("auto" by the stream's type, or "markdown", "text", "csv", "json", "binary"); `follow`
+ * following it. Attributes: `src` (a `/v1/stream/<name>`, `/stream/{id}` or viewer `/watch/<name>` URL, its
+ * query kept on every request); `format` ("auto" by the stream's type, or "markdown", "text", "csv", "json", "binary"); `follow`
  * ("false" shows what is there now and stops); `stop` (a Stop button while the stream is open, if this page
- * may stop it). It sets `data-state` (connecting, live, reconnecting, closed, gone, stopped) and fires
- * `streamhold-state` and `streamhold-data`.
+ * may stop it). It sets `data-state` (connecting, live, reconnecting, closed, gone, refused, stopped) and
+ * fires `streamhold-state` and `streamhold-data`; refused (401, 403: no credential, an altered or expired
+ * share link) and stopped show a note (`.streamhold-note`) with the server's reason.
  */
 // Where there is no DOM (a worker, Node), follow() still imports; the element is then never defined.
 const ElementBase = /** @type {typeof HTMLElement} */ (globalThis.HTMLElement ?? class {});
@@ -1231,7 +1248,7 @@ export class StreamholdStream extends ElementBase {
       if (note && NOTES[state]) {
         const note = document.createElement("p");
         note.className = "streamhold-note";
-        note.textContent = state === "gone" ? NOTES.gone : `${NOTES.stopped}: ${detail || "unknown error"}`;
+        note.textContent = state === "gone" ? NOTES.gone : `${NOTES[state]}: ${detail || "unknown error"}`;
         this.append(note);
       }
     };

@@ -15,7 +15,9 @@ import { createRenderer, follow } from "./streamhold.js";
   const PREVIEW = 1024;
   const MAX_ATTEMPTS = 500;
   const OFFLINE = "Offline, waiting for the network…";
-  const LABELS = { connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…", closed: "Closed", gone: "Gone" };
+  const LABELS = {
+    connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…", closed: "Closed", gone: "Gone", refused: "Refused",
+  };
   const $ = (id) => document.getElementById(id);
   const raw = $("raw");
   const jump = $("jump");
@@ -228,7 +230,7 @@ import { createRenderer, follow } from "./streamhold.js";
       onClose: finish,
     }).catch((error) => {
       if (error && (error.status === 404 || error.status === 410)) setGone();
-      else if (error && (error.status === 401 || error.status === 403)) setState("reconnecting", `Refused: ${error.message}`);
+      else if (error && (error.status === 401 || error.status === 403)) setState("refused", `Refused: ${error.message}`);
       else setState("reconnecting", "Disconnected: reload to try again");
     });
   }
