@@ -579,10 +579,7 @@ class Store(Reader):
         await self.writer.call(add)
 
     async def session_holder(self, id_hash: str) -> str | None:
-        """Who a recorded, unexpired sign-in is: a token id, "" for an API key, None for no one.
-
-        Read fresh, so that a sign-out anywhere counts at once.
-        """
+        """Who a recorded, unexpired sign-in is (a token id, "" for a key, None): read fresh, for sign-outs."""
 
         def holder() -> str | None:
             with self._read_engine.connect() as conn:
