@@ -1,6 +1,7 @@
 """Run the load scenarios against Streamhold and the reference server, alternating, and print one table.
 
-python -m benchmarks.run [--quick] [--only SCENARIO[,...]] [--servers streamhold,reference]
+python -m benchmarks.run [--quick] [--only SCENARIO[,...]] [--servers streamhold,reference] [--rounds N]
+python -m benchmarks.run --only append --servers streamhold-pg,streamhold --rounds 5  (PostgreSQL, SQLite)
 python -m benchmarks.run --url http://127.0.0.1:8000 [--label NAME] [--pid PID]
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -26,10 +28,13 @@ from benchmarks.config import FULL, QUICK, Sizes, Target
 from benchmarks.wire import parse_origin
 
 ScenarioFn = Callable[[Target, Sizes], Awaitable[dict[str, Any]]]
-STARTERS: dict[str, Callable[[], servers.Server]] = {
-    "streamhold": servers.start_streamhold,
-    "reference": servers.start_reference,
+STARTERS: dict[str, Callable[[argparse.Namespace], servers.Server]] = {
+    "streamhold": lambda _args: servers.start_streamhold(),
+    # Streamhold on a new database of the PostgreSQL server at --postgres, dropped after the scenario.
+    "streamhold-pg": lambda args: servers.start_streamhold_postgres(args.postgres),
+    "reference": lambda _args: servers.start_reference(),
 }
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 RESULTS = Path(__file__).resolve().parent / "results"  # ignored by the repo's .gitignore
 GROUPS = (
     "append",
@@ -105,6 +110,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pid", type=int, help="PID of the --url server, to report its memory")
     parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/<time>.jsonl)")
     parser.add_argument("--budget", type=float, help="seconds after which remaining scenarios are skipped")
+    parser.add_argument(
+        "--rounds", type=int, help="rounds per server of every chosen scenario (default: each scenario's own)"
+    )
+    parser.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES,
+        help=f"admin URL of the PostgreSQL server that streamhold-pg uses (default: {DEFAULT_POSTGRES})",
+    )
+    parser.add_argument(
+        "--database", help="with --url: the PostgreSQL database the server stores in, to count its CPU too"
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STARTERS]
@@ -180,10 +196,12 @@ class Harness:
             return self.line(label, spec, skipped=f"{label} could not be started: {self.broken[label]}")
         server = None
         if self.args.url:
-            target = Target(label, self.args.origin, self.args.pid, self.run_id)
+            database = self.args.database
+            admin = self.args.postgres if database else None
+            target = Target(label, self.args.origin, self.args.pid, self.run_id, admin, database)
         else:
             try:
-                server = STARTERS[label]()
+                server = STARTERS[label](self.args)
                 self.running.append(server)
                 await servers.wait_ready(server)
             except servers.ServerStartError as exc:
@@ -191,7 +209,7 @@ class Harness:
                 self.broken[label] = str(exc).splitlines()[0]
                 print(f"!! {label} could not be started: {exc}", file=sys.stderr, flush=True)
                 return self.line(label, spec, skipped=f"{label} could not be started: {self.broken[label]}")
-            target = Target(label, server.origin, server.pid, self.run_id)
+            target = Target(label, server.origin, server.pid, self.run_id, server.admin_url, server.database)
         try:
             result = await self._measure(spec, target)
             if result.get("error") and server is not None:
@@ -274,6 +292,8 @@ def turns(index: int, rounds: int, labels: list[str]) -> list[tuple[int, str]]:
 async def _main(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     chosen = select(specs(sizes), args.only)
+    if args.rounds:
+        chosen = [dataclasses.replace(spec, rounds=args.rounds) for spec in chosen]
     run_id = uuid.uuid4().hex[:8]
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out: Path = args.out or RESULTS / f"{stamp}-{run_id}{'-quick' if args.quick else ''}.jsonl"

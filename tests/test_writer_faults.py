@@ -6,8 +6,10 @@ import asyncio
 import errno
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from streamhold.errors import StorageFullError
@@ -227,4 +229,37 @@ async def test_a_full_disk_for_one_chunk_file_fails_only_its_stream(
         with pytest.raises(StorageFullError):
             await failing
         assert await content(store, good) == b"s" * 10 + b"g" * large
+        assert await content(store, bad) == b""
+
+
+async def test_a_write_postgres_refuses_fails_only_its_stream(pg_url: str, tmp_path: Path) -> None:
+    """The database itself refuses one stream's row: the batch's other streams still commit.
+
+    The writer sends a batch's writes and its COMMIT together, so the refusal is answered to the COMMIT;
+    the batch is known not to have committed, and is retried by stream.
+    """
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, long_poll_timeout=2.0)
+    async with Store.open(settings) as store:
+        bad, good, other = [await new_stream(store, name) for name in ("bad", "good", "other")]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.id = '{bad}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+            )
+            admin.execute(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON streams FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        futures = {
+            stream_id: [store.append_nowait(stream_id, f"{stream_id[-4:]}-{i};".encode()) for i in range(3)]
+            for stream_id in (good, bad, other)
+        }
+        results = {
+            stream_id: await asyncio.gather(*pending, return_exceptions=True)
+            for stream_id, pending in futures.items()
+        }
+        assert all(isinstance(r, psycopg.Error) and "refused" in str(r) for r in results[bad]), results[bad]
+        for stream_id in (good, other):
+            assert not any(isinstance(r, BaseException) for r in results[stream_id]), results[stream_id]
+            expected = b"".join(f"{stream_id[-4:]}-{i};".encode() for i in range(3))
+            assert await content(store, stream_id) == expected
         assert await content(store, bad) == b""

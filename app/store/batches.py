@@ -68,6 +68,12 @@ class AppendBatches:
     def _run_appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         for attempt in (1, 2):
             try:
+                if self._postgres:
+                    # Pipeline mode: statements go out without waiting for each other's answers, so a batch
+                    # takes two round trips (its BEGIN and reads, then its writes and COMMIT), not one per
+                    # statement.
+                    with self._driver_connection().pipeline():
+                        return self._append_transaction(ops)
                 return self._append_transaction(ops)
             except Exception:
                 # Once COMMIT has been sent the batch may have been committed: doing it again would
@@ -145,7 +151,6 @@ class AppendBatches:
     ) -> tuple[list[tuple[bool, Any]], list[Change]]:
         now = clock.now()
         conn = self._driver_connection()
-        sql = self._statements
         began = cursor is not None
         cursor = cursor if began else conn.cursor()
         self._commit_sent = False
@@ -156,34 +161,17 @@ class AppendBatches:
                 cursor.execute("PRAGMA busy_timeout=10000")
                 cursor.execute("BEGIN IMMEDIATE")
             pending: dict[str, Pending] = {}
-            cached = self._cached_rows(cursor)
-            # Lock rows in one order, so writers in several processes never deadlock.
-            for stream_id in sorted({op.stream_id for op in ops}):
-                record = cached.get(stream_id)
-                if record is None:
-                    query = sql.stream_by_id_locked
-                    cursor.execute(query.sql, query.args({"id": stream_id}))
-                    found = cursor.fetchone()
-                    record = Record.read(state_from_tuple(found[:-1]), found[-1]) if found else None
-                if record is not None:
-                    pending[stream_id] = Pending(
-                        record,
-                        record.tail,
-                        record.closed_at,
-                        record.last_seq,
-                        record.expires_at,
-                        record.compress,
-                    )
-            states: dict[tuple[str, str], list[int]] = {}
-            for stream_id, producer_id in {
-                (op.stream_id, op.producer.id) for op in ops if op.producer is not None
-            }:
-                cursor.execute(
-                    sql.producer.sql, sql.producer.args({"stream_id": stream_id, "producer_id": producer_id})
+            keys = {(op.stream_id, op.producer.id) for op in ops if op.producer is not None}
+            records, states = self._read_records(conn, cursor, sorted({op.stream_id for op in ops}), keys)
+            for stream_id, record in records.items():
+                pending[stream_id] = Pending(
+                    record,
+                    record.tail,
+                    record.closed_at,
+                    record.last_seq,
+                    record.expires_at,
+                    record.compress,
                 )
-                found = cursor.fetchone()
-                if found is not None:
-                    states[(stream_id, producer_id)] = [found[0], found[1]]
             known = set(states)
             outcomes: list[tuple[bool, Any]] = []
             for op in ops:
@@ -196,7 +184,16 @@ class AppendBatches:
                 return outcomes, changes  # the caller commits
             if self._postgres:
                 self._commit_sent = True
-                conn.commit()
+                try:
+                    conn.commit()
+                except Exception as exc:
+                    # An error the server answered with means the transaction did not commit: in a
+                    # pipeline, a failed write skips the COMMIT queued after it, and a failed COMMIT
+                    # commits nothing. Then the batch may be split and retried. A lost connection
+                    # leaves it unknown.
+                    if getattr(exc, "sqlstate", None) is not None and not (conn.closed or conn.broken):
+                        self._commit_sent = False
+                    raise
             else:
                 self._commit(cursor)
                 self._committed()
@@ -221,6 +218,47 @@ class AppendBatches:
                 self._release_claims()
         self._count_commit()
         return outcomes, changes
+
+    def _read_records(
+        self, conn: Any, cursor: Any, stream_ids: list[str], keys: set[tuple[str, str]]
+    ) -> tuple[dict[str, Record], dict[tuple[str, str], list[int]]]:
+        """The batch's stream records (locked, in the order of their ids) and its producers' states."""
+        sql = self._statements
+        records: dict[str, Record] = {}
+        found: list[tuple[tuple[str, str], Any]] = []
+        if self._postgres:
+            assert sql.streams_by_ids_locked is not None
+            query = sql.streams_by_ids_locked
+            cursor.execute(query.sql, query.args({"ids": stream_ids}))
+            # Sent in the same round trip (pipeline mode): each producer's state, on a cursor of its own.
+            asked = []
+            for key in keys:
+                producer_cursor = conn.cursor()
+                values = {"stream_id": key[0], "producer_id": key[1]}
+                producer_cursor.execute(sql.producer.sql, sql.producer.args(values))
+                asked.append((key, producer_cursor))
+            for row in cursor.fetchall():
+                records[row[0]] = Record.read(state_from_tuple(row[:-1]), row[-1])
+            for key, producer_cursor in asked:
+                found.append((key, producer_cursor.fetchone()))
+                producer_cursor.close()
+        else:
+            cached = self._cached_rows(cursor)
+            for stream_id in stream_ids:
+                record = cached.get(stream_id)
+                if record is None:
+                    query = sql.stream_by_id_locked
+                    cursor.execute(query.sql, query.args({"id": stream_id}))
+                    row = cursor.fetchone()
+                    record = Record.read(state_from_tuple(row[:-1]), row[-1]) if row else None
+                if record is not None:
+                    records[stream_id] = record
+            for key in keys:
+                values = {"stream_id": key[0], "producer_id": key[1]}
+                cursor.execute(sql.producer.sql, sql.producer.args(values))
+                found.append((key, cursor.fetchone()))
+        states = {key: [row[0], row[1]] for key, row in found if row is not None}
+        return records, states
 
     def _write(
         self,

@@ -13,6 +13,8 @@ from sqlalchemy import (
     BigInteger,
     Engine,
     LargeBinary,
+    String,
+    any_,
     bindparam,
     cast,
     func,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql import ClauseElement, ColumnElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -93,6 +96,19 @@ class Statements:
         # The writer's view: the record, and how many bytes wait in it.
         locked = select(*STREAM_STATE, func.length(streams.c.pending)).where(streams.c.id == bindparam("id"))
         self.stream_by_id_locked = Prepared(locked.with_for_update() if postgres else locked, engine)
+        # PostgreSQL: the records of a batch's streams in one round trip, locked in the order of their ids
+        # (the rows are sorted before they are locked), so that writers of several processes never deadlock.
+        self.streams_by_ids_locked = (
+            Prepared(
+                select(*STREAM_STATE, func.length(streams.c.pending))
+                .where(streams.c.id == any_(bindparam("ids", type_=ARRAY(String))))
+                .order_by(streams.c.id)
+                .with_for_update(),
+                engine,
+            )
+            if postgres
+            else None
+        )
         self.stream_by_name = Prepared(
             select(*STREAM_STATE).where(streams.c.name == bindparam("name")), engine
         )
