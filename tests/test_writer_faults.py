@@ -75,13 +75,13 @@ class _FaultyConnection:
 
 def poison_writes(store: Store, poisoned: set[str], fault: Callable[[], None]) -> None:
     """Make the writer's statements that write rows of the `poisoned` streams call `fault` (which raises)."""
-    writer = store.writer
-    real = writer._driver_connection
+    for batches in store.writer.append_lanes():  # every connection that batches of appends run on
+        real = batches._driver_connection
 
-    def faulty() -> Any:
-        return _FaultyConnection(real(), poisoned, fault)
+        def faulty(real: Callable[[], Any] = real) -> Any:
+            return _FaultyConnection(real(), poisoned, fault)
 
-    writer._driver_connection = faulty  # type: ignore[method-assign]
+        batches._driver_connection = faulty  # type: ignore[method-assign]
 
 
 @pytest.fixture
@@ -263,3 +263,28 @@ async def test_a_write_postgres_refuses_fails_only_its_stream(pg_url: str, tmp_p
             expected = b"".join(f"{stream_id[-4:]}-{i};".encode() for i in range(3))
             assert await content(store, stream_id) == expected
         assert await content(store, bad) == b""
+
+
+async def test_postgres_commits_other_streams_while_a_batch_waits(pg_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL a second batch commits while the first waits; a stream's own appends still wait."""
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, long_poll_timeout=2.0)
+    async with Store.open(settings) as store:
+        slow, quick = await new_stream(store, "slow"), await new_stream(store, "quick")
+        stalled, release = threading.Event(), threading.Event()
+
+        def stall() -> None:
+            stalled.set()
+            release.wait(10)
+
+        poison_writes(store, {slow}, stall)
+        first = store.append_nowait(slow, b"1")
+        assert await asyncio.to_thread(stalled.wait, 10), "the slow stream's batch never started"
+        second = store.append_nowait(slow, b"2")  # waits for its stream's batch in flight
+        try:
+            assert (await asyncio.wait_for(store.append(quick, b"q"), 5)).tail == 1
+            assert not first.done() and not second.done()
+        finally:
+            release.set()
+        assert (await first).tail == 1
+        assert (await second).tail == 2
+        assert await content(store, slow) == b"12"
