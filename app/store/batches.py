@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine
 
 from .. import clock
@@ -69,11 +70,7 @@ class AppendBatches:
         for attempt in (1, 2):
             try:
                 if self._postgres:
-                    # Pipeline mode: statements go out without waiting for each other's answers, so a batch
-                    # takes two round trips (its BEGIN and reads, then its writes and COMMIT), not one per
-                    # statement.
-                    with self._driver_connection().pipeline():
-                        return self._append_transaction(ops)
+                    return self._pipelined(ops)
                 return self._append_transaction(ops)
             except Exception:
                 # Once COMMIT has been sent the batch may have been committed: doing it again would
@@ -82,6 +79,21 @@ class AppendBatches:
                 if attempt == 2 or not forgot or self._commit_sent:
                     raise
         raise AssertionError("unreachable")
+
+    def _pipelined(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        """PostgreSQL: the batch in pipeline mode, where statements go out without waiting for each other's
+        answers: two round trips (BEGIN and the reads, then the writes and COMMIT), not one per statement."""
+        conn = self._driver_connection()
+        try:
+            with conn.pipeline():
+                return self._append_transaction(ops)
+        except BaseException:
+            # A ROLLBACK sent in the pipeline behind a failed statement is skipped by the server, leaving
+            # the transaction aborted for the next batch: end it here, outside the pipeline.
+            with contextlib.suppress(Exception):
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()
+            raise
 
     def _forget_broken_connection(self) -> bool:
         """Drop a PostgreSQL connection that has closed or broken, so that the next batch opens a new one."""
