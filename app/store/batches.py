@@ -82,18 +82,29 @@ class AppendBatches:
 
     def _pipelined(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         """PostgreSQL: the batch in pipeline mode, where statements go out without waiting for each other's
-        answers: two round trips (BEGIN and the reads, then the writes and COMMIT), not one per statement."""
+        answers: two round trips (BEGIN and the reads, then the writes and COMMIT), not one per statement.
+
+        The connection is in autocommit mode and the batch sends its own BEGIN and COMMIT: the driver's own
+        transactions would wait for the BEGIN's answer, and a pipeline's end for a Sync's, a round trip each.
+        """
         conn = self._driver_connection()
         try:
             with conn.pipeline():
-                return self._append_transaction(ops)
-        except BaseException:
+                done = self._append_transaction(ops)
+        except BaseException as exc:
+            # An error the server answered with means nothing committed: a statement that fails skips the
+            # COMMIT queued behind it, and a failed COMMIT commits nothing. The batch may then be split and
+            # retried. A lost connection leaves it unknown.
+            if getattr(exc, "sqlstate", None) is not None and not (conn.closed or conn.broken):
+                self._commit_sent = False
             # A ROLLBACK sent in the pipeline behind a failed statement is skipped by the server, leaving
             # the transaction aborted for the next batch: end it here, outside the pipeline.
             with contextlib.suppress(Exception):
                 if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
                     conn.rollback()
             raise
+        self._count_commit()
+        return done
 
     def _forget_broken_connection(self) -> bool:
         """Drop a PostgreSQL connection that has closed or broken, so that the next batch opens a new one."""
@@ -109,6 +120,8 @@ class AppendBatches:
         if self._driver is None:
             self._pooled = self._engine.raw_connection()
             self._driver = self._pooled.driver_connection
+            if self._postgres:
+                self._driver.autocommit = True  # each batch sends its own BEGIN and COMMIT (_pipelined)
             if not self._postgres:
                 # Never wait for a lock on the event loop: a busy database sends the batch to the thread.
                 self._driver.execute("PRAGMA busy_timeout=0")
@@ -169,7 +182,9 @@ class AppendBatches:
         self._file_writes.clear()
         self._uncommitted = [0, 0]
         try:
-            if not self._postgres and not began:
+            if self._postgres:
+                cursor.execute("BEGIN")  # goes out with the reads (_pipelined)
+            elif not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
                 cursor.execute("BEGIN IMMEDIATE")
             pending: dict[str, Pending] = {}
@@ -196,16 +211,7 @@ class AppendBatches:
                 return outcomes, changes  # the caller commits
             if self._postgres:
                 self._commit_sent = True
-                try:
-                    conn.commit()
-                except Exception as exc:
-                    # An error the server answered with means the transaction did not commit: in a
-                    # pipeline, a failed write skips the COMMIT queued after it, and a failed COMMIT
-                    # commits nothing. Then the batch may be split and retried. A lost connection
-                    # leaves it unknown.
-                    if getattr(exc, "sqlstate", None) is not None and not (conn.closed or conn.broken):
-                        self._commit_sent = False
-                    raise
+                cursor.execute("COMMIT")  # goes out with the writes; answered as the pipeline ends
             else:
                 self._commit(cursor)
                 self._committed()
@@ -228,7 +234,8 @@ class AppendBatches:
                         cursor.execute("PRAGMA busy_timeout=0")
                 cursor.close()
                 self._release_claims()
-        self._count_commit()
+        if not self._postgres:  # else once the pipeline has ended (_pipelined)
+            self._count_commit()
         return outcomes, changes
 
     def _read_records(
