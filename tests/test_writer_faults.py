@@ -41,7 +41,8 @@ class _FaultyCursor:
         if not sql.lstrip().upper().startswith(("INSERT", "UPDATE")):
             return
         for row in rows:
-            values = row.values() if isinstance(row, dict) else row
+            values = list(row.values() if isinstance(row, dict) else row)
+            values += [v for value in values if isinstance(value, list) for v in value]  # a column of rows
             if any(isinstance(v, str) and v in self._poisoned for v in values):
                 self._fault()
 

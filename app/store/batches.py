@@ -21,7 +21,7 @@ from ..errors import StreamError
 from ..models import LRU, Change
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
-from .statements import Prepared, Statements, state_from_tuple
+from .statements import UPDATE_COLUMNS, Prepared, Statements, state_from_tuple
 
 # Enough for the records of 10,000 streams written at once; past it, the least recently written go.
 MAX_CACHED_ROWS = 16384
@@ -364,6 +364,8 @@ class AppendBatches:
             cursor.executemany(sql.insert_chunk.sql, new_chunks)
         if flushes:  # before the updates that empty the pending bytes they take
             cursor.executemany(sql.flush_pending.sql, flushes)
+        if self._postgres:
+            self._update_streams(cursor, updates)
         for update, rows in updates.items():
             cursor.executemany(update.sql, rows)
         for (stream_id, producer_id), (epoch, seq) in states.items():
@@ -371,6 +373,34 @@ class AppendBatches:
             values = {"stream_id": stream_id, "producer_id": producer_id, "epoch": epoch, "seq": seq}
             cursor.execute(statement.sql, statement.args(values))
         return changes
+
+    def _update_streams(self, cursor: Any, updates: dict[Prepared, list[Any]]) -> None:
+        """PostgreSQL: take the updates of stream records out of `updates` and run them as one statement.
+
+        One statement for the batch rather than one per stream: the server plans and runs it once, and the
+        driver sends one message rather than one for each.
+        """
+        sql = self._statements
+        assert sql.update_streams is not None
+        rows = [
+            (row, update is sql.update_stream_flushed)
+            for update in (sql.update_stream, sql.update_stream_pending, sql.update_stream_flushed)
+            for row in updates.pop(update, [])
+        ]
+        if not rows:
+            return
+        columns: dict[str, list[Any]] = {name: [] for name in UPDATE_COLUMNS}
+        for row, flushed in rows:
+            for name, values in columns.items():
+                if name == "id":
+                    values.append(row["_id"])
+                elif name == "data":
+                    values.append(row.get("data", b""))
+                elif name == "flushed":
+                    values.append(flushed)
+                else:
+                    values.append(row[name])
+        cursor.execute(sql.update_streams.sql, sql.update_streams.args(columns))
 
     def _claim(self, stream_id: str, spool: Spool | None) -> Claim | None:
         """The stream's file for this batch's bytes, or None to keep them in the database.
