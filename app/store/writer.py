@@ -7,12 +7,10 @@ import collections
 import contextlib
 import logging
 import os
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine
 
@@ -23,10 +21,10 @@ from .appends import AppendOp
 from .batches import AppendBatches
 from .chunk_files import ChunkFiles
 from .disk import DiskSpace
+from .loop_thread import LoopThread
 from .statements import Statements
 
 log = logging.getLogger("streamhold.writer")
-T = TypeVar("T")
 
 MAX_BATCH_OPS = 4096
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -60,67 +58,16 @@ class CallOp:
     key: str = ""  # what it locks first on PostgreSQL (a name): a shared transaction takes them in order
 
 
-class _Thread:
-    """One thread that runs functions for the event loop, one at a time, in the order given.
-
-    A round trip costs about 17 us against run_in_executor's 41 us, measured on an idle loop; the writer
-    makes one per write other than appends, and one per commit of appends while the disk is slow.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None  # the loop whose futures it settles
-        self._jobs: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
-        self._jobs = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    def new_future(self) -> asyncio.Future[Any]:
-        """A future on the loop it settles futures on."""
-        # The loop is kept: asyncio.get_running_loop() makes a getpid() system call each time, 2-3% of the
-        # event loop's time under small appends, measured.
-        assert self.loop is not None, "the writer has not started"
-        return self.loop.create_future()
-
-    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        future: asyncio.Future[T] = self.new_future()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def stop(self) -> None:
-        """Finish the queued functions, then end the thread."""
-        self._jobs.put(None)
-        self._thread.join()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the awaiting coroutine, which decides
-                future.get_loop().call_soon_threadsafe(_settle, future, False, exc)
-            else:
-                future.get_loop().call_soon_threadsafe(_settle, future, True, result)
-
-
 @dataclass(slots=True)
 class _Lane:
     """A connection for batches of appends (in its AppendBatches) and the thread its batches run on."""
 
     batches: AppendBatches
-    thread: _Thread
+    thread: LoopThread
 
 
 class _CallFailed(Exception):
     """A grouped call failed in a transaction without savepoints: run the group again with them."""
-
-
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():  # its awaiter was cancelled meanwhile
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
 
 
 class Writer(AppendBatches):
@@ -138,12 +85,12 @@ class Writer(AppendBatches):
         self._on_change = on_change
         self._queue: collections.deque[AppendOp | CallOp] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._thread = _Thread("streamhold-writer")
+        self._thread = LoopThread("streamhold-writer")
         # The writer's own connection is the first lane; PostgreSQL has others (POSTGRES_LANES).
         self._lanes = [_Lane(self, self._thread)]
         if postgres:
             self._lanes += [
-                _Lane(AppendBatches(engine, True, statements), _Thread(f"streamhold-writer-{i}"))
+                _Lane(AppendBatches(engine, True, statements), LoopThread(f"streamhold-writer-{i}"))
                 for i in range(1, POSTGRES_LANES)
             ]
         self._free = list(self._lanes)
