@@ -156,7 +156,7 @@ class BigDb:
 
     async def run(self, streams: int, deadline: float) -> dict[str, Any]:
         filled = await fill_in_child(self.data_dir, streams, deadline)
-        server = servers.start_streamhold(self.data_dir)
+        server = servers.start_streamhold(data_dir=self.data_dir)
         try:
             await servers.wait_ready(server, limit_s=120.0)
             async with servers.RssSampler(server.pid) as rss:

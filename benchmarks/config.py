@@ -73,6 +73,10 @@ class Target:
     origin: Origin
     pid: int | None
     run_id: str
+    # When the server stores in PostgreSQL on this machine: an admin URL and its database's name, so that
+    # the database's CPU time can be counted with the server's.
+    admin_url: str | None = None
+    database: str | None = None
 
     def stream_name(self, *parts: str) -> str:
         """A stream name unique to this run, so that scenarios never meet each other's streams."""

@@ -1,6 +1,7 @@
 """Run the load scenarios against Streamhold and the reference server, alternating, and print one table.
 
-python -m benchmarks.run [--quick] [--only SCENARIO[,...]] [--servers streamhold,reference]
+python -m benchmarks.run [--quick] [--only SCENARIO[,...]] [--servers streamhold,reference] [--rounds N]
+python -m benchmarks.run --only append --servers streamhold-pg,streamhold --rounds 5  (PostgreSQL, SQLite)
 python -m benchmarks.run --url http://127.0.0.1:8000 [--label NAME] [--pid PID]
 python -m benchmarks.run --big [--big-streams 100000,1000000] --only big-db --servers streamhold
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -27,10 +29,13 @@ from benchmarks.config import FULL, QUICK, Sizes, Target
 from benchmarks.wire import parse_origin
 
 ScenarioFn = Callable[[Target, Sizes], Awaitable[dict[str, Any]]]
-STARTERS: dict[str, Callable[[], servers.Server]] = {
-    "streamhold": servers.start_streamhold,
-    "reference": servers.start_reference,
+STARTERS: dict[str, Callable[[argparse.Namespace], servers.Server]] = {
+    "streamhold": lambda _args: servers.start_streamhold(),
+    # Streamhold on a new database of the PostgreSQL server at --postgres, dropped after the scenario.
+    "streamhold-pg": lambda args: servers.start_streamhold_postgres(args.postgres),
+    "reference": lambda _args: servers.start_reference(),
 }
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 RESULTS = Path(__file__).resolve().parent / "results"  # ignored by the repo's .gitignore
 GROUPS = (
     "append",
@@ -119,6 +124,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(str(n) for n in bigdb.SIZES),
         help="comma-separated sizes the big-db scenario fills to and measures at (default: 100000,1000000)",
     )
+    parser.add_argument(
+        "--rounds", type=int, help="rounds per server of every chosen scenario (default: each scenario's own)"
+    )
+    parser.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES,
+        help=f"admin URL of the PostgreSQL server that streamhold-pg uses (default: {DEFAULT_POSTGRES})",
+    )
+    parser.add_argument(
+        "--database", help="with --url: the PostgreSQL database the server stores in, to count its CPU too"
+    )
     args = parser.parse_args(argv)
     try:
         args.big_sizes = tuple(sorted(int(n) for n in args.big_streams.split(","))) if args.big else ()
@@ -203,10 +219,12 @@ class Harness:
             return self.line(label, spec, skipped=f"{label} could not be started: {self.broken[label]}")
         server = None
         if self.args.url:
-            target = Target(label, self.args.origin, self.args.pid, self.run_id)
+            database = self.args.database
+            admin = self.args.postgres if database else None
+            target = Target(label, self.args.origin, self.args.pid, self.run_id, admin, database)
         else:
             try:
-                server = STARTERS[label]()
+                server = STARTERS[label](self.args)
                 self.running.append(server)
                 await servers.wait_ready(server)
             except servers.ServerStartError as exc:
@@ -214,7 +232,7 @@ class Harness:
                 self.broken[label] = str(exc).splitlines()[0]
                 print(f"!! {label} could not be started: {exc}", file=sys.stderr, flush=True)
                 return self.line(label, spec, skipped=f"{label} could not be started: {self.broken[label]}")
-            target = Target(label, server.origin, server.pid, self.run_id)
+            target = Target(label, server.origin, server.pid, self.run_id, server.admin_url, server.database)
         try:
             result = await self._measure(spec, target)
             if result.get("error") and server is not None:
@@ -311,6 +329,8 @@ def turns(index: int, rounds: int, labels: list[str]) -> list[tuple[int, str]]:
 async def _main(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     chosen = select(specs(sizes, args.big_sizes), args.only)
+    if args.rounds:
+        chosen = [dataclasses.replace(spec, rounds=args.rounds) for spec in chosen]
     run_id = uuid.uuid4().hex[:8]
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out: Path = args.out or RESULTS / f"{stamp}-{run_id}{'-quick' if args.quick else ''}.jsonl"

@@ -17,10 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import psycopg
 
 from benchmarks.wire import Client, HttpError, Origin
 
@@ -47,6 +49,8 @@ class Server:
     process: subprocess.Popen[bytes]
     data_dir: Path
     log_path: Path
+    database: str | None = None  # a PostgreSQL database made for it, dropped when it stops
+    admin_url: str | None = None
 
     @property
     def pid(self) -> int:
@@ -144,11 +148,14 @@ def remove_data_dir(path: Path) -> None:
     path.parent.joinpath(f"{path.name}.log").unlink(missing_ok=True)
 
 
-def start_streamhold(data_dir: Path | None = None) -> Server:
-    """Start `streamhold serve` on a free port with a fresh data directory (or the one given)."""
+def start_streamhold(
+    label: str = "streamhold", database_url: str | None = None, data_dir: Path | None = None
+) -> Server:
+    """Start `streamhold serve` on a free port with a fresh data directory (or the one given), and
+    `database_url`, if given."""
     cmd = streamhold_command()
     port = free_port()
-    data_dir = data_dir or fresh_data_dir("streamhold")
+    data_dir = data_dir or fresh_data_dir(label)
     env = dict(
         os.environ,
         STREAMHOLD_DATA_DIR=str(data_dir),
@@ -156,9 +163,32 @@ def start_streamhold(data_dir: Path | None = None) -> Server:
         # readers-10k holds 10,000 readers and still needs a connection for its writer.
         STREAMHOLD_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
     )
-    return _spawn(
-        "streamhold", [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port)], env, port, data_dir
-    )
+    env.pop("STREAMHOLD_DATABASE_URL", None)
+    if database_url is not None:
+        env["STREAMHOLD_DATABASE_URL"] = database_url
+    return _spawn(label, [*cmd, "serve", "--host", "127.0.0.1", "--port", str(port)], env, port, data_dir)
+
+
+def start_streamhold_postgres(admin_url: str) -> Server:
+    """Start `streamhold serve` on a new, empty PostgreSQL database (made through `admin_url`)."""
+    database = f"streamhold_bench_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{database}"')
+    except psycopg.Error as exc:
+        raise ServerStartError(f"could not create a PostgreSQL database through {admin_url}: {exc}") from exc
+    try:
+        server = start_streamhold("streamhold-pg", f"{admin_url.rsplit('/', 1)[0]}/{database}")
+    except BaseException:
+        _drop_database(admin_url, database)
+        raise
+    server.database, server.admin_url = database, admin_url
+    return server
+
+
+def _drop_database(admin_url: str, database: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def start_reference() -> Server:
@@ -242,6 +272,8 @@ def stop(server: Server, grace: float = 5.0, keep_data: bool = False) -> None:
             pass
     if not keep_data:
         remove_data_dir(server.data_dir)
+    if server.database is not None and server.admin_url is not None:
+        _drop_database(server.admin_url, server.database)
 
 
 def vm_hwm_mib(pid: int) -> float | None:

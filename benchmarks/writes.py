@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from benchmarks.config import Sizes, Target
+from benchmarks.cpu import CpuMeter, per_thousand
 from benchmarks.proto import Streams
 from benchmarks.stats import MIB, latency_ms, rate
 
@@ -34,10 +35,14 @@ async def append(target: Target, sizes: Sizes) -> dict[str, Any]:
             latencies.append(time.monotonic() - t0)
         return latencies
 
+    meter = CpuMeter(target.pid, target.admin_url, target.database)
+    await meter.start()
     t0 = time.monotonic()
     per_writer = await asyncio.gather(*(write(w, n) for w, n in zip(writers, names, strict=True)))
     elapsed = time.monotonic() - t0
+    server_cpu, database_cpu = await meter.stop()
     latencies = [x for lat in per_writer for x in lat]
+    total_cpu = None if server_cpu is None or database_cpu is None else server_cpu + database_cpu
     sizes_read = [(await w.catch_up(n)).size for w, n in zip(writers, names, strict=True)]
     for w in writers:
         w.client.close()
@@ -48,7 +53,14 @@ async def append(target: Target, sizes: Sizes) -> dict[str, Any]:
             "appends_per_writer": sizes.appends_per_writer,
             "append_bytes": len(payload),
         },
-        "metrics": {"appends_per_s": rate(len(latencies), elapsed), **latency_ms(latencies)},
+        "metrics": {
+            "appends_per_s": rate(len(latencies), elapsed),
+            **latency_ms(latencies),
+            # CPU seconds per 1,000 appends: the server process, its PostgreSQL backends (0 on SQLite), both.
+            "server_cpu_s_per_1k": per_thousand(server_cpu, len(latencies)),
+            "database_cpu_s_per_1k": per_thousand(database_cpu, len(latencies)),
+            "cpu_s_per_1k": per_thousand(total_cpu, len(latencies)),
+        },
         "checks": {"bytes_ok": all(s == expected for s in sizes_read)},
         "elapsed_s": round(elapsed, 3),
     }

@@ -81,9 +81,17 @@ async def storm(
     await asyncio.gather(*(writer(w) for w in range(writers)))
 
 
-@pytest.mark.parametrize("large", [False, True], ids=["small", "with-large"])
-async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(tmp_path: Path, large: bool) -> None:
+@pytest.mark.parametrize(
+    ("large", "database"),
+    [(False, "sqlite"), (True, "sqlite"), (False, "postgres")],
+    ids=["small", "with-large", "postgres"],
+)
+async def test_sigkill_in_a_storm_of_appends_loses_nothing_acknowledged(
+    tmp_path: Path, large: bool, database: str, request: pytest.FixtureRequest
+) -> None:
     env = {"STREAMHOLD_DATA_DIR": str(tmp_path / "data")}
+    if database == "postgres":  # several batches in flight at once, each on a connection of its own
+        env["STREAMHOLD_DATABASE_URL"] = request.getfixturevalue("pg_url")
     with ServerProcess(env=env) as server:
         async with httpx.AsyncClient() as client:
             created = await client.put(

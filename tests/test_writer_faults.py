@@ -6,8 +6,10 @@ import asyncio
 import errno
 import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from streamhold.errors import StorageFullError
@@ -17,7 +19,7 @@ from streamhold.settings import Settings
 from streamhold.store import chunk_files
 from streamhold.store.store import Store
 from streamhold.store.transactions import NewStream
-from streamhold.store.writer import ISOLATION_TRANSACTIONS
+from streamhold.store.writer import ISOLATION_TRANSACTIONS, LANE_MIN_OPS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +41,8 @@ class _FaultyCursor:
         if not sql.lstrip().upper().startswith(("INSERT", "UPDATE")):
             return
         for row in rows:
-            values = row.values() if isinstance(row, dict) else row
+            values = list(row.values() if isinstance(row, dict) else row)
+            values += [v for value in values if isinstance(value, list) for v in value]  # a column of rows
             if any(isinstance(v, str) and v in self._poisoned for v in values):
                 self._fault()
 
@@ -73,13 +76,13 @@ class _FaultyConnection:
 
 def poison_writes(store: Store, poisoned: set[str], fault: Callable[[], None]) -> None:
     """Make the writer's statements that write rows of the `poisoned` streams call `fault` (which raises)."""
-    writer = store.writer
-    real = writer._driver_connection
+    for batches in store.writer.append_lanes():  # every connection that batches of appends run on
+        real = batches._driver_connection
 
-    def faulty() -> Any:
-        return _FaultyConnection(real(), poisoned, fault)
+        def faulty(real: Callable[[], Any] = real) -> Any:
+            return _FaultyConnection(real(), poisoned, fault)
 
-    writer._driver_connection = faulty  # type: ignore[method-assign]
+        batches._driver_connection = faulty  # type: ignore[method-assign]
 
 
 @pytest.fixture
@@ -228,3 +231,66 @@ async def test_a_full_disk_for_one_chunk_file_fails_only_its_stream(
             await failing
         assert await content(store, good) == b"s" * 10 + b"g" * large
         assert await content(store, bad) == b""
+
+
+async def test_a_write_postgres_refuses_fails_only_its_stream(pg_url: str, tmp_path: Path) -> None:
+    """The database itself refuses one stream's row: the batch's other streams still commit.
+
+    The writer sends a batch's writes and its COMMIT together, so the refusal is answered to the COMMIT;
+    the batch is known not to have committed, and is retried by stream.
+    """
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, long_poll_timeout=2.0)
+    async with Store.open(settings) as store:
+        bad, good, other = [await new_stream(store, name) for name in ("bad", "good", "other")]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF NEW.id = '{bad}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+            )
+            admin.execute(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON streams FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        futures = {
+            stream_id: [store.append_nowait(stream_id, f"{stream_id[-4:]}-{i};".encode()) for i in range(3)]
+            for stream_id in (good, bad, other)
+        }
+        results = {
+            stream_id: await asyncio.gather(*pending, return_exceptions=True)
+            for stream_id, pending in futures.items()
+        }
+        assert all(isinstance(r, psycopg.Error) and "refused" in str(r) for r in results[bad]), results[bad]
+        for stream_id in (good, other):
+            assert not any(isinstance(r, BaseException) for r in results[stream_id]), results[stream_id]
+            expected = b"".join(f"{stream_id[-4:]}-{i};".encode() for i in range(3))
+            assert await content(store, stream_id) == expected
+        assert await content(store, bad) == b""
+
+
+async def test_postgres_commits_other_streams_while_a_batch_waits(pg_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL a second batch commits while the first waits; a stream's own appends still wait.
+
+    The second starts once enough appends wait (LANE_MIN_OPS): fewer would cost a commit each.
+    """
+    settings = Settings(data_dir=tmp_path, database_url=pg_url, long_poll_timeout=2.0)
+    async with Store.open(settings) as store:
+        slow, quick = await new_stream(store, "slow"), await new_stream(store, "quick")
+        stalled, release = threading.Event(), threading.Event()
+
+        def stall() -> None:
+            stalled.set()
+            release.wait(10)
+
+        poison_writes(store, {slow}, stall)
+        first = store.append_nowait(slow, b"1")
+        assert await asyncio.to_thread(stalled.wait, 10), "the slow stream's batch never started"
+        second = store.append_nowait(slow, b"2")  # waits for its stream's batch in flight
+        quick_ones = [store.append_nowait(quick, b"q") for _ in range(LANE_MIN_OPS)]
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*quick_ones), 5)
+            assert [result.tail for result in done] == list(range(1, LANE_MIN_OPS + 1))
+            assert not first.done() and not second.done()
+        finally:
+            release.set()
+        assert (await first).tail == 1
+        assert (await second).tail == 2
+        assert await content(store, slow) == b"12"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine
 
 from .. import clock
@@ -21,7 +22,7 @@ from ..models import LRU, Change
 from . import counts
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
-from .statements import Prepared, Statements, state_from_tuple
+from .statements import UPDATE_COLUMNS, Prepared, Statements, state_from_tuple
 
 # Enough for the records of 10,000 streams written at once; past it, the least recently written go.
 MAX_CACHED_ROWS = 16384
@@ -72,6 +73,8 @@ class AppendBatches:
     def _run_appends(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         for attempt in (1, 2):
             try:
+                if self._postgres:
+                    return self._pipelined(ops)
                 return self._append_transaction(ops)
             except Exception:
                 # Once COMMIT has been sent the batch may have been committed: doing it again would
@@ -80,6 +83,32 @@ class AppendBatches:
                 if attempt == 2 or not forgot or self._commit_sent:
                     raise
         raise AssertionError("unreachable")
+
+    def _pipelined(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        """PostgreSQL: the batch in pipeline mode, where statements go out without waiting for each other's
+        answers: two round trips (BEGIN and the reads, then the writes and COMMIT), not one per statement.
+
+        The connection is in autocommit mode and the batch sends its own BEGIN and COMMIT: the driver's own
+        transactions would wait for the BEGIN's answer, and a pipeline's end for a Sync's, a round trip each.
+        """
+        conn = self._driver_connection()
+        try:
+            with conn.pipeline():
+                done = self._append_transaction(ops)
+        except BaseException as exc:
+            # An error the server answered with means nothing committed: a statement that fails skips the
+            # COMMIT queued behind it, and a failed COMMIT commits nothing. The batch may then be split and
+            # retried. A lost connection leaves it unknown.
+            if getattr(exc, "sqlstate", None) is not None and not (conn.closed or conn.broken):
+                self._commit_sent = False
+            # A ROLLBACK sent in the pipeline behind a failed statement is skipped by the server, leaving
+            # the transaction aborted for the next batch: end it here, outside the pipeline.
+            with contextlib.suppress(Exception):
+                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()
+            raise
+        self._count_commit()
+        return done
 
     def _forget_broken_connection(self) -> bool:
         """Drop a PostgreSQL connection that has closed or broken, so that the next batch opens a new one."""
@@ -95,6 +124,8 @@ class AppendBatches:
         if self._driver is None:
             self._pooled = self._engine.raw_connection()
             self._driver = self._pooled.driver_connection
+            if self._postgres:
+                self._driver.autocommit = True  # each batch sends its own BEGIN and COMMIT (_pipelined)
             if not self._postgres:
                 # Never wait for a lock on the event loop: a busy database sends the batch to the thread.
                 self._driver.execute("PRAGMA busy_timeout=0")
@@ -149,45 +180,29 @@ class AppendBatches:
     ) -> tuple[list[tuple[bool, Any]], list[Change]]:
         now = clock.now()
         conn = self._driver_connection()
-        sql = self._statements
         began = cursor is not None
         cursor = cursor if began else conn.cursor()
         self._commit_sent = False
         self._file_writes.clear()
         self._uncommitted = [0, 0]
         try:
-            if not self._postgres and not began:
+            if self._postgres:
+                cursor.execute("BEGIN")  # goes out with the reads (_pipelined)
+            elif not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
                 cursor.execute("BEGIN IMMEDIATE")
             pending: dict[str, Pending] = {}
-            cached = self._cached_rows(cursor)
-            # Lock rows in one order, so writers in several processes never deadlock.
-            for stream_id in sorted({op.stream_id for op in ops}):
-                record = cached.get(stream_id)
-                if record is None:
-                    query = sql.stream_by_id_locked
-                    cursor.execute(query.sql, query.args({"id": stream_id}))
-                    found = cursor.fetchone()
-                    record = Record.read(state_from_tuple(found[:-1]), found[-1]) if found else None
-                if record is not None:
-                    pending[stream_id] = Pending(
-                        record,
-                        record.tail,
-                        record.closed_at,
-                        record.last_seq,
-                        record.expires_at,
-                        record.compress,
-                    )
-            states: dict[tuple[str, str], list[int]] = {}
-            for stream_id, producer_id in {
-                (op.stream_id, op.producer.id) for op in ops if op.producer is not None
-            }:
-                cursor.execute(
-                    sql.producer.sql, sql.producer.args({"stream_id": stream_id, "producer_id": producer_id})
+            keys = {(op.stream_id, op.producer.id) for op in ops if op.producer is not None}
+            records, states = self._read_records(conn, cursor, sorted({op.stream_id for op in ops}), keys)
+            for stream_id, record in records.items():
+                pending[stream_id] = Pending(
+                    record,
+                    record.tail,
+                    record.closed_at,
+                    record.last_seq,
+                    record.expires_at,
+                    record.compress,
                 )
-                found = cursor.fetchone()
-                if found is not None:
-                    states[(stream_id, producer_id)] = [found[0], found[1]]
             known = set(states)
             outcomes: list[tuple[bool, Any]] = []
             for op in ops:
@@ -200,7 +215,7 @@ class AppendBatches:
                 return outcomes, changes  # the caller commits
             if self._postgres:
                 self._commit_sent = True
-                conn.commit()
+                cursor.execute("COMMIT")  # goes out with the writes; answered as the pipeline ends
             else:
                 self._commit(cursor)
                 self._committed()
@@ -223,8 +238,50 @@ class AppendBatches:
                         cursor.execute("PRAGMA busy_timeout=0")
                 cursor.close()
                 self._release_claims()
-        self._count_commit()
+        if not self._postgres:  # else once the pipeline has ended (_pipelined)
+            self._count_commit()
         return outcomes, changes
+
+    def _read_records(
+        self, conn: Any, cursor: Any, stream_ids: list[str], keys: set[tuple[str, str]]
+    ) -> tuple[dict[str, Record], dict[tuple[str, str], list[int]]]:
+        """The batch's stream records (locked, in the order of their ids) and its producers' states."""
+        sql = self._statements
+        records: dict[str, Record] = {}
+        found: list[tuple[tuple[str, str], Any]] = []
+        if self._postgres:
+            assert sql.streams_by_ids_locked is not None
+            query = sql.streams_by_ids_locked
+            cursor.execute(query.sql, query.args({"ids": stream_ids}))
+            # Sent in the same round trip (pipeline mode): each producer's state, on a cursor of its own.
+            asked = []
+            for key in keys:
+                producer_cursor = conn.cursor()
+                values = {"stream_id": key[0], "producer_id": key[1]}
+                producer_cursor.execute(sql.producer.sql, sql.producer.args(values))
+                asked.append((key, producer_cursor))
+            for row in cursor.fetchall():
+                records[row[0]] = Record.read(state_from_tuple(row[:-1]), row[-1])
+            for key, producer_cursor in asked:
+                found.append((key, producer_cursor.fetchone()))
+                producer_cursor.close()
+        else:
+            cached = self._cached_rows(cursor)
+            for stream_id in stream_ids:
+                record = cached.get(stream_id)
+                if record is None:
+                    query = sql.stream_by_id_locked
+                    cursor.execute(query.sql, query.args({"id": stream_id}))
+                    row = cursor.fetchone()
+                    record = Record.read(state_from_tuple(row[:-1]), row[-1]) if row else None
+                if record is not None:
+                    records[stream_id] = record
+            for key in keys:
+                values = {"stream_id": key[0], "producer_id": key[1]}
+                cursor.execute(sql.producer.sql, sql.producer.args(values))
+                found.append((key, cursor.fetchone()))
+        states = {key: [row[0], row[1]] for key, row in found if row is not None}
+        return records, states
 
     def _write(
         self,
@@ -316,6 +373,8 @@ class AppendBatches:
             cursor.executemany(sql.insert_chunk.sql, new_chunks)
         if flushes:  # before the updates that empty the pending bytes they take
             cursor.executemany(sql.flush_pending.sql, flushes)
+        if self._postgres:
+            self._update_streams(cursor, updates)
         for update, rows in updates.items():
             cursor.executemany(update.sql, rows)
         if counted := counts.rows(self.counter_slot, deltas):
@@ -325,6 +384,34 @@ class AppendBatches:
             values = {"stream_id": stream_id, "producer_id": producer_id, "epoch": epoch, "seq": seq}
             cursor.execute(statement.sql, statement.args(values))
         return changes
+
+    def _update_streams(self, cursor: Any, updates: dict[Prepared, list[Any]]) -> None:
+        """PostgreSQL: take the updates of stream records out of `updates` and run them as one statement.
+
+        One statement for the batch rather than one per stream: the server plans and runs it once, and the
+        driver sends one message rather than one for each.
+        """
+        sql = self._statements
+        assert sql.update_streams is not None
+        rows = [
+            (row, update is sql.update_stream_flushed)
+            for update in (sql.update_stream, sql.update_stream_pending, sql.update_stream_flushed)
+            for row in updates.pop(update, [])
+        ]
+        if not rows:
+            return
+        columns: dict[str, list[Any]] = {name: [] for name in UPDATE_COLUMNS}
+        for row, flushed in rows:
+            for name, values in columns.items():
+                if name == "id":
+                    values.append(row["_id"])
+                elif name == "data":
+                    values.append(row.get("data", b""))
+                elif name == "flushed":
+                    values.append(flushed)
+                else:
+                    values.append(row[name])
+        cursor.execute(sql.update_streams.sql, sql.update_streams.args(columns))
 
     def _claim(self, stream_id: str, spool: Spool | None) -> Claim | None:
         """The stream's file for this batch's bytes, or None to keep them in the database.

@@ -81,7 +81,10 @@ class Store(Reader):
         self.writer.space = self.space
         self.tokens = Tokens(self.writer, read_engine)
         # This store's rows of the namespace counters (counts.py); the writer adds appends' bytes to them.
-        self.counter_slot = self.writer.counter_slot = counts.new_slot()
+        self.counter_slot = counts.new_slot()
+        # Counter rows of its own for each connection committing appends: batches in flight never wait.
+        for lane in self.writer.append_lanes():
+            lane.counter_slot = self.counter_slot if lane is self.writer else counts.new_slot()
 
     @classmethod
     @asynccontextmanager
@@ -579,7 +582,7 @@ class Store(Reader):
         await self.writer.call(add)
 
     async def session_holder(self, id_hash: str) -> str | None:
-        """Who a recorded, unexpired sign-in is (a token id, "" for a key, None): read fresh, for sign-outs."""
+        """Who a recorded, unexpired sign-in is (a token id, "" for a key, None): read fresh, for sign-out."""
 
         def holder() -> str | None:
             with self._read_engine.connect() as conn:
