@@ -80,9 +80,9 @@ class Store(Reader):
         self.space = DiskSpace(folder, settings.min_free_bytes, database, lambda: self.writer.commits)
         self.writer.space = self.space
         self.tokens = Tokens(self.writer, read_engine)
-        # This store's rows of the namespace counters (counts.py); the writer adds appends' bytes to them.
+        # This store's rows of the namespace counters (counts.py), and rows of its own for each connection
+        # committing appends (PostgreSQL keeps two batches in flight: neither waits on the other's rows).
         self.counter_slot = counts.new_slot()
-        # Counter rows of its own for each connection committing appends: batches in flight never wait.
         for lane in self.writer.append_lanes():
             lane.counter_slot = self.counter_slot if lane is self.writer else counts.new_slot()
 
