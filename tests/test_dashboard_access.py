@@ -271,7 +271,7 @@ async def test_a_revocation_ends_the_sign_in_on_another_process(tmp_path: Path) 
 def test_an_older_database_gains_the_token_column(tmp_path: Path) -> None:
     async def open_and_add(id_hash: str, token_id: str | None = None) -> None:
         async with Store.open(Settings(data_dir=tmp_path)) as store:
-            await store.add_session(id_hash, time.time() + 60, token_id)
+            await store.sign_ins.add(id_hash, time.time() + 60, token_id)
 
     asyncio.run(open_and_add("a" * 64))
     with sqlite3.connect(tmp_path / "streamhold.db") as conn:

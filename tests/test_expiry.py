@@ -251,10 +251,10 @@ async def test_sign_in_sessions_expire_by_the_store_clock(settings: Settings, sk
     live_cookie = session.issue("session-key")
     ended_cookie = session.issue("session-key", now=clock.now() - session.SESSION_SECONDS - 5)
     async with Store.open(settings) as store:
-        await store.add_session("live", clock.now() + 3600)
-        await store.add_session("ended", clock.now() - 5)
+        await store.sign_ins.add("live", clock.now() + 3600)
+        await store.sign_ins.add("ended", clock.now() - 5)
         for step in (DAY, -DAY):
             skewed(step)  # this machine's wall clock is a day off; the database's is right
             assert session.verify(live_cookie, keyed) is not None, f"a clock {step} s off ended a sign-in"
             assert session.verify(ended_cookie, keyed) is None, f"a clock {step} s off revived a sign-in"
-            assert await store.session_holder("live") == "" and await store.session_holder("ended") is None
+            assert await store.sign_ins.holder("live") == "" and await store.sign_ins.holder("ended") is None

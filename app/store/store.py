@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, inspect, select, text, update
+from sqlalchemy import Connection, inspect, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import SQLModel
@@ -36,7 +36,8 @@ from .chunk_files import ChunkFiles, Spool
 from .disk import DiskSpace
 from .engines import make_engines
 from .reads import Reader
-from .schema import CHUNK_TARGET, sessions, streams
+from .schema import CHUNK_TARGET, streams
+from .sign_ins import SignIns
 from .tokens import Tokens
 from .transactions import NewStream
 from .writer import Writer
@@ -80,6 +81,7 @@ class Store(Reader):
         self.space = DiskSpace(folder, settings.min_free_bytes, database, lambda: self.writer.commits)
         self.writer.space = self.space
         self.tokens = Tokens(self.writer, read_engine)
+        self.sign_ins = SignIns(self.writer, read_engine)
         # This store's rows of the namespace counters (counts.py), and rows of its own for each connection
         # committing appends (PostgreSQL keeps two batches in flight: neither waits on the other's rows).
         self.counter_slot = counts.new_slot()
@@ -568,34 +570,3 @@ class Store(Reader):
         for stream_id in unfinished:
             self._follow_up(self.finish(stream_id))
         return swept
-
-    # --- dashboard sessions ----------------------------------------------------------------------
-
-    async def add_session(self, id_hash: str, expires_at: float, token_id: str | None = None) -> None:
-        """Record a dashboard sign-in, with the token it used if any (and forget the expired ones)."""
-
-        def add(conn: Connection) -> tuple[None, list[Change]]:
-            conn.execute(sessions.delete().where(sessions.c.expires_at <= clock.now()))
-            conn.execute(sessions.insert().values(id_hash=id_hash, expires_at=expires_at, token_id=token_id))
-            return None, []
-
-        await self.writer.call(add)
-
-    async def session_holder(self, id_hash: str) -> str | None:
-        """Who a recorded, unexpired sign-in is (a token id, "" for a key, None): read fresh, for sign-out."""
-
-        def holder() -> str | None:
-            with self._read_engine.connect() as conn:
-                found = conn.execute(
-                    select(sessions.c.token_id).where(
-                        sessions.c.id_hash == id_hash, sessions.c.expires_at > clock.now()
-                    )
-                ).first()
-            return None if found is None else found[0] or ""
-
-        return await self._read(holder)
-
-    async def end_session(self, id_hash: str) -> None:
-        await self.writer.call(
-            lambda conn: (conn.execute(sessions.delete().where(sessions.c.id_hash == id_hash)), [])
-        )

@@ -95,14 +95,14 @@ def _id_hash(value: str) -> str:
 async def start(store: Store, key: str) -> str:
     """A new session's cookie value, recorded so that signing out can end it on every process."""
     value = issue(key)
-    await store.add_session(_id_hash(value), float(value.split(".")[1]))
+    await store.sign_ins.add(_id_hash(value), float(value.split(".")[1]))
     return value
 
 
 async def start_with_token(store: Store, record: TokenRecord) -> str:
     """A new sign-in with a token (which the caller has checked); `current` ends it when the token ends."""
     value = _signed(_token_secret(record), int(clock.now() + SESSION_SECONDS))
-    await store.add_session(_id_hash(value), float(value.split(".")[1]), record.id)
+    await store.sign_ins.add(_id_hash(value), float(value.split(".")[1]), record.id)
     return value
 
 
@@ -110,7 +110,7 @@ async def end(request: Request[Any, Any, Any], store: Store) -> None:
     """Forget the request's session, so its cookie no longer signs anyone in."""
     value = request.cookies.get(COOKIE)
     if value and _id_hash(value):
-        await store.end_session(_id_hash(value))
+        await store.sign_ins.end(_id_hash(value))
 
 
 def issue(key: str, now: float | None = None) -> str:
@@ -170,7 +170,7 @@ async def current(request: Request[Any, Any, Any], settings: Settings) -> Sessio
     if not value or _parts(value, None) is None:
         return None
     store: Store = request.app.state.store
-    holder = await store.session_holder(_id_hash(value))
+    holder = await store.sign_ins.holder(_id_hash(value))
     if holder is None:
         return None
     if not holder:
