@@ -131,7 +131,7 @@ def test_every_guarded_handler_declares_the_right_it_needs(tmp_path: Path) -> No
         "append_stream": "write",
         "complete_stream": "write",
         "put_stream": "write",
-        "stop_status": "write",  # stop_stream checks the same right itself, or else a viewer session
+        # stop_stream and stop_status check the write right themselves: or else a viewer's sign-in, a link
     }
     assert all(h.opt["right"] in RIGHTS for h in handlers)
 
