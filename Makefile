@@ -42,8 +42,9 @@ lint: install
 	$(BIN)/ruff check app tests e2e benchmarks
 	$(BIN)/mypy
 
+# BENCH_ARGS: options of python -m benchmarks.run, such as --big (a million streams) or --only create.
 bench: install
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev -o requirements.lock --python-version 3.11 -q
