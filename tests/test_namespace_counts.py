@@ -140,7 +140,6 @@ async def test_an_older_database_gets_its_indexes_and_counters(settings: Setting
         with store._read_engine.connect() as conn:
             names = {i["name"] for i in inspect(conn).get_indexes("streams")}
         assert {i.name for i in STREAM_INDEXES} <= names and "ix_streams_namespace" not in names
-        assert {"ix_streams_tail_id", "ix_streams_updated_id"} <= names  # the size and updated sorts'
 
 
 async def test_the_sweep_deletes_in_bounded_transactions(
@@ -198,9 +197,10 @@ async def test_cursors_and_offsets_page_through_each_sort(store: Store, sort: st
             assert [s.id for s in page.streams] == order[offset : offset + 4] and page.total == 23
 
 
-@pytest.mark.parametrize("sort", list(listing.SORTS))
-async def test_every_sort_walks_an_index(store: Store, sort: str) -> None:
-    """A page of each sort, first or from a cursor, reads an index in its order: no scan, no sort."""
+# Size and updated have no index: it cost appends too much (README, "A million streams").
+@pytest.mark.parametrize("sort", ["created", "namespace", "name"])
+async def test_every_indexed_sort_walks_its_index(store: Store, sort: str) -> None:
+    """A page of these sorts, first or from a cursor, reads an index in its order: no scan, no sort."""
     for i in range(6):
         state, _ = await store.create(NewStream(namespace=f"n{i % 2}", name=f"s{i}", initial=b"x" * i))
         await store.append(state.id, b"more")

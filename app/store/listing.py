@@ -23,8 +23,8 @@ from . import counts
 from .schema import metadata_pairs, streams
 from .statements import STREAM_STATE
 
-# Each sort's keys, the id last as tie-breaker (a name is unique already); each leads an index
-# (schema.STREAM_INDEXES), the size and updated ones partial to live streams, as every listing asks.
+# Each sort's keys, the id last as tie-breaker (a name is unique already); each leads an index but size and
+# updated, which every append changes (schema.STREAM_INDEXES).
 SORTS: dict[str, tuple[str, ...]] = {
     "created": ("created_at", "id"),
     "size": ("tail", "id"),

@@ -165,18 +165,12 @@ tokens = table_of(TokenRow)
 
 # The listings' indexes, each chosen from the query plans of the dashboard's filters and sorts (README,
 # "A million streams"): every sort walks an index in its order with the id as tie-breaker, so that a page
-# after a cursor starts where the index says. Size and updated change with every append, yet their indexes
-# cost an append less than 5% (measured) where a page without them scans every stream.
-# Conditions of the partial indexes: the queries name them just so (listing's live streams, the sweep's).
+# after a cursor starts where the index says. Size and updated have none: every append changes them.
+# Conditions of the sweep's partial indexes: the sweep's queries name them just so, and find few rows.
 DELETED = streams.c.deleted.is_(True)
-LIVE = streams.c.deleted.is_(False)
 UNCOMPRESSED = streams.c.compress.is_(True) & streams.c.compressed.is_(False)
 STREAM_INDEXES = (
     Index("ix_streams_created_id", streams.c.created_at, streams.c.id),
-    Index("ix_streams_tail_id", streams.c.tail, streams.c.id, sqlite_where=LIVE, postgresql_where=LIVE),
-    Index(
-        "ix_streams_updated_id", streams.c.updated_at, streams.c.id, sqlite_where=LIVE, postgresql_where=LIVE
-    ),
     Index("ix_streams_namespace_created_id", streams.c.namespace, streams.c.created_at, streams.c.id),
     # No partial index of open streams for `state=open`, which walks the created index instead: it cost
     # every create and close a page more, and a create on a nearly full disk must fit in what a delete frees.
