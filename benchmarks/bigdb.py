@@ -4,7 +4,8 @@ The fill runs in a child process (`python -m benchmarks.bigdb --data-dir DIR --s
 store's own create path: concurrent `Store.create` calls, which the writer commits together, each returning
 only once its commit is durable. One data directory grows from one size to the next. A server then starts on
 it, and one client at a time asks for the list API's first and last page (by offset, as Agentuity's SDK
-does), a deep page by cursor, and the dashboard; the server's resident memory is sampled meanwhile.
+does) and a deep page by cursor, sorted by created, size and updated, and for the dashboard; the server's
+resident memory is sampled meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ CREATORS = 256  # concurrent creates: the writer commits those queued together i
 PAGE = 50
 SAMPLES = 100
 SIZES = (100_000, 1_000_000)
+# Created walks an index; size and updated scan the table (README, "A million streams").
+SORTS = ("created", "size", "updated")
 
 
 def label(streams: int) -> str:
@@ -98,6 +101,37 @@ async def _timed(samples: int, call: Callable[[], Awaitable[bool]]) -> tuple[lis
     return latencies, failed
 
 
+async def _page_calls(
+    listed: Callable[[dict[str, Any]], Awaitable[Any]], sort: str, total: int
+) -> list[tuple[str, Callable[[], Awaitable[bool]]]]:
+    """The first page, the last (by offset) and a page from a cursor half-way, of one sort, newest first."""
+    order = {"sort": sort, "direction": "desc"}
+    # A cursor half-way down: the page after it costs what the first does.
+    middle = await listed({**order, "limit": 1, "offset": total // 2})
+    deep = (middle or {}).get("next_cursor")
+
+    async def page(body: dict[str, Any]) -> bool:
+        found = await listed({**order, "limit": PAGE, **body})
+        return found is not None and len(found["streams"]) == PAGE
+
+    async def first_page() -> bool:
+        return await page({})
+
+    async def last_page() -> bool:
+        return await page({"offset": total - PAGE})
+
+    async def cursor_page() -> bool:
+        return await page({"cursor": deep})
+
+    # The created sort keeps the names of the runs before the other sorts were measured.
+    prefix = "list" if sort == "created" else f"list_{sort}"
+    return [
+        (f"{prefix}_first", first_page),
+        (f"{prefix}_last", last_page),
+        (f"{prefix}_cursor_deep", cursor_page),
+    ]
+
+
 async def measure(origin: Any, streams: int, samples: int = SAMPLES) -> dict[str, Any]:
     """List pages and dashboard latencies (p50/p99) against a server holding `streams` streams."""
     client = Client(origin)
@@ -109,22 +143,9 @@ async def measure(origin: Any, streams: int, samples: int = SAMPLES) -> dict[str
 
     first = await listed({"limit": PAGE})
     total = first["total"] if first else 0
-
-    async def first_page() -> bool:
-        found = await listed({"limit": PAGE})
-        return found is not None and len(found["streams"]) == PAGE
-
-    async def last_page() -> bool:
-        found = await listed({"limit": PAGE, "offset": total - PAGE})
-        return found is not None and len(found["streams"]) == PAGE
-
-    # A cursor half-way down: the page after it costs what the first does.
-    middle = await listed({"limit": 1, "offset": total // 2})
-    deep = (middle or {}).get("next_cursor")
-
-    async def cursor_page() -> bool:
-        found = await listed({"limit": PAGE, "cursor": deep})
-        return found is not None and len(found["streams"]) == PAGE
+    calls: list[tuple[str, Callable[[], Awaitable[bool]]]] = []
+    for sort in SORTS:
+        calls += await _page_calls(listed, sort, total)
 
     async def dashboard() -> bool:
         resp = await client.request("GET", "/")
@@ -132,12 +153,7 @@ async def measure(origin: Any, streams: int, samples: int = SAMPLES) -> dict[str
 
     metrics: dict[str, Any] = {"streams": total}
     failed = 0
-    for name, call in (
-        ("list_first", first_page),
-        ("list_last", last_page),
-        ("list_cursor_deep", cursor_page),
-        ("dashboard", dashboard),
-    ):
+    for name, call in [*calls, ("dashboard", dashboard)]:
         await call()  # warm
         latencies, bad = await _timed(samples, call)
         failed += bad
