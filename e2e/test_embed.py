@@ -63,10 +63,12 @@ def element_text(page: Page, element: str) -> str:
 
 
 def wait_element(page: Page, element: str, state: str, timeout: int = TIMEOUT) -> None:
+    # Polled on a timer: Playwright's default polls on animation frames, which a page may switch off.
     page.wait_for_function(
         "([sel, s]) => document.querySelector(sel)?.dataset.state === s",
         arg=[element, state],
         timeout=timeout,
+        polling=50,
     )
 
 
