@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..models import StreamState
 from .schema import namespace_counts as counts
-from .schema import streams
+from .schema import namespace_totals, streams
 
 FIELDS = ("streams", "open", "stored_bytes", "content_bytes")
 
@@ -181,16 +181,8 @@ def summed(per_namespace: dict[str, Totals]) -> Totals:
 def recount_totals(engine: Engine, now: float) -> dict[str, Totals]:
     """Totals counted from the streams themselves: what the counters must always agree with."""
     query = (
-        select(
-            streams.c.namespace,
-            func.count(),
-            func.count() - func.count(streams.c.closed_at),
-            func.coalesce(func.sum(streams.c.stored_bytes), 0),
-            func.coalesce(func.sum(streams.c.tail), 0),
-        )
-        .where(streams.c.deleted.is_(False))
+        namespace_totals()
         .where((streams.c.expires_at.is_(None)) | (streams.c.expires_at > now))
-        .group_by(streams.c.namespace)
         .order_by(streams.c.namespace)
     )
     with engine.connect() as conn:

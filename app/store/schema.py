@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Connection, Index, LargeBinary, Table, func, inspect, select, text
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    LargeBinary,
+    Select,
+    Table,
+    func,
+    inspect,
+    select,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 from ..models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
@@ -235,11 +249,10 @@ def upgrade(conn: Connection, postgres: bool, counts_created: bool) -> None:
         conn.execute(text("ALTER TABLE sessions ADD COLUMN token_id VARCHAR(32)"))
 
 
-def recount(conn: Connection) -> None:
-    """Set the namespace counters from the streams themselves (a new table, or a repair)."""
-    conn.execute(namespace_counts.delete())
-    live = streams.c.deleted.is_(False)
-    totals = (
+def namespace_totals() -> Select[Any]:
+    """Each namespace's streams, open streams, stored and content bytes, counted from the streams themselves
+    (not deleted): what the namespace counters hold. Callers add conditions (expiry) as they need."""
+    return (
         select(
             streams.c.namespace,
             func.count(),
@@ -247,9 +260,15 @@ def recount(conn: Connection) -> None:
             func.coalesce(func.sum(streams.c.stored_bytes), 0),
             func.coalesce(func.sum(streams.c.tail), 0),
         )
-        .where(live)
+        .where(streams.c.deleted.is_(False))
         .group_by(streams.c.namespace)
     )
+
+
+def recount(conn: Connection) -> None:
+    """Set the namespace counters from the streams themselves (a new table, or a repair)."""
+    conn.execute(namespace_counts.delete())
+    totals = namespace_totals()
     rows = [
         {"namespace": n, "slot": 0, "streams": c, "open": o, "stored_bytes": s, "content_bytes": t}
         for n, c, o, s, t in conn.execute(totals)
