@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from streamhold.errors import StorageFullError
 from streamhold.live import LiveHub
+from streamhold.models import Producer
 from streamhold.sdk.local import LocalStreams
 from streamhold.settings import Settings
 from streamhold.store import chunk_files
@@ -32,18 +34,21 @@ def disk_full() -> OSError:
 class _FaultyCursor:
     """The writer's real cursor, except that a write naming the poisoned stream calls `fault` first."""
 
-    def __init__(self, cursor: Any, poisoned: set[str], fault: Callable[[], None]) -> None:
+    def __init__(self, cursor: Any, poisoned: set[str], fault: Callable[[], None], statement: str) -> None:
         self._cursor = cursor
         self._poisoned = poisoned
         self._fault = fault
+        self._statement = statement
 
     def _check(self, sql: str, rows: list[Any]) -> None:
-        if not sql.lstrip().upper().startswith(("INSERT", "UPDATE")):
+        if not sql.lstrip().upper().startswith(("INSERT", "UPDATE", "WITH")) or self._statement not in sql:
             return
         for row in rows:
             values = list(row.values() if isinstance(row, dict) else row)
             values += [v for value in values if isinstance(value, list) for v in value]  # a column of rows
-            if any(isinstance(v, str) and v in self._poisoned for v in values):
+            # Rows sent as one JSON array name their streams as JSON strings.
+            quoted = {json.dumps(stream_id) for stream_id in self._poisoned}
+            if any(isinstance(v, str) and (v in self._poisoned or any(q in v for q in quoted)) for v in values):
                 self._fault()
 
     def execute(self, sql: str, args: Any = ()) -> Any:
@@ -62,25 +67,27 @@ class _FaultyCursor:
 
 
 class _FaultyConnection:
-    def __init__(self, conn: Any, poisoned: set[str], fault: Callable[[], None]) -> None:
+    def __init__(self, conn: Any, poisoned: set[str], fault: Callable[[], None], statement: str) -> None:
         self._conn = conn
         self._poisoned = poisoned
         self._fault = fault
+        self._statement = statement
 
     def cursor(self, *args: Any, **kwargs: Any) -> _FaultyCursor:
-        return _FaultyCursor(self._conn.cursor(*args, **kwargs), self._poisoned, self._fault)
+        return _FaultyCursor(self._conn.cursor(*args, **kwargs), self._poisoned, self._fault, self._statement)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
 
-def poison_writes(store: Store, poisoned: set[str], fault: Callable[[], None]) -> None:
-    """Make the writer's statements that write rows of the `poisoned` streams call `fault` (which raises)."""
+def poison_writes(store: Store, poisoned: set[str], fault: Callable[[], None], statement: str = "") -> None:
+    """Make the writer's statements that write rows of the `poisoned` streams call `fault` (which raises);
+    only those whose SQL holds `statement`, if given."""
     for batches in store.writer.append_lanes():  # every connection that batches of appends run on
         real = batches._driver_connection
 
         def faulty(real: Callable[[], Any] = real) -> Any:
-            return _FaultyConnection(real(), poisoned, fault)
+            return _FaultyConnection(real(), poisoned, fault, statement)
 
         batches._driver_connection = faulty  # type: ignore[method-assign]
 
@@ -165,6 +172,31 @@ async def test_appends_queued_behind_a_failed_append_fail_and_a_retry_succeeds(s
     assert (await store.append(stream_id, b"B")).tail == 2
     assert (await store.append(stream_id, b"C")).tail == 3
     assert await content(store, stream_id) == b"ABC"
+
+
+async def test_a_batch_that_fails_after_writing_some_rows_commits_none_of_them(store: Store) -> None:
+    """The stream's record is written, then writing the producer's state fails on this side (not the
+    database's): none of the append may commit. On PostgreSQL the statements of a batch commit as its
+    pipeline ends, so the failure must keep that end from committing what already went out."""
+    stream_id = await new_stream(store, "half")
+    await store.append(stream_id, b"A")
+
+    armed = [True]
+
+    def fail_once() -> None:
+        if armed[0]:
+            armed[0] = False
+            raise disk_full()
+
+    poison_writes(store, {stream_id}, fail_once, statement="INSERT INTO producers")
+    with pytest.raises(StorageFullError):
+        await store.append(stream_id, b"B", producer=Producer("p", 0, 0))
+    state = await store.get(stream_id)
+    assert state is not None and (state.tail, state.appends) == (1, 1)
+    assert await content(store, stream_id) == b"A"
+    # Nothing of it is left behind: the producer is new again, and the next append follows the first.
+    assert (await store.append(stream_id, b"B", producer=Producer("p", 0, 0))).tail == 2
+    assert await content(store, stream_id) == b"AB"
 
 
 async def test_a_failing_stream_does_not_fail_other_streams_in_its_batch(store: Store) -> None:

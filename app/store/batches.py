@@ -8,12 +8,13 @@ chunks made of them, large chunks in chunk files synced before the COMMIT, produ
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
-from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine
 
 from .. import clock
@@ -22,7 +23,7 @@ from ..models import LRU, Change
 from . import counts
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
-from .statements import UPDATE_COLUMNS, Prepared, Statements, state_from_tuple
+from .statements import STREAM_COLUMNS, UPDATED_FIELDS, Prepared, Statements, state_from_tuple
 
 # Enough for the records of 10,000 streams written at once; past it, the least recently written go.
 MAX_CACHED_ROWS = 16384
@@ -63,6 +64,12 @@ class AppendBatches:
         # batch skips re-reading them.
         self._rows: LRU[str, Record] = LRU(MAX_CACHED_ROWS)
         self._written: dict[str, Record] = {}
+        # PostgreSQL: records as decoded from the rows they were read from. A batch still reads every row
+        # (another process may have changed it), but one that reads as before is not decoded again, which
+        # took a quarter of the batch's own time.
+        self._decoded: LRU[str, tuple[tuple[Any, ...], Record]] = LRU(MAX_CACHED_ROWS if postgres else 0)
+        self._read_rows: dict[str, tuple[Any, ...]] = {}  # the batch's rows as read
+        self._written_rows: dict[str, tuple[Any, ...]] = {}  # and as it leaves them
         self._data_version = -1
         self._commit_sent = False
         self._wal_path = "" if postgres else f"{engine.url.database}-wal"
@@ -86,29 +93,44 @@ class AppendBatches:
 
     def _pipelined(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         """PostgreSQL: the batch in pipeline mode, where statements go out without waiting for each other's
-        answers: two round trips (BEGIN and the reads, then the writes and COMMIT), not one per statement.
+        answers: two round trips (the reads, then the writes), not one per statement.
 
-        The connection is in autocommit mode and the batch sends its own BEGIN and COMMIT: the driver's own
-        transactions would wait for the BEGIN's answer, and a pipeline's end for a Sync's, a round trip each.
+        The statements between the pipeline's start and its Sync, sent as it ends, are one transaction,
+        which the server commits on that Sync (the connection is in autocommit mode, so the driver adds no
+        BEGIN of its own). Measured against an explicit BEGIN and COMMIT (16 writers of 64-byte appends,
+        side by side): two statements fewer a batch, 6% less server CPU and 9% less database CPU an append.
         """
         conn = self._driver_connection()
+        self._commit_sent = False
         try:
             with conn.pipeline():
-                done = self._append_transaction(ops)
+                try:
+                    done = self._append_transaction(ops)
+                except BaseException as exc:
+                    if getattr(exc, "sqlstate", None) is None and not (conn.closed or conn.broken):
+                        self._abandon(conn)
+                    raise
+                self._commit_sent = True
         except BaseException as exc:
             # An error the server answered with means nothing committed: a statement that fails skips the
-            # COMMIT queued behind it, and a failed COMMIT commits nothing. The batch may then be split and
-            # retried. A lost connection leaves it unknown.
+            # rest, and the Sync then ends the failed transaction. The batch may then be split and retried.
+            # A lost connection leaves it unknown, unless it was closed before the Sync went out.
             if getattr(exc, "sqlstate", None) is not None and not (conn.closed or conn.broken):
                 self._commit_sent = False
-            # A ROLLBACK sent in the pipeline behind a failed statement is skipped by the server, leaving
-            # the transaction aborted for the next batch: end it here, outside the pipeline.
-            with contextlib.suppress(Exception):
-                if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.rollback()
             raise
+        self._committed()
         self._count_commit()
         return done
+
+    def _abandon(self, conn: Any) -> None:
+        """End a batch that failed on this side: the server has not aborted its transaction, and the Sync that
+        ends the pipeline would commit whatever part of the batch went out. Closing the connection first
+        makes the server roll it back. The batch is not retried, as for any failure that is not a lost
+        connection, but its streams may be, apart (Writer._may_retry), on a new connection."""
+        conn.close()
+        self._forget_broken_connection()
+        with contextlib.suppress(Exception):  # the database is down: the next batch tries again
+            self._driver_connection()
 
     def _forget_broken_connection(self) -> bool:
         """Drop a PostgreSQL connection that has closed or broken, so that the next batch opens a new one."""
@@ -172,8 +194,12 @@ class AppendBatches:
 
     def _committed(self) -> None:
         for stream_id, record in self._written.items():
-            self._rows.put(stream_id, record)
+            if self._postgres:
+                self._decoded.put(stream_id, (self._written_rows[stream_id], record))
+            else:
+                self._rows.put(stream_id, record)
         self._written.clear()
+        self._written_rows.clear()
 
     def _append_transaction(
         self, ops: list[AppendOp], cursor: Any = None
@@ -186,9 +212,7 @@ class AppendBatches:
         self._file_writes.clear()
         self._uncommitted = [0, 0]
         try:
-            if self._postgres:
-                cursor.execute("BEGIN")  # goes out with the reads (_pipelined)
-            elif not began:
+            if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
                 cursor.execute("BEGIN IMMEDIATE")
             pending: dict[str, Pending] = {}
@@ -213,23 +237,16 @@ class AppendBatches:
             changes = self._write(cursor, pending, states, known, now)
             if began:
                 return outcomes, changes  # the caller commits
-            if self._postgres:
-                self._commit_sent = True
-                cursor.execute("COMMIT")  # goes out with the writes; answered as the pipeline ends
-            else:
+            if not self._postgres:  # else the pipeline's end commits (_pipelined)
                 self._commit(cursor)
                 self._committed()
         except BaseException:
             self._rows.clear()
             if began:
                 raise
-            try:
-                if self._postgres:
-                    conn.rollback()
-                else:
+            if not self._postgres:  # else the pipeline's end rolls it back (_pipelined)
+                with contextlib.suppress(Exception):  # the connection failed; the caller decides what next
                     cursor.execute("ROLLBACK")
-            except Exception:  # the connection itself failed; the caller decides whether to reconnect
-                pass
             raise
         finally:
             if not began:
@@ -260,8 +277,11 @@ class AppendBatches:
                 values = {"stream_id": key[0], "producer_id": key[1]}
                 producer_cursor.execute(sql.producer.sql, sql.producer.args(values))
                 asked.append((key, producer_cursor))
-            for row in cursor.fetchall():
-                records[row[0]] = Record.read(state_from_tuple(row[:-1]), row[-1])
+            self._written.clear()
+            self._written_rows.clear()
+            self._read_rows = {row[0]: row for row in cursor.fetchall()}
+            for stream_id, row in self._read_rows.items():
+                records[stream_id] = self._decode(row)
             for key, producer_cursor in asked:
                 found.append((key, producer_cursor.fetchone()))
                 producer_cursor.close()
@@ -282,6 +302,14 @@ class AppendBatches:
                 found.append((key, cursor.fetchone()))
         states = {key: [row[0], row[1]] for key, row in found if row is not None}
         return records, states
+
+    def _decode(self, row: tuple[Any, ...]) -> Record:
+        """PostgreSQL: the record of a row read, reused while the row reads as this lane last saw it."""
+        seen = self._decoded.get(row[0])
+        if seen is None or seen[0] != row:
+            seen = (row, Record.read(state_from_tuple(row[:-1]), row[-1]))
+            self._decoded.put(row[0], seen)
+        return seen[1]
 
     def _write(
         self,
@@ -354,18 +382,21 @@ class AppendBatches:
             if p.expires_at != was.expires_at:
                 expiry = {"_id": stream_id, "expires_at": p.expires_at}
                 updates.setdefault(sql.update_expiry, []).append(sql.update_expiry.args(expiry))
-            if not self._postgres:  # the record as this commit leaves it
-                self._written[stream_id] = Record(
-                    was.facts,
-                    waiting,
-                    p.tail,
-                    stored_bytes,
-                    appends,
-                    p.closed_at,
-                    p.last_seq,
-                    p.expires_at,
-                    p.compress,
-                )
+            # The record as this commit leaves it.
+            written = Record(
+                was.facts,
+                waiting,
+                p.tail,
+                stored_bytes,
+                appends,
+                p.closed_at,
+                p.last_seq,
+                p.expires_at,
+                p.compress,
+            )
+            self._written[stream_id] = written
+            if self._postgres:
+                self._written_rows[stream_id] = _row_after(self._read_rows[stream_id], written, now)
             changes.append(Change(stream_id, p.tail, p.closed_at is not None, added_chunk=added))
             if p.closed_at is not None and was.closed_at is None and self.after_close is not None:
                 self.after_close(stream_id, p.compress, was.stored_bytes == was.waiting)
@@ -374,10 +405,10 @@ class AppendBatches:
         if flushes:  # before the updates that empty the pending bytes they take
             cursor.executemany(sql.flush_pending.sql, flushes)
         if self._postgres:
-            self._update_streams(cursor, updates)
+            self._update_streams(cursor, updates, deltas)
         for update, rows in updates.items():
             cursor.executemany(update.sql, rows)
-        if counted := counts.rows(self.counter_slot, deltas):
+        if not self._postgres and (counted := counts.rows(self.counter_slot, deltas)):
             cursor.executemany(sql.count_namespace.sql, [sql.count_namespace.args(d) for d in counted])
         for (stream_id, producer_id), (epoch, seq) in states.items():
             statement = sql.update_producer if (stream_id, producer_id) in known else sql.insert_producer
@@ -385,8 +416,11 @@ class AppendBatches:
             cursor.execute(statement.sql, statement.args(values))
         return changes
 
-    def _update_streams(self, cursor: Any, updates: dict[Prepared, list[Any]]) -> None:
-        """PostgreSQL: take the updates of stream records out of `updates` and run them as one statement.
+    def _update_streams(
+        self, cursor: Any, updates: dict[Prepared, list[Any]], deltas: dict[str, counts.Delta]
+    ) -> None:
+        """PostgreSQL: take the updates of stream records out of `updates` and run them as one statement,
+        which adds `deltas` to the namespace counters too.
 
         One statement for the batch rather than one per stream: the server plans and runs it once, and the
         driver sends one message rather than one for each.
@@ -394,24 +428,19 @@ class AppendBatches:
         sql = self._statements
         assert sql.update_streams is not None
         rows = [
-            (row, update is sql.update_stream_flushed)
+            {
+                "id": row["_id"],
+                **{name: row[name] for name in UPDATED_FIELDS},
+                "data": base64.b64encode(row.get("data", b"")).decode("ascii"),
+                "flushed": update is sql.update_stream_flushed,
+            }
             for update in (sql.update_stream, sql.update_stream_pending, sql.update_stream_flushed)
             for row in updates.pop(update, [])
         ]
         if not rows:
             return
-        columns: dict[str, list[Any]] = {name: [] for name in UPDATE_COLUMNS}
-        for row, flushed in rows:
-            for name, values in columns.items():
-                if name == "id":
-                    values.append(row["_id"])
-                elif name == "data":
-                    values.append(row.get("data", b""))
-                elif name == "flushed":
-                    values.append(flushed)
-                else:
-                    values.append(row[name])
-        cursor.execute(sql.update_streams.sql, sql.update_streams.args(columns))
+        values = {"rows": json.dumps(rows), "counts": counts.json_rows(deltas), "slot": self.counter_slot}
+        cursor.execute(sql.update_streams.sql, sql.update_streams.args(values))
 
     def _claim(self, stream_id: str, spool: Spool | None) -> Claim | None:
         """The stream's file for this batch's bytes, or None to keep them in the database.
@@ -428,3 +457,24 @@ class AppendBatches:
         if claim is not None:
             self._claims.append(claim)
         return claim
+
+
+_ROW_INDEX = {name: i for i, name in enumerate(STREAM_COLUMNS)}
+
+
+def _row_after(row: tuple[Any, ...], record: Record, updated_at: float) -> tuple[Any, ...]:
+    """A stream's row (as `_read_records` reads it) once a batch has written `record` to it."""
+    after = list(row)
+    for name, value in (
+        ("tail", record.tail),
+        ("stored_bytes", record.stored_bytes),
+        ("appends", record.appends),
+        ("closed_at", record.closed_at),
+        ("last_seq", record.last_seq),
+        ("expires_at", record.expires_at),
+        ("compress", record.compress),
+        ("updated_at", updated_at),
+    ):
+        after[_ROW_INDEX[name]] = value
+    after[-1] = record.waiting
+    return tuple(after)

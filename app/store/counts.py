@@ -10,12 +10,14 @@ The counters count streams that are not deleted, expired ones included until the
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, tuple_
+from sqlalchemy import BigInteger, Connection, Engine, String, bindparam, cast, column, func, select, tuple_
+from sqlalchemy.dialects.postgresql import JSON
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -68,6 +70,29 @@ def upsert(postgres: bool) -> Any:
         index_elements=[counts.c.namespace, counts.c.slot],
         set_={name: counts.c[name] + statement.excluded[name] for name in FIELDS},
     )
+
+
+def upsert_json() -> Any:
+    """PostgreSQL: `upsert` for several namespaces at once, from a JSON array of `json_rows` (parameter
+    `counts`) and the slot (parameter `slot`), taken in namespace order as `rows` are."""
+    deltas = (
+        func.json_to_recordset(bindparam("counts", type_=JSON))
+        .table_valued(column("namespace", String), *[column(name, BigInteger) for name in FIELDS])
+        .render_derived(name="d", with_types=True)
+    )
+    taken = select(deltas.c.namespace, cast(bindparam("slot"), BigInteger), *[deltas.c[n] for n in FIELDS])
+    statement = postgresql_insert(counts).from_select(
+        ["namespace", "slot", *FIELDS], taken.order_by(deltas.c.namespace)
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[counts.c.namespace, counts.c.slot],
+        set_={name: counts.c[name] + statement.excluded[name] for name in FIELDS},
+    )
+
+
+def json_rows(deltas: dict[str, Delta]) -> str:
+    """The `counts` parameter of `upsert_json` for these deltas."""
+    return json.dumps([{"namespace": ns, **vars(delta)} for ns, delta in deltas.items() if delta])
 
 
 _UPSERT = {postgres: upsert(postgres) for postgres in (False, True)}

@@ -6,7 +6,6 @@ against about 10 µs for the driver itself; appends and reads run several statem
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import Any
 
@@ -29,7 +28,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSON
 from sqlalchemy.sql import ClauseElement, ColumnElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -163,11 +162,8 @@ class Statements:
             by_id.values({**record, "pending": after_pending(bindparam("data"))}), engine
         )
         self.update_stream_flushed = Prepared(by_id.values({**record, "pending": b""}), engine)
-        # PostgreSQL: those three for all of a batch's streams in one statement, from a column of values each.
+        # PostgreSQL: those three for all of a batch's streams in one statement, with its counters.
         self.update_streams = Prepared(_update_streams(), engine) if postgres else None
-        if self.update_streams is not None:
-            # Its columns go in the binary format: the driver's text form of an array costs twice the time.
-            self.update_streams.sql = re.sub(r"%\((\w+)\)s", r"%(\1)b", self.update_streams.sql)
         # Apart, as it is indexed: SQLite rewrites a column's index entries whenever an UPDATE sets it.
         self.update_expiry = Prepared(by_id.values(expires_at=bindparam("expires_at")), engine)
         self.insert_producer = Prepared(
@@ -191,7 +187,9 @@ class Statements:
         )
 
 
-# The columns of update_streams: the fields an append changes, its bytes, and whether they were made a chunk.
+UPDATED_FIELDS = ("tail", "stored_bytes", "appends", "closed_at", "last_seq", "compress", "updated_at")
+# The fields of update_streams' rows: what an append changes, its bytes (base64) and whether they were made a
+# chunk.
 UPDATE_COLUMNS = {
     "id": String,
     "tail": BigInteger,
@@ -201,23 +199,28 @@ UPDATE_COLUMNS = {
     "last_seq": String,
     "compress": Boolean,
     "updated_at": Float,
-    "data": LargeBinary,
+    "data": String,
     "flushed": Boolean,
 }
 
 
 def _update_streams() -> Any:
+    """The batch's stream records from the JSON array `rows`, and its namespace counters (counts.py) in
+    the same statement: the driver sends one string rather than an array per column, which took it twice
+    as long as the statement's other work, and the server plans one statement rather than two.
+    """
     rows = (
-        func.unnest(*[cast(bindparam(name), ARRAY(kind)) for name, kind in UPDATE_COLUMNS.items()])
+        func.json_to_recordset(bindparam("rows", type_=JSON))
         .table_valued(*[column(name, kind) for name, kind in UPDATE_COLUMNS.items()])
-        .render_derived(name="v")
+        .render_derived(name="v", with_types=True)
     )
-    fields = ("tail", "stored_bytes", "appends", "closed_at", "last_seq", "compress", "updated_at")
-    pending = case((rows.c.flushed, literal(b"", LargeBinary)), else_=after_pending(rows.c.data))
+    data = func.decode(rows.c.data, literal("base64"), type_=LargeBinary)
+    pending = case((rows.c.flushed, literal(b"", LargeBinary)), else_=after_pending(data))
     return (
         update(streams)
         .where(streams.c.id == rows.c.id)
-        .values({**{name: rows.c[name] for name in fields}, "pending": pending})
+        .values({**{name: rows.c[name] for name in UPDATED_FIELDS}, "pending": pending})
+        .add_cte(counts.upsert_json().cte("counted"))
     )
 
 
