@@ -92,10 +92,51 @@ async def test_a_lost_postgres_connection_costs_no_append(
         await store.append(state.id, b"before ")
         with psycopg.connect(pg_server, autocommit=True) as admin:
             backend = store.writer._driver.info.backend_pid
-            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))  # waits until it has ended
         await store.append(state.id, b"after")
         assert store.writer._driver.info.backend_pid != backend
         assert await content(store, state.id) == b"before after"
+
+
+async def test_postgres_appends_to_streams_another_process_writes_too_land_in_order(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two stores on one database take turns appending to one stream: each batch of a store writes without
+    reading what that store wrote last, so each must find the other's writes and not write over them."""
+    settings = Settings(data_dir=tmp_path, database_url=pg_url)
+    async with Store.open(settings) as first, Store.open(settings) as second:
+        state, _ = await first.create(NewStream(namespace="turns", content_type="text/plain"))
+        expected = b""
+        for i in range(20):
+            store = (first, second)[i // 2 % 2]  # two appends each, so the second of them skips its read
+            data = f"{i};".encode()
+            result = await store.append(state.id, data)
+            expected += data
+            assert result.tail == len(expected)
+        assert await content(first, state.id) == expected
+        writers = [store.writer for store in (first, second)]
+        assert all(w.unread_batches > 0 and w.changed_rows > 0 for w in writers), [
+            (w.unread_batches, w.changed_rows) for w in writers
+        ]
+        listed = await second.get(state.id)
+        assert listed is not None and (listed.tail, listed.appends) == (len(expected), 20)
+
+
+async def test_postgres_appends_see_a_close_or_delete_by_another_process(pg_url: str, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=pg_url)
+    async with Store.open(settings) as first, Store.open(settings) as second:
+        closing, _ = await first.create(NewStream(namespace="seen", content_type="text/plain"))
+        deleting, _ = await first.create(NewStream(namespace="seen", content_type="text/plain"))
+        for stream_id in (closing.id, deleting.id):
+            await first.append(stream_id, b"a")
+            await first.append(stream_id, b"b")  # first now writes these without reading them
+        await second.append(closing.id, b"c", close=True)
+        await second.delete(deleting.id)
+        with pytest.raises(StreamClosedError):
+            await first.append(closing.id, b"d")
+        with pytest.raises(StreamNotFoundError):
+            await first.append(deleting.id, b"d")
+        assert await content(first, closing.id) == b"abc"
 
 
 async def test_postgres_streams_leave_room_for_updates_in_new_and_older_databases(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import select
 import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine
 
 from .. import clock
@@ -23,6 +25,7 @@ from ..models import LRU, Change
 from . import counts
 from .appends import AppendOp, Pending, Record, apply_append
 from .chunk_files import FILE_CHUNK_MIN, ChunkFiles, Claim, Spool
+from .known_rows import KnownRow, KnownRows
 from .statements import STREAM_COLUMNS, UPDATED_FIELDS, Prepared, Statements, state_from_tuple
 
 # Enough for the records of 10,000 streams written at once; past it, the least recently written go.
@@ -38,7 +41,12 @@ class AppendBatches:
     """The writer's connection and what it knows between batches: its row cache, chunk files and counts."""
 
     def __init__(
-        self, engine: Engine, postgres: bool, statements: Statements, files: ChunkFiles | None = None
+        self,
+        engine: Engine,
+        postgres: bool,
+        statements: Statements,
+        files: ChunkFiles | None = None,
+        known: KnownRows | None = None,
     ) -> None:
         self._engine = engine
         self._files = files
@@ -64,12 +72,15 @@ class AppendBatches:
         # batch skips re-reading them.
         self._rows: LRU[str, Record] = LRU(MAX_CACHED_ROWS)
         self._written: dict[str, Record] = {}
-        # PostgreSQL: records as decoded from the rows they were read from. A batch still reads every row
-        # (another process may have changed it), but one that reads as before is not decoded again, which
-        # took a quarter of the batch's own time.
-        self._decoded: LRU[str, tuple[tuple[Any, ...], Record]] = LRU(MAX_CACHED_ROWS if postgres else 0)
+        # PostgreSQL: the rows this process last read or wrote (known_rows.py). A row read as it was is not
+        # decoded again; a batch of rows this process wrote last is not read at all.
+        self._known = known if known is not None else KnownRows(MAX_CACHED_ROWS if postgres else 0)
         self._read_rows: dict[str, tuple[Any, ...]] = {}  # the batch's rows as read
         self._written_rows: dict[str, tuple[Any, ...]] = {}  # and as it leaves them
+        self._expected: dict[str, str] = {}  # the versions of rows a batch writes without reading them
+        self._updating: Any = None  # the cursor of the batch's update_streams, whose answer is read last
+        self.unread_batches = 0  # batches that wrote without reading, and those that found a row changed
+        self.changed_rows = 0
         self._data_version = -1
         self._commit_sent = False
         self._wal_path = "" if postgres else f"{engine.url.database}-wal"
@@ -93,21 +104,50 @@ class AppendBatches:
 
     def _pipelined(self, ops: list[AppendOp]) -> tuple[list[tuple[bool, Any]], list[Change]]:
         """PostgreSQL: the batch in pipeline mode, where statements go out without waiting for each other's
-        answers: two round trips (the reads, then the writes), not one per statement.
+        answers: one round trip if this process wrote the batch's streams last, and two otherwise (the
+        reads, then the writes), not one per statement.
+
+        A batch of plain appends to streams this process wrote last applies them to the records it kept and
+        writes the rows only if they are still as it left them, failing as a whole if one is not: it then
+        reads them and runs again. Measured (16 writers of 64-byte appends, two runs each, side by side):
+        5% less server CPU and 7% less database CPU an append than reading every batch's rows, and 8% more
+        appends/s.
+        """
+        if not any(op.producer is not None for op in ops):
+            known = self._known.written({op.stream_id for op in ops})
+            if known is not None:
+                try:
+                    return self._in_pipeline(ops, known)
+                except _Unconfirmed:
+                    pass
+                except psycopg.Error:
+                    # The server refused it, so none of it committed: most likely a row changed since this
+                    # process wrote it (schema.ALL_ROWS_FUNCTION), or another process made a chunk at the
+                    # offset it knew. Read the rows and run it again, unless the outcome is not known.
+                    if self._commit_sent:
+                        raise
+                    self.changed_rows += 1
+        return self._in_pipeline(ops, None)
+
+    def _in_pipeline(
+        self, ops: list[AppendOp], known: dict[str, KnownRow] | None
+    ) -> tuple[list[tuple[bool, Any]], list[Change]]:
+        """One batch in one pipeline: reading its rows unless they are `known`.
 
         The statements between the pipeline's start and its Sync, sent as it ends, are one transaction,
         which the server commits on that Sync (the connection is in autocommit mode, so the driver adds no
         BEGIN of its own). Measured against an explicit BEGIN and COMMIT (16 writers of 64-byte appends,
         side by side): two statements fewer a batch, 6% less server CPU and 9% less database CPU an append.
         """
-        conn = self._driver_connection()
+        conn = self._driver_connection() if known is None else self._live_connection()
         self._commit_sent = False
         try:
             with conn.pipeline():
                 try:
-                    done = self._append_transaction(ops)
+                    done = self._append_transaction(ops, known=known)
                 except BaseException as exc:
-                    if getattr(exc, "sqlstate", None) is None and not (conn.closed or conn.broken):
+                    ours = getattr(exc, "sqlstate", None) is None and not (conn.closed or conn.broken)
+                    if ours and not isinstance(exc, _Unconfirmed):  # which comes before anything is written
                         self._abandon(conn)
                     raise
                 self._commit_sent = True
@@ -117,16 +157,41 @@ class AppendBatches:
             # A lost connection leaves it unknown, unless it was closed before the Sync went out.
             if getattr(exc, "sqlstate", None) is not None and not (conn.closed or conn.broken):
                 self._commit_sent = False
+                # The server skipped the statements behind the failed one, and the driver may take one it
+                # sent to be prepared for prepared: later batches would name a statement that does not
+                # exist. A new connection starts without any.
+                self._abandon(conn)
             raise
+        finally:
+            self._expected.clear()
+        self.unread_batches += known is not None
         self._committed()
         self._count_commit()
         return done
 
+    def _live_connection(self) -> Any:
+        """The connection, replaced first if the server has ended it while it was idle.
+
+        A batch that reads first finds a lost connection before anything of it commits, and may then run
+        again on a new one; a batch that only writes would find it only at its end, not knowing whether it
+        committed. A server that ends a connection says so first, and says nothing unasked to an idle one
+        otherwise (it listens for no notifications), so an idle connection with something to read is replaced
+        rather than trusted: the check costs one system call.
+        """
+        conn = self._driver_connection()
+        if select.select([conn.pgconn.socket], [], [], 0)[0]:
+            conn.close()
+            self._forget_broken_connection()
+            conn = self._driver_connection()
+        return conn
+
     def _abandon(self, conn: Any) -> None:
-        """End a batch that failed on this side: the server has not aborted its transaction, and the Sync that
-        ends the pipeline would commit whatever part of the batch went out. Closing the connection first
-        makes the server roll it back. The batch is not retried, as for any failure that is not a lost
-        connection, but its streams may be, apart (Writer._may_retry), on a new connection."""
+        """Replace the connection of a failed batch with a new one.
+
+        A batch that failed on this side has not had its transaction aborted by the server, and the Sync
+        that ends the pipeline would commit whatever part of it went out: closing the connection first makes
+        the server roll it back. The batch is not retried, as for any failure that is not a lost connection,
+        but its streams may be, apart (Writer._may_retry), on the new connection."""
         conn.close()
         self._forget_broken_connection()
         with contextlib.suppress(Exception):  # the database is down: the next batch tries again
@@ -147,7 +212,7 @@ class AppendBatches:
             self._pooled = self._engine.raw_connection()
             self._driver = self._pooled.driver_connection
             if self._postgres:
-                self._driver.autocommit = True  # each batch sends its own BEGIN and COMMIT (_pipelined)
+                self._driver.autocommit = True  # the pipeline's Sync ends each batch's transaction
             if not self._postgres:
                 # Never wait for a lock on the event loop: a busy database sends the batch to the thread.
                 self._driver.execute("PRAGMA busy_timeout=0")
@@ -193,16 +258,24 @@ class AppendBatches:
         return self._rows
 
     def _committed(self) -> None:
-        for stream_id, record in self._written.items():
-            if self._postgres:
-                self._decoded.put(stream_id, (self._written_rows[stream_id], record))
-            else:
+        if self._postgres:
+            versions: dict[str, str] = {}
+            if self._updating is not None:  # the ids and versions of the rows update_streams wrote
+                ids, xmins, _ = self._updating.fetchone()
+                versions = dict(zip(ids, xmins, strict=True))
+                self._updating.close()
+                self._updating = None
+            for stream_id, record in self._written.items():
+                row = self._written_rows[stream_id]
+                self._known.put(stream_id, KnownRow(row, record, versions.get(stream_id)))
+        else:
+            for stream_id, record in self._written.items():
                 self._rows.put(stream_id, record)
         self._written.clear()
         self._written_rows.clear()
 
     def _append_transaction(
-        self, ops: list[AppendOp], cursor: Any = None
+        self, ops: list[AppendOp], cursor: Any = None, known: dict[str, KnownRow] | None = None
     ) -> tuple[list[tuple[bool, Any]], list[Change]]:
         now = clock.now()
         conn = self._driver_connection()
@@ -211,13 +284,26 @@ class AppendBatches:
         self._commit_sent = False
         self._file_writes.clear()
         self._uncommitted = [0, 0]
+        self._written.clear()
+        self._written_rows.clear()
+        self._updating = None
         try:
             if not self._postgres and not began:
                 cursor.execute("PRAGMA busy_timeout=10000")
                 cursor.execute("BEGIN IMMEDIATE")
             pending: dict[str, Pending] = {}
             keys = {(op.stream_id, op.producer.id) for op in ops if op.producer is not None}
-            records, states = self._read_records(conn, cursor, sorted({op.stream_id for op in ops}), keys)
+            if known is None:
+                records, states = self._read_records(conn, cursor, sorted({op.stream_id for op in ops}), keys)
+            else:
+                # Locked first, in the order every batch locks them: the batch's statements then wait for no
+                # other batch that waits for them (a deadlock otherwise, as two processes make chunks).
+                assert self._statements.lock_streams is not None
+                lock = self._statements.lock_streams
+                cursor.execute(lock.sql, lock.args({"ids": sorted(known)}))
+                records, states = {stream_id: k.record for stream_id, k in known.items()}, {}
+                self._read_rows = {stream_id: k.row for stream_id, k in known.items()}
+                self._expected = {stream_id: k.xmin for stream_id, k in known.items() if k.xmin is not None}
             for stream_id, record in records.items():
                 pending[stream_id] = Pending(
                     record,
@@ -227,14 +313,17 @@ class AppendBatches:
                     record.expires_at,
                     record.compress,
                 )
-            known = set(states)
+            stored = set(states)  # the producers with a row already, before the batch adds its own
             outcomes: list[tuple[bool, Any]] = []
             for op in ops:
                 try:
                     outcomes.append((True, apply_append(pending.get(op.stream_id), op, states, now)))
                 except StreamError as exc:
                     outcomes.append((False, exc))
-            changes = self._write(cursor, pending, states, known, now)
+            confirmed = all(ok for ok, _ in outcomes) and all(p.changed for p in pending.values())
+            if known is not None and not confirmed:
+                raise _Unconfirmed  # decided on records not read: read them, and decide again
+            changes = self._write(cursor, pending, states, stored, now)
             if began:
                 return outcomes, changes  # the caller commits
             if not self._postgres:  # else the pipeline's end commits (_pipelined)
@@ -277,8 +366,6 @@ class AppendBatches:
                 values = {"stream_id": key[0], "producer_id": key[1]}
                 producer_cursor.execute(sql.producer.sql, sql.producer.args(values))
                 asked.append((key, producer_cursor))
-            self._written.clear()
-            self._written_rows.clear()
             self._read_rows = {row[0]: row for row in cursor.fetchall()}
             for stream_id, row in self._read_rows.items():
                 records[stream_id] = self._decode(row)
@@ -304,12 +391,12 @@ class AppendBatches:
         return records, states
 
     def _decode(self, row: tuple[Any, ...]) -> Record:
-        """PostgreSQL: the record of a row read, reused while the row reads as this lane last saw it."""
-        seen = self._decoded.get(row[0])
-        if seen is None or seen[0] != row:
-            seen = (row, Record.read(state_from_tuple(row[:-1]), row[-1]))
-            self._decoded.put(row[0], seen)
-        return seen[1]
+        """PostgreSQL: the record of a row read, reused while the row reads as this process last saw it."""
+        known = self._known.get(row[0])
+        if known is None or known.row != row:
+            known = KnownRow(row, Record.read(state_from_tuple(row[:-1]), row[-1]), None)
+            self._known.put(row[0], known)
+        return known.record
 
     def _write(
         self,
@@ -433,14 +520,21 @@ class AppendBatches:
                 **{name: row[name] for name in UPDATED_FIELDS},
                 "data": base64.b64encode(row.get("data", b"")).decode("ascii"),
                 "flushed": update is sql.update_stream_flushed,
+                "xmin": self._expected.get(row["_id"]),
             }
             for update in (sql.update_stream, sql.update_stream_pending, sql.update_stream_flushed)
             for row in updates.pop(update, [])
         ]
         if not rows:
             return
-        values = {"rows": json.dumps(rows), "counts": counts.json_rows(deltas), "slot": self.counter_slot}
-        cursor.execute(sql.update_streams.sql, sql.update_streams.args(values))
+        values = {
+            "rows": json.dumps(rows),
+            "given": len(rows),
+            "counts": counts.json_rows(deltas),
+            "slot": self.counter_slot,
+        }
+        self._updating = self._driver_connection().cursor()
+        self._updating.execute(sql.update_streams.sql, sql.update_streams.args(values))
 
     def _claim(self, stream_id: str, spool: Spool | None) -> Claim | None:
         """The stream's file for this batch's bytes, or None to keep them in the database.
@@ -478,3 +572,8 @@ def _row_after(row: tuple[Any, ...], record: Record, updated_at: float) -> tuple
         after[_ROW_INDEX[name]] = value
     after[-1] = record.waiting
     return tuple(after)
+
+
+class _Unconfirmed(Exception):
+    """A batch decided on records it did not read would fail an append or leave a stream unwritten: the
+    update that confirms those records were current would not cover it. Raised before anything is written."""

@@ -216,6 +216,22 @@ PATTERN_INDEXES = tuple(
 OLD_STREAM_INDEXES = ("ix_streams_namespace", "ix_streams_created_at")
 
 
+# PostgreSQL: fails the statement (and so its transaction) unless it wrote every row it was given. A batch of
+# appends that writes stream rows as this process last left them, without reading them first, checks with it
+# that none has changed since (statements.py, update_streams); SQLSTATE 40001 says to read them and retry.
+ALL_ROWS_FUNCTION = """
+CREATE OR REPLACE FUNCTION streamhold_all_rows(written bigint, given bigint) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF written <> given THEN
+        RAISE EXCEPTION '% of % stream rows changed since this process wrote them', given - written, given
+            USING ERRCODE = '40001';
+    END IF;
+    RETURN written;
+END
+$$
+"""
+
 # Chunks are written, merged (compaction) and read back at most about this large.
 CHUNK_TARGET = 1024 * 1024
 
@@ -236,6 +252,7 @@ def upgrade(conn: Connection, postgres: bool, counts_created: bool) -> None:
     if counts_created:
         recount(conn)
     if postgres:
+        conn.execute(text(ALL_ROWS_FUNCTION))
         options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = 'streams'::regclass"))
         if f"fillfactor={STREAMS_FILLFACTOR}" not in (options.scalar() or []):
             conn.execute(text(f"ALTER TABLE streams SET (fillfactor = {STREAMS_FILLFACTOR})"))

@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     select,
     union_all,
     update,
@@ -114,6 +115,19 @@ class Statements:
             if postgres
             else None
         )
+        # PostgreSQL: the same locks alone, for a batch that writes without reading (batches.py), so that it
+        # takes them in the same order as every other batch.
+        self.lock_streams = (
+            Prepared(
+                select(streams.c.id)
+                .where(streams.c.id == any_(bindparam("ids", type_=ARRAY(String))))
+                .order_by(streams.c.id)
+                .with_for_update(),
+                engine,
+            )
+            if postgres
+            else None
+        )
         self.stream_by_name = Prepared(
             select(*STREAM_STATE).where(streams.c.name == bindparam("name")), engine
         )
@@ -188,8 +202,8 @@ class Statements:
 
 
 UPDATED_FIELDS = ("tail", "stored_bytes", "appends", "closed_at", "last_seq", "compress", "updated_at")
-# The fields of update_streams' rows: what an append changes, its bytes (base64) and whether they were made a
-# chunk.
+# The fields of update_streams' rows: what an append changes, its bytes (base64), whether they were made a
+# chunk, and the row version (xmin) the batch expects to find, if it did not read the row.
 UPDATE_COLUMNS = {
     "id": String,
     "tail": BigInteger,
@@ -201,13 +215,19 @@ UPDATE_COLUMNS = {
     "updated_at": Float,
     "data": String,
     "flushed": Boolean,
+    "xmin": String,
 }
+XMIN = cast(literal_column("streams.xmin"), String)
 
 
 def _update_streams() -> Any:
-    """The batch's stream records from the JSON array `rows`, and its namespace counters (counts.py) in
-    the same statement: the driver sends one string rather than an array per column, which took it twice
-    as long as the statement's other work, and the server plans one statement rather than two.
+    """The batch's stream records from the JSON array `rows`, and its namespace counters (counts.py), in one
+    statement: the driver sends one string rather than an array per column, which took it twice as long as
+    the statement's other work, and the server plans one statement rather than two.
+
+    A row given with an `xmin` is written only if it is still that version; unless every row given (`given`)
+    is written, the statement fails (schema.ALL_ROWS_FUNCTION), and the transaction with it. It answers with
+    the ids and new versions of the rows written.
     """
     rows = (
         func.json_to_recordset(bindparam("rows", type_=JSON))
@@ -216,12 +236,18 @@ def _update_streams() -> Any:
     )
     data = func.decode(rows.c.data, literal("base64"), type_=LargeBinary)
     pending = case((rows.c.flushed, literal(b"", LargeBinary)), else_=after_pending(data))
-    return (
+    written = (
         update(streams)
-        .where(streams.c.id == rows.c.id)
+        .where(streams.c.id == rows.c.id, rows.c.xmin.is_(None) | (XMIN == rows.c.xmin))
         .values({**{name: rows.c[name] for name in UPDATED_FIELDS}, "pending": pending})
-        .add_cte(counts.upsert_json().cte("counted"))
+        .returning(streams.c.id, XMIN.label("xmin"))
+        .cte("written")
     )
+    return select(
+        func.array_agg(written.c.id),
+        func.array_agg(written.c.xmin),
+        func.streamhold_all_rows(func.count(), bindparam("given", type_=BigInteger)),
+    ).add_cte(counts.upsert_json().cte("counted"))
 
 
 def state_from_tuple(row: tuple[Any, ...]) -> StreamState:

@@ -82,7 +82,10 @@ class Writer(AppendBatches):
         self._lanes = [_Lane(self, self._thread)]
         if postgres:
             self._lanes += [
-                _Lane(AppendBatches(engine, True, statements), LoopThread(f"streamhold-writer-{i}"))
+                _Lane(
+                    AppendBatches(engine, True, statements, known=self._known),
+                    LoopThread(f"streamhold-writer-{i}"),
+                )
                 for i in range(1, POSTGRES_LANES)
             ]
         self._free = list(self._lanes)
@@ -302,7 +305,10 @@ class Writer(AppendBatches):
                 self.commits += done.commits
                 self.appends += done.appends
                 self.bytes_appended += done.bytes_appended
+                self.unread_batches += done.unread_batches
+                self.changed_rows += done.changed_rows
                 done.commits = done.appends = done.bytes_appended = 0
+                done.unread_batches = done.changed_rows = 0
             self._busy -= streams
             self._free.append(lane)
             self._free.sort(key=self._lanes.index)  # the writer's own connection first, when it is free
@@ -570,10 +576,9 @@ class Writer(AppendBatches):
         self._count_commit()
         return outcomes, changes
 
+
 def _close_spools(batch: list[AppendOp | CallOp]) -> None:
     """Let go of the batch's spooled files, once the writer is done with them (not on cancellation)."""
     for op in batch:
         if isinstance(op, AppendOp) and op.spool is not None:
             op.spool.close()
-
-
