@@ -107,9 +107,9 @@ async def test_postgres_appends_to_streams_another_process_writes_too_land_in_or
     async with Store.open(settings) as first, Store.open(settings) as second:
         state, _ = await first.create(NewStream(namespace="turns", content_type="text/plain"))
         expected = b""
-        for i in range(20):
+        for i in range(120):
             store = (first, second)[i // 2 % 2]  # two appends each, so the second of them skips its read
-            data = f"{i};".encode()
+            data = f"{i};".encode().ljust(300, b".")  # a chunk every few appends: the chunks' keys clash too
             result = await store.append(state.id, data)
             expected += data
             assert result.tail == len(expected)
@@ -119,7 +119,7 @@ async def test_postgres_appends_to_streams_another_process_writes_too_land_in_or
             (w.unread_batches, w.changed_rows) for w in writers
         ]
         listed = await second.get(state.id)
-        assert listed is not None and (listed.tail, listed.appends) == (len(expected), 20)
+        assert listed is not None and (listed.tail, listed.appends) == (len(expected), 120)
 
 
 async def test_postgres_appends_see_a_close_or_delete_by_another_process(pg_url: str, tmp_path: Path) -> None:
