@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,7 +240,7 @@ def filter_conditions(where: StreamFilter, now: float, postgres: bool = False) -
     """The WHERE conditions of live streams matching `where`; InvalidRequestError for an unknown state."""
     conditions: list[Any] = [
         streams.c.deleted.is_(False),
-        or_(streams.c.expires_at.is_(None), streams.c.expires_at > now),
+        _not_expired(now, postgres),
         *namespace_conditions(where, streams.c.namespace),
     ]
     if where.id_prefix:
@@ -264,6 +265,19 @@ def filter_conditions(where: StreamFilter, now: float, postgres: bool = False) -
     elif where.state:
         raise InvalidRequestError(f"state must be open, closed or expiring, got {where.state!r}")
     return conditions
+
+
+def _not_expired(now: float, postgres: bool) -> Any:
+    """Streams without an expiry or expiring after `now`.
+
+    SQLite, sorting by size or updated (no index gives those orders), would take this condition as two
+    searches of the expiry index and gather the row ids of every stream they find before the scan: 24 MiB of
+    them at 1,000,000 streams, kept by the reading thread afterwards. Through coalesce it takes no index, and
+    the scan checks each row as it goes.
+    """
+    if postgres:
+        return or_(streams.c.expires_at.is_(None), streams.c.expires_at > now)
+    return func.coalesce(streams.c.expires_at, math.inf) > now
 
 
 def _prefixed(column: Any, prefix: str, postgres: bool) -> Any:
