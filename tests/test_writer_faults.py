@@ -48,7 +48,8 @@ class _FaultyCursor:
             values += [v for value in values if isinstance(value, list) for v in value]  # a column of rows
             # Rows sent as one JSON array name their streams as JSON strings.
             quoted = {json.dumps(stream_id) for stream_id in self._poisoned}
-            if any(isinstance(v, str) and (v in self._poisoned or any(q in v for q in quoted)) for v in values):
+            named = [v for v in values if isinstance(v, str)]
+            if any(v in self._poisoned or any(q in v for q in quoted) for v in named):
                 self._fault()
 
     def execute(self, sql: str, args: Any = ()) -> Any:

@@ -222,8 +222,8 @@ XMIN = cast(literal_column("streams.xmin"), String)
 
 def _update_streams() -> Any:
     """The batch's stream records from the JSON array `rows`, and its namespace counters (counts.py), in one
-    statement: the driver sends one string rather than an array per column, which took it twice as long as
-    the statement's other work, and the server plans one statement rather than two.
+    statement: the driver sends one string rather than an array per column (dumping ten arrays took 6% of
+    the server's CPU under small appends), and the server runs one statement rather than two.
 
     A row given with an `xmin` is written only if it is still that version; unless every row given (`given`)
     is written, the statement fails (schema.ALL_ROWS_FUNCTION), and the transaction with it. It answers with
