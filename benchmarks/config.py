@@ -34,6 +34,7 @@ class Sizes:
     creators: int = 16
     creates_per_creator: int = 250
     spread_streams: int = 10_000
+    spread_rounds: int = 3  # one round's share moved between 76% and 92% from run to run
     idle_readers: int = 10_000
     idle_cpu_s: float = 10.0
     idle_appends: int = 500
@@ -58,6 +59,7 @@ QUICK = Sizes(
     sdk_writes=2_000,
     sdk_lifecycles=300,
     creates_per_creator=30,
+    spread_rounds=1,
     spread_streams=1_000,
     idle_readers=1_000,
     idle_cpu_s=3.0,

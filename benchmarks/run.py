@@ -90,7 +90,7 @@ def specs(sizes: Sizes, big: tuple[int, ...] = ()) -> list[Spec]:
         Spec("mixed", "mixed", writes.mixed, 120.0),
         Spec("sdk", "sdk", None, 120.0),
         Spec("create", "create", scale.create, 120.0, rounds=sizes.disk_rounds),
-        Spec("append-spread", "append-spread", scale.append_spread, 480.0),
+        Spec("append-spread", "append-spread", scale.append_spread, 480.0, rounds=sizes.spread_rounds),
         Spec("readers-10k", "readers-10k", readers.idle_readers, 240.0 + sizes.idle_readers * 0.02),
         # The fill of each size (from the one before) takes most of its deadline: about 3,000 creates/s.
         *(Spec(bigdb.label(n), "big-db", None, 300.0 + n / 500) for n in big),
