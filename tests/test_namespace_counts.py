@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,13 +198,9 @@ async def test_cursors_and_offsets_page_through_each_sort(store: Store, sort: st
             assert [s.id for s in page.streams] == order[offset : offset + 4] and page.total == 23
 
 
-# Size and updated have no index: it cost appends too much (README, "A million streams").
-@pytest.mark.parametrize("sort", ["created", "namespace", "name"])
-async def test_every_indexed_sort_walks_its_index(store: Store, sort: str) -> None:
-    """A page of these sorts, first or from a cursor, reads an index in its order: no scan, no sort."""
-    for i in range(6):
-        state, _ = await store.create(NewStream(namespace=f"n{i % 2}", name=f"s{i}", initial=b"x" * i))
-        await store.append(state.id, b"more")
+@contextlib.contextmanager
+def listing_statements(store: Store) -> Iterator[list[tuple[str, Any]]]:
+    """The listing queries (those with an ORDER BY) the store runs meanwhile, with their parameters."""
     pages: list[tuple[str, Any]] = []
 
     def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
@@ -212,11 +209,22 @@ async def test_every_indexed_sort_walks_its_index(store: Store, sort: str) -> No
 
     event.listen(store._read_engine, "before_cursor_execute", seen)
     try:
+        yield pages
+    finally:
+        event.remove(store._read_engine, "before_cursor_execute", seen)
+
+
+# Size and updated have no index: it cost appends too much (README, "A million streams").
+@pytest.mark.parametrize("sort", ["created", "namespace", "name"])
+async def test_every_indexed_sort_walks_its_index(store: Store, sort: str) -> None:
+    """A page of these sorts, first or from a cursor, reads an index in its order: no scan, no sort."""
+    for i in range(6):
+        state, _ = await store.create(NewStream(namespace=f"n{i % 2}", name=f"s{i}", initial=b"x" * i))
+        await store.append(state.id, b"more")
+    with listing_statements(store) as pages:
         for direction in ("asc", "desc"):
             first = await store.listing(StreamFilter(), sort=sort, direction=direction, limit=2)
             await store.listing(StreamFilter(), sort=sort, direction=direction, limit=2, cursor=first.next)
-    finally:
-        event.remove(store._read_engine, "before_cursor_execute", seen)
     assert len(pages) == 4
     with store._read_engine.connect() as conn:
         for statement, parameters in pages:
@@ -243,17 +251,8 @@ async def test_sqlite_sorts_without_an_index_scan_the_table_once(tmp_path: Path,
             ttl = 3600 if i % 2 else None
             state, _ = await store.create(NewStream(namespace="n", name=f"s{i}", ttl_seconds=ttl))
             await store.append(state.id, b"x" * i)
-        pages: list[tuple[str, Any]] = []
-
-        def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-            if "ORDER BY" in statement:
-                pages.append((statement, parameters))
-
-        event.listen(store._read_engine, "before_cursor_execute", seen)
-        try:
+        with listing_statements(store) as pages:
             page = await store.listing(StreamFilter(), sort=sort, direction="desc", limit=5, offset=30)
-        finally:
-            event.remove(store._read_engine, "before_cursor_execute", seen)
         assert len(page.streams) == 5 and page.total == 40
         with store._read_engine.connect() as conn:
             conn.exec_driver_sql("ANALYZE")  # with statistics, as a database that has run a while has them

@@ -104,30 +104,11 @@ class Statements:
         self.stream_by_id_locked = Prepared(locked.with_for_update() if postgres else locked, engine)
         # PostgreSQL: the records of a batch's streams in one round trip, locked in the order of their ids
         # (the rows are sorted before they are locked), so that writers of several processes never deadlock.
-        self.streams_by_ids_locked = (
-            Prepared(
-                select(*STREAM_STATE, func.length(streams.c.pending))
-                .where(streams.c.id == any_(bindparam("ids", type_=ARRAY(String))))
-                .order_by(streams.c.id)
-                .with_for_update(),
-                engine,
-            )
-            if postgres
-            else None
-        )
+        writers_view = _locked_by_ids(*STREAM_STATE, func.length(streams.c.pending))
+        self.streams_by_ids_locked = Prepared(writers_view, engine) if postgres else None
         # PostgreSQL: the same locks alone, for a batch that writes without reading (batches.py), so that it
         # takes them in the same order as every other batch.
-        self.lock_streams = (
-            Prepared(
-                select(streams.c.id)
-                .where(streams.c.id == any_(bindparam("ids", type_=ARRAY(String))))
-                .order_by(streams.c.id)
-                .with_for_update(),
-                engine,
-            )
-            if postgres
-            else None
-        )
+        self.lock_streams = Prepared(_locked_by_ids(streams.c.id), engine) if postgres else None
         self.stream_by_name = Prepared(
             select(*STREAM_STATE).where(streams.c.name == bindparam("name")), engine
         )
@@ -248,6 +229,12 @@ def _update_streams() -> Any:
         func.array_agg(written.c.xmin),
         func.streamhold_all_rows(func.count(), bindparam("given", type_=BigInteger)),
     ).add_cte(counts.upsert_json().cte("counted"))
+
+
+def _locked_by_ids(*columns: Any) -> Any:
+    """PostgreSQL: `columns` of the streams whose ids are in the array `ids`, locked in their ids' order."""
+    by_ids = streams.c.id == any_(bindparam("ids", type_=ARRAY(String)))
+    return select(*columns).where(by_ids).order_by(streams.c.id).with_for_update()
 
 
 def state_from_tuple(row: tuple[Any, ...]) -> StreamState:
