@@ -68,7 +68,10 @@ async def test_create_append_read_close(store: Store) -> None:
 
 
 async def test_appends_see_what_another_store_did_to_the_stream(store: Store, settings: Settings) -> None:
-    """Another process (here a second store on the same database) closes and deletes streams in between."""
+    """Another process (here a second store on the same database) closes and deletes streams in between.
+
+    On PostgreSQL the last appends go without reading the rows, which this store wrote last: they must find
+    the other's changes all the same (batches.py)."""
     closing, _ = await store.create(NewStream(namespace="other", content_type="text/plain"))
     deleting, _ = await store.create(NewStream(namespace="other", content_type="text/plain"))
     for state in (closing, deleting):
@@ -120,23 +123,6 @@ async def test_postgres_appends_to_streams_another_process_writes_too_land_in_or
         ]
         listed = await second.get(state.id)
         assert listed is not None and (listed.tail, listed.appends) == (len(expected), 120)
-
-
-async def test_postgres_appends_see_a_close_or_delete_by_another_process(pg_url: str, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, database_url=pg_url)
-    async with Store.open(settings) as first, Store.open(settings) as second:
-        closing, _ = await first.create(NewStream(namespace="seen", content_type="text/plain"))
-        deleting, _ = await first.create(NewStream(namespace="seen", content_type="text/plain"))
-        for stream_id in (closing.id, deleting.id):
-            await first.append(stream_id, b"a")
-            await first.append(stream_id, b"b")  # first now writes these without reading them
-        await second.append(closing.id, b"c", close=True)
-        await second.delete(deleting.id)
-        with pytest.raises(StreamClosedError):
-            await first.append(closing.id, b"d")
-        with pytest.raises(StreamNotFoundError):
-            await first.append(deleting.id, b"d")
-        assert await content(first, closing.id) == b"abc"
 
 
 async def test_postgres_streams_leave_room_for_updates_in_new_and_older_databases(
