@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -32,10 +34,10 @@ def _sqlite_pragmas(engine: Engine, begin: str) -> None:
         cursor = dbapi_conn.cursor()
         # 16 KiB pages: a MiB-sized chunk spans a quarter of the pages, and small commits stay small.
         # (Only a new database takes it; an existing one keeps its page size.)
-        cursor.execute("PRAGMA page_size=16384")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA page_size=16384")
+        _use_wal(cursor)
+        cursor.execute("PRAGMA synchronous=FULL")
         # No memory map: every page a scan touched stayed in the process's resident memory (up to the map's
         # 256 MiB with a big database), where reads through the page cache hold a few MiB per connection.
         # Large appends live in chunk files, so what SQLite reads is small rows.
@@ -49,3 +51,20 @@ def _sqlite_pragmas(engine: Engine, begin: str) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql(begin)
+
+
+WAL_SWITCH_SECONDS = 10.0
+
+
+def _use_wal(cursor: sqlite3.Cursor) -> None:
+    # Turning a new file to WAL needs its exclusive lock, and SQLite answers "database is locked" at once,
+    # without waiting, when another process is opening the same new file: try again until it is done.
+    deadline = time.monotonic() + WAL_SWITCH_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
