@@ -11,6 +11,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from ..settings import Settings
 from .chunk_files import make_directory
 
+WAL_SWITCH_SECONDS = 10.0  # how long a new file may stay locked by other processes opening it too
+
 
 def make_engines(settings: Settings) -> tuple[Engine, Engine]:
     url = settings.sqlalchemy_url
@@ -32,9 +34,9 @@ def _sqlite_pragmas(engine: Engine, begin: str) -> None:
         # Take transaction control from the driver so BEGIN IMMEDIATE and read snapshots are ours.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA busy_timeout=10000")
         # 16 KiB pages: a MiB-sized chunk spans a quarter of the pages, and small commits stay small.
         # (Only a new database takes it; an existing one keeps its page size.)
-        cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA page_size=16384")
         _use_wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")
@@ -51,9 +53,6 @@ def _sqlite_pragmas(engine: Engine, begin: str) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql(begin)
-
-
-WAL_SWITCH_SECONDS = 10.0
 
 
 def _use_wal(cursor: sqlite3.Cursor) -> None:
