@@ -180,13 +180,12 @@ class AppendBatches:
         """
         conn = self._driver_connection()
         if select.select([conn.pgconn.socket], [], [], 0)[0]:
-            conn.close()
-            self._forget_broken_connection()
+            self._abandon(conn)
             conn = self._driver_connection()
         return conn
 
     def _abandon(self, conn: Any) -> None:
-        """Replace the connection of a failed batch with a new one.
+        """Replace a connection that is not to be used again, as that of a failed batch, with a new one.
 
         A batch that failed on this side has not had its transaction aborted by the server, and the Sync
         that ends the pipeline would commit whatever part of it went out: closing the connection first makes
